@@ -1,0 +1,51 @@
+"""One exception tree for everything the *host* got wrong.
+
+Guest faults (a task that loops, crashes, floods its output) are never exceptions: they are
+`Result` statuses. What raises is the caller's mistake or the machine's: a policy that forbids
+the request, an input that is not acceptable, a module that is not valid WebAssembly, a tier
+that cannot run here.
+"""
+
+from __future__ import annotations
+
+
+class SandboxError(Exception):
+    """Root of every error wasmbox raises."""
+
+
+class ConfigError(SandboxError):
+    """The host configuration is wrong (a contradictory policy, a bad engine setting)."""
+
+
+class PolicyViolation(SandboxError):
+    """The task asks for something the policy forbids; `rule` names the policy field."""
+
+    def __init__(self, rule: str, message: str) -> None:
+        super().__init__(f"{rule}: {message}")
+        self.rule = rule
+        self.message = message
+
+
+class InputRejected(SandboxError):
+    """The task input is not acceptable (not JSON, too large, fails its schema)."""
+
+
+class ModuleRejected(SandboxError):
+    """The task code is not acceptable (malformed wasm, a forbidden import, a wrong hash)."""
+
+
+class TierUnavailable(SandboxError):
+    """A tier cannot run on this host; `reason` says why."""
+
+    def __init__(self, tier: str, reason: str) -> None:
+        super().__init__(f"tier {tier!r} is unavailable: {reason}")
+        self.tier = tier
+        self.reason = reason
+
+
+class SandboxClosed(SandboxError):
+    """An object was used after `close()`."""
+
+
+class HostFailure(SandboxError):
+    """The host failed while running a task (I/O error, runtime crash): not the guest's fault."""

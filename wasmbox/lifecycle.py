@@ -1,0 +1,100 @@
+"""One lifecycle for every handle wasmbox owns, and the deadline that bounds a run."""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Self
+
+from wasmbox.errors import SandboxClosed
+
+
+class Closeable:
+    """Base of every resource owner: `close()` is idempotent, `with` closes, use-after-close raises.
+
+    Subclasses implement `_release()`; it runs at most once, even when `close()` races.
+    """
+
+    _closed: bool = False
+
+    def close(self) -> None:
+        """Release everything this object holds. Safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        self._release()
+
+    def _release(self) -> None:
+        """Free the resources; called once by `close()`."""
+
+    @property
+    def closed(self) -> bool:
+        """True once `close()` has been called."""
+        return self._closed
+
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise SandboxClosed(f"{type(self).__name__} is closed")
+
+    def __enter__(self) -> Self:
+        self._ensure_open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with shielded():
+            self.close()
+
+
+class Deadline:
+    """An absolute point on the monotonic clock; every wait of a run is bounded by it."""
+
+    __slots__ = ("at",)
+
+    def __init__(self, seconds: float | None) -> None:
+        self.at = math.inf if seconds is None else time.monotonic() + seconds
+
+    def remaining(self) -> float | None:
+        """Seconds left (never negative), or None when the deadline is unbounded."""
+        if self.at == math.inf:
+            return None
+        return max(0.0, self.at - time.monotonic())
+
+    @property
+    def expired(self) -> bool:
+        """True once the deadline has passed."""
+        return time.monotonic() >= self.at
+
+
+@contextmanager
+def shielded() -> Iterator[None]:
+    """Defer SIGINT while cleanup runs, so Ctrl-C cannot leave a sandbox half torn down.
+
+    Only the main thread can hold signals back; elsewhere this is a no-op (the signal is
+    delivered to the main thread anyway).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, lambda signum, _frame: pending.append(signum))
+    except ValueError:  # not the main interpreter
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending:
+            raise KeyboardInterrupt

@@ -1,0 +1,396 @@
+"""The data wasmbox speaks: tasks, policies, results. Validation only, no behaviour.
+
+Sizes accept integers (bytes) or strings such as ``"64M"``/``"64MiB"`` (binary) and ``"64MB"``
+(decimal); durations accept seconds or strings such as ``"250ms"``, ``"5s"``, ``"2m"``.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+import uuid
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Self
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    ValidationError,
+    model_validator,
+)
+
+from wasmbox.errors import ConfigError
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+
+class Status(StrEnum):
+    """How a run ended. Everything but COMPLETED is a guest fault or a guard that tripped."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"  # the task exited non-zero (or raised, for Python tasks)
+    TIMEOUT = "timeout"  # the wall-clock deadline passed
+    OUT_OF_FUEL = "out_of_fuel"  # the CPU budget (wasm fuel) ran out
+    MEMORY_EXCEEDED = "memory_exceeded"  # the guest hit its memory cap
+    CRASHED = "crashed"  # a trap or signal other than the above
+    OUTPUT_REJECTED = "output_rejected"  # outputs broke a cap, a filter or the output schema
+    ANOMALY = "anomaly"  # a monitoring rule killed the task
+    CANCELLED = "cancelled"  # the caller cancelled the run
+
+
+class TierName(StrEnum):
+    """Isolation tiers, lightest first. AUTO lets the sandbox choose."""
+
+    AUTO = "auto"
+    WASM = "wasm"
+    CONTAINER = "container"
+    VM = "vm"
+
+
+ISOLATION_ORDER: tuple[TierName, ...] = (TierName.WASM, TierName.CONTAINER, TierName.VM)
+
+
+class TaskKind(StrEnum):
+    """What the task's code is."""
+
+    WASM = "wasm"  # a WASI preview-1 command module
+    PYTHON = "python"  # Python source run by an isolated interpreter
+    COMMAND = "command"  # a native argv (container and VM tiers)
+
+
+class DenyAction(StrEnum):
+    """What an output deny pattern does when it matches."""
+
+    REJECT = "reject"  # the whole run becomes OUTPUT_REJECTED
+    REDACT = "redact"  # the match is replaced by ``[REDACTED]``
+
+
+# --- sizes and durations ------------------------------------------------------------------
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|µs|ms|s|m|h)?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: Any) -> Any:
+    """Turn ``"64M"``, ``"64MiB"`` (binary) or ``"64MB"`` (decimal) into bytes."""
+    if not isinstance(value, str):
+        return value
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise ValueError(f"not a size: {value!r} (try 65536, '64K', '64MiB' or '64MB')")
+    number, unit, suffix = float(m.group(1)), m.group(2).lower(), m.group(3).lower()
+    power = " kmgt".index(unit) if unit else 0
+    base = 1000 if suffix == "b" and unit else 1024
+    return int(number * base**power)
+
+
+def parse_duration(value: Any) -> Any:
+    """Turn ``"250ms"``, ``"5s"``, ``"2m"`` into seconds."""
+    if not isinstance(value, str):
+        return value
+    m = _DURATION_RE.match(value)
+    if not m:
+        raise ValueError(f"not a duration: {value!r} (try 5, '250ms', '5s' or '2m')")
+    scale = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+    return float(m.group(1)) * scale[(m.group(2) or "s").lower()]
+
+
+Bytes = Annotated[int, BeforeValidator(parse_size), Field(gt=0)]
+Seconds = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --- what a task asks for ------------------------------------------------------------------
+
+
+class Resources(_Model):
+    """What a task requests. Unset fields take the policy's maximum; nothing exceeds it."""
+
+    fuel: Annotated[int, Field(gt=0)] | None = None
+    memory: Bytes | None = None
+    timeout: Seconds | None = None
+    output_bytes: Bytes | None = None
+    stdout_bytes: Bytes | None = None
+    cpus: Annotated[float, Field(gt=0)] | None = None
+    pids: Annotated[int, Field(gt=0)] | None = None
+
+
+class Task(_Model):
+    """Code plus one JSON input. Build one with `Task.wasm`, `Task.python` or `Task.command`."""
+
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    kind: TaskKind
+    module: Path | None = None
+    module_bytes: bytes | None = Field(default=None, repr=False)
+    source: str | None = Field(default=None, repr=False)
+    entry: str = "main"
+    argv: tuple[str, ...] = ()
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = Field(default_factory=dict)
+    input: JsonValue = None
+    input_schema: dict[str, Any] | None = None
+    output_schema: dict[str, Any] | None = None
+    resources: Resources = Resources()
+    tier: TierName = TierName.AUTO
+    runtime: str | None = None
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+    network: bool = False
+
+    @model_validator(mode="after")
+    def _code_matches_kind(self) -> Self:
+        if self.kind is TaskKind.WASM and (self.module is None) == (self.module_bytes is None):
+            raise ValueError("a wasm task needs exactly one of module (a path) or module_bytes")
+        if self.kind is TaskKind.PYTHON and self.source is None:
+            raise ValueError("a python task needs source")
+        if self.kind is TaskKind.COMMAND and not self.argv:
+            raise ValueError("a command task needs a non-empty argv")
+        return self
+
+    @classmethod
+    def wasm(cls, module: str | Path | bytes, *, input: JsonValue = None, **fields: Any) -> Task:
+        """A WASI command module, given as a path or as bytes."""
+        if isinstance(module, bytes | bytearray):
+            return cls(kind=TaskKind.WASM, module_bytes=bytes(module), input=input, **fields)
+        return cls(kind=TaskKind.WASM, module=Path(module), input=input, **fields)
+
+    @classmethod
+    def python(cls, source: str | Path, *, input: JsonValue = None, **fields: Any) -> Task:
+        """Python source (or a path to a ``.py`` file); ``main(input)`` is called if defined."""
+        if isinstance(source, Path) or (isinstance(source, str) and _looks_like_py_path(source)):
+            source = Path(source).read_text(encoding="utf-8")
+        return cls(kind=TaskKind.PYTHON, source=source, input=input, **fields)
+
+    @classmethod
+    def command(cls, argv: list[str] | tuple[str, ...], *, input: JsonValue = None,
+                **fields: Any) -> Task:
+        """A native program, for the container and VM tiers."""
+        fields.setdefault("tier", TierName.CONTAINER)
+        return cls(kind=TaskKind.COMMAND, argv=tuple(argv), input=input, **fields)
+
+
+def _looks_like_py_path(text: str) -> bool:
+    return "\n" not in text and text.endswith(".py") and Path(text).is_file()
+
+
+# --- what a policy allows ------------------------------------------------------------------
+
+
+class Limits(_Model):
+    """Maxima for every request; a request that is unset gets the maximum itself.
+
+    ``fuel=None`` (no CPU budget) is only accepted when the policy sets ``allow_unbounded``.
+    """
+
+    fuel: Annotated[int, Field(gt=0)] | None = 20_000_000_000
+    memory: Bytes = 256 * MiB
+    stack: Bytes = 1 * MiB
+    input_bytes: Bytes = 1 * MiB
+    args_bytes: Bytes = 64 * KiB
+    stdout_bytes: Bytes = 1 * MiB
+    stderr_bytes: Bytes = 1 * MiB
+    table_elements: Annotated[int, Field(gt=0)] = 100_000
+    instances: Annotated[int, Field(gt=0)] = 4
+    cpus: Annotated[float, Field(gt=0)] = 1.0
+    pids: Annotated[int, Field(gt=0)] = 64
+    tmpfs: Bytes = 64 * MiB
+
+
+class TimeoutPolicy(_Model):
+    """Wall-clock limits. ``run=None`` is only accepted with ``allow_unbounded``."""
+
+    run: Seconds | None = 10.0
+    kill_grace: Seconds = 0.5
+
+
+class NetworkPolicy(_Model):
+    """Network access. Off by default; the wasm tier never has a network at all."""
+
+    enabled: bool = False
+
+
+class FilesystemPolicy(_Model):
+    """Extra mounts beyond ``/task`` (guest path -> host path). Nothing else is visible."""
+
+    readonly: dict[str, Path] = Field(default_factory=dict)
+    writable: dict[str, Path] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _mounts_are_sane(self) -> Self:
+        seen: set[str] = set()
+        for guest in [*self.readonly, *self.writable]:
+            if not guest.startswith("/") or ".." in guest.split("/"):
+                raise ValueError(f"mount point {guest!r} must be an absolute path without '..'")
+            if guest == "/" or guest == "/task" or guest.startswith("/task/"):
+                raise ValueError(f"mount point {guest!r} would shadow the task directory")
+            if guest in seen:
+                raise ValueError(f"mount point {guest!r} is both read-only and writable")
+            seen.add(guest)
+        return self
+
+
+class OutputPolicy(_Model):
+    """Caps and filters applied to ``/task/output`` when a run ends."""
+
+    max_files: Annotated[int, Field(gt=0)] = 64
+    max_file_bytes: Bytes = 8 * MiB
+    max_total_bytes: Bytes = 16 * MiB
+    max_depth: Annotated[int, Field(gt=0)] = 8
+    deny_patterns: tuple[str, ...] = ()
+    on_deny: DenyAction = DenyAction.REJECT
+    filter_streams: bool = True  # apply deny patterns to stdout/stderr too
+
+    @model_validator(mode="after")
+    def _caps_agree(self) -> Self:
+        if self.max_file_bytes > self.max_total_bytes:
+            raise ValueError("max_file_bytes cannot exceed max_total_bytes")
+        for pattern in self.deny_patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"deny pattern {pattern!r} is not a regex: {exc}") from None
+        return self
+
+
+SAFE_WASI_IMPORTS: frozenset[str] = frozenset(
+    "wasi_snapshot_preview1." + name
+    for name in (
+        "args_get args_sizes_get environ_get environ_sizes_get clock_res_get clock_time_get "
+        "fd_advise fd_allocate fd_close fd_datasync fd_fdstat_get fd_fdstat_set_flags "
+        "fd_filestat_get fd_filestat_set_size fd_filestat_set_times fd_pread fd_prestat_get "
+        "fd_prestat_dir_name fd_pwrite fd_read fd_readdir fd_renumber fd_seek fd_sync fd_tell "
+        "fd_write path_create_directory path_filestat_get path_filestat_set_times path_link "
+        "path_open path_readlink path_remove_directory path_rename path_symlink "
+        "path_unlink_file poll_oneoff proc_exit proc_raise random_get sched_yield"
+    ).split()
+)
+
+
+class WasiPolicy(_Model):
+    """What a WASI module may import and which env names a task may set."""
+
+    allowed_imports: frozenset[str] = SAFE_WASI_IMPORTS
+    env_allow: tuple[str, ...] = ("*",)  # fnmatch patterns of env names a task may set
+    env: dict[str, str] = Field(default_factory=dict)  # fixed env the policy injects
+    require_sha256: bool = False
+
+
+class Policy(_Model):
+    """Everything a task may do. Safe by default; load one from TOML with `Policy.from_toml`."""
+
+    name: str = "default"
+    limits: Limits = Limits()
+    timeouts: TimeoutPolicy = TimeoutPolicy()
+    network: NetworkPolicy = NetworkPolicy()
+    filesystem: FilesystemPolicy = FilesystemPolicy()
+    output: OutputPolicy = OutputPolicy()
+    wasi: WasiPolicy = WasiPolicy()
+    allowed_tiers: frozenset[TierName] = frozenset(ISOLATION_ORDER)
+    min_isolation: TierName = TierName.WASM
+    allow_unbounded: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if not self.allow_unbounded:
+            if self.limits.fuel is None:
+                raise ValueError("limits.fuel = unbounded needs allow_unbounded = true")
+            if self.timeouts.run is None:
+                raise ValueError("timeouts.run = unbounded needs allow_unbounded = true")
+        if TierName.AUTO in self.allowed_tiers or not self.allowed_tiers:
+            raise ValueError("allowed_tiers must list concrete tiers (wasm, container, vm)")
+        if self.min_isolation is TierName.AUTO:
+            raise ValueError("min_isolation must be a concrete tier")
+        rank = ISOLATION_ORDER.index(self.min_isolation)
+        if not any(ISOLATION_ORDER.index(t) >= rank for t in self.allowed_tiers):
+            raise ValueError(
+                f"min_isolation {self.min_isolation} excludes every allowed tier "
+                f"({', '.join(sorted(self.allowed_tiers))})"
+            )
+        return self
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> Policy:
+        """Load a policy file; raises `ConfigError` naming the offending field."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read policy {path}: {exc.strerror}") from exc
+        return cls.from_toml_text(text, source=str(path))
+
+    @classmethod
+    def from_toml_text(cls, text: str, *, source: str = "<policy>") -> Policy:
+        """Parse a policy from TOML text; raises `ConfigError`."""
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(f"{source}: {_explain(exc)}") from exc
+
+
+def _explain(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "policy"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+# --- what comes back ----------------------------------------------------------------------
+
+
+class Metrics(_Model):
+    """Measurements of one run. Durations in seconds; None where a tier cannot measure."""
+
+    startup_s: float = 0.0
+    run_s: float = 0.0
+    cleanup_s: float = 0.0
+    wall_s: float = 0.0
+    cpu_s: float | None = None
+    fuel_consumed: int | None = None
+    peak_memory_bytes: int | None = None
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    output_bytes: int = 0
+    output_files: int = 0
+    extra: dict[str, float] = Field(default_factory=dict)
+
+
+class Result(_Model):
+    """The typed outcome of a run. Guest faults are statuses here, never exceptions."""
+
+    task_id: str
+    run_id: str
+    tier: TierName
+    status: Status
+    exit_code: int | None = None
+    trap: str | None = None
+    reason: str | None = None
+    output: JsonValue = None
+    files: dict[str, bytes] = Field(default_factory=dict, repr=False)
+    stdout: str = ""
+    stderr: str = ""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    metrics: Metrics = Metrics()
+    escalated_from: TierName | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the task completed and its outputs passed every check."""
+        return self.status is Status.COMPLETED
+
+    @property
+    def truncated(self) -> bool:
+        """True when stdout or stderr hit its cap."""
+        return self.stdout_truncated or self.stderr_truncated

@@ -1,0 +1,164 @@
+"""Policy application: turn a Task's requests into the effective limits a tier enforces."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from wasmbox.errors import PolicyViolation
+from wasmbox.models import (
+    ISOLATION_ORDER,
+    OutputPolicy,
+    Policy,
+    Task,
+    TaskKind,
+    TierName,
+)
+
+N = TypeVar("N", int, float)
+
+# Which tiers can run which kinds of code at all.
+_TIERS_FOR_KIND: dict[TaskKind, tuple[TierName, ...]] = {
+    TaskKind.WASM: (TierName.WASM,),
+    TaskKind.PYTHON: ISOLATION_ORDER,
+    TaskKind.COMMAND: (TierName.CONTAINER, TierName.VM),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The effective, clamped limits of one run. Every field is enforced by the tier."""
+
+    task: Task
+    policy: Policy
+    tier: TierName
+    fuel: int | None
+    memory: int
+    stack: int
+    timeout: float | None
+    kill_grace: float
+    stdout_bytes: int
+    stderr_bytes: int
+    input_bytes: int
+    table_elements: int
+    instances: int
+    cpus: float
+    pids: int
+    tmpfs: int
+    output: OutputPolicy
+    args: tuple[str, ...]
+    env: dict[str, str]
+    allowed_imports: frozenset[str]
+    network: bool
+    readonly_mounts: dict[str, Path]
+    writable_mounts: dict[str, Path]
+
+    def on_tier(self, tier: TierName) -> Plan:
+        """The same plan for another tier (escalation); the policy is checked again."""
+        _check_tier(self.policy, self.task, tier)
+        return dataclasses.replace(self, tier=tier)
+
+
+def apply(policy: Policy, task: Task) -> Plan:
+    """Clamp every request of `task` to `policy` and resolve its tier.
+
+    A request above a maximum is lowered to it; what the policy forbids outright (a tier,
+    network, an env name, an unpinned module) raises `PolicyViolation` naming the rule.
+    An ``auto`` tier becomes the lightest allowed tier that can run the task's kind.
+    """
+    tier = _resolve_tier(policy, task)
+    limits, req = policy.limits, task.resources
+    if task.network and not policy.network.enabled:
+        raise PolicyViolation("network.enabled", "the task asks for network access")
+    if policy.wasi.require_sha256 and task.kind is TaskKind.WASM and task.sha256 is None:
+        raise PolicyViolation("wasi.require_sha256", "the module must be pinned by sha256")
+    env = _effective_env(policy, task)
+    args = task.args if task.kind is TaskKind.WASM else task.argv
+    size = sum(len(a.encode()) + 1 for a in args) + sum(
+        len(k.encode()) + len(v.encode()) + 2 for k, v in env.items()
+    )
+    if size > limits.args_bytes:
+        raise PolicyViolation(
+            "limits.args_bytes", f"args and env take {size} bytes, over {limits.args_bytes}"
+        )
+    output = policy.output
+    if req.output_bytes is not None and req.output_bytes < output.max_total_bytes:
+        output = output.model_copy(update={
+            "max_total_bytes": req.output_bytes,
+            "max_file_bytes": min(output.max_file_bytes, req.output_bytes),
+        })
+    return Plan(
+        task=task,
+        policy=policy,
+        tier=tier,
+        fuel=clamp_optional(req.fuel, limits.fuel),
+        memory=clamp(req.memory, limits.memory),
+        stack=limits.stack,
+        timeout=clamp_optional(req.timeout, policy.timeouts.run),
+        kill_grace=policy.timeouts.kill_grace,
+        stdout_bytes=clamp(req.stdout_bytes, limits.stdout_bytes),
+        stderr_bytes=limits.stderr_bytes,
+        input_bytes=limits.input_bytes,
+        table_elements=limits.table_elements,
+        instances=limits.instances,
+        cpus=clamp(req.cpus, limits.cpus),
+        pids=clamp(req.pids, limits.pids),
+        tmpfs=limits.tmpfs,
+        output=output,
+        args=args,
+        env=env,
+        allowed_imports=policy.wasi.allowed_imports,
+        network=task.network,
+        readonly_mounts=dict(policy.filesystem.readonly),
+        writable_mounts=dict(policy.filesystem.writable),
+    )
+
+
+def clamp(request: N | None, maximum: N) -> N:
+    """The request if within the maximum, else the maximum; unset takes the maximum."""
+    return maximum if request is None else min(request, maximum)
+
+
+def clamp_optional(request: N | None, maximum: N | None) -> N | None:
+    """`clamp` where a None maximum is an unbounded limit the policy asked for explicitly."""
+    if maximum is None:
+        return request
+    return clamp(request, maximum)
+
+
+def _resolve_tier(policy: Policy, task: Task) -> TierName:
+    if task.tier is not TierName.AUTO:
+        _check_tier(policy, task, task.tier)
+        return task.tier
+    floor = ISOLATION_ORDER.index(policy.min_isolation)
+    for tier in ISOLATION_ORDER[floor:]:
+        if tier in policy.allowed_tiers and tier in _TIERS_FOR_KIND[task.kind]:
+            return tier
+    raise PolicyViolation(
+        "allowed_tiers", f"no allowed tier at or above {policy.min_isolation} runs {task.kind} tasks"
+    )
+
+
+def _check_tier(policy: Policy, task: Task, tier: TierName) -> None:
+    if tier not in _TIERS_FOR_KIND[task.kind]:
+        raise PolicyViolation("tier", f"the {tier} tier cannot run {task.kind} tasks")
+    if tier not in policy.allowed_tiers:
+        raise PolicyViolation("allowed_tiers", f"the {tier} tier is not allowed")
+    if ISOLATION_ORDER.index(tier) < ISOLATION_ORDER.index(policy.min_isolation):
+        raise PolicyViolation(
+            "min_isolation", f"the {tier} tier is weaker than {policy.min_isolation}"
+        )
+
+
+def _effective_env(policy: Policy, task: Task) -> dict[str, str]:
+    for name, value in task.env.items():
+        if not name or "=" in name or "\0" in name or "\0" in value:
+            raise PolicyViolation("wasi.env_allow", f"invalid environment entry {name!r}")
+        if not any(fnmatch.fnmatchcase(name, pat) for pat in policy.wasi.env_allow):
+            raise PolicyViolation("wasi.env_allow", f"the task may not set {name}")
+    if any("\0" in a for a in (*task.args, *task.argv)):
+        raise PolicyViolation("limits.args_bytes", "arguments may not contain NUL")
+    return {**task.env, **policy.wasi.env}

@@ -1,0 +1,209 @@
+"""The facade: policy, tier choice, workspace, cleanup. Knows tiers only through `tiers.base`."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from wasmbox.errors import PolicyViolation, TierUnavailable
+from wasmbox.lifecycle import Closeable, Deadline, shielded
+from wasmbox.models import ISOLATION_ORDER, Metrics, Policy, Result, Status, Task, TierName
+from wasmbox.policy import Plan, apply
+from wasmbox.tiers.base import Availability, Outcome, Tier, tier_factory
+from wasmbox.workspace import Collected, Workspace, filter_stream
+
+# Statuses after which outputs are still collected and checked (the guest ran to its end).
+_COLLECTED = (Status.COMPLETED, Status.FAILED)
+
+
+class Sandbox(Closeable):
+    """Runs tasks under one policy. Owns every tier's engines, caches and pools.
+
+    Thread-safe: `run` may be called from many threads at once; `map` does exactly that.
+    """
+
+    def __init__(
+        self,
+        policy: Policy | None = None,
+        *,
+        workspace_root: Path | None = None,
+        tiers: dict[TierName, Callable[[], Tier]] | None = None,
+    ) -> None:
+        self.policy = policy or Policy()
+        self._workspace_root = workspace_root
+        self._factories = dict(tiers or {})
+        self._tiers: dict[TierName, Tier] = {}
+        self._availability: dict[TierName, Availability] = {}
+        self._lock = threading.Lock()
+
+    def run(self, task: Task) -> Result:
+        """Run one task to completion and return its `Result`.
+
+        Raises `PolicyViolation`, `InputRejected`, `ModuleRejected` for a task the host must
+        not run, and `TierUnavailable` when no allowed tier can run it here. Guest faults
+        (timeouts, traps, floods) come back as statuses.
+        """
+        self._ensure_open()
+        t0 = time.perf_counter()
+        plan = apply(self.policy, task)
+        tier, escalated_from = self._choose(plan)
+        if escalated_from is not None:
+            plan = plan.on_tier(tier.name)
+        deadline = Deadline(plan.timeout)
+        workspace = Workspace(plan, self._workspace_root)
+        try:
+            outcome = tier.run(plan, workspace, deadline)
+            collected = _collect(plan, workspace, outcome)
+        finally:
+            t_cleanup = time.perf_counter()
+            with shielded():
+                workspace.close()
+        t_end = time.perf_counter()
+        return _assemble(
+            plan, outcome, collected, escalated_from,
+            cleanup_s=t_end - t_cleanup, wall_s=t_end - t0,
+        )
+
+    def map(self, tasks: Iterable[Task], concurrency: int = 1) -> list[Result]:
+        """Run many tasks on `concurrency` threads; results keep the order of `tasks`."""
+        self._ensure_open()
+        items = list(tasks)
+        if concurrency <= 1:
+            return [self.run(t) for t in items]
+        with ThreadPoolExecutor(concurrency, thread_name_prefix="wasmbox-run") as pool:
+            return list(pool.map(self.run, items))
+
+    async def arun(self, task: Task) -> Result:
+        """`run` for asyncio: the task runs on a worker thread."""
+        return await asyncio.to_thread(self.run, task)
+
+    def availability(self, name: TierName) -> Availability:
+        """Whether `name` can run here, probed once and remembered."""
+        found = self._availability.get(name)
+        if found is not None:
+            return found
+        try:
+            tier = self._tier(name)
+        except TierUnavailable as exc:
+            found = Availability(name, False, exc.reason)
+        else:
+            found = tier.availability()
+        self._availability[name] = found
+        return found
+
+    def doctor(self) -> list[Availability]:
+        """Availability of every tier, lightest first."""
+        return [self.availability(name) for name in ISOLATION_ORDER]
+
+    def _choose(self, plan: Plan) -> tuple[Tier, TierName | None]:
+        """The plan's tier or, for ``auto`` tasks, the next heavier one the policy allows.
+
+        Isolation only ever goes up: a lighter tier is never used instead.
+        """
+        candidates = [plan.tier]
+        if plan.task.tier is TierName.AUTO:
+            heavier = ISOLATION_ORDER[ISOLATION_ORDER.index(plan.tier) + 1:]
+            candidates += [t for t in heavier if t in self.policy.allowed_tiers]
+        reasons = []
+        for name in candidates:
+            available = self._availability.get(name) or self.availability(name)
+            if not available.ok:
+                reasons.append(f"{name}: {available.reason}")
+                continue
+            if name is plan.tier:
+                return self._tier(name), None
+            try:
+                plan.on_tier(name)
+            except PolicyViolation as exc:
+                reasons.append(f"{name}: {exc}")
+                continue
+            return self._tier(name), plan.tier
+        raise TierUnavailable(str(plan.tier), "; ".join(reasons))
+
+    def _tier(self, name: TierName) -> Tier:
+        tier = self._tiers.get(name)
+        if tier is not None:
+            return tier
+        with self._lock:
+            self._ensure_open()
+            tier = self._tiers.get(name)
+            if tier is None:
+                factory = self._factories.get(name)
+                if factory is None:
+                    try:
+                        factory = tier_factory(name)
+                    except ModuleNotFoundError as exc:
+                        raise TierUnavailable(str(name), f"not built in ({exc.name})") from exc
+                tier = factory()
+                self._tiers[name] = tier
+        return tier
+
+    def _release(self) -> None:
+        with self._lock:
+            tiers, self._tiers = self._tiers, {}
+        for tier in tiers.values():
+            tier.close()
+
+
+def _collect(plan: Plan, workspace: Workspace, outcome: Outcome) -> Collected:
+    """Outputs of a run that reached its end, and the stream filter's verdict."""
+    collected = Collected()
+    if outcome.status in _COLLECTED:
+        collected = workspace.collect()
+    for name in ("stdout", "stderr"):
+        data, rejection = filter_stream(getattr(outcome, name), plan.output, name)
+        setattr(outcome, name, data)
+        if rejection and collected.rejection is None and outcome.status in _COLLECTED:
+            collected = Collected(rejection=rejection)
+    return collected
+
+
+def _assemble(
+    plan: Plan,
+    outcome: Outcome,
+    collected: Collected,
+    escalated_from: TierName | None,
+    *,
+    cleanup_s: float,
+    wall_s: float,
+) -> Result:
+    status, reason = outcome.status, outcome.reason
+    if collected.rejection is not None:
+        status, reason = Status.OUTPUT_REJECTED, collected.rejection
+    # Everything below is produced by our own code: skip re-validation on the hot path.
+    metrics = Metrics.model_construct(
+        startup_s=outcome.startup_s,
+        run_s=outcome.run_s,
+        cleanup_s=cleanup_s,
+        wall_s=wall_s,
+        cpu_s=outcome.cpu_s,
+        fuel_consumed=outcome.fuel_consumed,
+        peak_memory_bytes=outcome.peak_memory_bytes,
+        stdout_bytes=len(outcome.stdout),
+        stderr_bytes=len(outcome.stderr),
+        output_bytes=collected.total_bytes,
+        output_files=len(collected.files),
+        extra=outcome.extra,
+    )
+    return Result.model_construct(
+        task_id=plan.task.id,
+        run_id=uuid.uuid4().hex,
+        tier=plan.tier,
+        status=status,
+        exit_code=outcome.exit_code,
+        trap=outcome.trap,
+        reason=reason,
+        output=collected.output if collected.rejection is None else None,
+        files=collected.files if collected.rejection is None else {},
+        stdout=outcome.stdout.decode("utf-8", "replace"),
+        stderr=outcome.stderr.decode("utf-8", "replace"),
+        stdout_truncated=outcome.stdout_truncated,
+        stderr_truncated=outcome.stderr_truncated,
+        metrics=metrics,
+        escalated_from=escalated_from,
+    )

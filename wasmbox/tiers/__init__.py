@@ -1,0 +1,1 @@
+"""Isolation tiers behind one protocol (see `wasmbox.tiers.base`)."""

@@ -1,0 +1,160 @@
+"""Engines per config flavour, the shared epoch ticker, and per-store epoch watchdogs.
+
+One `Engine` (and its WASI `Linker`) exists per flavour: compiled code is tied to the flags,
+so the flavour is also part of the module cache key. A single ticker thread per engine
+advances the epoch; every running store asks to be called back on each tick, and the callback
+(`Watchdog.on_tick`) decides whether the guest goes on: it trips the wall-clock deadline and
+any in-run guard (an output flood) without touching other stores.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import version
+
+import wasmtime
+from wasmtime import _ffi as ffi
+
+from wasmbox.errors import ConfigError
+from wasmbox.lifecycle import Closeable
+from wasmbox.models import KiB, MiB
+
+WASMTIME_VERSION = version("wasmtime")
+TICK_SECONDS = 0.005
+MIN_STACK = 64 * KiB
+# The guest's stack lives on the host thread's stack; wasmtime aborts the whole process when
+# max_wasm_stack does not fit, so refuse larger values before an Engine is ever built.
+MAX_STACK = 4 * MiB
+
+
+@dataclass(frozen=True, slots=True)
+class Flavour:
+    """The engine flags a run needs. Equal flavours share an Engine and compiled code."""
+
+    fuel: bool
+    stack: int
+
+    @property
+    def key(self) -> str:
+        """A stable name for the flavour, part of every compiled-module cache key."""
+        return f"wasmtime{WASMTIME_VERSION}-fuel{int(self.fuel)}-epoch1-stack{self.stack}"
+
+
+class EngineHandle(Closeable):
+    """An Engine, its WASI linker and its epoch ticker."""
+
+    def __init__(self, flavour: Flavour) -> None:
+        if not MIN_STACK <= flavour.stack <= MAX_STACK:
+            raise ConfigError(
+                f"limits.stack must be between {MIN_STACK} and {MAX_STACK} bytes, "
+                f"got {flavour.stack}"
+            )
+        config = wasmtime.Config()
+        config.consume_fuel = flavour.fuel
+        config.epoch_interruption = True
+        config.max_wasm_stack = flavour.stack
+        config.cranelift_opt_level = "speed"
+        self.flavour = flavour
+        self.engine = wasmtime.Engine(config)
+        self.linker = wasmtime.Linker(self.engine)
+        self.linker.define_wasi()
+        self._ticker = _Ticker(self.engine)
+
+    def ensure_ticking(self) -> None:
+        """Start the epoch ticker if it is not running yet."""
+        self._ticker.ensure_started()
+
+    def _release(self) -> None:
+        self._ticker.stop()
+        self.linker.close()
+        self.engine.close()
+
+
+class _Ticker:
+    def __init__(self, engine: wasmtime.Engine) -> None:
+        self._engine = engine
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def ensure_started(self) -> None:
+        if self._thread is not None:
+            return
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._loop, name="wasmbox-epoch", daemon=True
+                )
+                self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(TICK_SECONDS):
+            self._engine.increment_epoch()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+# --- per-store watchdog, called by wasmtime on every epoch tick ----------------------------
+
+_CALLBACK = ctypes.CFUNCTYPE(
+    ctypes.c_size_t,
+    ctypes.POINTER(ffi.wasmtime_context_t),
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_uint64),
+    ctypes.POINTER(ctypes.c_uint8),
+)
+_FINALIZER = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+_CONTINUE = 0
+_WATCHDOGS: dict[int, Watchdog] = {}
+_IDS = itertools.count(1)
+
+
+class Watchdog:
+    """Decides on every tick whether a store's guest may go on.
+
+    `check` returns None to continue or a reason to stop; the reason is kept in `tripped` so
+    the runner can tell a watchdog stop from a guest trap.
+    """
+
+    def __init__(self, check: Callable[[], str | None]) -> None:
+        self.check = check
+        self.tripped: str | None = None
+
+    def attach(self, store: wasmtime.Store) -> None:
+        """Arm the watchdog on `store`; it is dropped when the store is deleted."""
+        ident = next(_IDS)
+        _WATCHDOGS[ident] = self
+        ffi.wasmtime_store_epoch_deadline_callback(store.ptr(), _on_tick, ident, _on_drop)
+        store.set_epoch_deadline(1)
+
+
+@_CALLBACK
+def _on_tick(
+    _ctx: object, data: int | None, delta: ctypes._Pointer[ctypes.c_uint64],
+    kind: ctypes._Pointer[ctypes.c_uint8],
+) -> int:
+    watchdog = _WATCHDOGS.get(data or 0)
+    try:
+        reason = "watchdog lost" if watchdog is None else watchdog.check()
+    except Exception as exc:  # an exception cannot cross into wasmtime: stop the guest instead
+        reason = f"watchdog failed: {exc!r}"
+    if reason is None:
+        delta[0] = 1
+        kind[0] = _CONTINUE
+        return 0
+    if watchdog is not None:
+        watchdog.tripped = reason
+    error = ffi.wasmtime_error_new(f"wasmbox: {reason}".encode())
+    return ctypes.cast(error, ctypes.c_void_p).value or 0
+
+
+@_FINALIZER
+def _on_drop(data: int | None) -> None:
+    _WATCHDOGS.pop(data or 0, None)

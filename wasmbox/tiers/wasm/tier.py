@@ -1,0 +1,226 @@
+"""The wasm tier: a WASI command module run in-process by wasmtime, one fresh Store per run."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import wasmtime
+
+from wasmbox.errors import ConfigError, HostFailure
+from wasmbox.lifecycle import Closeable, Deadline
+from wasmbox.models import Status, TierName
+from wasmbox.policy import Plan
+from wasmbox.tiers.base import Availability, Outcome
+from wasmbox.tiers.wasm.cache import ModuleCache, Prepared, check_imports, default_cache_dir
+from wasmbox.tiers.wasm.engine import WASMTIME_VERSION, EngineHandle, Flavour, Watchdog
+from wasmbox.workspace import Workspace
+
+WASM_PAGE = 65536
+_NO_CACHE = Path("/nonexistent")
+
+
+class WasmTier(Closeable):
+    """Runs WASI modules under fuel, an epoch deadline, store limits and two preopens."""
+
+    name = TierName.WASM
+
+    def __init__(self, cache_dir: Path | None = _NO_CACHE) -> None:
+        self._cache_dir = default_cache_dir() if cache_dir is _NO_CACHE else cache_dir
+        self._engines: dict[Flavour, tuple[EngineHandle, ModuleCache]] = {}
+        self._lock = threading.Lock()
+
+    def availability(self) -> Availability:
+        """The wasm tier runs wherever the wasmtime wheel loads."""
+        try:
+            wasmtime.Engine().close()
+        except Exception as exc:
+            return Availability(self.name, False, f"wasmtime cannot start: {exc}")
+        return Availability(
+            self.name, True, "in-process wasmtime", {"wasmtime": WASMTIME_VERSION}
+        )
+
+    def prepare(self, plan: Plan) -> tuple[EngineHandle, Prepared]:
+        """Validate, compile (or load from cache) and pre-link the plan's module."""
+        self._ensure_open()
+        handle, cache = self._engine_for(Flavour(fuel=plan.fuel is not None, stack=plan.stack))
+        task = plan.task
+        if task.module is not None:
+            prepared = cache.load_path(task.module, task.sha256)
+        else:
+            assert task.module_bytes is not None  # guaranteed by Task validation
+            prepared = cache.load_bytes(task.module_bytes, task.sha256)
+        check_imports(prepared, plan.allowed_imports)
+        return handle, prepared
+
+    def run(self, plan: Plan, workspace: Workspace, deadline: Deadline) -> Outcome:
+        """Run the module's ``_start`` in a fresh Store; the Store is gone when this returns."""
+        t0 = time.perf_counter()
+        handle, prepared = self.prepare(plan)
+        store = wasmtime.Store(handle.engine)
+        try:
+            return _execute(plan, workspace, deadline, handle, prepared, store, t0)
+        finally:
+            store.close()
+
+    def _engine_for(self, flavour: Flavour) -> tuple[EngineHandle, ModuleCache]:
+        found = self._engines.get(flavour)
+        if found is not None:
+            return found
+        with self._lock:
+            self._ensure_open()
+            found = self._engines.get(flavour)
+            if found is None:
+                handle = EngineHandle(flavour)
+                found = (handle, ModuleCache(handle, self._cache_dir))
+                self._engines[flavour] = found
+        return found
+
+    def _release(self) -> None:
+        with self._lock:
+            for handle, cache in self._engines.values():
+                cache.clear()
+                handle.close()
+            self._engines.clear()
+
+
+def _execute(
+    plan: Plan,
+    workspace: Workspace,
+    deadline: Deadline,
+    handle: EngineHandle,
+    prepared: Prepared,
+    store: wasmtime.Store,
+    t0: float,
+) -> Outcome:
+    store.set_limits(
+        memory_size=plan.memory,
+        table_elements=plan.table_elements,
+        instances=plan.instances,
+        tables=plan.instances,
+        memories=plan.instances,
+    )
+    if plan.fuel is not None:
+        store.set_fuel(plan.fuel)
+    store.set_wasi(_wasi_config(plan, workspace))
+
+    watchdog = Watchdog(lambda: _on_tick(deadline, workspace))
+    watchdog.attach(store)
+    handle.ensure_ticking()
+
+    outcome = Outcome(status=Status.COMPLETED, exit_code=0)
+    instance = exports = None
+    try:
+        instance = prepared.pre.instantiate(store)
+        exports = instance.exports(store)
+        start = exports["_start"]
+        assert isinstance(start, wasmtime.Func)
+        t1 = time.perf_counter()
+        cpu0 = time.thread_time()
+        try:
+            start(store)
+        finally:
+            outcome.run_s = time.perf_counter() - t1
+            outcome.cpu_s = time.thread_time() - cpu0
+            outcome.startup_s = t1 - t0
+    except wasmtime.ExitTrap as exc:
+        outcome.exit_code = exc.code
+        outcome.status = Status.COMPLETED if exc.code == 0 else Status.FAILED
+    except wasmtime.Trap as exc:
+        outcome.exit_code = None
+        outcome.status, outcome.trap = _classify_trap(exc)
+        outcome.reason = _first_line(exc.message)
+    except wasmtime.WasmtimeError as exc:
+        outcome.exit_code = None
+        outcome.status, outcome.reason = _classify_error(exc, watchdog, instance is None, plan)
+
+    if watchdog.tripped is not None:
+        outcome.reason = watchdog.tripped
+        outcome.status = Status.TIMEOUT if deadline.expired else Status.OUTPUT_REJECTED
+        outcome.exit_code = None
+    if plan.fuel is not None:
+        outcome.fuel_consumed = plan.fuel - store.get_fuel()
+    if exports is not None:
+        memory = exports.get("memory")
+        if isinstance(memory, wasmtime.Memory):
+            outcome.peak_memory_bytes = memory.data_len(store)
+    if outcome.status in (Status.FAILED, Status.CRASHED) and _at_memory_cap(outcome, plan):
+        outcome.status = Status.MEMORY_EXCEEDED
+        outcome.reason = f"linear memory reached the {plan.memory} byte cap"
+    outcome.stdout, outcome.stdout_truncated = workspace.read_stream(
+        workspace.stdout_path, plan.stdout_bytes
+    )
+    outcome.stderr, outcome.stderr_truncated = workspace.read_stream(
+        workspace.stderr_path, plan.stderr_bytes
+    )
+    return outcome
+
+
+def _wasi_config(plan: Plan, workspace: Workspace) -> wasmtime.WasiConfig:
+    wasi = wasmtime.WasiConfig()
+    name = plan.task.module.name if plan.task.module is not None else "task.wasm"
+    wasi.argv = [name, *plan.args]
+    wasi.env = list(plan.env.items())
+    # Files, not stdout_custom: a Python callback per write costs ~70 us a run. The watchdog
+    # stops a guest that writes far past the cap; the cap itself is applied when reading.
+    wasi.stdout_file = workspace.stdout_path
+    wasi.stderr_file = workspace.stderr_path
+    # Exactly these preopens: /task read-only (input.json), /task/output writable (nested
+    # preopens resolve by longest prefix), plus whatever mounts the policy grants.
+    wasi.preopen_dir(workspace.task_dir, "/task", False)
+    wasi.preopen_dir(workspace.output_dir, "/task/output", True)
+    for guest, host in plan.readonly_mounts.items():
+        _preopen(wasi, host, guest, False)
+    for guest, host in plan.writable_mounts.items():
+        _preopen(wasi, host, guest, True)
+    return wasi
+
+
+def _preopen(wasi: wasmtime.WasiConfig, host: Path, guest: str, writable: bool) -> None:
+    try:
+        wasi.preopen_dir(str(host), guest, writable)
+    except wasmtime.WasmtimeError as exc:
+        raise ConfigError(f"filesystem mount {guest} -> {host} cannot be opened") from exc
+
+
+def _on_tick(deadline: Deadline, workspace: Workspace) -> str | None:
+    if deadline.expired:
+        return "wall-clock deadline passed"
+    return workspace.over_cap()
+
+
+def _classify_trap(exc: wasmtime.Trap) -> tuple[Status, str]:
+    code = exc.trap_code
+    name = code.name.lower() if code is not None else "unknown"
+    if code is wasmtime.TrapCode.OUT_OF_FUEL:
+        return Status.OUT_OF_FUEL, name
+    if code is wasmtime.TrapCode.INTERRUPT:
+        return Status.TIMEOUT, name
+    return Status.CRASHED, name
+
+
+def _classify_error(
+    exc: wasmtime.WasmtimeError, watchdog: Watchdog, instantiating: bool, plan: Plan
+) -> tuple[Status, str]:
+    message = _first_line(str(exc))
+    if watchdog.tripped is not None:
+        return Status.TIMEOUT, watchdog.tripped
+    if instantiating:
+        if "memory" in message or "limit" in message:
+            return Status.MEMORY_EXCEEDED, f"instantiation needs more than {plan.memory} bytes"
+        raise HostFailure(f"instantiation failed: {message}") from exc
+    return Status.CRASHED, message
+
+
+def _at_memory_cap(outcome: Outcome, plan: Plan) -> bool:
+    # wasmtime refuses memory.grow past the store limit without a trap; the guest sees
+    # malloc fail and dies its own way. A failed run whose memory is within a page of the
+    # cap is the memory cap's doing.
+    peak = outcome.peak_memory_bytes
+    return peak is not None and peak + WASM_PAGE > plan.memory
+
+
+def _first_line(text: str) -> str:
+    text = text.strip()
+    return text.splitlines()[0] if text else "unknown error"
