@@ -5,17 +5,21 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import wasmtime
 
 from wasmbox.errors import ConfigError, HostFailure
 from wasmbox.lifecycle import Closeable, Deadline
-from wasmbox.models import Status, TierName
+from wasmbox.models import Status, TaskKind, TierName
 from wasmbox.policy import Plan
 from wasmbox.tiers.base import Availability, Outcome
 from wasmbox.tiers.wasm.cache import ModuleCache, Prepared, check_imports, default_cache_dir
 from wasmbox.tiers.wasm.engine import WASMTIME_VERSION, EngineHandle, Flavour, Watchdog
 from wasmbox.workspace import Workspace
+
+if TYPE_CHECKING:
+    from wasmbox.tiers.wasm.python import PythonRuntime
 
 WASM_PAGE = 65536
 _NO_CACHE = Path("/nonexistent")
@@ -30,6 +34,7 @@ class WasmTier(Closeable):
         self._cache_dir = default_cache_dir() if cache_dir is _NO_CACHE else cache_dir
         self._engines: dict[Flavour, tuple[EngineHandle, ModuleCache]] = {}
         self._lock = threading.Lock()
+        self._python: PythonRuntime | None = None
 
     def availability(self) -> Availability:
         """The wasm tier runs wherever the wasmtime wheel loads."""
@@ -56,6 +61,8 @@ class WasmTier(Closeable):
 
     def run(self, plan: Plan, workspace: Workspace, deadline: Deadline) -> Outcome:
         """Run the module's ``_start`` in a fresh Store; the Store is gone when this returns."""
+        if plan.task.kind is TaskKind.PYTHON:
+            return self._python_runtime().run(plan, workspace, deadline)
         t0 = time.perf_counter()
         handle, prepared = self.prepare(plan)
         store = wasmtime.Store(handle.engine)
@@ -63,6 +70,18 @@ class WasmTier(Closeable):
             return _execute(plan, workspace, deadline, handle, prepared, store, t0)
         finally:
             store.close()
+
+    def _python_runtime(self) -> PythonRuntime:
+        runtime = self._python
+        if runtime is None:
+            with self._lock:
+                self._ensure_open()
+                if self._python is None:
+                    from wasmbox.tiers.wasm.python import PythonRuntime
+
+                    self._python = PythonRuntime(self._cache_dir)
+                runtime = self._python
+        return runtime
 
     def _engine_for(self, flavour: Flavour) -> tuple[EngineHandle, ModuleCache]:
         found = self._engines.get(flavour)
@@ -79,6 +98,8 @@ class WasmTier(Closeable):
 
     def _release(self) -> None:
         with self._lock:
+            if self._python is not None:
+                self._python.close()
             for handle, cache in self._engines.values():
                 cache.clear()
                 handle.close()
