@@ -283,6 +283,12 @@ class WasiPolicy(_Model):
     require_sha256: bool = False
 
 
+class PythonPolicy(_Model):
+    """Pure-Python packages (directories or wheels) that Python tasks may import, read-only."""
+
+    packages: tuple[Path, ...] = ()
+
+
 class Policy(_Model):
     """Everything a task may do. Safe by default; load one from TOML with `Policy.from_toml`."""
 
@@ -293,6 +299,7 @@ class Policy(_Model):
     filesystem: FilesystemPolicy = FilesystemPolicy()
     output: OutputPolicy = OutputPolicy()
     wasi: WasiPolicy = WasiPolicy()
+    python: PythonPolicy = PythonPolicy()
     allowed_tiers: frozenset[TierName] = frozenset(ISOLATION_ORDER)
     min_isolation: TierName = TierName.WASM
     allow_unbounded: bool = False
