@@ -57,6 +57,7 @@ __all__ = [
     "Task",
     "TaskKind",
     "TierName",
+    "TierUnavailable",
     "TimeoutPolicy",
     "WasiPolicy",
     "apply",

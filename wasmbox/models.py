@@ -260,17 +260,18 @@ class OutputPolicy(_Model):
         return self
 
 
+_WASI_CALLS = """
+    args_get args_sizes_get environ_get environ_sizes_get clock_res_get clock_time_get
+    fd_advise fd_allocate fd_close fd_datasync fd_fdstat_get fd_fdstat_set_flags
+    fd_filestat_get fd_filestat_set_size fd_filestat_set_times fd_pread fd_prestat_get
+    fd_prestat_dir_name fd_pwrite fd_read fd_readdir fd_renumber fd_seek fd_sync fd_tell
+    fd_write path_create_directory path_filestat_get path_filestat_set_times path_link
+    path_open path_readlink path_remove_directory path_rename path_symlink
+    path_unlink_file poll_oneoff proc_exit proc_raise random_get sched_yield
+"""
+# Every WASI preview-1 call except the sock_* family: the wasm tier has no network.
 SAFE_WASI_IMPORTS: frozenset[str] = frozenset(
-    "wasi_snapshot_preview1." + name
-    for name in (
-        "args_get args_sizes_get environ_get environ_sizes_get clock_res_get clock_time_get "
-        "fd_advise fd_allocate fd_close fd_datasync fd_fdstat_get fd_fdstat_set_flags "
-        "fd_filestat_get fd_filestat_set_size fd_filestat_set_times fd_pread fd_prestat_get "
-        "fd_prestat_dir_name fd_pwrite fd_read fd_readdir fd_renumber fd_seek fd_sync fd_tell "
-        "fd_write path_create_directory path_filestat_get path_filestat_set_times path_link "
-        "path_open path_readlink path_remove_directory path_rename path_symlink "
-        "path_unlink_file poll_oneoff proc_exit proc_raise random_get sched_yield"
-    ).split()
+    "wasi_snapshot_preview1." + name for name in _WASI_CALLS.split()
 )
 
 

@@ -138,7 +138,8 @@ def _resolve_tier(policy: Policy, task: Task) -> TierName:
         if tier in policy.allowed_tiers and tier in _TIERS_FOR_KIND[task.kind]:
             return tier
     raise PolicyViolation(
-        "allowed_tiers", f"no allowed tier at or above {policy.min_isolation} runs {task.kind} tasks"
+        "allowed_tiers",
+        f"no allowed tier at or above {policy.min_isolation} runs {task.kind} tasks",
     )
 
 

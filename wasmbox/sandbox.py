@@ -137,8 +137,8 @@ class Sandbox(Closeable):
                 if factory is None:
                     try:
                         factory = tier_factory(name)
-                    except ModuleNotFoundError as exc:
-                        raise TierUnavailable(str(name), f"not built in ({exc.name})") from exc
+                    except (ImportError, AttributeError) as exc:
+                        raise TierUnavailable(str(name), f"not built in ({exc})") from exc
                 tier = factory()
                 self._tiers[name] = tier
         return tier

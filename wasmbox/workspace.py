@@ -12,7 +12,6 @@ first cap that trips: the reason becomes the run's OUTPUT_REJECTED status.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re

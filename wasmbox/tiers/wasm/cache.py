@@ -19,7 +19,7 @@ from pathlib import Path
 import wasmtime
 
 from wasmbox.errors import ModuleRejected, PolicyViolation
-from wasmbox.tiers.wasm.engine import EngineHandle
+from wasmbox.tiers.wasm.engine import EngineHandle, first_line
 
 MAX_MODULE_BYTES = 256 * 1024 * 1024
 _MEMORY_ENTRIES = 64
@@ -40,8 +40,9 @@ class Prepared:
 
     sha256: str
     imports: frozenset[str]
-    pre: wasmtime.InstancePre
+    pre: wasmtime.InstancePre | None  # None when the module cannot be linked (see link_error)
     module: wasmtime.Module
+    link_error: str | None = None
 
 
 class ModuleCache:
@@ -106,7 +107,8 @@ class ModuleCache:
                 wasmtime.Module.validate(engine, data)
                 module = wasmtime.Module(engine, data)
             except wasmtime.WasmtimeError as exc:
-                raise ModuleRejected(f"not a valid WebAssembly module: {_first_line(exc)}") from exc
+                reason = first_line(str(exc))
+                raise ModuleRejected(f"not a valid WebAssembly module: {reason}") from exc
             self._to_disk(digest, module)
         imports = frozenset(f"{i.module}.{i.name}" for i in module.imports)
         exports = {e.name for e in module.exports}
@@ -115,7 +117,8 @@ class ModuleCache:
         try:
             pre = self._handle.linker.instantiate_pre(module)
         except wasmtime.WasmtimeError as exc:
-            raise ModuleRejected(f"the module cannot be linked: {_first_line(exc)}") from exc
+            # Kept, not raised: the policy's import check names the culprit more precisely.
+            return Prepared(digest, imports, None, module, first_line(str(exc)))
         return Prepared(sha256=digest, imports=imports, pre=pre, module=module)
 
     def _path(self, digest: str) -> Path | None:
@@ -154,20 +157,26 @@ class ModuleCache:
         """Drop the in-memory entries (the disk cache stays)."""
         with self._lock:
             for prepared in self._prepared.values():
-                prepared.pre.close()
+                if prepared.pre is not None:
+                    prepared.pre.close()
                 prepared.module.close()
             self._prepared.clear()
             self._digests.clear()
 
 
-def check_imports(prepared: Prepared, allowed: frozenset[str]) -> None:
-    """Raise `PolicyViolation` naming every import the policy does not allow."""
+def check_imports(prepared: Prepared, allowed: frozenset[str]) -> wasmtime.InstancePre:
+    """The module's InstancePre once its imports pass the policy.
+
+    Raises `PolicyViolation` naming every import the policy does not allow, and
+    `ModuleRejected` for a module whose allowed imports still cannot be linked.
+    """
     forbidden = sorted(prepared.imports - allowed)
     if forbidden:
         raise PolicyViolation(
             "wasi.allowed_imports", f"the module imports {', '.join(forbidden)}"
         )
+    if prepared.pre is None:
+        raise ModuleRejected(f"the module cannot be linked: {prepared.link_error}")
+    return prepared.pre
 
 
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

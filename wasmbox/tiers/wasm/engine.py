@@ -131,11 +131,12 @@ class Watchdog:
         """Arm the watchdog on `store`; it is dropped when the store is deleted."""
         ident = next(_IDS)
         _WATCHDOGS[ident] = self
-        ffi.wasmtime_store_epoch_deadline_callback(store.ptr(), _on_tick, ident, _on_drop)
+        ffi.wasmtime_store_epoch_deadline_callback(
+            store.ptr(), _ON_TICK, ident, _ON_DROP
+        )
         store.set_epoch_deadline(1)
 
 
-@_CALLBACK
 def _on_tick(
     _ctx: object, data: int | None, delta: ctypes._Pointer[ctypes.c_uint64],
     kind: ctypes._Pointer[ctypes.c_uint8],
@@ -155,6 +156,18 @@ def _on_tick(
     return ctypes.cast(error, ctypes.c_void_p).value or 0
 
 
-@_FINALIZER
 def _on_drop(data: int | None) -> None:
     _WATCHDOGS.pop(data or 0, None)
+
+
+# Module-level references keep the C trampolines alive for as long as any store may call them.
+_ON_TICK = _CALLBACK(_on_tick)
+_ON_DROP = _FINALIZER(_on_drop)
+
+
+def first_line(text: str) -> str:
+    """The cause of a wasmtime error: the line after 'Caused by:', else the first line."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if "Caused by:" in lines and lines.index("Caused by:") + 1 < len(lines):
+        return lines[lines.index("Caused by:") + 1].lstrip("0123456789: ")
+    return lines[0] if lines else "unknown error"

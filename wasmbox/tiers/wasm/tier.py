@@ -11,11 +11,17 @@ import wasmtime
 
 from wasmbox.errors import ConfigError, HostFailure
 from wasmbox.lifecycle import Closeable, Deadline
-from wasmbox.models import Status, TaskKind, TierName
+from wasmbox.models import MiB, Status, TaskKind, TierName
 from wasmbox.policy import Plan
 from wasmbox.tiers.base import Availability, Outcome
-from wasmbox.tiers.wasm.cache import ModuleCache, Prepared, check_imports, default_cache_dir
-from wasmbox.tiers.wasm.engine import WASMTIME_VERSION, EngineHandle, Flavour, Watchdog
+from wasmbox.tiers.wasm.cache import ModuleCache, check_imports, default_cache_dir
+from wasmbox.tiers.wasm.engine import (
+    WASMTIME_VERSION,
+    EngineHandle,
+    Flavour,
+    Watchdog,
+    first_line,
+)
 from wasmbox.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -46,7 +52,7 @@ class WasmTier(Closeable):
             self.name, True, "in-process wasmtime", {"wasmtime": WASMTIME_VERSION}
         )
 
-    def prepare(self, plan: Plan) -> tuple[EngineHandle, Prepared]:
+    def prepare(self, plan: Plan) -> tuple[EngineHandle, wasmtime.InstancePre]:
         """Validate, compile (or load from cache) and pre-link the plan's module."""
         self._ensure_open()
         handle, cache = self._engine_for(Flavour(fuel=plan.fuel is not None, stack=plan.stack))
@@ -56,18 +62,17 @@ class WasmTier(Closeable):
         else:
             assert task.module_bytes is not None  # guaranteed by Task validation
             prepared = cache.load_bytes(task.module_bytes, task.sha256)
-        check_imports(prepared, plan.allowed_imports)
-        return handle, prepared
+        return handle, check_imports(prepared, plan.allowed_imports)
 
     def run(self, plan: Plan, workspace: Workspace, deadline: Deadline) -> Outcome:
         """Run the module's ``_start`` in a fresh Store; the Store is gone when this returns."""
         if plan.task.kind is TaskKind.PYTHON:
             return self._python_runtime().run(plan, workspace, deadline)
         t0 = time.perf_counter()
-        handle, prepared = self.prepare(plan)
+        handle, pre = self.prepare(plan)
         store = wasmtime.Store(handle.engine)
         try:
-            return _execute(plan, workspace, deadline, handle, prepared, store, t0)
+            return _execute(plan, workspace, deadline, handle, pre, store, t0)
         finally:
             store.close()
 
@@ -111,7 +116,7 @@ def _execute(
     workspace: Workspace,
     deadline: Deadline,
     handle: EngineHandle,
-    prepared: Prepared,
+    pre: wasmtime.InstancePre,
     store: wasmtime.Store,
     t0: float,
 ) -> Outcome:
@@ -133,7 +138,7 @@ def _execute(
     outcome = Outcome(status=Status.COMPLETED, exit_code=0)
     instance = exports = None
     try:
-        instance = prepared.pre.instantiate(store)
+        instance = pre.instantiate(store)
         exports = instance.exports(store)
         start = exports["_start"]
         assert isinstance(start, wasmtime.Func)
@@ -151,7 +156,7 @@ def _execute(
     except wasmtime.Trap as exc:
         outcome.exit_code = None
         outcome.status, outcome.trap = _classify_trap(exc)
-        outcome.reason = _first_line(exc.message)
+        outcome.reason = first_line(exc.message)
     except wasmtime.WasmtimeError as exc:
         outcome.exit_code = None
         outcome.status, outcome.reason = _classify_error(exc, watchdog, instance is None, plan)
@@ -168,7 +173,9 @@ def _execute(
             outcome.peak_memory_bytes = memory.data_len(store)
     if outcome.status in (Status.FAILED, Status.CRASHED) and _at_memory_cap(outcome, plan):
         outcome.status = Status.MEMORY_EXCEEDED
-        outcome.reason = f"linear memory reached the {plan.memory} byte cap"
+        outcome.reason = (
+            f"linear memory reached {outcome.peak_memory_bytes} of its {plan.memory} byte cap"
+        )
     outcome.stdout, outcome.stdout_truncated = workspace.read_stream(
         workspace.stdout_path, plan.stdout_bytes
     )
@@ -224,9 +231,12 @@ def _classify_trap(exc: wasmtime.Trap) -> tuple[Status, str]:
 def _classify_error(
     exc: wasmtime.WasmtimeError, watchdog: Watchdog, instantiating: bool, plan: Plan
 ) -> tuple[Status, str]:
-    message = _first_line(str(exc))
+    message = first_line(str(exc))
     if watchdog.tripped is not None:
         return Status.TIMEOUT, watchdog.tripped
+    if "invalid exit status" in message:
+        # WASI proc_exit outside [0, 126) is refused by wasmtime rather than reported.
+        return Status.FAILED, message
     if instantiating:
         if "memory" in message or "limit" in message:
             return Status.MEMORY_EXCEEDED, f"instantiation needs more than {plan.memory} bytes"
@@ -235,13 +245,12 @@ def _classify_error(
 
 
 def _at_memory_cap(outcome: Outcome, plan: Plan) -> bool:
-    # wasmtime refuses memory.grow past the store limit without a trap; the guest sees
-    # malloc fail and dies its own way. A failed run whose memory is within a page of the
-    # cap is the memory cap's doing.
+    # wasmtime refuses memory.grow past the store limit without a trap (and wasmtime-py has no
+    # limiter callback to observe it); the guest sees malloc fail and dies its own way. A
+    # failed run whose memory got within one allocator step (a page, up to 4 MiB) of the cap
+    # is the cap's doing.
     peak = outcome.peak_memory_bytes
-    return peak is not None and peak + WASM_PAGE > plan.memory
+    margin = max(WASM_PAGE, min(4 * MiB, plan.memory // 8))
+    return peak is not None and peak + margin > plan.memory
 
 
-def _first_line(text: str) -> str:
-    text = text.strip()
-    return text.splitlines()[0] if text else "unknown error"

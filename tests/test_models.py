@@ -1,0 +1,107 @@
+"""Models: parsing of sizes and durations, policy files, contradictions, task shapes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from wasmbox import ConfigError, Policy, Resources, Task, TierName
+from wasmbox.models import MiB, parse_duration, parse_size
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("64M", 64 * MiB), ("64MiB", 64 * MiB), ("64MB", 64_000_000), ("1k", 1024), ("512", 512)],
+)
+def test_sizes_accept_binary_and_decimal_units(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("250ms", 0.25), ("5s", 5.0), ("2m", 120.0), ("3", 3.0)]
+)
+def test_durations_accept_units(text: str, expected: float) -> None:
+    assert parse_duration(text) == pytest.approx(expected)
+
+
+def test_a_garbage_size_is_rejected_with_a_hint() -> None:
+    with pytest.raises(ValidationError, match="not a size"):
+        Resources(memory="lots")
+
+
+def test_policy_loads_from_toml(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text(
+        'name = "strict"\n[limits]\nmemory = "32MiB"\nfuel = 1000000\n'
+        '[timeouts]\nrun = "2s"\n[output]\ndeny_patterns = ["SECRET-[0-9]+"]\n'
+    )
+    policy = Policy.from_toml(path)
+    assert policy.name == "strict"
+    assert policy.limits.memory == 32 * MiB
+    assert policy.timeouts.run == 2.0
+    assert policy.output.deny_patterns == ("SECRET-[0-9]+",)
+
+
+def test_a_misspelt_policy_field_is_an_error_naming_it() -> None:
+    with pytest.raises(ConfigError, match=r"limits\.memroy"):
+        Policy.from_toml_text("[limits]\nmemroy = 1\n")
+
+
+def test_invalid_toml_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        Policy.from_toml_text("[limits\n")
+
+
+def test_a_missing_policy_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read policy"):
+        Policy.from_toml(tmp_path / "absent.toml")
+
+
+def test_unbounded_fuel_needs_an_explicit_opt_in() -> None:
+    with pytest.raises(ValidationError, match="allow_unbounded"):
+        Policy.model_validate({"limits": {"fuel": None}})
+    assert Policy.model_validate({"limits": {"fuel": None}, "allow_unbounded": True})
+
+
+def test_unbounded_run_time_needs_an_explicit_opt_in() -> None:
+    with pytest.raises(ValidationError, match="allow_unbounded"):
+        Policy.model_validate({"timeouts": {"run": None}})
+
+
+def test_min_isolation_above_every_allowed_tier_is_a_contradiction() -> None:
+    with pytest.raises(ValidationError, match="excludes every allowed tier"):
+        Policy(allowed_tiers=frozenset({TierName.WASM}), min_isolation=TierName.VM)
+
+
+def test_per_file_cap_above_total_cap_is_a_contradiction() -> None:
+    with pytest.raises(ValidationError, match="max_file_bytes"):
+        Policy.model_validate({"output": {"max_file_bytes": 10, "max_total_bytes": 5}})
+
+
+def test_a_bad_deny_regex_is_rejected() -> None:
+    with pytest.raises(ValidationError, match="not a regex"):
+        Policy.model_validate({"output": {"deny_patterns": ["("]}})
+
+
+@pytest.mark.parametrize("mount", ["/task", "/task/output", "relative", "/a/../b", "/"])
+def test_mounts_cannot_shadow_the_task_dir_or_escape(mount: str) -> None:
+    with pytest.raises(ValidationError):
+        Policy.model_validate({"filesystem": {"readonly": {mount: "/usr"}}})
+
+
+def test_a_wasm_task_needs_exactly_one_module() -> None:
+    with pytest.raises(ValidationError, match="exactly one"):
+        Task(kind="wasm")
+
+
+def test_task_python_reads_a_path(tmp_path: Path) -> None:
+    script = tmp_path / "t.py"
+    script.write_text("def main(i):\n    return i\n")
+    assert Task.python(script).source == script.read_text()
+    assert Task.python("print(1)").source == "print(1)"
+
+
+def test_command_tasks_default_to_the_container_tier() -> None:
+    assert Task.command(["true"]).tier is TierName.CONTAINER

@@ -1,0 +1,119 @@
+"""Policy application: clamping, tier resolution and the rules that reject."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from wasmbox import Policy, PolicyViolation, Resources, Task, TierName, apply
+from wasmbox.models import Limits, NetworkPolicy, TimeoutPolicy, WasiPolicy
+
+MODULE = b"\0asm\1\0\0\0"
+
+
+def test_requests_above_the_maxima_are_clamped() -> None:
+    policy = Policy(limits=Limits(memory="64M", fuel=1000), timeouts=TimeoutPolicy(run=2))
+    request = Resources(memory="1G", fuel=10**9, timeout=60)
+    plan = apply(policy, Task.wasm(MODULE, resources=request))
+    assert (plan.memory, plan.fuel, plan.timeout) == (64 << 20, 1000, 2)
+
+
+def test_requests_below_the_maxima_are_kept() -> None:
+    plan = apply(Policy(), Task.wasm(MODULE, resources=Resources(memory="8M", timeout="100ms")))
+    assert plan.memory == 8 << 20
+    assert plan.timeout == pytest.approx(0.1)
+
+
+def test_unset_requests_take_the_maxima() -> None:
+    policy = Policy()
+    plan = apply(policy, Task.wasm(MODULE))
+    assert plan.memory == policy.limits.memory
+    assert plan.fuel == policy.limits.fuel
+
+
+def test_a_smaller_output_request_lowers_the_output_caps() -> None:
+    plan = apply(Policy(), Task.wasm(MODULE, resources=Resources(output_bytes=1000)))
+    assert plan.output.max_total_bytes == 1000
+    assert plan.output.max_file_bytes == 1000
+
+
+@given(
+    request=st.integers(min_value=1, max_value=2**40),
+    maximum=st.integers(min_value=1, max_value=2**40),
+    fuel=st.integers(min_value=1, max_value=2**62),
+    max_fuel=st.integers(min_value=1, max_value=2**62),
+    timeout=st.floats(min_value=1e-3, max_value=1e6),
+    max_timeout=st.floats(min_value=1e-3, max_value=1e6),
+)
+def test_clamping_never_exceeds_a_maximum(
+    request: int, maximum: int, fuel: int, max_fuel: int, timeout: float, max_timeout: float
+) -> None:
+    policy = Policy(limits=Limits(memory=maximum, fuel=max_fuel),
+                    timeouts=TimeoutPolicy(run=max_timeout))
+    task = Task.wasm(MODULE, resources=Resources(memory=request, fuel=fuel, timeout=timeout))
+    plan = apply(policy, task)
+    assert plan.memory <= maximum and plan.memory == min(request, maximum)
+    assert plan.fuel is not None and plan.fuel <= max_fuel
+    assert plan.timeout is not None and plan.timeout <= max_timeout
+
+
+def test_network_is_refused_unless_the_policy_enables_it() -> None:
+    with pytest.raises(PolicyViolation) as info:
+        apply(Policy(), Task.command(["true"], network=True))
+    assert info.value.rule == "network.enabled"
+    assert apply(Policy(network=NetworkPolicy(enabled=True)), Task.command(["true"], network=True))
+
+
+def test_a_forbidden_tier_names_the_rule() -> None:
+    policy = Policy(allowed_tiers=frozenset({TierName.WASM}))
+    with pytest.raises(PolicyViolation) as info:
+        apply(policy, Task.command(["true"]))
+    assert info.value.rule == "allowed_tiers"
+
+
+def test_a_tier_below_min_isolation_is_refused() -> None:
+    policy = Policy(min_isolation=TierName.CONTAINER)
+    with pytest.raises(PolicyViolation) as info:
+        apply(policy, Task.python("print(1)", tier="wasm"))
+    assert info.value.rule == "min_isolation"
+
+
+def test_auto_picks_the_lightest_tier_that_runs_the_kind() -> None:
+    assert apply(Policy(), Task.python("x = 1")).tier is TierName.WASM
+    assert apply(Policy(), Task.command(["true"], tier="auto")).tier is TierName.CONTAINER
+    vm_only = Policy(min_isolation=TierName.VM)
+    assert apply(vm_only, Task.python("x = 1")).tier is TierName.VM
+
+
+def test_a_wasm_module_cannot_go_to_the_container_tier() -> None:
+    with pytest.raises(PolicyViolation) as info:
+        apply(Policy(), Task.wasm(MODULE, tier="container"))
+    assert info.value.rule == "tier"
+
+
+def test_env_names_outside_the_allowlist_are_refused() -> None:
+    policy = Policy(wasi=WasiPolicy(env_allow=("APP_*",)))
+    assert apply(policy, Task.wasm(MODULE, env={"APP_MODE": "x"})).env == {"APP_MODE": "x"}
+    with pytest.raises(PolicyViolation) as info:
+        apply(policy, Task.wasm(MODULE, env={"LD_PRELOAD": "x"}))
+    assert info.value.rule == "wasi.env_allow"
+
+
+def test_policy_env_is_injected_and_wins() -> None:
+    policy = Policy(wasi=WasiPolicy(env={"MODE": "policy"}))
+    assert apply(policy, Task.wasm(MODULE, env={"MODE": "task"})).env == {"MODE": "policy"}
+
+
+def test_oversized_args_are_refused() -> None:
+    policy = Policy(limits=Limits(args_bytes=100))
+    with pytest.raises(PolicyViolation) as info:
+        apply(policy, Task.wasm(MODULE, args=("x" * 200,)))
+    assert info.value.rule == "limits.args_bytes"
+
+
+def test_an_unpinned_module_is_refused_when_pins_are_required() -> None:
+    policy = Policy(wasi=WasiPolicy(require_sha256=True))
+    with pytest.raises(PolicyViolation) as info:
+        apply(policy, Task.wasm(MODULE))
+    assert info.value.rule == "wasi.require_sha256"

@@ -1,0 +1,7 @@
+"""``python -m wasmbox`` is the ``wasmbox`` command."""
+
+import sys
+
+from wasmbox.cli import main
+
+sys.exit(main())
