@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -28,6 +31,26 @@ def guests() -> dict[str, Path]:
     except RuntimeError as exc:
         pytest.skip(f"no WASI C compiler: {exc}")
     return build(GUEST_OUT)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_workspace_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Workspaces of this session in a directory of their own, so leak checks see only ours."""
+    root = Path(tempfile.mkdtemp(prefix="wasmbox-tests-", dir=_memory_dir()))
+    previous = os.environ.get("WASMBOX_TMPDIR")
+    os.environ["WASMBOX_TMPDIR"] = str(root)
+    try:
+        yield root
+    finally:
+        if previous is None:
+            os.environ.pop("WASMBOX_TMPDIR", None)
+        else:
+            os.environ["WASMBOX_TMPDIR"] = previous
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _memory_dir() -> str | None:
+    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 
 
 @pytest.fixture(scope="session")

@@ -185,3 +185,19 @@ def test_no_collected_path_escapes_the_output_dir(tmp_path: Path, paths: list[li
             assert not rel.startswith("/")
             assert ".." not in rel.split("/")
             assert (root / rel).resolve().is_relative_to(root.resolve())
+
+
+def test_workspaces_of_dead_processes_are_reclaimed(tmp_path: Path) -> None:
+    import subprocess
+
+    from wasmbox.workspace import reclaim_stale
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    stale = tmp_path / f"{PREFIX}{proc.pid}-abc"
+    (stale / "task").mkdir(parents=True)
+    live = tmp_path / f"{PREFIX}{os.getpid()}-xyz"
+    live.mkdir()
+    assert reclaim_stale(tmp_path) == [str(stale)]
+    assert not stale.exists()
+    assert live.exists()

@@ -15,7 +15,7 @@ from wasmbox.lifecycle import Closeable, Deadline, shielded
 from wasmbox.models import ISOLATION_ORDER, Metrics, Policy, Result, Status, Task, TierName
 from wasmbox.policy import Plan, apply
 from wasmbox.tiers.base import Availability, Outcome, Tier, tier_factory
-from wasmbox.workspace import Collected, Workspace, filter_stream
+from wasmbox.workspace import Collected, Workspace, filter_stream, reclaim_stale
 
 # Statuses after which outputs are still collected and checked (the guest ran to its end).
 _COLLECTED = (Status.COMPLETED, Status.FAILED)
@@ -40,6 +40,7 @@ class Sandbox(Closeable):
         self._tiers: dict[TierName, Tier] = {}
         self._availability: dict[TierName, Availability] = {}
         self._lock = threading.Lock()
+        _reclaim_once(workspace_root)
 
     def run(self, task: Task) -> Result:
         """Run one task to completion and return its `Result`.
@@ -148,6 +149,16 @@ class Sandbox(Closeable):
             tiers, self._tiers = self._tiers, {}
         for tier in tiers.values():
             tier.close()
+
+
+_RECLAIMED: set[Path | None] = set()
+
+
+def _reclaim_once(root: Path | None) -> None:
+    # Workspaces of killed processes are reclaimed the first time a sandbox uses their root.
+    if root not in _RECLAIMED:
+        _RECLAIMED.add(root)
+        reclaim_stale(root)
 
 
 def _collect(plan: Plan, workspace: Workspace, outcome: Outcome) -> Collected:

@@ -12,6 +12,7 @@ first cap that trips: the reason becomes the run's OUTPUT_REJECTED status.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -51,6 +52,39 @@ def workspace_root() -> Path:
 _SHM = "/dev/shm"
 
 
+def _own_prefix() -> str:
+    # The owner's pid in the name lets a later process reclaim what a killed one left.
+    return f"{PREFIX}{os.getpid()}-"
+
+
+def reclaim_stale(root: Path | None = None) -> list[str]:
+    """Remove workspaces whose owning process is gone; returns their paths."""
+    reclaimed = []
+    base = root or workspace_root()
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return reclaimed
+    for entry in entries:
+        owner = entry.name[len(PREFIX):].split("-", 1)[0]
+        if not entry.name.startswith(PREFIX) or not owner.isdigit() or _alive(int(owner)):
+            continue
+        with contextlib.suppress(OSError):
+            remove_tree(entry.path)
+            reclaimed.append(entry.path)
+    return reclaimed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def encode_input(plan: Plan) -> bytes:
     """The task input as JSON bytes, checked against the size cap and the input schema."""
     task = plan.task
@@ -87,7 +121,7 @@ class Workspace(Closeable):
         data = encode_input(plan)
         self.plan = plan
         # Plain strings, not Paths: pathlib costs tens of microseconds per run here.
-        self.path = tempfile.mkdtemp(prefix=PREFIX, dir=root or workspace_root())
+        self.path = tempfile.mkdtemp(prefix=_own_prefix(), dir=root or workspace_root())
         try:
             self.task_dir = self.path + "/task"
             self.output_dir = self.task_dir + "/output"
