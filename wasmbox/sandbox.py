@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,6 +43,7 @@ class Sandbox(Closeable):
         self._availability: dict[TierName, Availability] = {}
         self._lock = threading.Lock()
         _reclaim_once(workspace_root)
+        _LIVE.add(self)
 
     def run(self, task: Task) -> Result:
         """Run one task to completion and return its `Result`.
@@ -152,6 +155,15 @@ class Sandbox(Closeable):
 
 
 _RECLAIMED: set[Path | None] = set()
+# Sandboxes still open at interpreter exit are closed then: native handles (engines, stores,
+# runtimes) dropped during interpreter teardown can make wasmtime's runtime panic.
+_LIVE: weakref.WeakSet[Sandbox] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_sandboxes() -> None:
+    for sandbox in list(_LIVE):
+        sandbox.close()
 
 
 def _reclaim_once(root: Path | None) -> None:
