@@ -59,7 +59,7 @@ def _own_prefix() -> str:
 
 def reclaim_stale(root: Path | None = None) -> list[str]:
     """Remove workspaces whose owning process is gone; returns their paths."""
-    reclaimed = []
+    reclaimed: list[str] = []
     base = root or workspace_root()
     try:
         entries = list(os.scandir(base))

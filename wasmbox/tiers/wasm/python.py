@@ -1,0 +1,464 @@
+"""Python tasks in the wasm tier: CPython compiled to WASI, pre-initialised, one instance a task.
+
+The interpreter is a WebAssembly component built by the pinned PyPI package componentize-py
+from ``python_app/`` (the guest-side runner; see its docstring). It is built once (~5-8 s),
+compiled once, and both artefacts are cached on disk, keyed by the componentize-py version, a
+hash of the app sources, the wasmtime version and the engine flags. Per task there is a fresh
+Store under the plan's fuel, epoch deadline, memory cap and preopens (exactly ``/task``
+read-only and ``/task/output`` writable, plus the policy's mounts), a fresh instance of the
+snapshot, and one call ``run(source, filename, entry, input, paths)``: no task state survives.
+
+What a task can import: the standard library modules pre-loaded in the snapshot (json, re,
+math, hashlib, datetime, decimal, collections, itertools, dataclasses, functools, statistics,
+random, typing, fractions, heapq, bisect, ...) and the pure-Python packages listed in
+``policy.python.packages``, mounted read-only under ``/python/N``. Anything else fails with a
+ModuleNotFoundError that says so. **C extensions are not supported in this tier** (a wheel
+with compiled code cannot load in WASI): run such tasks in the container tier.
+
+Known limit: a blocking WASI call cannot be interrupted by the epoch deadline. The guest's
+``time.sleep`` sleeps in short slices so the deadline still applies to it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import wasmtime
+from wasmtime import component
+
+from wasmbox.errors import ConfigError, HostFailure
+from wasmbox.lifecycle import Closeable, Deadline
+from wasmbox.models import Status, TierName
+from wasmbox.policy import Plan
+from wasmbox.tiers.base import Availability, Outcome
+from wasmbox.tiers.wasm import python_app
+from wasmbox.tiers.wasm.engine import WASMTIME_VERSION, EngineHandle, Flavour, Watchdog
+from wasmbox.workspace import RESULT_FILE, Workspace
+
+COMPONENTIZE_PY = "0.25.1"
+APP_DIR = Path(python_app.__file__).parent
+PACKAGES_ROOT = "/python"
+BUILD_TIMEOUT = 300.0
+TASK_FILENAME = "<task>"
+# The snapshot instantiates a handful of core modules (interpreter, libc, adapters): the
+# task cannot create instances itself, so the runtime's own need is the floor.
+_MIN_INSTANCES = 32
+_REASON_CHARS = 500
+_BUILD_SCRIPT = (
+    "import sys, componentize_py; sys.argv = ['componentize-py', *sys.argv[1:]]; "
+    "sys.exit(componentize_py.script())"
+)
+
+
+def app_key() -> str:
+    """Names the component: componentize-py version plus a hash of every guest-side source."""
+    digest = hashlib.sha256(f"componentize-py {COMPONENTIZE_PY}\n".encode())
+    for path in sorted(APP_DIR.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return f"python-{COMPONENTIZE_PY}-{digest.hexdigest()[:16]}"
+
+
+def build_component(out: Path) -> None:
+    """Build the interpreter component into `out` (atomically); raises `HostFailure`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".build-", dir=out.parent) as tmp:
+        wit = Path(tmp) / "world.wit"
+        wit.write_text(python_app.WORLD, encoding="utf-8")
+        target = Path(tmp) / "python.wasm"
+        argv = [sys.executable, "-c", _BUILD_SCRIPT, "-q", "-d", str(wit),
+                "-w", python_app.WORLD_NAME, "componentize", "-p", str(APP_DIR), "app",
+                "-o", str(target)]
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=BUILD_TIMEOUT,
+                                  cwd=tmp, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise HostFailure(f"componentize-py could not build the interpreter: {exc}") from exc
+        if done.returncode != 0 or not target.exists():
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise HostFailure(f"componentize-py failed ({done.returncode}): {tail}")
+        os.replace(target, out)
+
+
+@dataclass(frozen=True)
+class _Interpreter:
+    handle: EngineHandle
+    component: component.Component
+    linker: component.Linker
+
+
+class PythonRuntime(Closeable):
+    """Runs Python source in a pre-initialised CPython component. Thread-safe."""
+
+    def __init__(self, cache_dir: Path | None) -> None:
+        self._cache_dir = cache_dir
+        self._scratch: Path | None = None  # our own dir when there is no disk cache
+        self._interpreters: dict[Flavour, _Interpreter] = {}
+        self._wheels: dict[Path, Path] = {}
+        self._lock = threading.Lock()
+
+    def availability(self) -> Availability:
+        """Available when the pinned componentize-py is installed; never raises."""
+        try:
+            found = version("componentize-py")
+        except PackageNotFoundError:
+            return Availability(TierName.WASM, False, "componentize-py is not installed")
+        if found != COMPONENTIZE_PY:
+            return Availability(TierName.WASM, False,
+                                f"componentize-py {found} is installed, {COMPONENTIZE_PY} needed")
+        return Availability(TierName.WASM, True, "CPython component (componentize-py)",
+                            {"componentize-py": found, "wasmtime": WASMTIME_VERSION})
+
+    def prepare(self, flavour: Flavour) -> _Interpreter:
+        """The compiled interpreter for `flavour`: built, compiled and cached on first use."""
+        found = self._interpreters.get(flavour)
+        if found is not None:
+            return found
+        with self._lock:
+            self._ensure_open()
+            found = self._interpreters.get(flavour)
+            if found is None:
+                found = self._load(flavour)
+                self._interpreters[flavour] = found
+        return found
+
+    def run(self, plan: Plan, workspace: Workspace, deadline: Deadline) -> Outcome:
+        """Run the plan's Python source; guest faults come back as statuses."""
+        t0 = time.perf_counter()
+        ready = Flavour(fuel=plan.fuel is not None, stack=plan.stack) in self._interpreters
+        interp = self.prepare(Flavour(fuel=plan.fuel is not None, stack=plan.stack))
+        if not ready:
+            # Building and compiling the interpreter (seconds, once per cache) is the host's
+            # cost, not the task's: its deadline starts when the interpreter is ready.
+            deadline = _shifted(deadline, time.perf_counter() - t0)
+        paths, mounts = self._packages(plan)
+        with open(workspace.input_path, encoding="utf-8") as f:
+            payload = f.read()
+        store = wasmtime.Store(interp.handle.engine)
+        try:
+            return _execute(plan, workspace, deadline, interp, store, payload, paths, mounts, t0)
+        finally:
+            store.close()
+
+    def _load(self, flavour: Flavour) -> _Interpreter:
+        directory = self._cache_dir if self._cache_dir is not None else self._scratch_dir()
+        key = app_key()
+        source = directory / f"{key}.wasm"
+        compiled = directory / f"{key}-{flavour.key}.cwasm"
+        handle = EngineHandle(flavour)
+        try:
+            comp = _deserialize(handle.engine, compiled)
+            if comp is None:
+                with _file_lock(directory / f"{key}.lock"):
+                    comp = _deserialize(handle.engine, compiled)
+                    if comp is None:
+                        if not source.exists():
+                            build_component(source)
+                        comp = component.Component.from_file(handle.engine, str(source))
+                        _write_atomic(compiled, comp.serialize())
+            linker = component.Linker(handle.engine)
+            linker.add_wasip2()
+        except BaseException:
+            handle.close()
+            raise
+        return _Interpreter(handle, comp, linker)
+
+    def _scratch_dir(self) -> Path:
+        if self._scratch is None:
+            self._scratch = Path(tempfile.mkdtemp(prefix="wasmbox-python-"))
+        return self._scratch
+
+    def _packages(self, plan: Plan) -> tuple[list[str], dict[str, Path]]:
+        """sys.path entries and read-only mounts for the policy's packages."""
+        paths: list[str] = []
+        mounts: dict[str, Path] = {}
+        for i, package in enumerate(plan.policy.python.packages):
+            guest = f"{PACKAGES_ROOT}/{i}"
+            host = Path(package)
+            if host.is_file() and host.suffix == ".whl":
+                host = self._unpacked(host)
+            elif not host.is_dir():
+                raise ConfigError(f"python.packages: {package} is not a directory or a .whl")
+            if (host / "__init__.py").exists():
+                # A package directory itself: mount it under its own name, so only it is seen.
+                mounts[f"{guest}/{host.name}"] = host
+                paths.append(f"{host.name}={guest}/{host.name}")
+            else:
+                mounts[guest] = host
+                paths.append(guest)
+        return paths, mounts
+
+    def _unpacked(self, wheel: Path) -> Path:
+        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()[:24]
+        with self._lock:
+            found = self._wheels.get(wheel)
+            if found is not None and found.name == digest:
+                return found
+            root = (self._cache_dir or self._scratch_dir()) / "wheels"
+            target = root / digest
+            if not target.exists():
+                _unzip(wheel, root, target)
+            self._wheels[wheel] = target
+            return target
+
+    def _release(self) -> None:
+        with self._lock:
+            for interp in self._interpreters.values():
+                interp.linker.close()
+                interp.component.close()
+                interp.handle.close()
+            self._interpreters.clear()
+            if self._scratch is not None:
+                shutil.rmtree(self._scratch, ignore_errors=True)
+                self._scratch = None
+
+
+def _execute(plan: Plan, workspace: Workspace, deadline: Deadline, interp: _Interpreter,
+             store: wasmtime.Store, payload: str, paths: list[str], mounts: dict[str, Path],
+             t0: float) -> Outcome:
+    store.set_limits(
+        memory_size=plan.memory,
+        table_elements=max(plan.table_elements, 100_000),
+        instances=max(plan.instances, _MIN_INSTANCES),
+        tables=max(plan.instances, _MIN_INSTANCES),
+        memories=max(plan.instances, _MIN_INSTANCES),
+    )
+    if plan.fuel is not None:
+        store.set_fuel(plan.fuel)
+    store.set_wasi(_wasi_config(plan, workspace, mounts))
+    watchdog = Watchdog(lambda: _on_tick(deadline, workspace))
+    watchdog.attach(store)
+    interp.handle.ensure_ticking()
+
+    outcome = Outcome(status=Status.COMPLETED, exit_code=0)
+    verdict = None
+    instantiated = False
+    try:
+        instance = interp.linker.instantiate(store, interp.component)
+        instantiated = True
+        run = instance.get_func(store, "run")
+        if run is None:
+            raise HostFailure("the Python component exports no run function")
+        t1 = time.perf_counter()
+        cpu0 = time.thread_time()
+        outcome.startup_s = t1 - t0
+        try:
+            verdict = run(store, plan.task.source or "", TASK_FILENAME, plan.task.entry,
+                          payload, paths)
+        finally:
+            outcome.run_s = time.perf_counter() - t1
+            outcome.cpu_s = time.thread_time() - cpu0
+    except wasmtime.ExitTrap as exc:  # os._exit() inside the task
+        outcome.exit_code = exc.code
+        outcome.status = Status.COMPLETED if exc.code == 0 else Status.FAILED
+        outcome.reason = None if exc.code == 0 else f"the task exited with code {exc.code}"
+    except wasmtime.Trap as exc:
+        outcome.exit_code = None
+        outcome.status, outcome.trap = _classify_trap(exc)
+        outcome.reason = _first_line(exc.message)
+    except wasmtime.WasmtimeError as exc:
+        outcome.exit_code = None
+        if watchdog.tripped is None:
+            outcome.status, outcome.trap, outcome.reason = _classify_error(exc, instantiated, plan)
+
+    if verdict is not None:
+        _apply_verdict(outcome, verdict, plan, workspace)
+    if watchdog.tripped is not None:
+        outcome.reason = watchdog.tripped
+        outcome.status = Status.TIMEOUT if deadline.expired else Status.OUTPUT_REJECTED
+        outcome.exit_code = None
+    if plan.fuel is not None:
+        outcome.fuel_consumed = plan.fuel - store.get_fuel()
+    outcome.stdout, outcome.stdout_truncated = workspace.read_stream(
+        workspace.stdout_path, plan.stdout_bytes
+    )
+    outcome.stderr, outcome.stderr_truncated = workspace.read_stream(
+        workspace.stderr_path, plan.stderr_bytes
+    )
+    return outcome
+
+
+def _apply_verdict(outcome: Outcome, verdict: component.Record, plan: Plan,
+                   workspace: Workspace) -> None:
+    code: int = verdict.code
+    value: str | None = verdict.value
+    error: str | None = verdict.error
+    outcome.exit_code = code
+    if code != 0:
+        outcome.status = Status.FAILED
+        outcome.reason = (error or f"exit code {code}")[:_REASON_CHARS]
+        if error is not None and error.startswith("MemoryError"):
+            outcome.status = Status.MEMORY_EXCEEDED
+            outcome.reason = f"MemoryError: the task reached its {plan.memory} byte memory cap"
+        return
+    if value is None:
+        return
+    data = value.encode()
+    cap = plan.output.max_file_bytes
+    if len(data) > cap:
+        outcome.status = Status.OUTPUT_REJECTED
+        outcome.reason = f"{RESULT_FILE} exceeds {cap} bytes"
+        return
+    _write_result(os.path.join(workspace.output_dir, RESULT_FILE), data)
+
+
+def _write_result(path: str, data: bytes) -> None:
+    # The guest may have left its own result.json (or a symlink, or a directory): the return
+    # value wins, as in runner.py, and is never written through a link.
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        shutil.rmtree(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _wasi_config(plan: Plan, workspace: Workspace, mounts: dict[str, Path]) -> wasmtime.WasiConfig:
+    wasi = wasmtime.WasiConfig()
+    wasi.argv = ["python"]
+    wasi.env = list(plan.env.items())
+    wasi.stdout_file = workspace.stdout_path
+    wasi.stderr_file = workspace.stderr_path
+    wasi.preopen_dir(workspace.task_dir, "/task", False)
+    wasi.preopen_dir(workspace.output_dir, "/task/output", True)
+    for guest, host in plan.readonly_mounts.items():
+        _preopen(wasi, host, guest, False)
+    for guest, host in plan.writable_mounts.items():
+        _preopen(wasi, host, guest, True)
+    for guest, host in mounts.items():
+        _preopen(wasi, host, guest, False)
+    return wasi
+
+
+def _preopen(wasi: wasmtime.WasiConfig, host: Path, guest: str, writable: bool) -> None:
+    try:
+        wasi.preopen_dir(str(host), guest, writable)
+    except wasmtime.WasmtimeError as exc:
+        raise ConfigError(f"filesystem mount {guest} -> {host} cannot be opened") from exc
+
+
+def _on_tick(deadline: Deadline, workspace: Workspace) -> str | None:
+    if deadline.expired:
+        return "wall-clock deadline passed"
+    return workspace.over_cap()
+
+
+def _classify_trap(exc: wasmtime.Trap) -> tuple[Status, str]:
+    code = exc.trap_code
+    name = code.name.lower() if code is not None else "unknown"
+    if code is wasmtime.TrapCode.OUT_OF_FUEL:
+        return Status.OUT_OF_FUEL, name
+    if code is wasmtime.TrapCode.INTERRUPT:
+        return Status.TIMEOUT, name
+    return Status.CRASHED, name
+
+
+# Component calls report traps as errors whose last line names the cause.
+_TRAP_CAUSES = (
+    ("all fuel consumed", Status.OUT_OF_FUEL, "out_of_fuel"),
+    ("interrupt", Status.TIMEOUT, "interrupt"),
+    ("call stack exhausted", Status.CRASHED, "stack_overflow"),
+)
+
+
+def _classify_error(exc: wasmtime.WasmtimeError, instantiated: bool,
+                    plan: Plan) -> tuple[Status, str | None, str]:
+    message = _first_line(str(exc))
+    if not instantiated:
+        if "memory" in message or "limit" in message:
+            return (Status.MEMORY_EXCEEDED, None,
+                    f"the interpreter needs more than {plan.memory} bytes")
+        raise HostFailure(f"the Python component cannot be instantiated: {message}") from exc
+    cause = _last_line(str(exc))
+    for needle, status, trap in _TRAP_CAUSES:
+        if needle in cause:
+            return status, trap, cause
+    return Status.CRASHED, None, cause
+
+
+def _shifted(deadline: Deadline, seconds: float) -> Deadline:
+    shifted = Deadline(None)
+    shifted.at = deadline.at + seconds
+    return shifted
+
+
+def _deserialize(engine: wasmtime.Engine, path: Path) -> component.Component | None:
+    if not path.exists():
+        return None
+    try:
+        return component.Component.deserialize_file(engine, str(path))
+    except wasmtime.WasmtimeError:
+        path.unlink(missing_ok=True)  # stale or corrupt: compile again
+        return None
+
+
+def _write_atomic(path: Path, data: bytes | bytearray) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class _file_lock:
+    """An exclusive flock, so processes sharing a cache build the interpreter only once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = -1
+
+    def __enter__(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)  # closing drops the lock
+
+
+def _unzip(wheel: Path, root: Path, target: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            for name in zf.namelist():
+                if name.startswith("/") or ".." in Path(name).parts:
+                    raise ConfigError(f"python.packages: {wheel} has an unsafe path {name!r}")
+                if name.endswith((".so", ".pyd", ".dylib")):
+                    raise ConfigError(f"python.packages: {wheel} contains a C extension "
+                                      f"({name}); run it in the container tier")
+            zf.extractall(tmp)
+        os.replace(tmp, target)
+    except (OSError, zipfile.BadZipFile) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(f"python.packages: cannot unpack {wheel}: {exc}") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _last_line(text: str) -> str:
+    text = text.strip()
+    return text.splitlines()[-1].strip() if text else "unknown error"
+
+
+def _first_line(text: str) -> str:
+    text = text.strip()
+    return text.splitlines()[0] if text else "unknown error"
