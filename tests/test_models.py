@@ -105,3 +105,10 @@ def test_task_python_reads_a_path(tmp_path: Path) -> None:
 
 def test_command_tasks_default_to_the_container_tier() -> None:
     assert Task.command(["true"]).tier is TierName.CONTAINER
+
+
+def test_an_unreadable_python_path_is_a_typed_error(tmp_path: Path) -> None:
+    from wasmbox import ModuleRejected
+
+    with pytest.raises(ModuleRejected, match="cannot read Python source"):
+        Task.python(tmp_path / "absent.py")

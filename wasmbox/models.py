@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from wasmbox.errors import ConfigError
+from wasmbox.errors import ConfigError, ModuleRejected
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -166,7 +166,10 @@ class Task(_Model):
     def python(cls, source: str | Path, *, input: JsonValue = None, **fields: Any) -> Task:
         """Python source (or a path to a ``.py`` file); ``main(input)`` is called if defined."""
         if isinstance(source, Path) or (isinstance(source, str) and _looks_like_py_path(source)):
-            source = Path(source).read_text(encoding="utf-8")
+            try:
+                source = Path(source).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ModuleRejected(f"cannot read Python source {source}: {exc}") from exc
         return cls(kind=TaskKind.PYTHON, source=source, input=input, **fields)
 
     @classmethod
