@@ -58,6 +58,7 @@ class Sandbox(Closeable):
         tier, escalated_from = self._choose(plan)
         if escalated_from is not None:
             plan = plan.on_tier(tier.name)
+        tier.prepare(plan)  # one-off costs (compiling, building) are not the task's time
         deadline = Deadline(plan.timeout)
         workspace = Workspace(plan, self._workspace_root)
         try:

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from wasmbox import Policy, Sandbox
-from wasmbox.models import Limits, TierName
+from wasmbox import Policy, Sandbox, Task, apply
+from wasmbox.models import TierName
 from wasmbox.tiers.wasm import WasmTier
-from wasmbox.tiers.wasm.engine import Flavour
 from wasmbox.tiers.wasm.python import PythonRuntime
 
 
@@ -21,11 +20,12 @@ def python_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Skips only when componentize-py itself is missing.
     """
     cache = tmp_path_factory.mktemp("python-cache")
-    with PythonRuntime(cache) as runtime:
-        available = runtime.availability()
-        if not available.ok:
-            pytest.skip(available.reason)
-        runtime.prepare(Flavour(fuel=True, stack=Limits().stack))
+    with WasmTier(cache) as tier:
+        available = PythonRuntime(cache, lambda flavour: tier._engine_for(flavour)[0])
+        report = available.availability()
+        if not report.ok:
+            pytest.skip(report.reason)
+        tier.prepare(apply(Policy(), Task.python("pass")))
     return cache
 
 

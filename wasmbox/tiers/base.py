@@ -53,6 +53,14 @@ class Tier(Protocol):
         """Probe the host; never raises."""
         ...
 
+    def prepare(self, plan: Plan) -> None:
+        """Get ready to run `plan` (compile, build, cache) before its deadline starts.
+
+        Idempotent and cheap once done; raises what a bad task deserves (`ModuleRejected`,
+        `PolicyViolation`) so no workspace is made for it.
+        """
+        ...
+
     def run(self, plan: Plan, workspace: Workspace, deadline: Deadline) -> Outcome:
         """Run the plan's task with its input staged in `workspace`, bounded by `deadline`.
 

@@ -8,9 +8,9 @@ pays for a Store and an instantiation.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -20,6 +20,7 @@ import wasmtime
 
 from wasmbox.errors import ModuleRejected, PolicyViolation
 from wasmbox.tiers.wasm.engine import EngineHandle, first_line
+from wasmbox.tiers.wasm.run import write_atomic
 
 MAX_MODULE_BYTES = 256 * 1024 * 1024
 _MEMORY_ENTRIES = 64
@@ -140,18 +141,9 @@ class ModuleCache:
         path = self._path(digest)
         if path is None:
             return
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".cwasm")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(module.serialize())
-                os.replace(tmp, path)  # atomic: readers never see half a file
-            except BaseException:
-                os.unlink(tmp)
-                raise
-        except OSError:
-            pass  # the cache is an optimisation: a read-only home must not fail the run
+        # The cache is an optimisation: a read-only home must not fail the run.
+        with contextlib.suppress(OSError):
+            write_atomic(path, module.serialize())
 
     def clear(self) -> None:
         """Drop the in-memory entries (the disk cache stays)."""

@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -44,7 +45,8 @@ from wasmbox.models import Status, TierName
 from wasmbox.policy import Plan
 from wasmbox.tiers.base import Availability, Outcome
 from wasmbox.tiers.wasm import python_app
-from wasmbox.tiers.wasm.engine import WASMTIME_VERSION, EngineHandle, Flavour, Watchdog
+from wasmbox.tiers.wasm.engine import WASMTIME_VERSION, EngineHandle, Flavour, first_line
+from wasmbox.tiers.wasm.run import arm, classify_trap, settle, wasi_config, write_atomic
 from wasmbox.workspace import RESULT_FILE, Workspace
 
 COMPONENTIZE_PY = "0.25.1"
@@ -101,8 +103,11 @@ class _Interpreter:
 class PythonRuntime(Closeable):
     """Runs Python source in a pre-initialised CPython component. Thread-safe."""
 
-    def __init__(self, cache_dir: Path | None) -> None:
+    def __init__(
+        self, cache_dir: Path | None, engine_for: Callable[[Flavour], EngineHandle]
+    ) -> None:
         self._cache_dir = cache_dir
+        self._engine_for = engine_for
         self._scratch: Path | None = None  # our own dir when there is no disk cache
         self._interpreters: dict[Flavour, _Interpreter] = {}
         self._wheels: dict[Path, Path] = {}
@@ -136,12 +141,9 @@ class PythonRuntime(Closeable):
     def run(self, plan: Plan, workspace: Workspace, deadline: Deadline) -> Outcome:
         """Run the plan's Python source; guest faults come back as statuses."""
         t0 = time.perf_counter()
-        ready = Flavour(fuel=plan.fuel is not None, stack=plan.stack) in self._interpreters
+        # The Sandbox prepares before the deadline starts: building and compiling the
+        # interpreter (seconds, once per cache) is the host's cost, not the task's.
         interp = self.prepare(Flavour(fuel=plan.fuel is not None, stack=plan.stack))
-        if not ready:
-            # Building and compiling the interpreter (seconds, once per cache) is the host's
-            # cost, not the task's: its deadline starts when the interpreter is ready.
-            deadline = _shifted(deadline, time.perf_counter() - t0)
         paths, mounts = self._packages(plan)
         with open(workspace.input_path, encoding="utf-8") as f:
             payload = f.read()
@@ -156,7 +158,7 @@ class PythonRuntime(Closeable):
         key = app_key()
         source = directory / f"{key}.wasm"
         compiled = directory / f"{key}-{flavour.key}.cwasm"
-        handle = EngineHandle(flavour)
+        handle = self._engine_for(flavour)  # shared with modules: one engine, one ticker
         try:
             comp = _deserialize(handle.engine, compiled)
             if comp is None:
@@ -166,12 +168,11 @@ class PythonRuntime(Closeable):
                         if not source.exists():
                             build_component(source)
                         comp = component.Component.from_file(handle.engine, str(source))
-                        _write_atomic(compiled, comp.serialize())
-            linker = component.Linker(handle.engine)
-            linker.add_wasip2()
-        except BaseException:
-            handle.close()
-            raise
+                        write_atomic(compiled, comp.serialize())
+        except wasmtime.WasmtimeError as exc:
+            raise HostFailure(f"the Python interpreter cannot be compiled: {exc}") from exc
+        linker = component.Linker(handle.engine)
+        linker.add_wasip2()
         return _Interpreter(handle, comp, linker)
 
     def _scratch_dir(self) -> Path:
@@ -216,8 +217,7 @@ class PythonRuntime(Closeable):
         with self._lock:
             for interp in self._interpreters.values():
                 interp.linker.close()
-                interp.component.close()
-                interp.handle.close()
+                interp.component.close()  # engines belong to the WasmTier
             self._interpreters.clear()
             if self._scratch is not None:
                 shutil.rmtree(self._scratch, ignore_errors=True)
@@ -227,19 +227,8 @@ class PythonRuntime(Closeable):
 def _execute(plan: Plan, workspace: Workspace, deadline: Deadline, interp: _Interpreter,
              store: wasmtime.Store, payload: str, paths: list[str], mounts: dict[str, Path],
              t0: float) -> Outcome:
-    store.set_limits(
-        memory_size=plan.memory,
-        table_elements=max(plan.table_elements, 100_000),
-        instances=max(plan.instances, _MIN_INSTANCES),
-        tables=max(plan.instances, _MIN_INSTANCES),
-        memories=max(plan.instances, _MIN_INSTANCES),
-    )
-    if plan.fuel is not None:
-        store.set_fuel(plan.fuel)
-    store.set_wasi(_wasi_config(plan, workspace, mounts))
-    watchdog = Watchdog(lambda: _on_tick(deadline, workspace))
-    watchdog.attach(store)
-    interp.handle.ensure_ticking()
+    store.set_wasi(wasi_config(plan, workspace, ["python"], mounts))
+    watchdog = arm(store, plan, workspace, deadline, interp.handle, min_instances=_MIN_INSTANCES)
 
     outcome = Outcome(status=Status.COMPLETED, exit_code=0)
     verdict = None
@@ -265,8 +254,8 @@ def _execute(plan: Plan, workspace: Workspace, deadline: Deadline, interp: _Inte
         outcome.reason = None if exc.code == 0 else f"the task exited with code {exc.code}"
     except wasmtime.Trap as exc:
         outcome.exit_code = None
-        outcome.status, outcome.trap = _classify_trap(exc)
-        outcome.reason = _first_line(exc.message)
+        outcome.status, outcome.trap = classify_trap(exc)
+        outcome.reason = first_line(exc.message)
     except wasmtime.WasmtimeError as exc:
         outcome.exit_code = None
         if watchdog.tripped is None:
@@ -274,18 +263,7 @@ def _execute(plan: Plan, workspace: Workspace, deadline: Deadline, interp: _Inte
 
     if verdict is not None:
         _apply_verdict(outcome, verdict, plan, workspace)
-    if watchdog.tripped is not None:
-        outcome.reason = watchdog.tripped
-        outcome.status = Status.TIMEOUT if deadline.expired else Status.OUTPUT_REJECTED
-        outcome.exit_code = None
-    if plan.fuel is not None:
-        outcome.fuel_consumed = plan.fuel - store.get_fuel()
-    outcome.stdout, outcome.stdout_truncated = workspace.read_stream(
-        workspace.stdout_path, plan.stdout_bytes
-    )
-    outcome.stderr, outcome.stderr_truncated = workspace.read_stream(
-        workspace.stderr_path, plan.stderr_bytes
-    )
+    settle(outcome, plan, store, workspace, watchdog, deadline)
     return outcome
 
 
@@ -327,46 +305,6 @@ def _write_result(path: str, data: bytes) -> None:
         f.write(data)
 
 
-def _wasi_config(plan: Plan, workspace: Workspace, mounts: dict[str, Path]) -> wasmtime.WasiConfig:
-    wasi = wasmtime.WasiConfig()
-    wasi.argv = ["python"]
-    wasi.env = list(plan.env.items())
-    wasi.stdout_file = workspace.stdout_path
-    wasi.stderr_file = workspace.stderr_path
-    wasi.preopen_dir(workspace.task_dir, "/task", False)
-    wasi.preopen_dir(workspace.output_dir, "/task/output", True)
-    for guest, host in plan.readonly_mounts.items():
-        _preopen(wasi, host, guest, False)
-    for guest, host in plan.writable_mounts.items():
-        _preopen(wasi, host, guest, True)
-    for guest, host in mounts.items():
-        _preopen(wasi, host, guest, False)
-    return wasi
-
-
-def _preopen(wasi: wasmtime.WasiConfig, host: Path, guest: str, writable: bool) -> None:
-    try:
-        wasi.preopen_dir(str(host), guest, writable)
-    except wasmtime.WasmtimeError as exc:
-        raise ConfigError(f"filesystem mount {guest} -> {host} cannot be opened") from exc
-
-
-def _on_tick(deadline: Deadline, workspace: Workspace) -> str | None:
-    if deadline.expired:
-        return "wall-clock deadline passed"
-    return workspace.over_cap()
-
-
-def _classify_trap(exc: wasmtime.Trap) -> tuple[Status, str]:
-    code = exc.trap_code
-    name = code.name.lower() if code is not None else "unknown"
-    if code is wasmtime.TrapCode.OUT_OF_FUEL:
-        return Status.OUT_OF_FUEL, name
-    if code is wasmtime.TrapCode.INTERRUPT:
-        return Status.TIMEOUT, name
-    return Status.CRASHED, name
-
-
 # Component calls report traps as errors whose last line names the cause.
 _TRAP_CAUSES = (
     ("all fuel consumed", Status.OUT_OF_FUEL, "out_of_fuel"),
@@ -377,7 +315,7 @@ _TRAP_CAUSES = (
 
 def _classify_error(exc: wasmtime.WasmtimeError, instantiated: bool,
                     plan: Plan) -> tuple[Status, str | None, str]:
-    message = _first_line(str(exc))
+    message = first_line(str(exc))
     if not instantiated:
         if "memory" in message or "limit" in message:
             return (Status.MEMORY_EXCEEDED, None,
@@ -390,12 +328,6 @@ def _classify_error(exc: wasmtime.WasmtimeError, instantiated: bool,
     return Status.CRASHED, None, cause
 
 
-def _shifted(deadline: Deadline, seconds: float) -> Deadline:
-    shifted = Deadline(None)
-    shifted.at = deadline.at + seconds
-    return shifted
-
-
 def _deserialize(engine: wasmtime.Engine, path: Path) -> component.Component | None:
     if not path.exists():
         return None
@@ -404,17 +336,6 @@ def _deserialize(engine: wasmtime.Engine, path: Path) -> component.Component | N
     except wasmtime.WasmtimeError:
         path.unlink(missing_ok=True)  # stale or corrupt: compile again
         return None
-
-
-def _write_atomic(path: Path, data: bytes | bytearray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 class _file_lock:
@@ -459,6 +380,4 @@ def _last_line(text: str) -> str:
     return text.splitlines()[-1].strip() if text else "unknown error"
 
 
-def _first_line(text: str) -> str:
-    text = text.strip()
-    return text.splitlines()[0] if text else "unknown error"
+

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import wasmtime
 
-from wasmbox.errors import ConfigError, HostFailure
+from wasmbox.errors import HostFailure
 from wasmbox.lifecycle import Closeable, Deadline
 from wasmbox.models import MiB, Status, TaskKind, TierName
 from wasmbox.policy import Plan
@@ -22,6 +22,7 @@ from wasmbox.tiers.wasm.engine import (
     Watchdog,
     first_line,
 )
+from wasmbox.tiers.wasm.run import arm, classify_trap, settle, wasi_config
 from wasmbox.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -52,8 +53,14 @@ class WasmTier(Closeable):
             self.name, True, "in-process wasmtime", {"wasmtime": WASMTIME_VERSION}
         )
 
-    def prepare(self, plan: Plan) -> tuple[EngineHandle, wasmtime.InstancePre]:
-        """Validate, compile (or load from cache) and pre-link the plan's module."""
+    def prepare(self, plan: Plan) -> None:
+        """Validate, compile (or load from cache) and pre-link the plan's code."""
+        if plan.task.kind is TaskKind.PYTHON:
+            self._python_runtime().prepare(Flavour(fuel=plan.fuel is not None, stack=plan.stack))
+        else:
+            self._prepared(plan)
+
+    def _prepared(self, plan: Plan) -> tuple[EngineHandle, wasmtime.InstancePre]:
         self._ensure_open()
         handle, cache = self._engine_for(Flavour(fuel=plan.fuel is not None, stack=plan.stack))
         task = plan.task
@@ -69,7 +76,7 @@ class WasmTier(Closeable):
         if plan.task.kind is TaskKind.PYTHON:
             return self._python_runtime().run(plan, workspace, deadline)
         t0 = time.perf_counter()
-        handle, pre = self.prepare(plan)
+        handle, pre = self._prepared(plan)
         store = wasmtime.Store(handle.engine)
         try:
             return _execute(plan, workspace, deadline, handle, pre, store, t0)
@@ -84,7 +91,9 @@ class WasmTier(Closeable):
                 if self._python is None:
                     from wasmbox.tiers.wasm.python import PythonRuntime
 
-                    self._python = PythonRuntime(self._cache_dir)
+                    self._python = PythonRuntime(
+                        self._cache_dir, lambda flavour: self._engine_for(flavour)[0]
+                    )
                 runtime = self._python
         return runtime
 
@@ -120,20 +129,9 @@ def _execute(
     store: wasmtime.Store,
     t0: float,
 ) -> Outcome:
-    store.set_limits(
-        memory_size=plan.memory,
-        table_elements=plan.table_elements,
-        instances=plan.instances,
-        tables=plan.instances,
-        memories=plan.instances,
-    )
-    if plan.fuel is not None:
-        store.set_fuel(plan.fuel)
-    store.set_wasi(_wasi_config(plan, workspace))
-
-    watchdog = Watchdog(lambda: _on_tick(deadline, workspace))
-    watchdog.attach(store)
-    handle.ensure_ticking()
+    name = plan.task.module.name if plan.task.module is not None else "task.wasm"
+    store.set_wasi(wasi_config(plan, workspace, [name, *plan.args]))
+    watchdog = arm(store, plan, workspace, deadline, handle)
 
     outcome = Outcome(status=Status.COMPLETED, exit_code=0)
     instance = exports = None
@@ -155,18 +153,12 @@ def _execute(
         outcome.status = Status.COMPLETED if exc.code == 0 else Status.FAILED
     except wasmtime.Trap as exc:
         outcome.exit_code = None
-        outcome.status, outcome.trap = _classify_trap(exc)
+        outcome.status, outcome.trap = classify_trap(exc)
         outcome.reason = first_line(exc.message)
     except wasmtime.WasmtimeError as exc:
         outcome.exit_code = None
         outcome.status, outcome.reason = _classify_error(exc, watchdog, instance is None, plan)
 
-    if watchdog.tripped is not None:
-        outcome.reason = watchdog.tripped
-        outcome.status = Status.TIMEOUT if deadline.expired else Status.OUTPUT_REJECTED
-        outcome.exit_code = None
-    if plan.fuel is not None:
-        outcome.fuel_consumed = plan.fuel - store.get_fuel()
     if exports is not None:
         memory = exports.get("memory")
         if isinstance(memory, wasmtime.Memory):
@@ -176,56 +168,8 @@ def _execute(
         outcome.reason = (
             f"linear memory reached {outcome.peak_memory_bytes} of its {plan.memory} byte cap"
         )
-    outcome.stdout, outcome.stdout_truncated = workspace.read_stream(
-        workspace.stdout_path, plan.stdout_bytes
-    )
-    outcome.stderr, outcome.stderr_truncated = workspace.read_stream(
-        workspace.stderr_path, plan.stderr_bytes
-    )
+    settle(outcome, plan, store, workspace, watchdog, deadline)
     return outcome
-
-
-def _wasi_config(plan: Plan, workspace: Workspace) -> wasmtime.WasiConfig:
-    wasi = wasmtime.WasiConfig()
-    name = plan.task.module.name if plan.task.module is not None else "task.wasm"
-    wasi.argv = [name, *plan.args]
-    wasi.env = list(plan.env.items())
-    # Files, not stdout_custom: a Python callback per write costs ~70 us a run. The watchdog
-    # stops a guest that writes far past the cap; the cap itself is applied when reading.
-    wasi.stdout_file = workspace.stdout_path
-    wasi.stderr_file = workspace.stderr_path
-    # Exactly these preopens: /task read-only (input.json), /task/output writable (nested
-    # preopens resolve by longest prefix), plus whatever mounts the policy grants.
-    wasi.preopen_dir(workspace.task_dir, "/task", False)
-    wasi.preopen_dir(workspace.output_dir, "/task/output", True)
-    for guest, host in plan.readonly_mounts.items():
-        _preopen(wasi, host, guest, False)
-    for guest, host in plan.writable_mounts.items():
-        _preopen(wasi, host, guest, True)
-    return wasi
-
-
-def _preopen(wasi: wasmtime.WasiConfig, host: Path, guest: str, writable: bool) -> None:
-    try:
-        wasi.preopen_dir(str(host), guest, writable)
-    except wasmtime.WasmtimeError as exc:
-        raise ConfigError(f"filesystem mount {guest} -> {host} cannot be opened") from exc
-
-
-def _on_tick(deadline: Deadline, workspace: Workspace) -> str | None:
-    if deadline.expired:
-        return "wall-clock deadline passed"
-    return workspace.over_cap()
-
-
-def _classify_trap(exc: wasmtime.Trap) -> tuple[Status, str]:
-    code = exc.trap_code
-    name = code.name.lower() if code is not None else "unknown"
-    if code is wasmtime.TrapCode.OUT_OF_FUEL:
-        return Status.OUT_OF_FUEL, name
-    if code is wasmtime.TrapCode.INTERRUPT:
-        return Status.TIMEOUT, name
-    return Status.CRASHED, name
 
 
 def _classify_error(

@@ -1,0 +1,127 @@
+"""What every wasm run shares, module or Python: arming a Store, the WASI view, fault mapping."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import wasmtime
+
+from wasmbox.errors import ConfigError
+from wasmbox.lifecycle import Deadline
+from wasmbox.models import Status
+from wasmbox.policy import Plan
+from wasmbox.tiers.base import Outcome
+from wasmbox.tiers.wasm.engine import EngineHandle, Watchdog
+from wasmbox.workspace import Workspace
+
+
+def arm(
+    store: wasmtime.Store,
+    plan: Plan,
+    workspace: Workspace,
+    deadline: Deadline,
+    handle: EngineHandle,
+    *,
+    min_instances: int = 0,
+) -> Watchdog:
+    """Apply the plan's limits and fuel to `store` and attach the per-tick watchdog.
+
+    `min_instances` is the runtime's own need (a component instantiates several core
+    modules); the guest itself can never create instances.
+    """
+    instances = max(plan.instances, min_instances)
+    store.set_limits(
+        memory_size=plan.memory,
+        table_elements=plan.table_elements,
+        instances=instances,
+        tables=instances,
+        memories=instances,
+    )
+    if plan.fuel is not None:
+        store.set_fuel(plan.fuel)
+    watchdog = Watchdog(lambda: _on_tick(deadline, workspace))
+    watchdog.attach(store)
+    handle.ensure_ticking()
+    return watchdog
+
+
+def wasi_config(
+    plan: Plan, workspace: Workspace, argv: list[str], extra_readonly: dict[str, Path] | None = None
+) -> wasmtime.WasiConfig:
+    """The guest's whole world: argv, the plan's env (never the host's), captured stdio, and
+    exactly the /task preopens plus the mounts the policy grants."""
+    wasi = wasmtime.WasiConfig()
+    wasi.argv = argv
+    wasi.env = list(plan.env.items())
+    # Files, not stdout_custom: a Python callback per write costs ~70 us a run. The watchdog
+    # stops a guest that writes far past the cap; the cap itself is applied when reading.
+    wasi.stdout_file = workspace.stdout_path
+    wasi.stderr_file = workspace.stderr_path
+    # /task read-only (input.json), /task/output writable: nested preopens resolve by the
+    # longest prefix, so the output dir is the only writable place.
+    wasi.preopen_dir(workspace.task_dir, "/task", False)
+    wasi.preopen_dir(workspace.output_dir, "/task/output", True)
+    mounts = [(g, h, False) for g, h in plan.readonly_mounts.items()]
+    mounts += [(g, h, True) for g, h in plan.writable_mounts.items()]
+    mounts += [(g, h, False) for g, h in (extra_readonly or {}).items()]
+    for guest, host, writable in mounts:
+        try:
+            wasi.preopen_dir(str(host), guest, writable)
+        except wasmtime.WasmtimeError as exc:
+            raise ConfigError(f"filesystem mount {guest} -> {host} cannot be opened") from exc
+    return wasi
+
+
+def classify_trap(exc: wasmtime.Trap) -> tuple[Status, str]:
+    """Status and trap name for a wasm trap."""
+    code = exc.trap_code
+    name = code.name.lower() if code is not None else "unknown"
+    if code is wasmtime.TrapCode.OUT_OF_FUEL:
+        return Status.OUT_OF_FUEL, name
+    if code is wasmtime.TrapCode.INTERRUPT:
+        return Status.TIMEOUT, name
+    return Status.CRASHED, name
+
+
+def settle(
+    outcome: Outcome,
+    plan: Plan,
+    store: wasmtime.Store,
+    workspace: Workspace,
+    watchdog: Watchdog,
+    deadline: Deadline,
+) -> None:
+    """Finish an outcome: a watchdog stop wins over what the guest reported; fuel; stdio."""
+    if watchdog.tripped is not None:
+        outcome.reason = watchdog.tripped
+        outcome.status = Status.TIMEOUT if deadline.expired else Status.OUTPUT_REJECTED
+        outcome.exit_code = None
+    if plan.fuel is not None:
+        outcome.fuel_consumed = plan.fuel - store.get_fuel()
+    outcome.stdout, outcome.stdout_truncated = workspace.read_stream(
+        workspace.stdout_path, plan.stdout_bytes
+    )
+    outcome.stderr, outcome.stderr_truncated = workspace.read_stream(
+        workspace.stderr_path, plan.stderr_bytes
+    )
+
+
+def write_atomic(path: Path, data: bytes | bytearray) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _on_tick(deadline: Deadline, workspace: Workspace) -> str | None:
+    if deadline.expired:
+        return "wall-clock deadline passed"
+    return workspace.over_cap()
