@@ -287,6 +287,30 @@ class WasiPolicy(_Model):
     require_sha256: bool = False
 
 
+class AnomalyRule(StrEnum):
+    """Monitoring rules; each fires at most once per run."""
+
+    MEMORY_NEAR_CAP = "memory_near_cap"  # memory use at or above a fraction of the cap
+    CPU_THROTTLED = "cpu_throttled"  # sustained CPU throttling (container cgroups)
+    OUTPUT_FLOOD = "output_flood"  # output + stdio written faster than a rate
+    FUEL_SPIKE = "fuel_spike"  # fuel burn rate jumps far above the run's own baseline
+    STDERR_RUNAWAY = "stderr_runaway"  # stderr grows past a size
+
+
+class MonitorPolicy(_Model):
+    """What the monitor samples and when an anomaly is raised (or kills the task)."""
+
+    enabled: bool = True
+    interval: Seconds = 0.05
+    memory_near_cap: Annotated[float, Field(gt=0, le=1)] = 0.9
+    throttled_fraction: Annotated[float, Field(gt=0, le=1)] = 0.5
+    throttled_samples: Annotated[int, Field(gt=0)] = 3
+    output_rate: Bytes = 64 * MiB  # bytes per second
+    fuel_spike_factor: Annotated[float, Field(gt=1)] = 20.0
+    stderr_bytes: Bytes = 256 * KiB
+    kill_on: frozenset[AnomalyRule] = frozenset()  # rules that stop the task (ANOMALY)
+
+
 class PythonPolicy(_Model):
     """Pure-Python packages (directories or wheels) that Python tasks may import, read-only."""
 
@@ -304,6 +328,7 @@ class Policy(_Model):
     output: OutputPolicy = OutputPolicy()
     wasi: WasiPolicy = WasiPolicy()
     python: PythonPolicy = PythonPolicy()
+    monitor: MonitorPolicy = MonitorPolicy()
     allowed_tiers: frozenset[TierName] = frozenset(ISOLATION_ORDER)
     min_isolation: TierName = TierName.WASM
     allow_unbounded: bool = False
@@ -377,6 +402,15 @@ class Metrics(_Model):
     extra: dict[str, float] = Field(default_factory=dict)
 
 
+class Event(_Model):
+    """An anomaly the monitor saw during a run."""
+
+    rule: AnomalyRule
+    message: str
+    at_s: float  # seconds since the run started
+    killed: bool = False
+
+
 class Result(_Model):
     """The typed outcome of a run. Guest faults are statuses here, never exceptions."""
 
@@ -394,6 +428,7 @@ class Result(_Model):
     stdout_truncated: bool = False
     stderr_truncated: bool = False
     metrics: Metrics = Metrics()
+    events: tuple[Event, ...] = ()
     escalated_from: TierName | None = None
 
     @property

@@ -15,6 +15,7 @@ from pathlib import Path
 from wasmbox.errors import PolicyViolation, TierUnavailable
 from wasmbox.lifecycle import Closeable, Deadline, shielded
 from wasmbox.models import ISOLATION_ORDER, Metrics, Policy, Result, Status, Task, TierName
+from wasmbox.monitor import Monitor
 from wasmbox.policy import Plan, apply
 from wasmbox.tiers.base import Availability, Outcome, Tier, tier_factory
 from wasmbox.workspace import Collected, Workspace, filter_stream, reclaim_stale
@@ -60,9 +61,10 @@ class Sandbox(Closeable):
             plan = plan.on_tier(tier.name)
         tier.prepare(plan)  # one-off costs (compiling, building) are not the task's time
         deadline = Deadline(plan.timeout)
+        monitor = Monitor(plan.policy.monitor)
         workspace = Workspace(plan, self._workspace_root)
         try:
-            outcome = tier.run(plan, workspace, deadline)
+            outcome = tier.run(plan, workspace, deadline, monitor)
             collected = _collect(plan, workspace, outcome)
         finally:
             t_cleanup = time.perf_counter()
@@ -70,7 +72,7 @@ class Sandbox(Closeable):
                 workspace.close()
         t_end = time.perf_counter()
         return _assemble(
-            plan, outcome, collected, escalated_from,
+            plan, outcome, collected, escalated_from, monitor,
             cleanup_s=t_end - t_cleanup, wall_s=t_end - t0,
         )
 
@@ -192,6 +194,7 @@ def _assemble(
     outcome: Outcome,
     collected: Collected,
     escalated_from: TierName | None,
+    monitor: Monitor,
     *,
     cleanup_s: float,
     wall_s: float,
@@ -229,5 +232,6 @@ def _assemble(
         stdout_truncated=outcome.stdout_truncated,
         stderr_truncated=outcome.stderr_truncated,
         metrics=metrics,
+        events=tuple(monitor.events),
         escalated_from=escalated_from,
     )

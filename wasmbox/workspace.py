@@ -152,6 +152,26 @@ class Workspace(Closeable):
         except OSError:
             remove_tree(self.path)  # the thorough way: permissions a guest changed, races
 
+    def output_bytes(self) -> int:
+        """Bytes in /task/output now (a monitoring sample, not a cap check)."""
+        total = 0
+        stack: list[str] = [self.output_dir]
+        while stack:
+            try:
+                entries = list(os.scandir(stack.pop()))
+            except OSError:
+                continue
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(entry.path)
+                else:
+                    total += st.st_size
+        return total
+
     def stream_sizes(self) -> tuple[int, int]:
         """Bytes the guest has written to stdout and stderr so far."""
         return _size(self.stdout_path), _size(self.stderr_path)

@@ -9,6 +9,7 @@ from typing import Protocol, runtime_checkable
 
 from wasmbox.lifecycle import Deadline
 from wasmbox.models import Status, TierName
+from wasmbox.monitor import Monitor
 from wasmbox.policy import Plan
 from wasmbox.workspace import Workspace
 
@@ -61,8 +62,13 @@ class Tier(Protocol):
         """
         ...
 
-    def run(self, plan: Plan, workspace: Workspace, deadline: Deadline) -> Outcome:
+    def run(
+        self, plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monitor
+    ) -> Outcome:
         """Run the plan's task with its input staged in `workspace`, bounded by `deadline`.
+
+        While it runs, the tier feeds `monitor` a `Sample` whenever `monitor.due()`, and stops
+        the task with Status.ANOMALY when `monitor.observe` returns a reason.
 
         Guest faults are reported as an `Outcome` status; host failures raise `SandboxError`.
         Every resource the run creates is released before this returns, on every path.

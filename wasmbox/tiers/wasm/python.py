@@ -42,6 +42,7 @@ from wasmtime import component
 from wasmbox.errors import ConfigError, HostFailure
 from wasmbox.lifecycle import Closeable, Deadline
 from wasmbox.models import Status, TierName
+from wasmbox.monitor import Monitor
 from wasmbox.policy import Plan
 from wasmbox.tiers.base import Availability, Outcome
 from wasmbox.tiers.wasm import python_app
@@ -138,7 +139,9 @@ class PythonRuntime(Closeable):
                 self._interpreters[flavour] = found
         return found
 
-    def run(self, plan: Plan, workspace: Workspace, deadline: Deadline) -> Outcome:
+    def run(
+        self, plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monitor
+    ) -> Outcome:
         """Run the plan's Python source; guest faults come back as statuses."""
         t0 = time.perf_counter()
         # The Sandbox prepares before the deadline starts: building and compiling the
@@ -149,7 +152,9 @@ class PythonRuntime(Closeable):
             payload = f.read()
         store = wasmtime.Store(interp.handle.engine)
         try:
-            return _execute(plan, workspace, deadline, interp, store, payload, paths, mounts, t0)
+            return _execute(
+                plan, workspace, deadline, monitor, interp, store, payload, paths, mounts, t0
+            )
         finally:
             store.close()
 
@@ -224,11 +229,13 @@ class PythonRuntime(Closeable):
                 self._scratch = None
 
 
-def _execute(plan: Plan, workspace: Workspace, deadline: Deadline, interp: _Interpreter,
+def _execute(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monitor,
+             interp: _Interpreter,
              store: wasmtime.Store, payload: str, paths: list[str], mounts: dict[str, Path],
              t0: float) -> Outcome:
     store.set_wasi(wasi_config(plan, workspace, ["python"], mounts))
-    watchdog = arm(store, plan, workspace, deadline, interp.handle, min_instances=_MIN_INSTANCES)
+    watchdog, _ = arm(store, plan, workspace, deadline, monitor, interp.handle,
+                      min_instances=_MIN_INSTANCES)
 
     outcome = Outcome(status=Status.COMPLETED, exit_code=0)
     verdict = None
@@ -263,7 +270,7 @@ def _execute(plan: Plan, workspace: Workspace, deadline: Deadline, interp: _Inte
 
     if verdict is not None:
         _apply_verdict(outcome, verdict, plan, workspace)
-    settle(outcome, plan, store, workspace, watchdog, deadline)
+    settle(outcome, plan, store, workspace, watchdog, deadline, monitor)
     return outcome
 
 

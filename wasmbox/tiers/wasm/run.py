@@ -11,10 +11,50 @@ import wasmtime
 from wasmbox.errors import ConfigError
 from wasmbox.lifecycle import Deadline
 from wasmbox.models import Status
+from wasmbox.monitor import Monitor, Sample
 from wasmbox.policy import Plan
 from wasmbox.tiers.base import Outcome
 from wasmbox.tiers.wasm.engine import EngineHandle, Watchdog
 from wasmbox.workspace import Workspace
+
+
+class RunWatch:
+    """What the epoch watchdog checks on every tick of one run.
+
+    The wall-clock deadline first, then (when due) a monitoring sample of fuel burn, linear
+    memory and output volume, then the output caps. `memory` is set once the instance exists.
+    """
+
+    def __init__(self, plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monitor,
+                 store: wasmtime.Store) -> None:
+        self.plan = plan
+        self.workspace = workspace
+        self.deadline = deadline
+        self.monitor = monitor
+        self.store = store
+        self.memory: wasmtime.Memory | None = None
+
+    def __call__(self) -> str | None:
+        if self.deadline.expired:
+            return "wall-clock deadline passed"
+        if self.monitor.due():
+            reason = self.monitor.observe(self.sample())
+            if reason is not None:
+                return reason
+        return self.workspace.over_cap()
+
+    def sample(self) -> Sample:
+        """One observation of the running guest."""
+        plan, store = self.plan, self.store
+        stdout, stderr = self.workspace.stream_sizes()
+        return Sample(
+            at_s=self.monitor.elapsed(),
+            memory_bytes=self.memory.data_len(store) if self.memory is not None else None,
+            memory_cap=plan.memory,
+            fuel_consumed=plan.fuel - store.get_fuel() if plan.fuel is not None else None,
+            output_bytes=self.workspace.output_bytes() + stdout + stderr,
+            stderr_bytes=stderr,
+        )
 
 
 def arm(
@@ -22,10 +62,11 @@ def arm(
     plan: Plan,
     workspace: Workspace,
     deadline: Deadline,
+    monitor: Monitor,
     handle: EngineHandle,
     *,
     min_instances: int = 0,
-) -> Watchdog:
+) -> tuple[Watchdog, RunWatch]:
     """Apply the plan's limits and fuel to `store` and attach the per-tick watchdog.
 
     `min_instances` is the runtime's own need (a component instantiates several core
@@ -41,10 +82,11 @@ def arm(
     )
     if plan.fuel is not None:
         store.set_fuel(plan.fuel)
-    watchdog = Watchdog(lambda: _on_tick(deadline, workspace))
+    watch = RunWatch(plan, workspace, deadline, monitor, store)
+    watchdog = Watchdog(watch)
     watchdog.attach(store)
     handle.ensure_ticking()
-    return watchdog
+    return watchdog, watch
 
 
 def wasi_config(
@@ -92,11 +134,17 @@ def settle(
     workspace: Workspace,
     watchdog: Watchdog,
     deadline: Deadline,
+    monitor: Monitor,
 ) -> None:
     """Finish an outcome: a watchdog stop wins over what the guest reported; fuel; stdio."""
     if watchdog.tripped is not None:
         outcome.reason = watchdog.tripped
-        outcome.status = Status.TIMEOUT if deadline.expired else Status.OUTPUT_REJECTED
+        if deadline.expired:
+            outcome.status = Status.TIMEOUT
+        elif monitor.killed is not None:
+            outcome.status = Status.ANOMALY
+        else:
+            outcome.status = Status.OUTPUT_REJECTED
         outcome.exit_code = None
     if plan.fuel is not None:
         outcome.fuel_consumed = plan.fuel - store.get_fuel()
@@ -119,9 +167,3 @@ def write_atomic(path: Path, data: bytes | bytearray) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
-
-
-def _on_tick(deadline: Deadline, workspace: Workspace) -> str | None:
-    if deadline.expired:
-        return "wall-clock deadline passed"
-    return workspace.over_cap()

@@ -12,6 +12,7 @@ import wasmtime
 from wasmbox.errors import HostFailure
 from wasmbox.lifecycle import Closeable, Deadline
 from wasmbox.models import MiB, Status, TaskKind, TierName
+from wasmbox.monitor import Monitor
 from wasmbox.policy import Plan
 from wasmbox.tiers.base import Availability, Outcome
 from wasmbox.tiers.wasm.cache import ModuleCache, check_imports, default_cache_dir
@@ -71,15 +72,17 @@ class WasmTier(Closeable):
             prepared = cache.load_bytes(task.module_bytes, task.sha256)
         return handle, check_imports(prepared, plan.allowed_imports)
 
-    def run(self, plan: Plan, workspace: Workspace, deadline: Deadline) -> Outcome:
+    def run(
+        self, plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monitor
+    ) -> Outcome:
         """Run the module's ``_start`` in a fresh Store; the Store is gone when this returns."""
         if plan.task.kind is TaskKind.PYTHON:
-            return self._python_runtime().run(plan, workspace, deadline)
+            return self._python_runtime().run(plan, workspace, deadline, monitor)
         t0 = time.perf_counter()
         handle, pre = self._prepared(plan)
         store = wasmtime.Store(handle.engine)
         try:
-            return _execute(plan, workspace, deadline, handle, pre, store, t0)
+            return _execute(plan, workspace, deadline, monitor, handle, pre, store, t0)
         finally:
             store.close()
 
@@ -124,6 +127,7 @@ def _execute(
     plan: Plan,
     workspace: Workspace,
     deadline: Deadline,
+    monitor: Monitor,
     handle: EngineHandle,
     pre: wasmtime.InstancePre,
     store: wasmtime.Store,
@@ -131,13 +135,15 @@ def _execute(
 ) -> Outcome:
     name = plan.task.module.name if plan.task.module is not None else "task.wasm"
     store.set_wasi(wasi_config(plan, workspace, [name, *plan.args]))
-    watchdog = arm(store, plan, workspace, deadline, handle)
+    watchdog, watch = arm(store, plan, workspace, deadline, monitor, handle)
 
     outcome = Outcome(status=Status.COMPLETED, exit_code=0)
-    instance = exports = None
+    instance = None
     try:
         instance = pre.instantiate(store)
         exports = instance.exports(store)
+        memory = exports.get("memory")
+        watch.memory = memory if isinstance(memory, wasmtime.Memory) else None
         start = exports["_start"]
         assert isinstance(start, wasmtime.Func)
         t1 = time.perf_counter()
@@ -159,16 +165,14 @@ def _execute(
         outcome.exit_code = None
         outcome.status, outcome.reason = _classify_error(exc, watchdog, instance is None, plan)
 
-    if exports is not None:
-        memory = exports.get("memory")
-        if isinstance(memory, wasmtime.Memory):
-            outcome.peak_memory_bytes = memory.data_len(store)
+    if watch.memory is not None:
+        outcome.peak_memory_bytes = watch.memory.data_len(store)
     if outcome.status in (Status.FAILED, Status.CRASHED) and _at_memory_cap(outcome, plan):
         outcome.status = Status.MEMORY_EXCEEDED
         outcome.reason = (
             f"linear memory reached {outcome.peak_memory_bytes} of its {plan.memory} byte cap"
         )
-    settle(outcome, plan, store, workspace, watchdog, deadline)
+    settle(outcome, plan, store, workspace, watchdog, deadline, monitor)
     return outcome
 
 
