@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from wasmbox import Policy, Resources, Sandbox, Status, Task
 from wasmbox.models import AnomalyRule, MonitorPolicy, OutputPolicy
@@ -71,3 +74,29 @@ def test_sustained_throttling_is_raised_once() -> None:
 
 def test_a_disabled_monitor_never_samples() -> None:
     assert not Monitor(MonitorPolicy(enabled=False, interval="1us")).due()
+
+
+def test_runs_are_counted_for_prometheus(sandbox: Sandbox, guests: dict[str, Path]) -> None:
+    from prometheus_client import REGISTRY
+
+    def count(status: str) -> float:
+        value = REGISTRY.get_sample_value(
+            "wasmbox_runs_total", {"tier": "wasm", "status": status}
+        )
+        return value or 0.0
+
+    before = count("completed"), count("failed")
+    sandbox.run(Task.wasm(guests["hello"]))
+    sandbox.run(Task.wasm(guests["bad_exit"]))
+    assert (count("completed"), count("failed")) == (before[0] + 1, before[1] + 1)
+
+
+def test_each_run_logs_one_record_with_its_run_id(
+    sandbox: Sandbox, guests: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="wasmbox.run"):
+        r = sandbox.run(Task.wasm(guests["hello"]))
+    records = [rec for rec in caplog.records if rec.name == "wasmbox.run"]
+    assert len(records) == 1
+    assert records[0].run_id == r.run_id  # type: ignore[attr-defined]
+    assert records[0].status == "completed"  # type: ignore[attr-defined]

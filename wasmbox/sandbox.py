@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from wasmbox import telemetry
 from wasmbox.errors import PolicyViolation, TierUnavailable
 from wasmbox.lifecycle import Closeable, Deadline, shielded
 from wasmbox.models import ISOLATION_ORDER, Metrics, Policy, Result, Status, Task, TierName
@@ -45,6 +46,7 @@ class Sandbox(Closeable):
         self._lock = threading.Lock()
         _reclaim_once(workspace_root)
         _LIVE.add(self)
+        telemetry.LIVE_SANDBOXES.inc()
 
     def run(self, task: Task) -> Result:
         """Run one task to completion and return its `Result`.
@@ -63,18 +65,23 @@ class Sandbox(Closeable):
         deadline = Deadline(plan.timeout)
         monitor = Monitor(plan.policy.monitor)
         workspace = Workspace(plan, self._workspace_root)
+        running = telemetry.RUNNING.labels(plan.tier.value)
+        running.inc()
         try:
             outcome = tier.run(plan, workspace, deadline, monitor)
             collected = _collect(plan, workspace, outcome)
         finally:
+            running.dec()
             t_cleanup = time.perf_counter()
             with shielded():
                 workspace.close()
         t_end = time.perf_counter()
-        return _assemble(
+        result = _assemble(
             plan, outcome, collected, escalated_from, monitor,
             cleanup_s=t_end - t_cleanup, wall_s=t_end - t0,
         )
+        telemetry.record(result)
+        return result
 
     def map(self, tasks: Iterable[Task], concurrency: int = 1) -> list[Result]:
         """Run many tasks on `concurrency` threads; results keep the order of `tasks`."""
@@ -151,6 +158,7 @@ class Sandbox(Closeable):
         return tier
 
     def _release(self) -> None:
+        telemetry.LIVE_SANDBOXES.dec()
         with self._lock:
             tiers, self._tiers = self._tiers, {}
         for tier in tiers.values():
