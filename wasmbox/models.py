@@ -429,7 +429,8 @@ class Result(_Model):
     stderr_truncated: bool = False
     metrics: Metrics = Metrics()
     events: tuple[Event, ...] = ()
-    escalated_from: TierName | None = None
+    escalated_from: TierName | None = None  # set when ``auto`` had to use a heavier tier
+    escalation_reason: str | None = None
 
     @property
     def ok(self) -> bool:

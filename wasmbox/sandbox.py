@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import logging
 import threading
 import time
 import uuid
@@ -58,9 +59,11 @@ class Sandbox(Closeable):
         self._ensure_open()
         t0 = time.perf_counter()
         plan = apply(self.policy, task)
-        tier, escalated_from = self._choose(plan)
+        tier, escalated_from, why = self._choose(plan)
         if escalated_from is not None:
             plan = plan.on_tier(tier.name)
+            log.info("task %s escalated from %s to %s: %s", task.id, escalated_from,
+                     tier.name, why)
         tier.prepare(plan)  # one-off costs (compiling, building) are not the task's time
         deadline = Deadline(plan.timeout)
         monitor = Monitor(plan.policy.monitor)
@@ -77,9 +80,13 @@ class Sandbox(Closeable):
                 workspace.close()
         t_end = time.perf_counter()
         result = _assemble(
-            plan, outcome, collected, escalated_from, monitor,
+            plan, outcome, collected, monitor,
             cleanup_s=t_end - t_cleanup, wall_s=t_end - t0,
         )
+        if escalated_from is not None:
+            result = result.model_copy(
+                update={"escalated_from": escalated_from, "escalation_reason": why}
+            )
         telemetry.record(result)
         return result
 
@@ -114,13 +121,16 @@ class Sandbox(Closeable):
         """Availability of every tier, lightest first."""
         return [self.availability(name) for name in ISOLATION_ORDER]
 
-    def _choose(self, plan: Plan) -> tuple[Tier, TierName | None]:
+    def _choose(self, plan: Plan) -> tuple[Tier, TierName | None, str | None]:
         """The plan's tier or, for ``auto`` tasks, the next heavier one the policy allows.
 
-        Isolation only ever goes up: a lighter tier is never used instead.
+        A tier is passed over when it cannot run here or cannot run this task (a Python
+        import the wasm interpreter lacks). Isolation only ever goes up: a lighter tier is
+        never used instead. Returns the tier, the tier escalated from, and why.
         """
+        auto = plan.task.tier is TierName.AUTO
         candidates = [plan.tier]
-        if plan.task.tier is TierName.AUTO:
+        if auto:
             heavier = ISOLATION_ORDER[ISOLATION_ORDER.index(plan.tier) + 1:]
             candidates += [t for t in heavier if t in self.policy.allowed_tiers]
         reasons = []
@@ -129,14 +139,20 @@ class Sandbox(Closeable):
             if not available.ok:
                 reasons.append(f"{name}: {available.reason}")
                 continue
-            if name is plan.tier:
-                return self._tier(name), None
-            try:
-                plan.on_tier(name)
-            except PolicyViolation as exc:
-                reasons.append(f"{name}: {exc}")
+            if name is not plan.tier:
+                try:
+                    plan.on_tier(name)
+                except PolicyViolation as exc:
+                    reasons.append(f"{name}: {exc}")
+                    continue
+            tier = self._tier(name)
+            unsuitable = tier.unsuitable(plan) if auto else None
+            if unsuitable is not None:
+                reasons.append(f"{name}: {unsuitable}")
                 continue
-            return self._tier(name), plan.tier
+            if name is plan.tier:
+                return tier, None, None
+            return tier, plan.tier, "; ".join(reasons)
         raise TierUnavailable(str(plan.tier), "; ".join(reasons))
 
     def _tier(self, name: TierName) -> Tier:
@@ -165,6 +181,7 @@ class Sandbox(Closeable):
             tier.close()
 
 
+log = logging.getLogger("wasmbox")
 _RECLAIMED: set[Path | None] = set()
 # Sandboxes still open at interpreter exit are closed then: native handles (engines, stores,
 # runtimes) dropped during interpreter teardown can make wasmtime's runtime panic.
@@ -201,7 +218,6 @@ def _assemble(
     plan: Plan,
     outcome: Outcome,
     collected: Collected,
-    escalated_from: TierName | None,
     monitor: Monitor,
     *,
     cleanup_s: float,
@@ -241,5 +257,4 @@ def _assemble(
         stderr_truncated=outcome.stderr_truncated,
         metrics=metrics,
         events=tuple(monitor.events),
-        escalated_from=escalated_from,
     )

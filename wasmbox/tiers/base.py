@@ -54,6 +54,13 @@ class Tier(Protocol):
         """Probe the host; never raises."""
         ...
 
+    def unsuitable(self, plan: Plan) -> str | None:
+        """Why this tier should not take `plan` when the task asked for ``auto``, or None.
+
+        The sandbox then tries the next heavier tier the policy allows.
+        """
+        ...
+
     def prepare(self, plan: Plan) -> None:
         """Get ready to run `plan` (compile, build, cache) before its deadline starts.
 

@@ -21,8 +21,11 @@ Known limit: a blocking WASI call cannot be interrupted by the epoch deadline. T
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -41,9 +44,9 @@ from wasmtime import component
 
 from wasmbox.errors import ConfigError, HostFailure
 from wasmbox.lifecycle import Closeable, Deadline
-from wasmbox.models import Status, TierName
+from wasmbox.models import Policy, Resources, Status, Task, TierName
 from wasmbox.monitor import Monitor
-from wasmbox.policy import Plan
+from wasmbox.policy import Plan, apply
 from wasmbox.tiers.base import Availability, Outcome
 from wasmbox.tiers.wasm import python_app
 from wasmbox.tiers.wasm.engine import WASMTIME_VERSION, EngineHandle, Flavour, first_line
@@ -59,6 +62,20 @@ TASK_FILENAME = "<task>"
 # task cannot create instances itself, so the runtime's own need is the floor.
 _MIN_INSTANCES = 32
 _REASON_CHARS = 500
+# Asks the interpreter what it can import: its built-in modules and what the snapshot holds
+# (nothing else is importable there; see python_app).
+_PROBE = """
+import sys, importlib.util
+def importable(name):
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
+def main(_):
+    names = set(sys.builtin_module_names) | {m.partition('.')[0] for m in sys.modules}
+    return sorted(n for n in names if (not n.startswith('_') or n == '__future__')
+                  and importable(n))
+"""
 _BUILD_SCRIPT = (
     "import sys, componentize_py; sys.argv = ['componentize-py', *sys.argv[1:]]; "
     "sys.exit(componentize_py.script())"
@@ -112,6 +129,7 @@ class PythonRuntime(Closeable):
         self._scratch: Path | None = None  # our own dir when there is no disk cache
         self._interpreters: dict[Flavour, _Interpreter] = {}
         self._wheels: dict[Path, Path] = {}
+        self._modules: frozenset[str] | None = None
         self._lock = threading.Lock()
 
     def availability(self) -> Availability:
@@ -138,6 +156,67 @@ class PythonRuntime(Closeable):
                 found = self._load(flavour)
                 self._interpreters[flavour] = found
         return found
+
+    def unsuitable(self, plan: Plan) -> str | None:
+        """Why this interpreter cannot run the plan's source (an import it lacks), or None.
+
+        Only static ``import``/``from`` statements are seen; a dynamic import of a missing
+        module still fails inside the task. Used by ``tier="auto"`` to escalate.
+        """
+        try:
+            tree = ast.parse(plan.task.source or "")
+        except SyntaxError:
+            return None  # the task's own error, reported by the run
+        wanted: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                wanted.update(alias.name.partition(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                wanted.add(node.module.partition(".")[0])
+        if not wanted:
+            return None
+        missing = sorted(wanted - self.modules(plan) - self._package_names(plan))
+        if not missing:
+            return None
+        return f"the wasm Python interpreter lacks {', '.join(missing)}"
+
+    def modules(self, plan: Plan) -> frozenset[str]:
+        """Top-level modules the interpreter can import, asked of the interpreter itself once."""
+        if self._modules is None:
+            listing = self._cache_path(f"{app_key()}.modules.json")
+            try:
+                self._modules = frozenset(json.loads(listing.read_text()))
+            except (OSError, ValueError):
+                self._modules = self._probe_modules(plan)
+                with contextlib.suppress(OSError):
+                    write_atomic(listing, json.dumps(sorted(self._modules)).encode())
+        return self._modules
+
+    def _probe_modules(self, plan: Plan) -> frozenset[str]:
+        probe = apply(Policy(), Task.python(_PROBE, resources=Resources(timeout=30)))
+        with Workspace(probe) as workspace:
+            outcome = self.run(probe, workspace, Deadline(30), Monitor(probe.policy.monitor))
+            result = os.path.join(workspace.output_dir, RESULT_FILE)
+            if outcome.status is not Status.COMPLETED or not os.path.exists(result):
+                raise HostFailure(f"the Python interpreter cannot list its modules: "
+                                  f"{outcome.status} {outcome.reason}")
+            with open(result, encoding="utf-8") as f:
+                return frozenset(json.load(f))
+
+    def _package_names(self, plan: Plan) -> set[str]:
+        names: set[str] = set()
+        for package in plan.policy.python.packages:
+            host = Path(package)
+            if (host / "__init__.py").exists():
+                names.add(host.name)
+            elif host.is_dir():
+                names.update(p.stem for p in host.iterdir() if p.suffix == ".py" or p.is_dir())
+            else:
+                names.add(host.name.split("-")[0])  # a wheel: distribution name
+        return names
+
+    def _cache_path(self, name: str) -> Path:
+        return (self._cache_dir if self._cache_dir is not None else self._scratch_dir()) / name
 
     def run(
         self, plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monitor

@@ -54,6 +54,21 @@ class WasmTier(Closeable):
             self.name, True, "in-process wasmtime", {"wasmtime": WASMTIME_VERSION}
         )
 
+    def unsuitable(self, plan: Plan) -> str | None:
+        """Why this tier should not take the plan under ``tier="auto"``, or None.
+
+        Python source importing a module the wasm interpreter lacks (a C extension, say)
+        belongs in a heavier tier.
+        """
+        if plan.task.kind is not TaskKind.PYTHON:
+            return None
+        runtime = self._python_runtime()
+        available = runtime.availability()
+        if not available.ok:
+            return available.reason
+        self.prepare(plan)
+        return runtime.unsuitable(plan)
+
     def prepare(self, plan: Plan) -> None:
         """Validate, compile (or load from cache) and pre-link the plan's code."""
         if plan.task.kind is TaskKind.PYTHON:
