@@ -103,6 +103,12 @@ def test_task_python_reads_a_path(tmp_path: Path) -> None:
     assert Task.python("print(1)").source == "print(1)"
 
 
+def test_a_string_naming_a_file_is_source_not_a_path(tmp_path: Path) -> None:
+    script = tmp_path / "t.py"
+    script.write_text("secret = 1\n")
+    assert Task.python(str(script)).source == str(script)
+
+
 def test_command_tasks_default_to_the_container_tier() -> None:
     assert Task.command(["true"]).tier is TierName.CONTAINER
 

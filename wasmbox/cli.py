@@ -55,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true")
     doctor.set_defaults(handler=_doctor)
 
+    serve = sub.add_parser("serve", help="the HTTP task service (see --help)", add_help=False)
+    serve.add_argument("service_args", nargs=argparse.REMAINDER)
+    serve.set_defaults(handler=_serve)
+
     vm = sub.add_parser("vm", help="VM tier utilities")
     vm_sub = vm.add_subparsers(required=True, metavar="ACTION")
     assets = vm_sub.add_parser("assets", help="download and build the VM kernel and initramfs")
@@ -148,6 +152,15 @@ def _doctor(args: argparse.Namespace) -> int:
             details = " ".join(f"{k}={v}" for k, v in a.details.items())
             print(f"{mark} {a.tier.value:<10} {a.reason} {details}".rstrip())
     return EXIT_OK if report[0].ok else EXIT_HOST_ERROR
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from wasmbox import service
+    except ImportError as exc:
+        print(f"wasmbox: the service needs the 'service' extra: {exc}", file=sys.stderr)
+        return EXIT_HOST_ERROR
+    return service.main(args.service_args)
 
 
 def _vm_assets(args: argparse.Namespace) -> int:

@@ -101,8 +101,9 @@ def parse_duration(value: Any) -> Any:
     return float(m.group(1)) * scale[(m.group(2) or "s").lower()]
 
 
-Bytes = Annotated[int, BeforeValidator(parse_size), Field(gt=0)]
-Seconds = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+# Field before the validator, so the JSON schema says exclusiveMinimum (not a raw "gt").
+Bytes = Annotated[int, Field(gt=0), BeforeValidator(parse_size)]
+Seconds = Annotated[float, Field(gt=0), BeforeValidator(parse_duration)]
 
 
 class _Model(BaseModel):
@@ -164,8 +165,12 @@ class Task(_Model):
 
     @classmethod
     def python(cls, source: str | Path, *, input: JsonValue = None, **fields: Any) -> Task:
-        """Python source (or a path to a ``.py`` file); ``main(input)`` is called if defined."""
-        if isinstance(source, Path) or (isinstance(source, str) and _looks_like_py_path(source)):
+        """Python source text, or a `Path` to a ``.py`` file; ``main(input)`` is called if defined.
+
+        A `str` is always source, never a file name: text from a user must not be able to
+        make the host read one of its files.
+        """
+        if isinstance(source, Path):
             try:
                 source = Path(source).read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
@@ -178,10 +183,6 @@ class Task(_Model):
         """A native program, for the container and VM tiers."""
         fields.setdefault("tier", TierName.CONTAINER)
         return cls(kind=TaskKind.COMMAND, argv=tuple(argv), input=input, **fields)
-
-
-def _looks_like_py_path(text: str) -> bool:
-    return "\n" not in text and text.endswith(".py") and Path(text).is_file()
 
 
 # --- what a policy allows ------------------------------------------------------------------

@@ -1,0 +1,75 @@
+"""Durability: a SIGKILLed service loses no accepted task; SIGTERM lets running tasks finish."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service._support import ALICE, ServiceProcess, auth, wait_final, write_config
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    """One worker, so quick tasks queue behind a slow one."""
+    return write_config(tmp_path, workers=1)
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Iterator[list[ServiceProcess]]:
+    started: list[ServiceProcess] = []
+    yield started
+    for service in started:
+        service.stop()
+
+
+def wait_running(client: httpx.Client, task_id: str) -> None:
+    for _ in range(500):
+        if client.get(f"/v1/tasks/{task_id}").json()["state"] == "running":
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"task {task_id} never started")
+
+
+def test_sigkill_mid_run_loses_no_accepted_task(
+    config: Path, tmp_path: Path, services: list[ServiceProcess], wasm_b64: dict[str, str]
+) -> None:
+    services.append(ServiceProcess(config, tmp_path / "service.log"))
+    with httpx.Client(base_url=services[0].url, headers=auth(ALICE), timeout=30) as client:
+        slow = client.post("/v1/tasks", json={
+            "kind": "wasm", "module_b64": wasm_b64["infinite_loop"],
+            "resources": {"timeout": 3}}).json()["id"]
+        quick = [client.post("/v1/tasks", json={"kind": "wasm", "module_b64": wasm_b64["hello"]})
+                 .json()["id"] for _ in range(5)]
+        wait_running(client, slow)
+    services[0].kill()
+
+    services.append(ServiceProcess(config, tmp_path / "service.log"))
+    with httpx.Client(base_url=services[1].url, timeout=30) as client:
+        views = {task_id: wait_final(client, task_id) for task_id in [slow, *quick]}
+    assert views[slow]["result"]["status"] == "timeout"
+    assert views[slow]["attempts"] == 2
+    assert [views[q]["result"]["status"] for q in quick] == ["completed"] * 5
+
+
+def test_sigterm_lets_the_running_task_finish(
+    config: Path, tmp_path: Path, services: list[ServiceProcess], wasm_b64: dict[str, str]
+) -> None:
+    services.append(ServiceProcess(config, tmp_path / "service.log"))
+    with httpx.Client(base_url=services[0].url, headers=auth(ALICE), timeout=30) as client:
+        task_id = client.post("/v1/tasks", json={
+            "kind": "wasm", "module_b64": wasm_b64["infinite_loop"],
+            "resources": {"timeout": 1}}).json()["id"]
+        wait_running(client, task_id)
+    services[0].stop()
+    assert services[0].process.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises it
+
+    services.append(ServiceProcess(config, tmp_path / "service.log"))
+    with httpx.Client(base_url=services[1].url, timeout=30) as client:
+        view = wait_final(client, task_id)
+    assert view["result"]["status"] == "timeout"
+    assert view["attempts"] == 1

@@ -1,0 +1,247 @@
+"""The HTTP API: submit, poll / long-poll, fetch files, cancel; auth, quotas, body limits."""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from wasmbox.errors import PolicyViolation, SandboxError
+from wasmbox.models import Policy
+from wasmbox.sandbox import Sandbox
+from wasmbox.service.config import ServiceConfig
+from wasmbox.service.dispatcher import Dispatcher, QuotaExceeded, Runner, make_runner
+from wasmbox.service.limits import BodyLimit
+from wasmbox.service.metrics import CONTENT_TYPE, ServiceMetrics
+from wasmbox.service.schemas import (
+    PolicyList,
+    Problem,
+    PythonTaskRequest,
+    ResourcesRequest,
+    TaskRequest,
+    TaskView,
+    WasmTaskRequest,
+)
+from wasmbox.service.store import FINAL, Record, TaskStore
+
+_bearer = HTTPBearer(auto_error=False, description="a token from the service config")
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": Problem, "description": text}
+    for code, text in [(400, "bad request"), (401, "no or unknown bearer token"),
+                       (403, "the policy forbids it"), (404, "no such task or file"),
+                       (413, "request body too large"), (429, "over a quota")]
+}
+
+
+class _Waiters:
+    """Long-poll wake-ups: worker threads signal, the event loop wakes the waiting requests."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._events: dict[str, set[asyncio.Event]] = {}
+
+    def notify(self, task_id: str) -> None:
+        self._loop.call_soon_threadsafe(self._wake, task_id)
+
+    def _wake(self, task_id: str) -> None:
+        for event in self._events.pop(task_id, set()):
+            event.set()
+
+    def register(self, task_id: str) -> asyncio.Event:
+        event = asyncio.Event()
+        self._events.setdefault(task_id, set()).add(event)
+        return event
+
+    def discard(self, task_id: str, event: asyncio.Event) -> None:
+        events = self._events.get(task_id)
+        if events is not None:
+            events.discard(event)
+            if not events:
+                del self._events[task_id]
+
+
+@dataclass
+class _State:
+    dispatcher: Dispatcher
+    waiters: _Waiters
+
+
+def create_app(
+    config: ServiceConfig,
+    *,
+    sandbox_factory: Callable[[Policy], Sandbox] = Sandbox,
+    runner: Runner | None = None,
+) -> FastAPI:
+    """The ASGI application; tasks start running when its lifespan starts."""
+    metrics = ServiceMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = TaskStore(config.service.db)
+        waiters = _Waiters(asyncio.get_running_loop())
+        dispatcher = Dispatcher(
+            config, store, runner or make_runner(config, sandbox_factory), metrics,
+            on_final=waiters.notify,
+        )
+        dispatcher.start()
+        app.state.wasmbox = _State(dispatcher, waiters)
+        try:
+            yield
+        finally:
+            await run_in_threadpool(dispatcher.close)
+            store.close()
+
+    app = FastAPI(
+        title="wasmbox task service",
+        version="1",
+        description="Run untrusted tasks in wasmbox sandboxes over HTTP.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(BodyLimit, max_bytes=config.service.max_body_bytes)
+
+    def state(request: Request) -> _State:
+        found: _State = request.app.state.wasmbox
+        return found
+
+    def token(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> str:
+        name = None if credentials is None else config.authenticate(credentials.credentials)
+        if name is None:
+            raise HTTPException(401, "a valid bearer token is required",
+                                headers={"WWW-Authenticate": "Bearer"})
+        return name
+
+    Token = Annotated[str, Depends(token)]
+    St = Annotated[_State, Depends(state)]
+
+    def submit(
+        st: _State, name: str, request: WasmTaskRequest | PythonTaskRequest,
+        module: bytes | None,
+    ) -> TaskView:
+        allowed = config.tokens[name].policies
+        policy = request.policy or allowed[0]
+        if policy not in allowed:
+            raise HTTPException(403, f"policy {policy!r} is not available to this token")
+        try:
+            record = st.dispatcher.submit(name, policy, request.to_task(module))
+        except QuotaExceeded as exc:
+            metrics.refused.labels(code="429").inc()
+            raise HTTPException(429, str(exc), headers={
+                "Retry-After": str(max(1, round(exc.retry_after)))}) from exc
+        except PolicyViolation as exc:
+            metrics.refused.labels(code="403").inc()
+            raise HTTPException(403, f"PolicyViolation: {exc}") from exc
+        except (SandboxError, ValidationError) as exc:
+            metrics.refused.labels(code="400").inc()
+            raise HTTPException(400, f"{type(exc).__name__}: {exc}") from exc
+        return TaskView.of(record)
+
+    def owned(st: _State, name: str, task_id: str) -> Record:
+        record = st.dispatcher.store.get(task_id)
+        if record is None or record.token != name:
+            raise HTTPException(404, "no such task")
+        return record
+
+    @app.post("/v1/tasks", status_code=202, responses=_ERRORS, response_model=TaskView)
+    def submit_json(body: TaskRequest, name: Token, st: St) -> TaskView:
+        """Submit a task (module as base64, or Python source); it is journaled before 202."""
+        return submit(st, name, body, None)
+
+    @app.post("/v1/tasks/upload", status_code=202, responses=_ERRORS, response_model=TaskView)
+    def submit_upload(
+        name: Token,
+        st: St,
+        module: Annotated[bytes, File(description="the WASI module")],
+        input: Annotated[str, Form(description="the task input, as JSON text")] = "null",
+        policy: Annotated[str | None, Form(max_length=128, description="empty: default")] = None,
+        timeout: Annotated[float | None, Form(gt=0, description="seconds")] = None,
+    ) -> TaskView:
+        """Submit a WASI module as a multipart upload (``input`` is JSON text)."""
+        try:
+            payload = json.loads(input)
+        except ValueError as exc:
+            raise RequestValidationError([{
+                "type": "json_invalid", "loc": ("body", "input"), "msg": f"not JSON: {exc}",
+                "input": input,
+            }]) from exc
+        body = WasmTaskRequest(kind="wasm", module_b64="", input=payload, policy=policy or None,
+                               resources=ResourcesRequest(timeout=timeout))
+        return submit(st, name, body, module)
+
+    @app.get("/v1/tasks/{task_id}", responses=_ERRORS, response_model=TaskView)
+    async def get_task(
+        task_id: str,
+        name: Token,
+        st: St,
+        wait: Annotated[float, Query(ge=0, le=3600, description="long-poll seconds")] = 0,
+    ) -> TaskView:
+        """A task's state and result; with `wait`, block until it is final or time is up."""
+        record = owned(st, name, task_id)
+        timeout = min(wait, config.service.max_wait)
+        if record.state in FINAL or timeout <= 0:
+            return TaskView.of(record)
+        event = st.waiters.register(task_id)
+        try:
+            record = owned(st, name, task_id)  # it may have finished before we registered
+            if record.state not in FINAL:
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), timeout)
+                record = owned(st, name, task_id)
+        finally:
+            st.waiters.discard(task_id, event)
+        return TaskView.of(record)
+
+    @app.get(
+        "/v1/tasks/{task_id}/files/{file_name:path}",
+        responses={**_ERRORS, 200: {"content": {"application/octet-stream": {}}}},
+        response_class=Response,
+    )
+    def get_file(task_id: str, file_name: str, name: Token, st: St) -> Response:
+        """One output file of a finished task, by the name its result lists."""
+        if not _safe_name(file_name):
+            raise HTTPException(400, "file names are relative paths without '.' or '..' parts")
+        owned(st, name, task_id)
+        data = st.dispatcher.store.file(task_id, file_name)
+        if data is None:
+            raise HTTPException(404, "no such file")
+        return Response(data, media_type="application/octet-stream")
+
+    @app.post("/v1/tasks/{task_id}/cancel", responses=_ERRORS, response_model=TaskView)
+    def cancel(task_id: str, name: Token, st: St) -> TaskView:
+        """Cancel a task: a queued one now, a running one is marked cancelled when it ends."""
+        owned(st, name, task_id)
+        record = st.dispatcher.cancel(task_id)
+        assert record is not None
+        return TaskView.of(record)
+
+    @app.get("/v1/policies", responses=_ERRORS, response_model=PolicyList)
+    def policies(name: Token) -> PolicyList:
+        """The policies this token may name; the first is its default."""
+        return PolicyList(policies=list(config.tokens[name].policies))
+
+    @app.get("/healthz")
+    def health() -> dict[str, str]:
+        """Liveness."""
+        return {"status": "ok"}
+
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE: {}}}})
+    def prometheus() -> Response:
+        """Prometheus metrics."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+def _safe_name(name: str) -> bool:
+    if not name or name.startswith("/") or "\\" in name or "\0" in name:
+        return False
+    return all(part not in ("", ".", "..") for part in name.split("/"))

@@ -1,0 +1,153 @@
+"""The wire format of the HTTP API (what the OpenAPI spec describes)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
+
+from wasmbox.models import Metrics, Resources, Result, Status, Task, TaskKind, TierName
+from wasmbox.service.store import Record, State
+
+Name = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class ResourcesRequest(BaseModel):
+    """What a task requests (bytes and seconds as numbers); the policy clamps every field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fuel: PositiveInt | None = None
+    memory: PositiveInt | None = Field(default=None, description="bytes")
+    timeout: PositiveFloat | None = Field(default=None, description="seconds")
+    output_bytes: PositiveInt | None = None
+    stdout_bytes: PositiveInt | None = None
+    cpus: PositiveFloat | None = None
+    pids: PositiveInt | None = None
+
+
+class _TaskFields(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input: JsonValue = None
+    args: list[str] = Field(default_factory=list, max_length=256)
+    env: dict[str, str] = Field(default_factory=dict)
+    resources: ResourcesRequest = ResourcesRequest()
+    tier: TierName = TierName.AUTO
+    output_schema: dict[str, Any] | None = None
+    policy: Name | None = Field(default=None, description="a policy name the token may use")
+
+    def _common(self) -> dict[str, Any]:
+        return {
+            "input": self.input, "args": tuple(self.args), "env": self.env,
+            "resources": Resources(**self.resources.model_dump(exclude_none=True)),
+            "tier": self.tier, "output_schema": self.output_schema,
+        }
+
+
+class WasmTaskRequest(_TaskFields):
+    """A WASI command module, base64-encoded, with one JSON input."""
+
+    kind: Literal["wasm"]
+    module_b64: str = Field(description="the WASI module, base64",
+                            json_schema_extra={"format": "byte"})
+
+    @field_validator("module_b64")
+    @classmethod
+    def _is_base64(cls, value: str) -> str:
+        try:
+            base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError(f"module_b64 is not base64: {exc}") from None
+        return value
+
+    def to_task(self, module: bytes | None = None) -> Task:
+        """The library `Task`; the module travels as bytes, never as a host path."""
+        data = module if module is not None else base64.b64decode(self.module_b64)
+        return Task(kind=TaskKind.WASM, module_bytes=data, **self._common())
+
+
+class PythonTaskRequest(_TaskFields):
+    """Python source; ``entry(input)`` is called if the source defines it."""
+
+    kind: Literal["python"]
+    source: str = Field(description="Python source code")
+    entry: Name = "main"
+
+    def to_task(self, module: bytes | None = None) -> Task:
+        """The library `Task`."""
+        return Task.python(self.source, entry=self.entry, **self._common())
+
+
+TaskRequest = Annotated[WasmTaskRequest | PythonTaskRequest, Field(discriminator="kind")]
+
+
+class ResultView(BaseModel):
+    """A `Result` with output files listed by name and size (fetch each from /files/)."""
+
+    task_id: str
+    run_id: str
+    tier: TierName
+    status: Status
+    exit_code: int | None = None
+    trap: str | None = None
+    reason: str | None = None
+    output: JsonValue = None
+    files: dict[str, int] = Field(default_factory=dict)
+    stdout: str = ""
+    stderr: str = ""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    metrics: Metrics = Metrics()
+    escalated_from: TierName | None = None
+
+    @classmethod
+    def of(cls, result: Result, sizes: dict[str, int]) -> ResultView:
+        data = result.model_dump(exclude={"files"})
+        return cls(**data, files=sizes)
+
+
+class TaskView(BaseModel):
+    """Where a task is; `result` once it finished, `error` if the host refused to run it."""
+
+    id: str
+    state: State
+    policy: str
+    final: bool
+    cancel_requested: bool
+    attempts: int
+    submitted_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    result: ResultView | None = None
+    error: str | None = None
+
+    @classmethod
+    def of(cls, record: Record) -> TaskView:
+        return cls(
+            id=record.id, state=record.state, policy=record.policy,
+            final=record.state in (State.FINISHED, State.REJECTED),
+            cancel_requested=record.cancel_requested, attempts=record.attempts,
+            submitted_at=record.submitted_at, started_at=record.started_at,
+            finished_at=record.finished_at, error=record.error,
+            result=None if record.result is None
+            else ResultView.of(record.result, record.file_sizes),
+        )
+
+
+class PolicyList(BaseModel):
+    """The policies a token may name; the first is its default."""
+
+    policies: list[str]
+
+
+class Problem(BaseModel):
+    """An error response."""
+
+    detail: str
