@@ -17,8 +17,12 @@ EXIT_OK, EXIT_GUEST_FAULT, EXIT_HOST_ERROR = 0, 1, 2
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``wasmbox`` command; returns the process exit code."""
+    argv = sys.argv[1:] if argv is None else argv
     parser = _parser()
-    args = parser.parse_args(argv)
+    if argv[:1] == ["serve"]:  # the service parses its own options
+        args = argparse.Namespace(handler=_serve, service_args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     try:
         code: int = args.handler(args)
         return code
