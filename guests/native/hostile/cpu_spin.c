@@ -1,0 +1,5 @@
+/* Spin forever: only a deadline stops this. */
+int main(void) {
+    volatile unsigned long n = 0;
+    for (;;) n++;
+}

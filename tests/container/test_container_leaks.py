@@ -1,0 +1,77 @@
+"""Nothing a container run creates outlives it: cgroups, runtime state, mounts, processes, dirs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+
+import psutil
+import pytest
+
+from wasmbox import Sandbox, Status, Task
+from wasmbox.models import Resources
+from wasmbox.policy import apply
+from wasmbox.tiers.container import ContainerTier
+
+pytestmark = pytest.mark.container
+MakeSandbox = Callable[..., Sandbox]
+
+
+@pytest.fixture
+def probe(container_ready: None) -> Iterator[ContainerTier]:
+    """A tier that only looks for leftovers of the others."""
+    tier = ContainerTier()
+    assert tier.leftovers() == [], "leftovers from before this test"
+    yield tier
+    tier.close()
+
+
+def _children() -> list[psutil.Process]:
+    return psutil.Process().children(recursive=True)
+
+
+def test_fifty_runs_leave_nothing_behind(probe: ContainerTier, make_csb: MakeSandbox) -> None:
+    with make_csb(ContainerTier()) as sb:
+        for i in range(50):
+            task = (Task.python("def main(i):\n    return i\n", input=i, tier="container")
+                    if i % 10 == 0 else Task.command(["/bin/sh", "-c", "echo $$"]))
+            assert sb.run(task).status is Status.COMPLETED
+    assert probe.leftovers() == []
+    assert _children() == []
+
+
+def test_timeout_leaves_nothing_behind(probe: ContainerTier, make_csb: MakeSandbox) -> None:
+    with make_csb(ContainerTier()) as sb:
+        r = sb.run(Task.command(["/bin/sh", "-c", "sleep 100 & sleep 100 & /opt/guests/cpu_spin"],
+                                resources=Resources(timeout=0.3)))
+        assert r.status is Status.TIMEOUT
+    assert probe.leftovers() == []
+    assert _children() == []
+
+
+def test_pool_close_deletes_every_pooled_container(
+    probe: ContainerTier, make_csb: MakeSandbox
+) -> None:
+    tier = ContainerTier(pool_size=3)
+    with make_csb(tier) as sb:
+        pool = tier.prewarm(apply(sb.policy, Task.command(["/bin/true"])))
+        assert pool is not None and pool.wait_ready()
+        assert len([x for x in probe.leftovers() if x.startswith("state")]) == 3
+        assert sb.run(Task.command(["/bin/true"])).status is Status.COMPLETED
+    assert probe.leftovers() == []
+    assert _children() == []
+
+
+def test_interrupted_run_leaves_nothing_behind(probe: ContainerTier, make_csb: MakeSandbox) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("SIGINT reaches only the main thread")
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    with make_csb(ContainerTier()) as sb:
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            sb.run(Task.command(["/opt/guests/cpu_spin"], resources=Resources(timeout=10)))
+    timer.join()
+    assert probe.leftovers() == []
+    assert _children() == []

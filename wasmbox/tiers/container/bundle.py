@@ -1,0 +1,252 @@
+"""OCI bundles: the shared read-only root skeleton and one config.json per container."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wasmbox.policy import Plan
+from wasmbox.tiers.container.cgroups import CgroupLayout
+from wasmbox.tiers.container.seccomp import seccomp_profile
+
+GUEST_UID = 65534
+GUEST_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
+ROOTFS_PREFIX = "wasmbox-rootfs-"
+CODE_MOUNT = "/.wasmbox"  # runner + task source (Python tasks), or the pooled spec
+_HOST_DIRS = ("usr", "bin", "lib", "lib32", "lib64", "libx32", "sbin")
+_HOST_ETC = ("ld.so.cache", "alternatives", "localtime")
+_MOUNTPOINTS = ("proc", "dev", "tmp", "task", CODE_MOUNT.lstrip("/"))
+_PASSWD = "root:x:0:0:root:/:/usr/sbin/nologin\nnobody:x:65534:65534:nobody:/:/usr/sbin/nologin\n"
+_GROUP = "root:x:0:\nnogroup:x:65534:\n"
+_HOSTS = "127.0.0.1 localhost\n::1 localhost\n"
+# A short CFS period spreads throttling evenly (a task gets its share every 20 ms, not in
+# 100 ms bursts), so monitoring samples see it as sustained; the kernel minimum quota is 1 ms.
+_CPU_PERIOD = 20_000
+_MIB = 1 << 20
+# Devices a sane program needs (null, zero, full, random, urandom, tty); the rest are denied.
+_CHAR_DEVICES = ((1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0))
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """Everything of a container's config that a pooled container must agree on."""
+
+    memory: int
+    cpus: float
+    pids: int
+    tmpfs: int
+    fsize: int
+    readonly_mounts: tuple[tuple[str, str], ...]
+    writable_mounts: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def of(cls, plan: Plan) -> Shape:
+        """The bundle shape a plan needs."""
+        caps = plan.output
+        fsize = max(caps.max_file_bytes, 4 * plan.stdout_bytes, 4 * plan.stderr_bytes,
+                    plan.tmpfs) + _MIB
+        return cls(
+            memory=plan.memory,
+            cpus=plan.cpus,
+            pids=plan.pids,
+            tmpfs=plan.tmpfs,
+            fsize=fsize,
+            readonly_mounts=tuple(sorted((g, str(h)) for g, h in plan.readonly_mounts.items())),
+            writable_mounts=tuple(sorted((g, str(h)) for g, h in plan.writable_mounts.items())),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Paths:
+    """Host directories one container sees: /task, /task/output and the code mount."""
+
+    task_dir: str
+    output_dir: str
+    code_dir: str
+
+
+class RootSkeleton:
+    """An empty root directory whose only content is mount points, symlinks and a tiny /etc.
+
+    Host directories (/usr, /lib...) are bound over it read-only; nothing of the host's
+    /etc, /home, /root, /var or /run is ever visible.
+    """
+
+    def __init__(self, parent: str) -> None:
+        self.path = tempfile.mkdtemp(prefix=f"{ROOTFS_PREFIX}{os.getpid()}-", dir=parent)
+        self._lock = threading.Lock()
+        self.binds: list[tuple[str, str]] = []  # (host, guest) read-only binds
+        try:
+            self._build()
+        except BaseException:
+            self.remove()
+            raise
+
+    def _build(self) -> None:
+        root = self.path
+        for name in _HOST_DIRS:
+            host = "/" + name
+            if os.path.islink(host):
+                os.symlink(os.readlink(host), f"{root}/{name}")
+            elif os.path.isdir(host):
+                os.mkdir(f"{root}/{name}")
+                self.binds.append((host, host))
+        for name in _MOUNTPOINTS:
+            os.mkdir(f"{root}/{name}")
+        os.mkdir(f"{root}/etc")
+        for name, text in (("passwd", _PASSWD), ("group", _GROUP), ("hosts", _HOSTS)):
+            Path(f"{root}/etc/{name}").write_text(text)
+        for name in _HOST_ETC:
+            host = "/etc/" + name
+            if os.path.isdir(host) and not os.path.islink(host):
+                os.mkdir(f"{root}/etc/{name}")
+                self.binds.append((host, host))
+            elif os.path.isfile(host):
+                shutil.copyfile(host, f"{root}/etc/{name}")
+        os.chmod(root, 0o755)
+
+    def ensure_mountpoint(self, guest: str, is_dir: bool) -> None:
+        """Create a mount point for a policy mount, so the runtime never writes the root."""
+        target = self.path + guest
+        with self._lock:
+            if os.path.lexists(target):
+                return
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if is_dir:
+                os.mkdir(target)
+            else:
+                open(target, "x").close()
+
+    def remove(self) -> None:
+        """Delete the skeleton (it holds no mounts: they live in containers' namespaces)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def make_config(
+    *,
+    shape: Shape,
+    skeleton: RootSkeleton,
+    paths: Paths,
+    args: list[str],
+    env: dict[str, str],
+    cgroups: CgroupLayout,
+    cgroup_path: str,
+) -> dict[str, Any]:
+    """The config.json of one container."""
+    mounts: list[dict[str, Any]] = [
+        {"destination": "/proc", "type": "proc", "source": "proc",
+         "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "noexec", "strictatime", "mode=755", "size=64k"]},
+        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "nodev", "mode=1777", f"size={shape.tmpfs}"]},
+    ]
+    for host, guest in skeleton.binds:
+        mounts.append(_bind(host, guest, writable=False))
+    mounts.append(_bind(paths.task_dir, "/task", writable=False))
+    mounts.append(_bind(paths.output_dir, "/task/output", writable=True))
+    mounts.append(_bind(paths.code_dir, CODE_MOUNT, writable=False))
+    for guest, host in shape.readonly_mounts:
+        skeleton.ensure_mountpoint(guest, os.path.isdir(host))
+        mounts.append(_bind(host, guest, writable=False))
+    for guest, host in shape.writable_mounts:
+        skeleton.ensure_mountpoint(guest, os.path.isdir(host))
+        mounts.append(_bind(host, guest, writable=True))
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False,
+            "user": {"uid": GUEST_UID, "gid": GUEST_UID, "additionalGids": []},
+            "args": args,
+            "env": _environment(env),
+            "cwd": "/task",
+            "capabilities": {k: [] for k in
+                             ("bounding", "effective", "inheritable", "permitted", "ambient")},
+            "rlimits": _rlimits(shape),
+            "noNewPrivileges": True,
+            "oomScoreAdj": 1000,
+        },
+        "root": {"path": skeleton.path, "readonly": True},
+        "hostname": "wasmbox",
+        "mounts": mounts,
+        "linux": {
+            "cgroupsPath": cgroup_path,
+            "resources": _resources(shape, cgroups),
+            "namespaces": [{"type": t} for t in
+                           ("pid", "network", "ipc", "uts", "mount", "cgroup")],
+            "seccomp": seccomp_profile(),
+            "maskedPaths": [
+                "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
+                "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
+                "/proc/sched_debug", "/proc/scsi", "/proc/interrupts",
+            ],
+            "readonlyPaths": [
+                "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
+            ],
+            "rootfsPropagation": "private",
+        },
+    }
+
+
+def write_config(bundle_dir: str, config: dict[str, Any]) -> None:
+    """Write config.json into `bundle_dir` (created if missing)."""
+    os.makedirs(bundle_dir, exist_ok=True)
+    with open(bundle_dir + "/config.json", "w", encoding="utf-8") as f:
+        json.dump(config, f, separators=(",", ":"))
+
+
+def _bind(host: str, guest: str, *, writable: bool) -> dict[str, Any]:
+    options = ["rbind", "nosuid", "nodev", "rw" if writable else "ro"]
+    if writable:
+        options.append("noexec")
+    return {"destination": guest, "type": "bind", "source": host, "options": options}
+
+
+def _environment(env: dict[str, str]) -> list[str]:
+    merged = {"PATH": GUEST_PATH, "HOME": "/tmp", "LANG": "C.UTF-8", **env}
+    return [f"{k}={v}" for k, v in merged.items()]
+
+
+def _rlimits(shape: Shape) -> list[dict[str, Any]]:
+    wanted = {
+        "RLIMIT_NOFILE": 1024,
+        "RLIMIT_CORE": 0,
+        "RLIMIT_MEMLOCK": 64 * 1024,
+        # A single file (stdout included) cannot grow past what the caps could ever accept.
+        "RLIMIT_FSIZE": shape.fsize,
+        "RLIMIT_STACK": 8 * _MIB,
+    }
+    limits = []
+    for name, value in wanted.items():
+        _, hard = resource.getrlimit(getattr(resource, name))
+        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+        limits.append({"type": name, "soft": value, "hard": value})
+    return limits
+
+
+def _resources(shape: Shape, cgroups: CgroupLayout) -> dict[str, Any]:
+    devices: list[dict[str, Any]] = [{"allow": False, "access": "rwm"}]
+    devices += [{"allow": True, "type": "c", "major": ma, "minor": mi, "access": "rwm"}
+                for ma, mi in _CHAR_DEVICES]
+    memory: dict[str, Any] = {"limit": shape.memory}
+    if cgroups.swap_accounting:
+        memory["swap"] = shape.memory  # memory + swap = memory: no swap at all
+    if cgroups.version == 1:
+        memory["swappiness"] = 0
+    return {
+        "devices": devices,
+        "memory": memory,
+        "cpu": {
+            "quota": max(1000, int(shape.cpus * _CPU_PERIOD)),
+            "period": _CPU_PERIOD,
+            "shares": max(2, int(1024 * shape.cpus)),
+        },
+        "pids": {"limit": shape.pids},
+    }

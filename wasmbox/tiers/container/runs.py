@@ -1,0 +1,237 @@
+"""One task in one container: cold (create and start now) or pooled (start a created one)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+from wasmbox.errors import HostFailure
+from wasmbox.lifecycle import Deadline, shielded
+from wasmbox.models import Status, TaskKind
+from wasmbox.monitor import Monitor, Sample
+from wasmbox.policy import Plan
+from wasmbox.tiers.base import Outcome
+from wasmbox.tiers.container.bundle import (
+    CODE_MOUNT,
+    GUEST_UID,
+    Paths,
+    RootSkeleton,
+    Shape,
+    make_config,
+    write_config,
+)
+from wasmbox.tiers.container.cgroups import PARENT, CgroupLayout
+from wasmbox.tiers.container.instance import Ended, ExecFailed, Instance, new_container_id
+from wasmbox.tiers.container.pool import Pooled, spec_script
+from wasmbox.tiers.container.runtime import Runtime
+from wasmbox.workspace import Workspace
+
+RUNNER = Path(__file__).resolve().parents[3] / "guests" / "python" / "runner.py"
+GUEST_PYTHON = "/usr/bin/python3"
+STREAM_MODE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+
+
+def guest_argv(plan: Plan, code_dir: str) -> list[str]:
+    """The program to run; Python tasks get the runner and their source staged in `code_dir`."""
+    task = plan.task
+    if task.kind is TaskKind.COMMAND:
+        return list(plan.args)
+    assert task.source is not None  # guaranteed by Task validation
+    try:
+        shutil.copyfile(RUNNER, code_dir + "/runner.py")
+    except OSError as exc:
+        raise HostFailure(f"the Python runner is missing: {exc}") from exc
+    with open(code_dir + "/task.py", "w", encoding="utf-8") as f:
+        f.write(task.source)
+    for name in ("runner.py", "task.py"):
+        os.chmod(f"{code_dir}/{name}", 0o444)
+    return [GUEST_PYTHON, "-I", "-B", f"{CODE_MOUNT}/runner.py", f"{CODE_MOUNT}/task.py",
+            task.entry]
+
+
+class Watch:
+    """What is checked while a container runs: a monitoring sample when one is due (from the
+    container's cgroup), then the output caps."""
+
+    def __init__(self, view: Workspace, monitor: Monitor, cgroups: CgroupLayout,
+                 cgroup_path: str) -> None:
+        self.view, self.monitor, self.cgroups, self.cgroup_path = (
+            view, monitor, cgroups, cgroup_path)
+
+    def __call__(self) -> tuple[Status, str] | None:
+        if self.monitor.due():
+            reason = self.monitor.observe(self.sample())
+            if reason is not None:
+                return Status.ANOMALY, reason
+        reason = self.view.over_cap()
+        return None if reason is None else (Status.OUTPUT_REJECTED, reason)
+
+    def sample(self) -> Sample:
+        """One observation of the running container."""
+        memory, cpu, throttled = self.cgroups.sample(self.cgroup_path)
+        stdout, stderr = self.view.stream_sizes()
+        return Sample(
+            at_s=self.monitor.elapsed(),
+            memory_bytes=memory,
+            memory_cap=self.view.plan.memory,
+            cpu_s=cpu,
+            throttled_s=throttled,
+            output_bytes=self.view.output_bytes() + stdout + stderr,
+            stderr_bytes=stderr,
+        )
+
+
+def run_cold(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monitor,
+             runtime: Runtime, skeleton: RootSkeleton, shape: Shape, t0: float) -> Outcome:
+    bundle = workspace.path + "/bundle"  # host-only: beside task/, removed with the workspace
+    code = bundle + "/code"
+    cid = new_container_id()
+    cgroup_path = f"/{PARENT}/{cid}"
+    try:
+        os.makedirs(code)
+        args = guest_argv(plan, code)
+        os.chown(workspace.output_dir, GUEST_UID, GUEST_UID)
+        config = make_config(
+            shape=shape, skeleton=skeleton, args=args, env=plan.env, cgroups=runtime.cgroups,
+            paths=Paths(workspace.task_dir, workspace.output_dir, code), cgroup_path=cgroup_path,
+        )
+        write_config(bundle, config)
+    except OSError as exc:
+        raise HostFailure(f"cannot stage the container bundle: {exc}") from exc
+    instance = Instance(runtime, cid, bundle, cgroup_path)
+    metrics: dict[str, float] = {}
+    teardown = 0.0
+    try:
+        out, err = open_streams(workspace.stdout_path, workspace.stderr_path)
+        try:
+            if runtime.name == "runsc":
+                instance.run_foreground(out, err)
+            else:
+                instance.run_detached(out, err)
+        finally:
+            os.close(out)
+            os.close(err)
+        t1 = time.perf_counter()
+        watch = Watch(workspace, monitor, runtime.cgroups, cgroup_path)
+        ended = instance.wait(deadline, plan.kill_grace, watch)
+        t2 = time.perf_counter()
+        metrics = runtime.cgroups.metrics(cgroup_path)
+    except ExecFailed:
+        return _exec_failed(plan, workspace, t0)
+    finally:
+        t3 = time.perf_counter()
+        with shielded():
+            instance.destroy()
+        teardown = time.perf_counter() - t3
+    outcome = _outcome(plan, workspace, ended, metrics, t1 - t0, t2 - t1)
+    outcome.extra["teardown_s"] = teardown
+    return outcome
+
+
+def run_pooled(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monitor,
+               pooled: Pooled, t0: float) -> Outcome:
+    # The container was created before this workspace existed: its /task is a staging dir
+    # of its own, filled now and emptied back into the workspace when it ends.
+    view = _workspace_view(workspace, pooled)
+    metrics: dict[str, float] = {}
+    try:
+        try:
+            shutil.copyfile(workspace.input_path, pooled.paths.task_dir + "/input.json")
+            os.chmod(pooled.paths.task_dir + "/input.json", 0o444)
+            args = guest_argv(plan, pooled.paths.code_dir)
+            spec_script(pooled.paths.code_dir, args, plan.env)
+        except OSError as exc:
+            raise HostFailure(f"cannot stage a pooled container: {exc}") from exc
+        pooled.instance.start()
+        t1 = time.perf_counter()
+        instance = pooled.instance
+        watch = Watch(view, monitor, instance.runtime.cgroups, instance.cgroup_path)
+        ended = instance.wait(deadline, plan.kill_grace, watch)
+        t2 = time.perf_counter()
+        metrics = pooled.instance.runtime.cgroups.metrics(pooled.instance.cgroup_path)
+        t3 = time.perf_counter()
+        with shielded():
+            pooled.instance.destroy()
+            pooled.hand_back(workspace.output_dir, workspace.stdout_path, workspace.stderr_path)
+    finally:
+        with shielded():
+            pooled.destroy()
+    teardown = time.perf_counter() - t3
+    outcome = _outcome(plan, workspace, ended, metrics, t1 - t0, t2 - t1)
+    outcome.extra.update(pooled=1.0, teardown_s=teardown)
+    return outcome
+
+
+def _workspace_view(workspace: Workspace, pooled: Pooled) -> Workspace:
+    """A Workspace that reads a pooled container's staging dir, for the in-run checks.
+
+    It owns nothing (it is never closed), so only the read-only methods may be used.
+    """
+    view = Workspace.__new__(Workspace)
+    view.plan = workspace.plan
+    view.path = pooled.path
+    view.task_dir = pooled.paths.task_dir
+    view.output_dir = pooled.paths.output_dir
+    view.stdout_path = pooled.stdout_path
+    view.stderr_path = pooled.stderr_path
+    return view
+
+
+def open_streams(stdout_path: str, stderr_path: str) -> tuple[int, int]:
+    out = os.open(stdout_path, STREAM_MODE, 0o600)
+    try:
+        err = os.open(stderr_path, STREAM_MODE, 0o600)
+    except BaseException:
+        os.close(out)
+        raise
+    return out, err
+
+
+def _exec_failed(plan: Plan, workspace: Workspace, t0: float) -> Outcome:
+    stderr, truncated = workspace.read_stream(workspace.stderr_path, plan.stderr_bytes)
+    message = stderr.decode(errors="replace").strip()
+    if "not found" not in message and "ermission denied" not in message:
+        raise HostFailure(f"the runtime could not start the container: {message}")
+    return Outcome(
+        status=Status.FAILED, exit_code=127, reason=message.splitlines()[-1] if message else None,
+        stderr=stderr, stderr_truncated=truncated, startup_s=time.perf_counter() - t0,
+    )
+
+
+def _outcome(plan: Plan, workspace: Workspace, ended: Ended, metrics: dict[str, float],
+             startup_s: float, run_s: float) -> Outcome:
+    outcome = Outcome(status=Status.COMPLETED, startup_s=startup_s, run_s=run_s)
+    ws = ended.wait_status
+    code = os.waitstatus_to_exitcode(ws) if ws is not None else None
+    flood = workspace.over_cap()
+    if ended.stopped is not None:
+        outcome.status, outcome.reason = ended.stopped, ended.reason
+    elif flood is not None:
+        outcome.status, outcome.reason = Status.OUTPUT_REJECTED, flood
+    elif code == 0:
+        outcome.exit_code = 0
+    elif metrics.get("oom_kills", 0) > 0:
+        outcome.status = Status.MEMORY_EXCEEDED
+        outcome.reason = f"the memory cgroup limit of {plan.memory} bytes was hit (OOM kill)"
+        outcome.exit_code = code if code is not None and code > 0 else None
+    elif code is not None and code > 0:
+        outcome.status, outcome.exit_code = Status.FAILED, code
+    elif code is not None:
+        name = signal.Signals(-code).name
+        outcome.status, outcome.trap = Status.CRASHED, f"signal {name}"
+        outcome.reason = f"killed by {name}"
+    cpu = metrics.pop("cpu_s", None)
+    peak = metrics.pop("peak_memory_bytes", None)
+    outcome.cpu_s = cpu
+    outcome.peak_memory_bytes = int(peak) if peak is not None else None
+    outcome.extra = metrics
+    outcome.stdout, outcome.stdout_truncated = workspace.read_stream(
+        workspace.stdout_path, plan.stdout_bytes
+    )
+    outcome.stderr, outcome.stderr_truncated = workspace.read_stream(
+        workspace.stderr_path, plan.stderr_bytes
+    )
+    return outcome

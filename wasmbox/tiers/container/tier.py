@@ -1,0 +1,286 @@
+"""The container tier: each task in a fresh OCI container (crun, runc, or gVisor's runsc)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import tempfile
+import threading
+import time
+
+from wasmbox.errors import HostFailure, SandboxError, TierUnavailable
+from wasmbox.lifecycle import Closeable, Deadline, shielded
+from wasmbox.models import TaskKind, TierName
+from wasmbox.monitor import Monitor
+from wasmbox.policy import Plan
+from wasmbox.tiers.base import Availability, Outcome
+from wasmbox.tiers.container import reaper
+from wasmbox.tiers.container.bundle import (
+    ROOTFS_PREFIX,
+    Paths,
+    RootSkeleton,
+    Shape,
+    make_config,
+    write_config,
+)
+from wasmbox.tiers.container.cgroups import PARENT
+from wasmbox.tiers.container.instance import ExecFailed, Instance, new_container_id, owner_pid
+from wasmbox.tiers.container.pool import POOL_PREFIX, ContainerPool
+from wasmbox.tiers.container.runs import STREAM_MODE, run_cold, run_pooled
+from wasmbox.tiers.container.runtime import STATE_ROOT, Runtime, choose_runtime
+from wasmbox.workspace import Workspace, remove_tree, workspace_root
+
+PROBE_PREFIX = "wasmbox-probe-"
+RUNSC_THREADS = 256
+
+
+class ContainerTier(Closeable):
+    """Runs command and Python tasks in OCI containers.
+
+    `pool_size` > 0 keeps that many containers of each shape created ahead (growing up to
+    `pool_max` under demand); `runtime` picks crun (default), runc or ``gvisor``.
+    """
+
+    name = TierName.CONTAINER
+
+    def __init__(self, pool_size: int = 0, runtime: str | None = None,
+                 pool_max: int | None = None) -> None:
+        self.pool_size = pool_size
+        self.pool_max = pool_max
+        self.default_runtime = runtime
+        self._runtimes: dict[str, Runtime] = {}
+        self._skeleton: RootSkeleton | None = None
+        self._pools: dict[tuple[str, Shape], ContainerPool] = {}
+        self._lock = threading.Lock()
+
+    # --- probing --------------------------------------------------------------------------
+
+    def availability(self) -> Availability:
+        """Whether the default runtime can run containers here, and which one it is."""
+        return self.runtime_availability(self.default_runtime)
+
+    def runtime_availability(self, runtime: str | None) -> Availability:
+        """Availability of one runtime (``None``/crun/runc, or ``gvisor``). Never raises."""
+        choice = choose_runtime(runtime)
+        details = {"runtime": choice.name}
+        if choice.binary is None:
+            return Availability(self.name, False, choice.reason, details)
+        if os.geteuid() != 0:
+            return Availability(self.name, False, "the container tier needs root "
+                                "(rootless containers are not supported)", details)
+        try:
+            found = self._runtime(runtime)
+        except TierUnavailable as exc:
+            return Availability(self.name, False, exc.reason, details)
+        cgroups = found.cgroups
+        details["binary"] = choice.binary
+        details["cgroups"] = f"v{cgroups.version}"
+        if found.private_namespace:
+            details["mount_namespace"] = "private (v2 cgroup mounts hidden from the runtime)"
+        missing = cgroups.missing_controllers()
+        if missing:
+            return Availability(self.name, False, "cgroup controllers not available to the "
+                                f"runtime: {', '.join(missing)}", details)
+        try:
+            _smoke_test(found, self._root_skeleton())
+        except (SandboxError, OSError, ExecFailed) as exc:
+            return Availability(self.name, False, f"{choice.name} cannot run a container "
+                                f"here: {exc}", details)
+        return Availability(self.name, True, f"{choice.name}: {choice.reason}", details)
+
+    def leftovers(self) -> list[str]:
+        """Traces of containers that should not exist between runs: cgroups, runtime state,
+        mounts and staging dirs of any wasmbox container tier. Empty when all is clean."""
+        runtimes = list(self._runtimes.values()) or [self._runtime(self.default_runtime)]
+        found: list[str] = []
+        for runtime in runtimes:
+            for parent in runtime.cgroups.parents():
+                with contextlib.suppress(FileNotFoundError):
+                    found += [f"cgroup {parent}/{e.name}" for e in os.scandir(parent)
+                              if e.is_dir()]
+            with contextlib.suppress(FileNotFoundError):
+                found += [f"state {runtime.state_root}/{n}"
+                          for n in os.listdir(runtime.state_root)]
+            ours = (ROOTFS_PREFIX, POOL_PREFIX, PROBE_PREFIX, STATE_ROOT)
+            found += [f"mount {line}" for line in runtime.mount_table().splitlines()
+                      if any(mark in line for mark in ours)]
+        root = str(workspace_root())
+        own = self._skeleton.path if self._skeleton is not None else None
+        found += [f"dir {root}/{n}" for n in os.listdir(root)
+                  if n.startswith((POOL_PREFIX, ROOTFS_PREFIX, PROBE_PREFIX))
+                  and f"{root}/{n}" != own]
+        return found
+
+    # --- running --------------------------------------------------------------------------
+
+    def unsuitable(self, plan: Plan) -> str | None:
+        """Why this tier cannot take `plan`, or None (containers have no network)."""
+        if plan.network:
+            return "containers have no network (only lo)"
+        if plan.task.kind not in (TaskKind.COMMAND, TaskKind.PYTHON):
+            return f"the container tier cannot run {plan.task.kind} tasks"
+        return None
+
+    def prepare(self, plan: Plan) -> None:
+        """Resolve the runtime, build the root skeleton and start the pool for this shape.
+
+        Raises `TierUnavailable` for a task this tier cannot run (network, wasm modules, a
+        runtime that is missing).
+        """
+        self._ensure_open()
+        why = self.unsuitable(plan)
+        if why is not None:
+            raise TierUnavailable(str(self.name), why)
+        self.prewarm(plan)
+
+    def run(self, plan: Plan, workspace: Workspace, deadline: Deadline,
+            monitor: Monitor) -> Outcome:
+        """Run the task in a fresh container; every container, cgroup and mount is gone after."""
+        self._ensure_open()
+        why = self.unsuitable(plan)
+        if why is not None:
+            raise TierUnavailable(str(self.name), why)
+        t0 = time.perf_counter()
+        runtime = self._runtime(plan.task.runtime or self.default_runtime)
+        skeleton = self._root_skeleton()
+        shape = _for_runtime(runtime, Shape.of(plan))
+        pooled = None
+        if self.pool_size > 0 and runtime.name != "runsc":
+            pooled = self._pool(runtime, shape, skeleton).take()
+        if pooled is not None:
+            return run_pooled(plan, workspace, deadline, monitor, pooled, t0)
+        return run_cold(plan, workspace, deadline, monitor, runtime, skeleton, shape, t0)
+
+    def prewarm(self, plan: Plan) -> ContainerPool | None:
+        """Start the pool for `plan`'s shape now (None without pooling); it fills behind."""
+        runtime = self._runtime(plan.task.runtime or self.default_runtime)
+        skeleton = self._root_skeleton()
+        if self.pool_size <= 0 or runtime.name == "runsc":
+            return None
+        return self._pool(runtime, _for_runtime(runtime, Shape.of(plan)), skeleton)
+
+    def _runtime(self, requested: str | None) -> Runtime:
+        choice = choose_runtime(requested)
+        found = self._runtimes.get(choice.name)
+        if found is not None:
+            return found
+        with self._lock:
+            self._ensure_open()
+            found = self._runtimes.get(choice.name)
+            if found is None:
+                reaper.become_subreaper()
+                found = Runtime(choice)
+                _sweep(found)
+                self._runtimes[choice.name] = found
+        return found
+
+    def _root_skeleton(self) -> RootSkeleton:
+        skeleton = self._skeleton
+        if skeleton is None:
+            with self._lock:
+                self._ensure_open()
+                if self._skeleton is None:
+                    self._skeleton = RootSkeleton(str(workspace_root()))
+                skeleton = self._skeleton
+        return skeleton
+
+    def _pool(self, runtime: Runtime, shape: Shape, skeleton: RootSkeleton) -> ContainerPool:
+        key = (runtime.name, shape)
+        pool = self._pools.get(key)
+        if pool is None:
+            with self._lock:
+                self._ensure_open()
+                pool = self._pools.get(key)
+                if pool is None:
+                    pool = ContainerPool(runtime, shape, skeleton, self.pool_size, self.pool_max)
+                    self._pools[key] = pool
+        return pool
+
+    def _release(self) -> None:
+        with self._lock:
+            pools, self._pools = list(self._pools.values()), {}
+            runtimes, self._runtimes = list(self._runtimes.values()), {}
+            skeleton, self._skeleton = self._skeleton, None
+        for pool in pools:
+            pool.close()
+        for runtime in runtimes:
+            runtime.close()
+        if skeleton is not None:
+            skeleton.remove()
+
+
+def _sweep(runtime: Runtime) -> None:
+    """Delete what processes that died without cleaning up left: their containers,
+    cgroups and staging directories (names carry the owner's pid)."""
+    def dead(name: str) -> bool:
+        pid = owner_pid(name)
+        if pid is None or pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(runtime.state_root):
+            if dead(name):
+                with contextlib.suppress(SandboxError):
+                    runtime.delete(name)
+    for parent in runtime.cgroups.parents():
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(parent):
+                if os.path.isdir(f"{parent}/{name}") and dead(name):
+                    runtime.cgroups.remove(f"/{PARENT}/{name}")
+    root = str(workspace_root())
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(root):
+            if name.startswith((POOL_PREFIX, ROOTFS_PREFIX, PROBE_PREFIX)) and dead(name):
+                remove_tree(f"{root}/{name}")
+
+
+def _for_runtime(runtime: Runtime, shape: Shape) -> Shape:
+    # gVisor's sentry and gofer threads live in the container's cgroup: the task's pids
+    # limit is enforced inside the sandbox, so the cgroup needs room for them on top.
+    if runtime.name == "runsc":
+        return dataclasses.replace(shape, pids=shape.pids + RUNSC_THREADS)
+    return shape
+
+
+def _smoke_test(runtime: Runtime, skeleton: RootSkeleton) -> None:
+    """Run /bin/true in a default-shaped container; raises with the runtime's complaint."""
+    path = tempfile.mkdtemp(prefix=f"{PROBE_PREFIX}{os.getpid()}-", dir=str(workspace_root()))
+    cid = new_container_id()
+    instance = Instance(runtime, cid, path + "/bundle", f"/{PARENT}/{cid}")
+    try:
+        paths = Paths(path + "/task", path + "/task/output", path + "/code")
+        os.makedirs(paths.output_dir)
+        os.mkdir(paths.code_dir)
+        shape = _for_runtime(runtime, Shape(
+            memory=256 << 20, cpus=1.0, pids=16, tmpfs=1 << 20, fsize=1 << 20,
+            readonly_mounts=(), writable_mounts=()))
+        write_config(instance.bundle_dir, make_config(
+            shape=shape, skeleton=skeleton, paths=paths, args=["/bin/true"], env={},
+            cgroups=runtime.cgroups, cgroup_path=instance.cgroup_path))
+        err_path = path + "/stderr"
+        fd = os.open(err_path, STREAM_MODE, 0o600)
+        try:
+            if runtime.name == "runsc":
+                instance.run_foreground(fd, fd)
+            else:
+                instance.run_detached(fd, fd)
+        except ExecFailed:
+            with open(err_path, encoding="utf-8", errors="replace") as f:
+                raise HostFailure(f.read().strip() or "the runtime failed") from None
+        finally:
+            os.close(fd)
+        ended = instance.wait(Deadline(30.0), 0.1, lambda: None)
+        if ended.wait_status is not None and ended.wait_status != 0:
+            raise HostFailure(f"/bin/true ended with wait status {ended.wait_status}")
+    finally:
+        with shielded():
+            instance.destroy()
+            remove_tree(path)
