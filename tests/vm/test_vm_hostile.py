@@ -1,0 +1,102 @@
+"""Hostile tasks in the VM tier: every guard trips with its exact status."""
+
+from __future__ import annotations
+
+import pytest
+
+from wasmbox import Policy, Sandbox, Task
+from wasmbox.models import Limits, Resources, Status, TierName
+from wasmbox.tiers.vm.assets import AssetReport
+
+pytestmark = pytest.mark.vm
+
+
+def command(*argv: str, **fields: object) -> Task:
+    return Task.command(list(argv), tier="vm", **fields)  # type: ignore[arg-type]
+
+
+def test_cpu_spinner_times_out(vm_sandbox: Sandbox) -> None:
+    task = command("sh", "-c", "while :; do :; done", resources=Resources(timeout=3))
+    result = vm_sandbox.run(task)
+    assert result.status is Status.TIMEOUT
+    assert result.exit_code is None
+
+
+def test_fork_bomb_hits_the_pids_limit(vm_sandbox: Sandbox) -> None:
+    script = "i=0; while [ $i -lt 300 ]; do sleep 60 & i=$((i+1)); done; echo spawned $i"
+    result = vm_sandbox.run(command("sh", "-c", script))
+    assert result.status is Status.FAILED
+    assert "can't fork" in result.stderr
+    assert "spawned" not in result.stdout
+
+
+def test_memory_hog_is_memory_exceeded(vm_sandbox: Sandbox) -> None:
+    # busybox tail buffers a line that never ends: it grows until the cgroup stops it.
+    result = vm_sandbox.run(command("tail", "/dev/zero", resources=Resources(memory="48MiB")))
+    assert result.status is Status.MEMORY_EXCEEDED
+    assert result.metrics.peak_memory_bytes is not None
+    assert result.metrics.peak_memory_bytes <= 48 * 1024 * 1024
+
+
+def test_network_is_unreachable(vm_sandbox: Sandbox) -> None:
+    script = "ls /sys/class/net; nc -w 2 1.1.1.1 80 </dev/null"
+    result = vm_sandbox.run(command("sh", "-c", script))
+    assert result.status is Status.FAILED
+    assert result.stdout.split() == ["lo"]
+    assert "Network is unreachable" in result.stderr
+
+
+def test_write_to_input_is_denied(vm_sandbox: Sandbox) -> None:
+    script = "echo x > /task/input.json; touch /task/new; exit 0"
+    result = vm_sandbox.run(command("sh", "-c", script, input={"a": 1}))
+    assert result.status is Status.COMPLETED
+    assert result.stderr.count("Permission denied") == 2
+
+
+def test_output_flood_is_rejected(vm_sandbox: Sandbox) -> None:
+    task = command("sh", "-c", "head -c 3000000 /dev/zero > /task/output/big",
+                   resources=Resources(output_bytes="1MiB"))
+    result = vm_sandbox.run(task)
+    assert result.status is Status.OUTPUT_REJECTED
+    assert result.files == {}
+
+
+def test_stdout_flood_is_truncated_at_the_cap(vm_sandbox: Sandbox) -> None:
+    task = command("sh", "-c", "head -c 3000000 /dev/zero | tr '\\0' a",
+                   resources=Resources(stdout_bytes=65536))
+    result = vm_sandbox.run(task)
+    assert result.stdout_truncated
+    assert len(result.stdout) == 65536
+
+
+def test_task_cannot_forge_the_exit_line(vm_sandbox: Sandbox) -> None:
+    script = ("echo WASMBOX-EXIT forged 0 > /dev/ttyS0; echo WASMBOX-EXIT forged 0 > /dev/console;"
+              " echo WASMBOX-EXIT forged 0; exit 5")
+    result = vm_sandbox.run(command("sh", "-c", script))
+    assert result.status is Status.FAILED
+    assert result.exit_code == 5
+
+
+def test_kernel_panic_mid_task_is_crashed(vm_assets: AssetReport) -> None:
+    from wasmbox.tiers.vm import VmTier
+
+    # vm.panic_on_oom=2 turns the task's cgroup OOM into a kernel panic.
+    tier = VmTier(pool_size=0, extra_cmdline="sysctl.vm.panic_on_oom=2")
+    with Sandbox(Policy(), tiers={TierName.VM: lambda: tier}) as sandbox:
+        task = command("tail", "/dev/zero", resources=Resources(memory="48MiB", timeout=30))
+        result = sandbox.run(task)
+    assert result.status is Status.CRASHED
+    assert result.metrics.wall_s < 30
+
+
+def test_boot_hang_is_bounded_by_the_deadline(vm_assets: AssetReport) -> None:
+    from wasmbox.tiers.vm import VmTier
+
+    # An init that never prints the ready marker: both boot attempts hang.
+    tier = VmTier(pool_size=0, boot_timeout=2.0, extra_cmdline="rdinit=/bin/cat")
+    policy = Policy(limits=Limits(memory="128MiB"))
+    with Sandbox(policy, tiers={TierName.VM: lambda: tier}) as sandbox:
+        result = sandbox.run(command("true", resources=Resources(timeout=3)))
+    assert result.status is Status.TIMEOUT
+    assert result.metrics.wall_s < 15  # a hang would run forever
+

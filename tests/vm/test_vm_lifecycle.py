@@ -1,0 +1,138 @@
+"""VM tier lifecycle: assets, availability, the janitor, and nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from wasmbox import Policy, Sandbox, Task
+from wasmbox.models import Status, TierName
+from wasmbox.tiers.vm.assets import PREPARE_COMMAND, AssetReport, load_assets, modinfo
+from wasmbox.tiers.vm.cpio import CpioWriter
+from wasmbox.tiers.vm.janitor import PID_FILE, PREFIX, reclaim
+from wasmbox.workspace import workspace_root
+
+pytestmark = pytest.mark.vm
+
+
+def test_assets_load_order_puts_dependencies_first(vm_assets: AssetReport) -> None:
+    order = list(vm_assets.assets.modules)
+    assert order.index("virtio_ring") < order.index("virtio") < order.index("virtio_pci")
+    assert {"virtio_blk", "virtio_console"} <= set(order)
+
+
+def test_prepared_assets_verify_on_load(vm_assets: AssetReport) -> None:
+    assets = load_assets(vm_assets.assets.root)
+    assert assets.kernel.exists() and assets.initramfs.exists()
+
+
+def test_modinfo_reads_a_real_module(vm_assets: AssetReport) -> None:
+    import tarfile
+
+    with tarfile.open(vm_assets.assets.root / "modules.tar") as tar:
+        member = tar.extractfile("virtio_blk.ko")
+        assert member is not None
+        info = modinfo(member.read())
+    assert "virtio" in info["depends"].split(",")
+
+
+def test_availability_names_the_prepare_command(tmp_path: Path) -> None:
+    from wasmbox.tiers.vm import VmTier
+
+    tier = VmTier(assets_dir=tmp_path / "empty")
+    available = tier.availability()
+    assert not available.ok
+    assert PREPARE_COMMAND in available.reason or "not installed" in available.reason
+
+
+@pytest.mark.skipif(shutil.which("cpio") is None, reason="cpio is not installed")
+def test_cpio_archive_is_readable_by_cpio(tmp_path: Path) -> None:
+    writer = CpioWriter()
+    writer.directory("d")
+    writer.file("d/hello.txt", b"hello")
+    writer.symlink("link", "d/hello.txt")
+    archive = writer.finish()
+    subprocess.run(["cpio", "-idm", "--quiet"], input=archive, cwd=tmp_path, check=True)
+    assert (tmp_path / "d" / "hello.txt").read_bytes() == b"hello"
+    assert os.readlink(tmp_path / "link") == "d/hello.txt"
+
+
+def test_janitor_reclaims_a_dead_owners_dir(tmp_path: Path) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    run_dir = tmp_path / f"{PREFIX}{dead.pid}-abcd"
+    (run_dir / "m1").mkdir(parents=True)
+    # A stand-in for QEMU: its command line names the run dir, as QEMU's does.
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                               str(run_dir)])
+    (run_dir / "m1" / PID_FILE).write_text(str(orphan.pid))
+    try:
+        _wait_for_cmdline(orphan.pid, str(run_dir))
+        assert reclaim(tmp_path) == [run_dir]
+        assert orphan.wait(timeout=10) == -9
+        assert not run_dir.exists()
+    finally:
+        orphan.kill()
+        orphan.wait()
+
+
+def _wait_for_cmdline(pid: int, needle: str) -> None:
+    for _ in range(500):
+        if needle.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} never showed {needle} in its command line")
+
+
+def test_janitor_spares_a_live_owners_dir(tmp_path: Path) -> None:
+    run_dir = tmp_path / f"{PREFIX}{os.getpid()}-abcd"
+    run_dir.mkdir()
+    assert reclaim(tmp_path) == []
+    assert run_dir.exists()
+
+
+def test_nothing_is_left_after_close(vm_assets: AssetReport) -> None:
+    from wasmbox.tiers.vm import VmTier
+
+    root = Path(workspace_root())
+    before = set(root.glob(f"{PREFIX}*"))
+    with Sandbox(Policy(), tiers={TierName.VM: lambda: VmTier(pool_size=1)}) as sandbox:
+        result = sandbox.run(Task.command(["true"], tier="vm"))
+        assert result.status is Status.COMPLETED
+        ours = set(root.glob(f"{PREFIX}*")) - before
+        assert ours  # the tier's run dir (with a pooled guest booting in it)
+    assert not any(d.exists() for d in ours)
+    assert _processes_naming(ours) == []
+
+
+def _processes_naming(dirs: set[Path]) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if any(str(d).encode() in cmdline for d in dirs):
+            found.append(int(proc.name))
+    return found
+
+
+def test_network_request_is_refused_not_ignored(vm_assets: AssetReport) -> None:
+    from wasmbox.errors import PolicyViolation
+    from wasmbox.models import NetworkPolicy
+    from wasmbox.tiers.vm import VmTier
+
+    policy = Policy(network=NetworkPolicy(enabled=True))
+    with (
+        Sandbox(policy, tiers={TierName.VM: lambda: VmTier(pool_size=0)}) as sandbox,
+        pytest.raises(PolicyViolation, match="no network"),
+    ):
+        sandbox.run(Task.command(["true"], tier="vm", network=True))

@@ -1,0 +1,256 @@
+"""What runs inside the VM: the generated ``/init`` and the per-task job it sources.
+
+The base initramfs holds `INIT_SCRIPT` (and `PRESTART`). Before it prints the ready marker
+the guest does everything task-independent: modules, cgroup, tmpfs mounts sized by the ``wbx=``
+kernel argument and, for Python shapes, a pre-started interpreter waiting on a fifo. A task
+then arrives as a *bundle* (``job/job.sh``, the ``task/`` directory, ``job/py/`` for Python),
+either appended to the initramfs as a cpio (cold boot) or sent as a length-prefixed tar over
+the virtio-serial port (a pre-booted guest). The task runs as uid 1000 in a cgroup
+(memory.max, pids.max, cpu.max; cgroup.kill when its time is up), then the guest writes
+``output/`` and ``streams/`` as a tar to the raw output disk and prints one framed line
+``WASMBOX-EXIT <nonce> <code> peak=<bytes> cpu_us=<n> [timeout] [oom] [ship]`` on the serial
+console. The nonce sits in a root-only file and the console is root-only, so the task cannot
+forge that line.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import secrets
+import shlex
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from wasmbox.models import TaskKind
+from wasmbox.policy import Plan
+from wasmbox.tiers.vm.cpio import CpioWriter
+
+READY = "WASMBOX-READY"
+EXIT = "WASMBOX-EXIT"
+TASK_UID = 1000
+PYTHON_MOUNTPOINTS = ("/task", "/dev", "/proc", "/tmp", "/wasmbox", "/bin")
+RUNNER = Path(__file__).resolve().parents[3] / "guests" / "python" / "runner.py"
+STREAM_SLACK = 8192
+OUTPUT_SLACK = 64 * 1024  # lets a flood overshoot the cap, so the host sees and rejects it
+
+INIT_SCRIPT = r"""#!/bin/sh
+# Everything before the ready marker is task-independent: a pooled guest does it while it
+# waits, so the per-task path below forks as little as possible (each exec costs under TCG).
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+echo -1000 > /proc/self/oom_score_adj
+for m in /lib/wasmbox/*.ko; do insmod "$m"; done
+echo 1 > /proc/sys/kernel/printk
+read -r cmdline < /proc/cmdline
+for w in $cmdline; do case $w in wbx=*) sizes=${w#wbx=};; esac; done
+IFS=,
+set -- $sizes
+unset IFS
+OUT_BYTES=$1 OUT_INODES=$2 STREAM_BYTES=$3 TMP_BYTES=$4 PY=$5
+disk() {
+  for d in /sys/block/vd*; do
+    read -r serial < "$d/serial"
+    [ "$serial" = "$1" ] && { echo "/dev/${d##*/}"; return 0; }
+  done
+  return 1
+}
+CG=/sys/fs/cgroup
+SPAWN="start-stop-daemon -S -q -c 1000:1000 -u 1000"
+mount -t cgroup2 cgroup2 $CG
+echo "+memory +pids +cpu" > $CG/cgroup.subtree_control
+mkdir $CG/task /ship/output /ship/streams /task/output
+mount -t tmpfs -o "size=$OUT_BYTES,nr_inodes=$OUT_INODES,mode=0755,uid=1000,gid=1000" \
+  out /ship/output
+mount -t tmpfs -o "size=$STREAM_BYTES,mode=0755" streams /ship/streams
+mount --bind /ship/output /task/output
+mount -t tmpfs -o "size=$TMP_BYTES,mode=1777" tmp /tmp
+if [ "$PY" = 1 ]; then
+  mount -t ext4 -o ro,noload "$(disk wbxpy)" /py
+  mount --rbind /task /py/task
+  mount --bind /dev /py/dev
+  mount -t proc proc /py/proc
+  mount -t tmpfs -o "size=$TMP_BYTES,mode=1777" tmp /py/tmp
+  mount --bind /job/py /py/wasmbox
+  # Pre-start the interpreter (seconds under TCG) as the task's uid, in the task's cgroup;
+  # it waits on a fifo for its task and tells us, through another, once it is initialised.
+  mkfifo -m 0644 /job/py/go
+  mkfifo -m 0602 /job/py/ready
+  ( echo 0 > $CG/task/cgroup.procs; echo 1000 > /proc/self/oom_score_adj; ulimit -c 0
+    exec env -i PATH=/usr/bin:/bin HOME=/tmp chroot /py /bin/busybox sh -c \
+      "cd /task && exec /bin/busybox $SPAWN -x /usr/bin/python3 -- -I -S /wasmbox/prestart.py"
+  ) > /ship/streams/stdout 2> /ship/streams/stderr < /dev/null &
+  pypid=$!
+  read -r _ < /job/py/ready
+fi
+OUT_DISK=$(disk wbxout)
+if [ ! -f /job/job.sh ]; then
+  port=""
+  for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+    for p in /dev/vport*p1; do [ -c "$p" ] && port=$p; done
+    [ -n "$port" ] && break
+    sleep 0.05
+  done
+  echo WASMBOX-READY > /dev/ttyS0
+  exec 3<"$port"
+  size=""
+  while [ -z "$size" ]; do read -r size <&3 || sleep 0.05; done
+  head -c "$size" <&3 | tar -x -f - -C /
+  exec 3<&-
+else
+  echo WASMBOX-READY > /dev/ttyS0
+fi
+. /job/job.sh
+echo "$MEM" > $CG/task/memory.max
+echo 0 > $CG/task/memory.swap.max
+echo "$PIDS" > $CG/task/pids.max
+[ -n "$CPU_MAX" ] && echo "$CPU_MAX" > $CG/task/cpu.max
+( sleep "$TIMEOUT"; : > /run/timedout; echo 1 > $CG/task/cgroup.kill ) &
+watchdog=$!
+if [ -n "$pypid" ]; then
+  ( : > /job/py/go ) &
+  wait $pypid
+  code=$?
+else
+  ( echo 0 > $CG/task/cgroup.procs; echo 1000 > /proc/self/oom_score_adj; cd /task; ulimit -c 0
+    task ) > /ship/streams/stdout 2> /ship/streams/stderr < /dev/null
+  code=$?
+fi
+kill $watchdog 2>/dev/null
+echo 1 > $CG/task/cgroup.kill
+flags=""
+[ -e /run/timedout ] && flags=" timeout"
+while read -r k v; do
+  [ "$k" = oom_kill ] && [ "$v" -gt 0 ] && flags="$flags oom"
+done < $CG/task/memory.events
+read -r peak < $CG/task/memory.peak
+while read -r k v; do [ "$k" = usage_usec ] && cpu=$v; done < $CG/task/cpu.stat
+tar -c -f "$OUT_DISK" -C /ship output streams 2>/dev/null || flags="$flags ship"
+sync
+echo "WASMBOX-EXIT $NONCE $code peak=${peak:-0} cpu_us=${cpu:-0}$flags" > /dev/ttyS0
+poweroff -f
+"""
+
+
+PRESTART = """\
+# Runs inside the guest as the task's uid, before the task exists (see INIT_SCRIPT).
+import ast, json, os, runpy, sys, traceback, types  # noqa: F401 (what runner.py imports)
+open("/wasmbox/ready", "w").close()
+with open("/wasmbox/go", "rb") as go:
+    go.read()
+with open("/wasmbox/go.json", encoding="utf-8") as f:
+    job = json.load(f)
+os.environ.clear()
+os.environ.update(job["env"])
+sys.argv = ["/wasmbox/runner.py", "/wasmbox/task.py", job["entry"]]
+runpy.run_path("/wasmbox/runner.py", run_name="__main__")
+"""
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """One task's files for the guest, and the nonce its exit line must carry."""
+
+    files: dict[str, tuple[bytes, int]]  # guest path -> (data, mode)
+    dirs: tuple[str, ...]
+    nonce: str
+
+    def as_tar(self) -> bytes:
+        """The bundle as a tar, prefixed by its length, for the virtio-serial port."""
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for d in self.dirs:
+                info = tarfile.TarInfo(d)
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            for name, (data, mode) in self.files.items():
+                info = tarfile.TarInfo(name)
+                info.size, info.mode = len(data), mode
+                tar.addfile(info, io.BytesIO(data))
+        data = buf.getvalue()
+        return b"%d\n" % len(data) + data
+
+    def as_cpio(self) -> bytes:
+        """The bundle as a cpio to append to the base initramfs."""
+        cpio = CpioWriter()
+        for d in self.dirs:
+            cpio.directory(d)
+        for name, (data, mode) in self.files.items():
+            cpio.file(name, data, mode)
+        return cpio.finish()
+
+
+def output_disk_bytes(plan: Plan) -> int:
+    """Size of the raw output disk: everything the guest may ship, plus tar overhead.
+
+    Sized from the policy's caps (not the task's), so one pooled shape serves every task of a
+    policy; the task's own, lower caps are applied by the host when it collects.
+    """
+    caps, limits = plan.policy.output, plan.policy.limits
+    raw = (caps.max_total_bytes + OUTPUT_SLACK + limits.stdout_bytes + limits.stderr_bytes
+           + 2 * STREAM_SLACK + 1024 * (caps.max_files + 16) + (1 << 20))
+    return -(-raw // (1 << 20)) * (1 << 20)
+
+
+def make_bundle(plan: Plan, task_dir: str, timeout: float) -> Bundle:
+    """The bundle for `plan`, with the staged files of `task_dir` (output/ excluded)."""
+    nonce = secrets.token_hex(16)
+    files: dict[str, tuple[bytes, int]] = {}
+    dirs = ["job", "task"]
+    for dirpath, dirnames, filenames in os.walk(task_dir):
+        rel = os.path.relpath(dirpath, task_dir)
+        prefix = "task/" if rel == "." else f"task/{rel}/"
+        if rel == ".":
+            dirnames[:] = [d for d in dirnames if d != "output"]
+        dirs += [prefix + d for d in dirnames]
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                files[prefix + name] = (f.read(), 0o644)
+    task = plan.task
+    if task.kind is TaskKind.PYTHON:
+        dirs.append("job/py")
+        files["job/py/runner.py"] = (RUNNER.read_bytes(), 0o644)
+        files["job/py/task.py"] = ((task.source or "").encode(), 0o644)
+        env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", **plan.env}
+        files["job/py/go.json"] = (json.dumps({"entry": task.entry, "env": env}).encode(), 0o644)
+    files["job/job.sh"] = (job_script(plan, nonce, timeout).encode(), 0o700)
+    return Bundle(files, tuple(dirs), nonce)
+
+
+def job_script(plan: Plan, nonce: str, timeout: float) -> str:
+    """The per-task variables and the ``task`` function that `INIT_SCRIPT` sources."""
+    python = plan.task.kind is TaskKind.PYTHON
+    env = {"PATH": "/usr/bin:/bin" if python else "/bin", "HOME": "/tmp", **plan.env}
+    env_words = " ".join(shlex.quote(f"{k}={v}") for k, v in env.items())
+    spawn = f"start-stop-daemon -S -q -c {TASK_UID}:{TASK_UID} -u {TASK_UID}"
+    timeout = max(timeout, 0.05)
+    argv = " ".join(shlex.quote(a) for a in plan.args)
+    body = f"{spawn} -x /bin/busybox -- sh -c 'exec \"$@\"' sh {argv}"
+    lines = {
+        "NONCE": nonce,
+        "TIMEOUT": f"{timeout:.2f}",
+        "MEM": str(plan.memory),
+        "PIDS": str(plan.pids),
+        "CPU_MAX": "" if plan.cpus == int(plan.cpus)
+        else f"{max(1000, int(plan.cpus * 100000))} 100000",
+    }
+    out = [f"{k}={shlex.quote(v)}" for k, v in lines.items()]
+    if not python:  # a Python task runs in the interpreter the guest pre-started
+        out.append(f"task() {{ exec env -i {env_words} {body}; }}")
+    return "\n".join(out) + "\n"
+
+
+def guest_sizes(plan: Plan, python: bool) -> str:
+    """The ``wbx=`` kernel argument: tmpfs sizes the guest mounts before it is ready."""
+    caps, limits = plan.policy.output, plan.policy.limits
+    return "wbx=" + ",".join(str(v) for v in (
+        caps.max_total_bytes + OUTPUT_SLACK,
+        caps.max_files + 8,
+        limits.stdout_bytes + limits.stderr_bytes + 2 * STREAM_SLACK,
+        plan.tmpfs,
+        1 if python else 0,
+    ))

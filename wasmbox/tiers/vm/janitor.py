@@ -1,0 +1,72 @@
+"""Per-run state directories named after their owner's pid, and the janitor that reclaims them.
+
+Every VmTier keeps its QEMU processes, sockets and images under
+``<workspace root>/wasmbox-vm-<pid>-<token>/``. A host process that was killed leaves such a
+directory behind; the next VmTier finds it, kills the QEMU processes recorded inside (only if
+their command line still names that directory, so a recycled pid is never hit) and removes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import signal
+from pathlib import Path
+
+from wasmbox.workspace import remove_tree, workspace_root
+
+PREFIX = "wasmbox-vm-"
+PID_FILE = "qemu.pid"
+_NAME = re.compile(r"^wasmbox-vm-(\d+)-[0-9a-f]+$")
+
+
+def claim_run_dir(root: Path | None = None) -> Path:
+    """Reclaim what dead owners left, then create this process's own run directory."""
+    root = root or Path(workspace_root())
+    reclaim(root)
+    path = root / f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+    path.mkdir(mode=0o700)
+    return path
+
+
+def reclaim(root: Path | None = None) -> list[Path]:
+    """Remove run directories whose owning pid is gone, killing their QEMU first."""
+    root = root or Path(workspace_root())
+    reclaimed = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return []
+    for entry in entries:
+        m = _NAME.match(entry.name)
+        if not m or not entry.is_dir(follow_symlinks=False) or _alive(int(m.group(1))):
+            continue
+        kill_machines(Path(entry.path))
+        remove_tree(entry.path)
+        reclaimed.append(Path(entry.path))
+    return reclaimed
+
+
+def kill_machines(run_dir: Path) -> None:
+    """SIGKILL every QEMU recorded under `run_dir` that still belongs to it."""
+    for pid_file in run_dir.glob(f"*/{PID_FILE}"):
+        try:
+            pid = int(pid_file.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if str(run_dir).encode() in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

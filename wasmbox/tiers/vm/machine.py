@@ -1,0 +1,279 @@
+"""One QEMU guest: launch, wait for the ready marker, hand over a task, read its exit line.
+
+The serial console is parsed for exactly two framed lines (`guest.READY`, `guest.EXIT` with
+the task's nonce); nothing else on it is trusted. A `Machine` owns its process, socket and
+files and removes them all in `close()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wasmbox.errors import HostFailure
+from wasmbox.lifecycle import Closeable
+from wasmbox.tiers.vm.assets import Assets
+from wasmbox.tiers.vm.guest import EXIT, READY
+from wasmbox.tiers.vm.janitor import PID_FILE
+from wasmbox.workspace import remove_tree
+
+QEMU = "qemu-system-x86_64"
+CMDLINE = "quiet console=ttyS0 panic=-1"
+MIN_GUEST_MIB = 128
+GUEST_OVERHEAD_MIB = 96  # kernel, init and page cache beside the task's own cgroup limit
+_SERIAL_KEEP = 16384
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a machine is booted with; pooled machines are reused only for an equal shape."""
+
+    memory_mib: int
+    vcpus: int
+    output_bytes: int
+    python: bool
+    sizes: str  # the ``wbx=`` kernel argument (guest tmpfs sizes)
+
+
+@dataclass
+class ExitLine:
+    """The guest's framed report: exit code, guard flags, cgroup metrics."""
+
+    code: int
+    flags: set[str] = field(default_factory=set)
+    values: dict[str, int] = field(default_factory=dict)
+
+
+def guest_memory_mib(task_memory: int) -> int:
+    """Guest RAM for a task capped at `task_memory` bytes (the cap itself is a guest cgroup)."""
+    return max(MIN_GUEST_MIB, -(-task_memory // (1 << 20)) + GUEST_OVERHEAD_MIB)
+
+
+class Machine(Closeable):
+    """A running QEMU process in its own directory under the tier's run directory."""
+
+    def __init__(self, directory: Path, assets: Assets, shape: Shape, *, kvm: bool,
+                 initrd: Path | None = None, extra_cmdline: str = "") -> None:
+        self.dir = directory
+        self.shape = shape
+        self.started = time.monotonic()
+        self.ready_at: float | None = None
+        self._ready = threading.Event()
+        self._exited = threading.Event()
+        self._nonce: str | None = None
+        self._exit: ExitLine | None = None
+        self._serial = bytearray()
+        self._conn: socket.socket | None = None
+        self.dir.mkdir(mode=0o700)
+        try:
+            self.output_image = self.dir / "out.img"
+            with open(self.output_image, "wb") as f:
+                f.truncate(shape.output_bytes)
+            self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._listener.bind(str(self.dir / "task.sock"))
+            self._listener.listen(1)
+            argv = qemu_argv(self.dir, assets, shape, kvm=kvm,
+                             initrd=initrd or assets.initramfs, extra_cmdline=extra_cmdline)
+            self._stderr = open(self.dir / "qemu.stderr", "wb")  # noqa: SIM115 (closed in _release)
+            self.process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderr,
+                start_new_session=True,
+            )
+            (self.dir / PID_FILE).write_text(str(self.process.pid))
+            self._reader = threading.Thread(target=self._read_serial, daemon=True,
+                                            name=f"wasmbox-vm-serial-{self.process.pid}")
+            self._reader.start()
+        except OSError as exc:
+            self.close()
+            raise HostFailure(f"cannot start QEMU: {exc}") from exc
+        except BaseException:
+            self.close()
+            raise
+
+    def wait_ready(self, timeout: float) -> bool:
+        """True once the guest printed the ready marker; False on timeout or early death."""
+        end = time.monotonic() + timeout
+        while not self._ready.wait(min(0.05, max(0.0, end - time.monotonic()))):
+            if self._exited.is_set() or time.monotonic() >= end:
+                return self._ready.is_set()
+        return True
+
+    def send(self, payload: bytes, nonce: str, timeout: float) -> None:
+        """Hand a task bundle to a waiting guest over the virtio-serial socket."""
+        self._nonce = nonce
+        self._listener.settimeout(max(timeout, 0.01))
+        try:
+            if self._conn is None:
+                self._conn, _ = self._listener.accept()
+            self._conn.settimeout(max(timeout, 0.01))
+            self._conn.sendall(payload)
+        except OSError as exc:
+            raise HostFailure(f"cannot hand the task to the guest: {exc}") from exc
+
+    def expect(self, nonce: str) -> None:
+        """Set the nonce of the task that was built into the initramfs (cold boot)."""
+        self._nonce = nonce
+
+    def wait_exit(self, timeout: float) -> ExitLine | None:
+        """The guest's exit line, or None if it did not come within `timeout` (or QEMU died)."""
+        self._exited.wait(max(timeout, 0.0))
+        return self._exit
+
+    @property
+    def alive(self) -> bool:
+        """True while QEMU runs."""
+        return self.process.poll() is None and not self._exited.is_set()
+
+    def serial_tail(self) -> str:
+        """The end of the serial log, for error messages only."""
+        return bytes(self._serial[-2000:]).decode(errors="replace")
+
+    def qemu_errors(self) -> str:
+        """What QEMU printed on stderr."""
+        try:
+            return (self.dir / "qemu.stderr").read_text(errors="replace")[-2000:].strip()
+        except OSError:
+            return ""
+
+    def rss_bytes(self) -> int | None:
+        """Resident memory of the QEMU process."""
+        try:
+            with open(f"/proc/{self.process.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time QEMU has used (all its threads)."""
+        try:
+            with open(f"/proc/{self.process.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def _read_serial(self) -> None:
+        stream = self.process.stdout
+        assert stream is not None
+        for raw in stream:
+            self._serial += raw
+            del self._serial[:-_SERIAL_KEEP]
+            line = raw.decode(errors="replace").strip()
+            # A kernel message may share the line: look for the frame, not the line start.
+            if line.endswith(READY) and not self._ready.is_set():
+                self.ready_at = time.monotonic()
+                self._ready.set()
+            elif EXIT + " " in line and self._nonce is not None:
+                parsed = _parse_exit(line[line.index(EXIT + " "):], self._nonce)
+                if parsed is not None and self._exit is None:
+                    self._exit = parsed
+                    self._exited.set()
+        self._exited.set()
+
+    def stop(self) -> None:
+        """Kill QEMU now; the files stay until `close()`."""
+        process = getattr(self, "process", None)
+        if process is not None:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            if process.stdout is not None:
+                process.stdout.close()
+
+    def _release(self) -> None:
+        self.stop()
+        for sock in (self._conn, getattr(self, "_listener", None)):
+            if sock is not None:
+                sock.close()
+        stderr = getattr(self, "_stderr", None)
+        if stderr is not None:
+            stderr.close()
+        if self.dir.exists():
+            remove_tree(self.dir)
+
+
+def _parse_exit(line: str, nonce: str) -> ExitLine | None:
+    words = line.split()
+    if len(words) < 3 or words[1] != nonce:
+        return None
+    try:
+        result = ExitLine(int(words[2]))
+    except ValueError:
+        return None
+    for word in words[3:]:
+        key, eq, value = word.partition("=")
+        if eq and value.isdigit():
+            result.values[key] = int(value)
+        elif not eq:
+            result.flags.add(word)
+    return result
+
+
+def qemu_argv(directory: Path, assets: Assets, shape: Shape, *, kvm: bool, initrd: Path,
+              extra_cmdline: str = "") -> list[str]:
+    """The QEMU command line of one guest (q35: ``-M microvm`` hangs on some TCG boots)."""
+    accel = ["-enable-kvm", "-cpu", "host"] if kvm else ["-accel", "tcg"]
+    argv = [
+        QEMU, "-M", "q35", *accel, "-m", str(shape.memory_mib), "-smp", str(shape.vcpus),
+        "-nodefaults", "-no-user-config", "-nic", "none", "-no-reboot", "-display", "none",
+        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        "-kernel", str(assets.kernel), "-initrd", str(initrd),
+        "-append", f"{CMDLINE} {shape.sizes} {extra_cmdline}".strip(),
+        "-serial", "stdio",
+        "-device", "virtio-serial-pci,id=vser",
+        "-chardev", f"socket,id=task,path={directory / 'task.sock'}",
+        "-device", "virtserialport,bus=vser.0,chardev=task,name=wasmbox.task",
+        "-drive", f"file={directory / 'out.img'},format=raw,if=none,id=out,cache=unsafe",
+        "-device", "virtio-blk-pci,drive=out,serial=wbxout",
+    ]
+    if shape.python and assets.python_image is not None:
+        argv += [
+            "-drive", f"file={assets.python_image},format=raw,if=none,id=py,readonly=on",
+            "-device", "virtio-blk-pci,drive=py,serial=wbxpy",
+        ]
+    pdeath = shutil.which("setpriv")
+    # The guest dies with the thread that started it, even when the host process is killed.
+    return [pdeath, "--pdeathsig", "KILL", "--", *argv] if pdeath else argv
+
+
+def probe_kvm(assets: Assets, work: Path, cache_file: Path, timeout: float = 8.0) -> bool:
+    """Whether KVM really runs our guest here: /dev/kvm alone proves nothing. Cached on disk."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    key = f"{_qemu_version()}|{os.uname().release}|{assets.kernel_version}"
+    try:
+        cached = json.loads(cache_file.read_text())
+        if cached.get("key") == key:
+            return bool(cached["kvm"])
+    except (OSError, ValueError, KeyError):
+        pass
+    shape = Shape(MIN_GUEST_MIB, 1, 1 << 20, python=False, sizes="wbx=65536,8,65536,65536,0")
+    machine = Machine(work / "kvm-probe", assets, shape, kvm=True)
+    try:
+        works = machine.wait_ready(timeout)
+    finally:
+        machine.close()
+    with contextlib.suppress(OSError):
+        cache_file.write_text(json.dumps({"key": key, "kvm": works}))
+    return works
+
+
+def _qemu_version() -> str:
+    try:
+        return subprocess.run([QEMU, "--version"], capture_output=True, text=True,
+                              timeout=10).stdout.split("\n")[0]
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

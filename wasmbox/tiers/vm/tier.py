@@ -1,0 +1,346 @@
+"""The VM tier: each task runs in its own QEMU guest (KVM when it really works, else TCG).
+
+A guest is never reused: a pooled machine is booted ahead, waits on its virtio-serial port
+for one task, and is destroyed afterwards. Without a warm machine the task is appended to the
+initramfs as a cpio and the guest is booted cold.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+from wasmbox.errors import HostFailure, PolicyViolation, TierUnavailable
+from wasmbox.lifecycle import Closeable, Deadline, shielded
+from wasmbox.models import Status, TaskKind, TierName
+from wasmbox.monitor import Monitor, Sample
+from wasmbox.policy import Plan
+from wasmbox.tiers.base import Availability, Outcome
+from wasmbox.tiers.vm.assets import PREPARE_COMMAND, AssetError, Assets, cache_dir, load_assets
+from wasmbox.tiers.vm.guest import Bundle, guest_sizes, make_bundle, output_disk_bytes
+from wasmbox.tiers.vm.janitor import claim_run_dir, kill_machines
+from wasmbox.tiers.vm.machine import (
+    QEMU,
+    ExitLine,
+    Machine,
+    Shape,
+    guest_memory_mib,
+    probe_kvm,
+)
+from wasmbox.tiers.vm.pool import Pool
+from wasmbox.workspace import Workspace, remove_tree
+
+BOOT_TIMEOUT = 20.0  # a TCG boot takes 1.3-1.7 s here; far past that the boot has hung
+SHIP_MARGIN = 0.3  # seconds the guest keeps back from the deadline to ship its outputs
+
+
+class VmTier(Closeable):
+    """Runs command and Python tasks in throwaway QEMU guests; `pool_size` keeps some warm."""
+
+    name = TierName.VM
+
+    def __init__(self, pool_size: int = 1, *, boot_timeout: float = BOOT_TIMEOUT,
+                 assets_dir: Path | None = None, extra_cmdline: str = "") -> None:
+        self._pool_size = pool_size
+        self._boot_timeout = boot_timeout
+        self._assets_dir = assets_dir
+        self._extra_cmdline = extra_cmdline
+        self._lock = threading.Lock()
+        self._assets: Assets | None = None
+        self._run_dir: Path | None = None
+        self._kvm: bool | None = None
+        self._counter = 0
+        self._pool: Pool | None = None
+        self._boot_estimate = 1.5
+
+    def availability(self) -> Availability:
+        """Ready when QEMU is installed and the assets are prepared; says what is missing."""
+        if shutil.which(QEMU) is None:
+            return Availability(self.name, False, f"{QEMU} is not installed "
+                                "(Debian package qemu-system-x86)")
+        try:
+            assets = load_assets(self._assets_dir)
+        except AssetError as exc:
+            return Availability(self.name, False, str(exc))
+        details = {"kernel": assets.kernel_version, "assets": str(assets.root),
+                   "python": "yes" if assets.python_image else "no"}
+        if self._kvm is not None:
+            details["accel"] = "kvm" if self._kvm else "tcg"
+        return Availability(self.name, True, "QEMU guests", details)
+
+    def unsuitable(self, plan: Plan) -> str | None:
+        """Why guests here cannot take `plan` (network, extra mounts, its kind), or None."""
+        if plan.task.kind not in (TaskKind.COMMAND, TaskKind.PYTHON):
+            return f"the VM tier cannot run {plan.task.kind} tasks"
+        if plan.network:
+            return "the VM tier gives guests no network"
+        if plan.readonly_mounts or plan.writable_mounts:
+            return "the VM tier cannot grant extra mounts"
+        return None
+
+    def prepare(self, plan: Plan) -> None:
+        """Load the assets, probe KVM once, and start warming the pool for the plan's shape.
+
+        Raises `TierUnavailable` when the assets are missing or the task kind cannot run, and
+        `PolicyViolation` for what guests here cannot have (network, extra mounts).
+        """
+        if plan.task.kind not in (TaskKind.COMMAND, TaskKind.PYTHON):
+            raise TierUnavailable(str(self.name), f"the VM tier cannot run {plan.task.kind} tasks")
+        if plan.network:
+            raise PolicyViolation("network.enabled", "the VM tier gives guests no network")
+        if plan.readonly_mounts or plan.writable_mounts:
+            raise PolicyViolation("filesystem", "the VM tier cannot grant extra mounts")
+        assets, _ = self._setup()
+        if plan.task.kind is TaskKind.PYTHON and assets.python_image is None:
+            raise TierUnavailable(str(self.name), "no python image: install python3 and run "
+                                  f"`{PREPARE_COMMAND}`")
+        if self._pool is not None:
+            self._pool.warm(self._shape(plan, assets))
+
+    def wait_warm(self, timeout: float) -> bool:
+        """Block until a pooled guest is ready (True) or `timeout` passes; for benchmarks."""
+        pool = self._pool
+        return pool is not None and pool.wait_ready(timeout)
+
+    def run(self, plan: Plan, workspace: Workspace, deadline: Deadline,
+            monitor: Monitor) -> Outcome:
+        """Run the task in a fresh guest; the guest and its files are gone when this returns."""
+        t0 = time.monotonic()
+        self.prepare(plan)
+        assets, run_dir = self._setup()
+        shape = self._shape(plan, assets)
+        pool = self._pool
+        machine = pool.take(shape, _left(deadline, self._boot_timeout)) if pool else None
+        if machine is None and deadline.expired:
+            return _timeout("the deadline passed while the guest booted", t0)
+        try:
+            if machine is not None:
+                bundle = make_bundle(plan, workspace.task_dir, self._guest_timeout(deadline, 0))
+                machine.send(bundle.as_tar(), bundle.nonce, _left(deadline, 5.0))
+                startup = time.monotonic() - t0
+            else:
+                machine, bundle = self._boot_cold(plan, workspace, deadline, shape, run_dir)
+                if machine is None:
+                    return _timeout("the deadline passed while the guest booted", t0)
+                startup = time.monotonic() - t0
+            return self._finish(plan, workspace, deadline, monitor, machine, bundle, t0,
+                                startup)
+        finally:
+            if machine is not None:
+                with shielded():
+                    machine.close()
+
+    def _setup(self) -> tuple[Assets, Path]:
+        with self._lock:
+            self._ensure_open()
+            if self._assets is None or self._run_dir is None:
+                try:
+                    self._assets = load_assets(self._assets_dir)
+                except AssetError as exc:
+                    raise TierUnavailable(str(self.name), str(exc)) from exc
+                try:
+                    self._run_dir = claim_run_dir()
+                except OSError as exc:
+                    raise HostFailure(f"cannot create the VM run directory: {exc}") from exc
+                root = self._assets_dir or cache_dir()
+                self._kvm = probe_kvm(self._assets, self._run_dir, root / "kvm-probe.json")
+                if self._pool_size > 0:
+                    self._pool = Pool(self._pool_size, self._boot_machine, self._boot_timeout)
+            return self._assets, self._run_dir
+
+    def _shape(self, plan: Plan, assets: Assets) -> Shape:
+        # Guest RAM and disk sizes follow the policy's maxima, not the task's requests (the
+        # guest enforces those with a cgroup): every task of a kind and policy fits one shape.
+        python = plan.task.kind is TaskKind.PYTHON and assets.python_image is not None
+        return Shape(
+            memory_mib=guest_memory_mib(plan.policy.limits.memory),
+            vcpus=max(1, math.ceil(plan.cpus)),
+            output_bytes=output_disk_bytes(plan),
+            python=python,
+            sizes=guest_sizes(plan, python),
+        )
+
+    def _boot_machine(self, shape: Shape, initrd: Path | None = None) -> Machine:
+        assets, run_dir = self._assets, self._run_dir
+        assert assets is not None and run_dir is not None and self._kvm is not None
+        with self._lock:
+            self._counter += 1
+            directory = run_dir / f"m{self._counter}"
+        return Machine(directory, assets, shape, kvm=self._kvm, initrd=initrd,
+                       extra_cmdline=self._extra_cmdline)
+
+    def _boot_cold(self, plan: Plan, workspace: Workspace, deadline: Deadline, shape: Shape,
+                   run_dir: Path) -> tuple[Machine | None, Bundle]:
+        """Boot with the task appended to the initramfs; one retry if the boot hangs."""
+        assets = self._assets
+        assert assets is not None
+        bundle = make_bundle(plan, workspace.task_dir,
+                             self._guest_timeout(deadline, self._boot_estimate))
+        with self._lock:
+            self._counter += 1
+            initrd = run_dir / f"initrd-{self._counter}"
+        try:
+            with open(initrd, "wb") as f:
+                with open(assets.initramfs, "rb") as base:
+                    shutil.copyfileobj(base, f)
+                f.write(bundle.as_cpio())
+            for _attempt in range(2):
+                machine = self._boot_machine(shape, initrd)
+                try:
+                    machine.expect(bundle.nonce)
+                    ready = machine.wait_ready(_left(deadline, self._boot_timeout))
+                except BaseException:
+                    machine.close()
+                    raise
+                if ready:
+                    if machine.ready_at is not None:
+                        self._boot_estimate = machine.ready_at - machine.started
+                    return machine, bundle
+                hung = machine.alive
+                reason = machine.qemu_errors() or machine.serial_tail()
+                machine.close()
+                if deadline.expired:
+                    return None, bundle
+                if not hung:
+                    raise HostFailure(f"the guest died while booting: {reason[-500:]}")
+            raise HostFailure("the guest hung twice while booting")
+        except OSError as exc:
+            raise HostFailure(f"cannot stage the guest's initramfs: {exc}") from exc
+        finally:
+            initrd.unlink(missing_ok=True)
+
+    def _guest_timeout(self, deadline: Deadline, boot: float) -> float:
+        left = deadline.remaining()
+        return 3600.0 if left is None else max(0.05, left - boot - SHIP_MARGIN)
+
+    def _finish(self, plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monitor,
+                machine: Machine, bundle: Bundle, t0: float, startup: float) -> Outcome:
+        grace = max(plan.kill_grace, 1.0)
+        left = deadline.remaining()
+        line, anomaly = _wait(machine, monitor, 3600.0 if left is None else left + grace)
+        outcome = Outcome(status=Status.COMPLETED, startup_s=startup)
+        outcome.run_s = time.monotonic() - t0 - startup
+        outcome.extra["guest_memory_mib"] = float(machine.shape.memory_mib)
+        outcome.extra["kvm"] = 1.0 if self._kvm else 0.0
+        rss = machine.rss_bytes()
+        if rss is not None:
+            outcome.extra["qemu_rss_bytes"] = float(rss)
+        if anomaly is not None:
+            outcome.status, outcome.reason = Status.ANOMALY, anomaly
+            return outcome
+        if line is None:
+            if machine.alive or deadline.expired:
+                outcome.status, outcome.reason = Status.TIMEOUT, "wall-clock deadline passed"
+            else:
+                outcome.status = Status.CRASHED
+                # For diagnosis only: the last console line and what QEMU itself said.
+                tail = machine.serial_tail().strip().splitlines()[-1:] or [""]
+                outcome.reason = (f"the guest stopped without reporting (kernel panic?): "
+                                  f"{tail[0][:200]!r} {machine.qemu_errors()[-300:]}").strip()
+            return outcome
+        machine.stop()  # the guest synced its output disk before printing the line
+        _classify(outcome, line, plan)
+        if "ship" not in line.flags:
+            try:
+                _unpack(machine.output_image, workspace, plan)
+            except (tarfile.TarError, OSError) as exc:
+                outcome.status = Status.OUTPUT_REJECTED
+                outcome.reason = f"the output disk is unreadable: {exc}"
+        outcome.stdout, outcome.stdout_truncated = workspace.read_stream(
+            workspace.stdout_path, plan.stdout_bytes)
+        outcome.stderr, outcome.stderr_truncated = workspace.read_stream(
+            workspace.stderr_path, plan.stderr_bytes)
+        return outcome
+
+    def _release(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+            run_dir, self._run_dir = self._run_dir, None
+        if pool is not None:
+            pool.close()
+        if run_dir is not None:
+            kill_machines(run_dir)
+            remove_tree(run_dir)
+
+
+def _wait(machine: Machine, monitor: Monitor, timeout: float) -> tuple[ExitLine | None, str | None]:
+    """Wait for the exit line, sampling QEMU for the monitor; (line, anomaly reason)."""
+    end = time.monotonic() + timeout
+    step = monitor.policy.interval if monitor.policy.enabled else timeout
+    while True:
+        left = end - time.monotonic()
+        line = machine.wait_exit(min(step, max(left, 0.0)))
+        if line is not None or left <= 0 or not machine.alive:
+            return line, None
+        if monitor.due():
+            # From outside the guest only QEMU itself is visible: its CPU time is the task's
+            # plus the guest kernel's; its RSS is not the task's memory, so none is reported.
+            reason = monitor.observe(Sample(at_s=monitor.elapsed(), cpu_s=machine.cpu_seconds()))
+            if reason is not None:
+                machine.stop()
+                return None, reason
+
+
+def _classify(outcome: Outcome, line: ExitLine, plan: Plan) -> None:
+    outcome.exit_code = line.code
+    if "cpu_us" in line.values:
+        outcome.cpu_s = line.values["cpu_us"] / 1e6
+    if "peak" in line.values:
+        outcome.peak_memory_bytes = line.values["peak"]
+    if "timeout" in line.flags:
+        outcome.status, outcome.reason = Status.TIMEOUT, "wall-clock deadline passed"
+        outcome.exit_code = None
+    elif "oom" in line.flags:
+        outcome.status = Status.MEMORY_EXCEEDED
+        outcome.reason = f"the task hit its {plan.memory} byte memory cap"
+        outcome.exit_code = None
+    elif "ship" in line.flags:
+        outcome.status = Status.OUTPUT_REJECTED
+        outcome.reason = "outputs overflowed the output disk"
+    elif line.code == 0:
+        outcome.status = Status.COMPLETED
+    elif line.code > 128:
+        outcome.status, outcome.trap = Status.CRASHED, f"signal {line.code - 128}"
+        outcome.reason = f"the task was killed by signal {line.code - 128}"
+    else:
+        outcome.status = Status.FAILED
+
+
+def _unpack(image: Path, workspace: Workspace, plan: Plan) -> None:
+    """Extract the guest's tar: regular files and dirs under output/, the two streams.
+
+    The guest may be hostile (a task that became root in it): sizes are checked against the
+    disk before anything is written, sparse members are refused, and tarfile's "data" filter
+    refuses absolute paths, ``..`` and anything that is not a plain file or directory.
+    """
+    limit = plan.output.max_files + 64
+    budget = image.stat().st_size
+    with tarfile.open(image, "r:") as tar:
+        outputs: list[tarfile.TarInfo] = []
+        streams: list[tarfile.TarInfo] = []
+        for count, member in enumerate(tar):
+            if count > limit:
+                break
+            budget -= member.size
+            if member.issparse() or budget < 0:
+                raise tarfile.TarError(f"{member.name!r} claims more than the disk holds")
+            if member.name in ("streams/stdout", "streams/stderr") and member.isreg():
+                member.name = member.name.removeprefix("streams/")
+                streams.append(member)
+            elif member.name.startswith("output/") and (member.isreg() or member.isdir()):
+                outputs.append(member)
+        tar.extractall(workspace.task_dir, members=outputs, filter="data")
+        tar.extractall(workspace.path, members=streams, filter="data")
+
+
+def _left(deadline: Deadline, cap: float) -> float:
+    left = deadline.remaining()
+    return cap if left is None else min(cap, left)
+
+
+def _timeout(reason: str, t0: float) -> Outcome:
+    return Outcome(status=Status.TIMEOUT, reason=reason, startup_s=time.monotonic() - t0)
