@@ -51,6 +51,15 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def soak(session: nox.Session) -> None:
+    """10,000 mixed tasks across every available tier: flat RSS, nothing leaked."""
+    _system_deps(session)
+    _install(session, "test")
+    session.run("python", "guests/build.py", "--out", "build/guests")
+    session.run("pytest", "-m", "slow", "-q", "tests/test_soak.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     """ruff over everything."""
     session.install("ruff")
