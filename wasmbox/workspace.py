@@ -13,9 +13,11 @@ first cap that trips: the reason becomes the run's OUTPUT_REJECTED status.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
+import secrets
 import shutil
 import stat
 import tempfile
@@ -52,9 +54,23 @@ def workspace_root() -> Path:
 _SHM = "/dev/shm"
 
 
-def _own_prefix() -> str:
-    # The owner's pid in the name lets a later process reclaim what a killed one left.
-    return f"{PREFIX}{os.getpid()}-"
+def _make_dir(root: str) -> str:
+    """A new private directory under `root`, named for its owner so leftovers can be reclaimed.
+
+    Cheaper than tempfile.mkdtemp: a counter plus a random token, created exclusively (an
+    existing name, even a planted symlink, makes mkdir fail and the next name is tried).
+    """
+    for _ in range(100):
+        path = f"{root}/{PREFIX}{os.getpid()}-{next(_COUNTER)}-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no free workspace name under {root}")
+
+
+_COUNTER = itertools.count()
 
 
 def reclaim_stale(root: Path | None = None) -> list[str]:
@@ -121,7 +137,7 @@ class Workspace(Closeable):
         data = encode_input(plan)
         self.plan = plan
         # Plain strings, not Paths: pathlib costs tens of microseconds per run here.
-        self.path = tempfile.mkdtemp(prefix=_own_prefix(), dir=root or workspace_root())
+        self.path = _make_dir(str(root or workspace_root()))
         try:
             self.task_dir = self.path + "/task"
             self.output_dir = self.task_dir + "/output"
@@ -179,10 +195,17 @@ class Workspace(Closeable):
     def read_stream(self, path: str, cap: int) -> tuple[bytes, bool]:
         """At most `cap` bytes of a captured stream, and whether there was more."""
         try:
-            with open(path, "rb") as f:
-                data = f.read(cap + 1)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return b"", False
+        try:
+            chunks, size = [], 0
+            while size <= cap and (chunk := os.read(fd, cap + 1 - size)):
+                chunks.append(chunk)
+                size += len(chunk)
+        finally:
+            os.close(fd)
+        data = b"".join(chunks)
         return data[:cap], len(data) > cap
 
     def over_cap(self) -> str | None:
