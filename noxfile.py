@@ -75,9 +75,9 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """The benchmark suite (quick mode unless -- --full)."""
+    """The benchmark suite: the tier table (quick unless ``-- --full``; ``-- --publish``)."""
     _system_deps(session)
-    _install(session)
+    _install(session, "bench")
     session.run("python", "guests/build.py", "--out", "build/guests")
     session.run("python", "-m", "benchmarks", *session.posargs)
 

@@ -1,152 +1,145 @@
-"""The container tier: cold and pooled startup, teardown, memory and execution overhead.
+"""The container tier with crun and with gVisor (runsc), cold containers (no pool).
 
-Run: ``python3 benchmarks/bench_container.py [--runs N]`` (stdlib + wasmbox only; needs root
-and crun or runc). Every number is the median of N runs through ``Sandbox.run``:
+- startup: the tier's startup metric for ``/bin/true`` (bundle, create, start);
+- cleanup: the tier's teardown (metrics read, kill/reap, runtime delete, cgroup removal) plus
+  workspace removal;
+- exec: the native ``cpu_kernel`` binary run inside the container (host binary bound
+  read-only) against the same binary fork+exec'd directly; container CPU from its cgroup
+  (cpuacct), native CPU from rusage, interleaved pairs;
+- memory: the container cgroup's peak charge minus the task's own peak RSS (``cpu_work``
+  prints its VmHWM); with gVisor the cgroup also holds the Sentry and Gofer;
+- throughput: ``/bin/true`` tasks through ``Sandbox.run`` on every core.
 
-startup   = from the tier's entry to the task's program running (bundle, create, start);
-wall      = the whole ``Sandbox.run`` (workspace, container, wait, teardown, collection);
-teardown  = metrics read + kill/reap + runtime delete + cgroup removal;
-idle mem  = what one pooled, created-but-not-started container's cgroup is charged for;
-peak RSS  = a task's own peak RSS in a container and run directly, and its cgroup's peak charge;
-exec      = a fixed CPU kernel's run time in a container against running it directly.
+Run standalone: ``python3 benchmarks/bench_container.py [--quick]`` (needs root and crun).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import (  # noqa: E402
+    CORES,
+    NATIVE,
+    NoProgress,
+    Progress,
+    Row,
+    check,
+    interleave,
+    missing,
+    spawn,
+    throughput,
+    vm_hwm_bytes,
+)
+from benchmarks.report import print_rows  # noqa: E402
+from guests.build import build_native as build_kernel  # noqa: E402
 from guests.native.build import build_native  # noqa: E402
-from wasmbox import Policy, Result, Sandbox, Task  # noqa: E402
+from wasmbox import Policy, Sandbox, Task  # noqa: E402
 from wasmbox.models import FilesystemPolicy, TierName  # noqa: E402
-from wasmbox.policy import apply  # noqa: E402
 from wasmbox.tiers.container import ContainerTier  # noqa: E402
 
-GUESTS = "/opt/guests"
-WORK = "200"  # cpu_work: 200 million xorshift steps
+STEPS = 8
+KERNELS = "/opt/kernels"
+PROGRAMS = "/opt/programs"
+RUNTIMES = (("container-crun", "container (crun)", None),
+            ("container-gvisor", "container (gVisor runsc, ptrace)", "gvisor"))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=30)
-    args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="bench-container-") as tmp:
-        native = Path(tmp) / "native"
-        build_native(native)
-        native.chmod(0o755)
-        policy = Policy(filesystem=FilesystemPolicy(readonly={GUESTS: native}))
-        rows = measure(policy, native, args.runs)
-    width = max(len(name) for name, _ in rows)
-    print(f"container tier, medians of {args.runs} runs")
-    for name, value in rows:
-        print(f"  {name:<{width}}  {value}")
-    return 0
-
-
-def measure(policy: Policy, native: Path, runs: int) -> list[tuple[str, str]]:
-    rows: list[tuple[str, str]] = []
-    true = Task.command(["/bin/true"])
-    with _sandbox(policy, ContainerTier()) as sb:
-        sb.run(true)  # namespace, root skeleton, page cache
-        cold = _repeat(runs, lambda: sb.run(true))
-        rows += [
-            ("cold startup (/bin/true)", _ms(cold, lambda r: r.metrics.startup_s)),
-            ("cold wall (/bin/true)", _ms(cold, lambda r: r.metrics.wall_s)),
-            ("cold teardown", _ms(cold, lambda r: r.metrics.extra["teardown_s"])),
-        ]
-        work = Task.command([f"{GUESTS}/cpu_work", WORK])
-        boxed = _repeat(max(5, runs // 3), lambda: sb.run(work))
-        direct_s, direct_rss = _direct(native / "cpu_work", max(5, runs // 3))
-        boxed_s = statistics.median(r.metrics.run_s for r in boxed)
-        rows += [
-            (f"exec cpu_work {WORK}: container", f"{boxed_s * 1e3:8.1f} ms"),
-            (f"exec cpu_work {WORK}: direct", f"{direct_s * 1e3:8.1f} ms"),
-            ("exec overhead", f"{(boxed_s / direct_s - 1) * 100:8.1f} %"),
-            ("cpu_work peak RSS: container",
-             _kib(statistics.median(_hwm(r.stderr) for r in boxed))),
-            ("cpu_work peak RSS: direct", _kib(direct_rss)),
-            ("cpu_work cgroup peak charge",
-             _kib(statistics.median(r.metrics.peak_memory_bytes or 0 for r in boxed))),
-        ]
-    gvisor = ContainerTier()
-    if gvisor.runtime_availability("gvisor").ok:
-        with _sandbox(policy, gvisor) as sb:
-            task = Task.command(["/bin/true"], runtime="gvisor")
-            sb.run(task)
-            runsc = _repeat(max(3, runs // 6), lambda: sb.run(task))
-            rows.append(("gVisor (runsc) wall (/bin/true)", _ms(runsc, lambda r: r.metrics.wall_s)))
-    else:
-        rows.append(("gVisor (runsc)", gvisor.runtime_availability("gvisor").reason))
-        gvisor.close()
-    tier = ContainerTier(pool_size=2)
-    with _sandbox(policy, tier) as sb:
-        pool = tier.prewarm(apply(policy, true))
-        assert pool is not None
-        pool.wait_ready()
-        idle = pool.idle_memory()
-
-        def pooled_run() -> Result:
-            pool.wait_ready()
-            return sb.run(true)
-
-        pooled = _repeat(runs, pooled_run)
-        assert all(r.metrics.extra.get("pooled") for r in pooled), "a run went cold"
-        rows += [
-            ("pooled startup (/bin/true)", _ms(pooled, lambda r: r.metrics.startup_s)),
-            ("pooled wall (/bin/true)", _ms(pooled, lambda r: r.metrics.wall_s)),
-            ("pooled teardown", _ms(pooled, lambda r: r.metrics.extra["teardown_s"])),
-            ("idle mem per pooled container", _kib(statistics.median(idle) if idle else 0)),
-        ]
+def measure(quick: bool, progress: Progress) -> list[Row]:
+    """One row per runtime; a runtime that cannot run here is a missing row with its reason."""
+    kernel = build_kernel("cpu_kernel", NATIVE)
+    programs = build_native(ROOT / "build" / "native")
+    policy = Policy(filesystem=FilesystemPolicy(readonly={
+        KERNELS: kernel.parent, PROGRAMS: programs["cpu_work"].parent}))
+    rows = []
+    for row_id, label, runtime in RUNTIMES:
+        progress.show(f"{row_id}: startup")
+        tier = ContainerTier(runtime=runtime)
+        available = tier.availability()
+        if not available.ok:
+            tier.close()
+            rows.append(missing(row_id, label, "container", available.reason))
+            progress.step(f"{row_id}: missing")
+            progress.step(f"{row_id}: missing")
+            progress.step(f"{row_id}: missing")
+            progress.step(f"{row_id}: missing")
+            continue
+        gvisor = runtime is not None
+        row = Row(row_id, label, "container")
+        row.notes.append(available.reason)
+        with Sandbox(policy, tiers={TierName.CONTAINER: lambda t=tier: t}) as sb:  # type: ignore[misc]
+            _measure_runtime(sb, row, kernel.name, quick, gvisor, progress)
+        rows.append(row)
     return rows
 
 
-def _sandbox(policy: Policy, tier: ContainerTier) -> Sandbox:
-    return Sandbox(policy, tiers={TierName.CONTAINER: lambda: tier})
+def _measure_runtime(sb: Sandbox, row: Row, kernel: str, quick: bool, gvisor: bool,
+                     progress: Progress) -> None:
+    true = Task.command(["/bin/true"])
+    for _ in range(2):
+        check(sb.run(true))  # namespaces, root skeleton, page cache
+    true_cpu, true_run = [], []
+    for _ in range((3 if gvisor else 10) if quick else (15 if gvisor else 50)):
+        r = check(sb.run(true))
+        # runsc boots its Sentry inside what the tier calls run: startup is until exit.
+        row.startup_s.append(r.metrics.startup_s + r.metrics.run_s)
+        row.wall_s.append(r.metrics.wall_s)
+        row.cleanup_s.append(r.metrics.extra["teardown_s"] + r.metrics.cleanup_s)
+        true_cpu.append(r.metrics.cpu_s or 0.0)
+        true_run.append(r.metrics.run_s)
+    row.cleanup_what = "tier teardown (extra.teardown_s) + workspace removal"
+    row.notes.append("startup: tier startup + run of /bin/true (until the trivial task exited)")
+    base_cpu, base_run = statistics.median(true_cpu), statistics.median(true_run)
+    progress.step(f"{row.id}: exec")
+    iterations = "20000000" if quick else "40000000"
+    work = Task.command([f"{KERNELS}/{kernel}", iterations])
+
+    def boxed() -> tuple[float, float]:
+        r = check(sb.run(work))
+        return (r.metrics.cpu_s or r.metrics.run_s) - base_cpu, r.metrics.run_s - base_run
+
+    def natively() -> tuple[float, float]:
+        wall, cpu = spawn([NATIVE / kernel, iterations])
+        return cpu, wall
+
+    row.exec_pairs = interleave(3 if quick else 9, boxed, natively)
+    row.exec_what = (f"native cpu_kernel {iterations} iterations in the container (cgroup CPU) "
+                     "vs fork+exec on the host (rusage CPU); the container side minus the "
+                     "median CPU and run time of a /bin/true container (the runtime's own "
+                     "start and exit)")
+    progress.step(f"{row.id}: memory")
+    probe = Task.command([f"{PROGRAMS}/cpu_work", "1"])
+    for _ in range(2 if quick else 5):
+        r = check(sb.run(probe))
+        own = vm_hwm_bytes(r.stderr)
+        peak = float(r.metrics.peak_memory_bytes or 0)
+        row.memory_raw.append({"cgroup_peak": peak, "task_hwm": own})
+        if peak and own:
+            row.memory_overhead_bytes.append(peak - own)
+    row.memory_what = ("container cgroup peak charge minus the task's own VmHWM (cpu_work 1); "
+                       "near zero or below: file pages the host already cached are charged "
+                       "to the host's cgroup, and crun itself is gone once the task starts")
+    if not row.memory_overhead_bytes:
+        row.memory_what = ("not measured: the tier reported no cgroup peak, or the task no "
+                           "VmHWM, under this runtime")
+    progress.step(f"{row.id}: throughput")
+    n = (6 if gvisor else 20) if quick else (30 if gvisor else 200)
+    row.throughput = throughput(n, CORES, lambda _: check(sb.run(true)))
+    progress.step(f"{row.id}: done")
 
 
-def _repeat(runs: int, once: Callable[[], Result]) -> list[Result]:
-    results = [once() for _ in range(runs)]
-    failed = [r for r in results if not r.ok]
-    if failed:
-        raise SystemExit(f"a benchmark run failed: {failed[0].status} {failed[0].stderr}")
-    return results
-
-
-def _direct(program: Path, runs: int) -> tuple[float, int]:
-    times, rss = [], []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        proc = subprocess.run([str(program), WORK], capture_output=True, text=True, check=True)
-        times.append(time.perf_counter() - t0)
-        rss.append(_hwm(proc.stderr))
-    return statistics.median(times), int(statistics.median(rss))
-
-
-def _hwm(stderr: str) -> int:
-    """The VmHWM line cpu_work prints (its own peak RSS), in bytes."""
-    for line in stderr.splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    args = parser.parse_args(argv)
+    print_rows(measure(args.quick, NoProgress(STEPS)))
     return 0
-
-
-def _ms(results: list[Result], pick: Callable[[Result], float]) -> str:
-    values = sorted(pick(r) for r in results)
-    p90 = values[int(len(values) * 0.9) - 1] if len(values) >= 10 else values[-1]
-    return f"{statistics.median(values) * 1e3:8.2f} ms  (p90 {p90 * 1e3:.2f})"
-
-
-def _kib(value: float) -> str:
-    return f"{value / 1024:8.0f} KiB"
 
 
 if __name__ == "__main__":

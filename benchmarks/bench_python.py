@@ -1,94 +1,119 @@
-"""Python tasks in the wasm tier: cold build, warm load, per-task cost, beside `python3 -c`.
+"""Python tasks in the wasm tier (CPython for WASI), and the ``python3 -c`` subprocess baseline.
 
-Run: ``python3 benchmarks/bench_python.py [--runs N]`` (stdlib + wasmbox only).
-cold  = build the CPython component + compile it + first task, in an empty cache;
-warm  = a new Sandbox on a filled cache (deserialize) + first task;
-task  = steady-state per task through ``Sandbox.run`` (median and p90 of N runs).
+- startup/cleanup: ``Sandbox.run`` of a hello task (fresh interpreter state every task);
+- exec: a pure-Python loop, guest CPython (3.14, WASI) against the host's ``python3`` running
+  the same source; tier CPU seconds (the whole call, so ~2 ms of instantiation is included)
+  against the loop's own ``time.process_time()`` natively. The interpreters differ in version;
+- memory: as for wasm modules, in a fresh process (component, store, guest heap together: the
+  guest's own heap is not reported separately, so it counts as overhead here);
+- throughput: hello tasks through ``Sandbox.run`` on every core; ``python3 -c`` the same.
+
+Run standalone: ``python3 benchmarks/bench_python.py [--quick]``
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import wasmbox
-from wasmbox.models import TierName
-from wasmbox.tiers.wasm import WasmTier
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-HELLO = "def main(inp):\n    return {'hello': inp['name']}\n"
-JSON_HEAVY = (
-    "import json\n"
-    "def main(inp):\n"
-    "    rows = [{'id': i, 'name': f'row{i}', 'tags': ['a', 'b'], 'score': i * 0.5}\n"
-    "            for i in range(inp['n'])]\n"
-    "    text = json.dumps(rows)\n"
-    "    back = json.loads(text)\n"
-    "    return {'bytes': len(text), 'total': sum(r['score'] for r in back)}\n"
+from benchmarks.bench_wasm import memory_probe  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    CORES,
+    NoProgress,
+    Progress,
+    Row,
+    check,
+    interleave,
+    throughput,
 )
-TASKS = {"hello": (HELLO, {"name": "x"}), "json-2000-rows": (JSON_HEAVY, {"n": 2000})}
+from benchmarks.report import print_rows  # noqa: E402
+from wasmbox import Sandbox, Task  # noqa: E402
+
+STEPS = 4
+HELLO = "def main(inp):\n    return {'hello': inp['name']}\n"
+LOOP = (
+    "import time\n"
+    "def main(inp):\n"
+    "    t0, c0 = time.perf_counter(), time.process_time()\n"
+    "    x = 0\n"
+    "    for i in range(inp['n']):\n"
+    "        x = (x * 31 + i) % 1000003\n"
+    "    return {'x': x, 'wall': time.perf_counter() - t0, 'cpu': time.process_time() - c0}\n"
+)
 
 
-def sandbox(cache: Path) -> wasmbox.Sandbox:
-    return wasmbox.Sandbox(tiers={TierName.WASM: lambda: WasmTier(cache)})
-
-
-def first_task(cache: Path) -> float:
-    t0 = time.perf_counter()
-    with sandbox(cache) as sb:
-        r = sb.run(wasmbox.Task.python(HELLO, input={"name": "x"}, tier=TierName.WASM))
-        assert r.ok, r
-    return time.perf_counter() - t0
-
-
-def per_task(cache: Path, source: str, payload: object, runs: int) -> list[float]:
-    task = wasmbox.Task.python(source, input=payload, tier=TierName.WASM)
-    with sandbox(cache) as sb:
+def measure(quick: bool, progress: Progress) -> list[Row]:
+    """The Python-in-wasm row and the ``python3 -c`` baseline row."""
+    row = Row("python", "Python in wasm (CPython/WASI)", "language runtime")
+    base = Row("python3-c", "baseline: python3 -c subprocess", None)
+    hello = Task.python(HELLO, input={"name": "x"}, tier="wasm")
+    with Sandbox() as sb:
+        progress.show("python: startup")
         for _ in range(5):
-            assert sb.run(task).ok
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            r = sb.run(task)
-            times.append(time.perf_counter() - t0)
-            assert r.ok, r
-    return times
+            check(sb.run(hello))
+        for _ in range(20 if quick else 200):
+            r = check(sb.run(hello))
+            row.startup_s.append(r.metrics.startup_s)
+            row.wall_s.append(r.metrics.wall_s)
+            row.cleanup_s.append(r.metrics.cleanup_s)
+        for _ in range(5 if quick else 30):
+            base.startup_s.append(_python_c(HELLO, {"name": "x"})[0])
+        row.cleanup_what = "workspace removal (Result.metrics.cleanup_s)"
+        base.notes.append("startup = whole python3 -c run of the hello task")
+        progress.step("python: exec")
+        n = 500_000 if quick else 2_000_000
+        loop = Task.python(LOOP, input={"n": n}, tier="wasm")
+
+        def in_wasm() -> tuple[float, float]:
+            r = check(sb.run(loop))
+            return r.metrics.cpu_s or r.metrics.run_s, float(r.output["wall"])
+
+        def natively() -> tuple[float, float]:
+            out = _python_c(LOOP, {"n": n})[1]
+            return out["cpu"], out["wall"]
+
+        row.exec_pairs = interleave(3 if quick else 9, in_wasm, natively)
+        row.exec_what = (f"pure-Python loop of {n} steps: guest CPython vs host python3 "
+                         f"{sys.version.split()[0]}")
+        progress.step("python: memory")
+        for _ in range(1 if quick else 3):
+            probe = memory_probe("python", HELLO)
+            row.memory_raw.append(probe)
+            row.memory_overhead_bytes.append(probe["hwm_after"] - probe["rss_before"])
+        row.memory_what = "fresh process: peak RSS over 3 hello runs minus RSS before"
+        progress.step("python: throughput")
+        row.throughput = throughput(40 if quick else 400, CORES, lambda _: check(sb.run(hello)))
+        base.throughput = throughput(8 if quick else 80, CORES,
+                                     lambda _: _python_c(HELLO, {"name": "x"}))
+    base.wall_s = list(base.startup_s)
+    progress.step("python: done")
+    return [row, base]
 
 
-def subprocess_python(source: str, payload: object, runs: int) -> list[float]:
-    code = source + f"\nimport json\nprint(json.dumps(main({json.dumps(payload)!s})))\n"
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
-        times.append(time.perf_counter() - t0)
-    return times
+def _python_c(source: str, payload: object) -> tuple[float, dict[str, float]]:
+    """Run `source`'s main(payload) in ``python3 -c``: (wall seconds, its JSON output)."""
+    code = f"{source}\nimport json\nprint(json.dumps(main({json.dumps(payload)})))\n"
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    return wall, json.loads(out.stdout)
 
 
-def describe(times: list[float]) -> str:
-    q = statistics.quantiles(times, n=10)
-    return f"p50 {statistics.median(times) * 1e3:8.2f} ms   p90 {q[-1] * 1e3:8.2f} ms"
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=200)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-python-") as tmp:
-        cache = Path(tmp)
-        print(f"cold (build + compile + first task): {first_task(cache):7.2f} s")
-        print(f"warm (load cached + first task):     {first_task(cache) * 1e3:7.1f} ms")
-        for name, (source, payload) in TASKS.items():
-            wasm = per_task(cache, source, payload, args.runs)
-            print(f"{name:16} wasm tier        {describe(wasm)}")
-            sub = subprocess_python(source, payload, max(20, args.runs // 10))
-            print(f"{name:16} python3 -c       {describe(sub)}")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    args = parser.parse_args(argv)
+    print_rows(measure(args.quick, NoProgress(STEPS)))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -104,10 +104,10 @@ def bench_dask(count: int) -> None:
 
     timings = {}
     for workers in (1, 2):
-        with dask.config.set(cluster_config()), LocalCluster(
+        with dask.config.set(cluster_config()), LocalCluster(  # type: ignore[no-untyped-call]
             n_workers=workers, processes=True, threads_per_worker=1, host="127.0.0.1",
             dashboard_address=None,
-        ) as cluster, Client(cluster) as client:
+        ) as cluster, Client(cluster) as client:  # type: ignore[no-untyped-call]
             run_many(client, [Task.wasm(GUESTS / "cpu_kernel.wasm", args=("1000",))
                               for _ in range(workers * 2)])  # warm every worker
             tasks = [Task.wasm(GUESTS / "cpu_kernel.wasm") for _ in range(count)]

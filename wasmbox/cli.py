@@ -19,8 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``wasmbox`` command; returns the process exit code."""
     argv = sys.argv[1:] if argv is None else argv
     parser = _parser()
-    if argv[:1] == ["serve"]:  # the service parses its own options
+    if argv[:1] == ["serve"]:  # the service and the suite parse their own options
         args = argparse.Namespace(handler=_serve, service_args=argv[1:])
+    elif argv[:1] == ["bench"]:
+        args = argparse.Namespace(handler=_bench, bench_args=argv[1:])
     else:
         args = parser.parse_args(argv)
     try:
@@ -58,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="which tiers work on this host, and why not")
     doctor.add_argument("--json", action="store_true")
     doctor.set_defaults(handler=_doctor)
+
+    bench = sub.add_parser("bench", help="the benchmark suite (run from the repository root)",
+                           add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(handler=_bench)
 
     serve = sub.add_parser("serve", help="the HTTP task service (see --help)", add_help=False)
     serve.add_argument("service_args", nargs=argparse.REMAINDER)
@@ -156,6 +163,20 @@ def _doctor(args: argparse.Namespace) -> int:
             details = " ".join(f"{k}={v}" for k, v in a.details.items())
             print(f"{mark} {a.tier.value:<10} {a.reason} {details}".rstrip())
     return EXIT_OK if report[0].ok else EXIT_HOST_ERROR
+
+
+def _bench(args: argparse.Namespace) -> int:
+    # The suite lives in the repository's benchmarks/ (it compiles guests and native
+    # baselines from guests/), so it runs from a checkout, not from an installed wheel.
+    root = Path.cwd()
+    if not (root / "benchmarks" / "suite.py").is_file():
+        print("wasmbox bench: run it from the wasmbox repository root", file=sys.stderr)
+        return EXIT_HOST_ERROR
+    sys.path.insert(0, str(root))
+    from benchmarks import suite
+
+    code: int = suite.main(args.bench_args)
+    return code
 
 
 def _serve(args: argparse.Namespace) -> int:

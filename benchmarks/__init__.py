@@ -1,0 +1,1 @@
+"""wasmbox benchmarks: per-tier measurements and the suite that tabulates them (`suite.main`)."""

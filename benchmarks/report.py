@@ -1,0 +1,166 @@
+"""Turning rows of samples into the published table, the JSON record and the startup chart."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import Row, median, p95, summary
+
+# The seed document's table (sandboxed_execution_environments.md), by the row it names.
+CLAIMS: dict[str, dict[str, str]] = {
+    "container": {"startup": "1-3 s", "exec": "5-10%", "memory": "10-20 MB",
+                  "cleanup": "0.5-1 s"},
+    "VM": {"startup": "5-15 s", "exec": "10-20%", "memory": "50-100 MB", "cleanup": "1-3 s"},
+    "language runtime": {"startup": "0.1-0.5 s", "exec": "1-5%", "memory": "5-10 MB",
+                         "cleanup": "0.1-0.3 s"},
+}
+# Seed startup ranges in seconds, drawn behind our bars.
+CLAIM_STARTUP_S = {"container": (1.0, 3.0), "VM": (5.0, 15.0), "language runtime": (0.1, 0.5)}
+
+
+def summarise(row: Row) -> dict[str, Any]:
+    """Medians and p95s of every measure of one row."""
+    ratios = [p.cpu_ratio for p in row.exec_pairs]
+    return {
+        "startup_s": summary(row.startup_s),
+        "wall_s": summary(row.wall_s),
+        "cleanup_s": summary(row.cleanup_s),
+        "exec_ratio": summary(ratios),
+        "memory_overhead_bytes": summary(row.memory_overhead_bytes),
+        "tasks_per_s": row.throughput.get("tasks_per_s"),
+    }
+
+
+def record(rows: Sequence[Row], meta: dict[str, Any]) -> dict[str, Any]:
+    """The JSON document: machine facts, the seed's claims, and every row with its samples."""
+    return {
+        "meta": meta,
+        "claims": CLAIMS,
+        "rows": [{**row.as_json(), "summary": summarise(row)} for row in rows],
+    }
+
+
+def markdown(rows: Sequence[Row], meta: dict[str, Any]) -> str:
+    """The seed-shaped table (ours beside the seed's claim), definitions and machine facts."""
+    head = ("| Tier | Startup | Execution overhead | Memory overhead | Cleanup "
+            f"| Tasks/s ({meta['cores']} cores) | Trivial task end to end |")
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    absent = []
+    for row in rows:
+        claim = CLAIMS.get(row.claim or "", {})
+        if not row.available:
+            lines.append(f"| {row.label} | not available | | | | | |")
+            absent.append(f"- **{row.label}**: {row.reason}")
+            continue
+        ratios = [p.cpu_ratio for p in row.exec_pairs]
+        cells = [
+            _cell(_duration(row.startup_s), claim.get("startup")),
+            _cell(_overhead(ratios), claim.get("exec")),
+            _cell(_bytes(row.memory_overhead_bytes), claim.get("memory")),
+            _cell(_duration(row.cleanup_s), claim.get("cleanup")),
+            f"{row.throughput['tasks_per_s']:.1f}" if row.throughput else "—",
+            _duration(row.wall_s),
+        ]
+        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+    out = [f"Measured {meta['started']} ({meta['mode']} mode, {meta['duration_s']:.0f} s): "
+           "median (p95) of our runs · the seed document's claim.", "", *lines, ""]
+    if absent:
+        out += ["Not measured:", *absent, ""]
+    out += ["What each column measures, per tier:", ""]
+    for row in rows:
+        if row.available and (row.exec_what or row.memory_what or row.cleanup_what):
+            parts = [f"exec: {row.exec_what}" if row.exec_what else "",
+                     f"memory: {row.memory_what}" if row.memory_what else "",
+                     f"cleanup: {row.cleanup_what}" if row.cleanup_what else "",
+                     *row.notes]
+            out.append(f"- **{row.label}**: " + "; ".join(p for p in parts if p) + ".")
+    out += ["", "Machine: " + ", ".join(f"{k} {v}" for k, v in meta["machine"].items()), ""]
+    return "\n".join(out)
+
+
+def chart(rows: Sequence[Row], path: Path) -> str | None:
+    """Log-scale startup per tier with the seed's ranges; returns why it was skipped, or None."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install 'wasmbox[bench]'): no PNG chart"
+    shown = [r for r in rows if r.available and r.startup_s]
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(shown) + 1.5))
+    for y, row in enumerate(shown):
+        mid, hi = median(row.startup_s), p95(row.startup_s)
+        assert mid is not None and hi is not None
+        ax.barh(y, mid, color="tab:blue", xerr=[[0], [hi - mid]], capsize=3)
+        claim = CLAIM_STARTUP_S.get(row.claim or "")
+        if claim:
+            ax.plot(claim, [y, y], color="tab:orange", linewidth=6, alpha=0.5)
+    ax.set_yticks(range(len(shown)), [r.label for r in shown])
+    ax.set_xscale("log")
+    ax.set_xlabel("startup, seconds (log): bar = our median, whisker = p95, orange = seed claim")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+def write(rows: Sequence[Row], meta: dict[str, Any], out: Path) -> list[str]:
+    """results.json, results.md and startup.png into `out`; returns messages about skips."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(record(rows, meta), indent=1) + "\n")
+    (out / "results.md").write_text(markdown(rows, meta))
+    skipped = chart(rows, out / "startup.png")
+    return [skipped] if skipped else []
+
+
+def print_rows(rows: Sequence[Row]) -> None:
+    """A plain summary for the standalone scripts."""
+    for row in rows:
+        if not row.available:
+            print(f"{row.label}: not available: {row.reason}")
+            continue
+        ratios = [p.cpu_ratio for p in row.exec_pairs]
+        tps = f"{row.throughput['tasks_per_s']:.1f}/s" if row.throughput else "—"
+        print(f"{row.label}: startup {_duration(row.startup_s)}, exec {_overhead(ratios)}, "
+              f"memory {_bytes(row.memory_overhead_bytes)}, cleanup {_duration(row.cleanup_s)}, "
+              f"tasks {tps}")
+
+
+def _cell(ours: str, claim: str | None) -> str:
+    return f"{ours} · seed {claim}" if claim else ours
+
+
+def _duration(values: Sequence[float]) -> str:
+    mid, hi = median(values), p95(values)
+    if mid is None or hi is None:
+        return "—"
+    return f"{_seconds(mid)} ({_seconds(hi)})"
+
+
+def _seconds(value: float) -> str:
+    if value < 1e-3:
+        return f"{value * 1e6:.0f} µs"
+    if value < 1:
+        return f"{value * 1e3:.1f} ms"
+    return f"{value:.2f} s"
+
+
+def _overhead(ratios: Sequence[float]) -> str:
+    mid, hi = median(ratios), p95(ratios)
+    if mid is None or hi is None:
+        return "—"
+    if mid >= 2:  # emulation: a factor reads better than thousands of percent
+        return f"x{mid:.1f} (x{hi:.1f})"
+    return f"{(mid - 1) * 100:+.0f}% ({(hi - 1) * 100:+.0f}%)"
+
+
+def _bytes(values: Sequence[float]) -> str:
+    mid, hi = median(values), p95(values)
+    if mid is None or hi is None:
+        return "—"
+    return f"{mid / 2**20:.1f} MiB ({hi / 2**20:.1f})"
