@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Callable
+
+from prometheus_client import REGISTRY
 
 from wasmbox.pool import Pool
 
@@ -89,3 +92,48 @@ def test_close_destroys_every_idle_item_and_stops_the_thread() -> None:
     pool.close()
     assert threading.active_count() == before
     assert set(ledger.made) - {taken} == set(ledger.destroyed)
+
+
+def _gated(ledger: Ledger, gate: threading.Semaphore) -> Callable[[str], tuple[str, int]]:
+    def create(shape: str) -> tuple[str, int]:
+        gate.acquire()
+        return ledger.create(shape)
+
+    return create
+
+
+def test_each_miss_grows_the_pool_up_to_grow_to() -> None:
+    ledger, gate = Ledger(), threading.Semaphore(0)
+    with Pool[str, tuple[str, int]]("test", 1, _gated(ledger, gate), ledger.destroy,
+                                    grow_to=3) as pool:
+        for _ in range(4):  # nothing can be made yet: every take misses
+            assert pool.take("a") is None
+        gate.release(10)
+        assert pool.wait_filled(5)
+        assert (pool.size, pool.idle) == (3, 3)
+
+
+def test_without_grow_to_misses_do_not_grow_the_pool() -> None:
+    ledger, gate = Ledger(), threading.Semaphore(0)
+    with Pool[str, tuple[str, int]]("test", 1, _gated(ledger, gate), ledger.destroy) as pool:
+        for _ in range(3):
+            assert pool.take("a") is None
+        gate.release(10)
+        assert pool.wait_filled(5)
+        assert (pool.size, pool.idle) == (1, 1)
+
+
+def test_hits_and_misses_are_counted_per_tier() -> None:
+    def count(result: str) -> float:
+        value = REGISTRY.get_sample_value("wasmbox_pool_requests_total",
+                                          {"tier": "counted", "result": result})
+        return value or 0.0
+
+    ledger, gate = Ledger(), threading.Semaphore(0)
+    hits, misses = count("hit"), count("miss")
+    with Pool[str, tuple[str, int]]("counted", 1, _gated(ledger, gate), ledger.destroy) as pool:
+        assert pool.take("a") is None
+        gate.release(10)
+        assert pool.wait_filled(5)
+        assert pool.take("a") is not None
+    assert (count("hit") - hits, count("miss") - misses) == (1.0, 1.0)

@@ -21,6 +21,7 @@ T = TypeVar("T")
 
 _log = logging.getLogger(__name__)
 _RETRY_AFTER_FAILURE = 1.0
+_MAX_BACKOFF = 60.0
 
 
 class Pool(Closeable, Generic[K, T]):
@@ -29,7 +30,8 @@ class Pool(Closeable, Generic[K, T]):
     `create(shape)` makes an item (in the refill thread), `destroy(item)` releases one that is
     never handed out, `usable(item)` says whether an idle item is still good (a VM that died
     while waiting is not). `take` never blocks on creation: a miss returns None and the
-    caller makes one on its own critical path.
+    caller makes one on its own critical path. With `grow_to`, each miss raises the target
+    by one, up to `grow_to`, so a pool that runs dry under load keeps more ready.
     """
 
     def __init__(
@@ -39,11 +41,13 @@ class Pool(Closeable, Generic[K, T]):
         create: Callable[[K], T],
         destroy: Callable[[T], None],
         usable: Callable[[T], bool] = lambda item: True,
+        grow_to: int | None = None,
     ) -> None:
         if size < 1:
             raise ValueError("a pool needs size >= 1")
         self._tier = tier
         self._size = size
+        self._max_size = max(size, grow_to or size)
         self._create = create
         self._destroy = destroy
         self._usable = usable
@@ -72,6 +76,8 @@ class Pool(Closeable, Generic[K, T]):
                     found = item
                     break
                 stale.append(item)
+            if found is None:
+                self._size = min(self._size + 1, self._max_size)
             self._changed.notify_all()
         for item in stale:
             self._destroy_quietly(item)
@@ -84,6 +90,16 @@ class Pool(Closeable, Generic[K, T]):
         with self._changed:
             return len(self._items)
 
+    @property
+    def size(self) -> int:
+        """How many items the pool keeps ready now (grows on misses up to `grow_to`)."""
+        return self._size
+
+    def idle_items(self) -> list[T]:
+        """The waiting items, for inspection only: they stay in the pool, never use them."""
+        with self._changed:
+            return [item for _, item in self._items]
+
     def wait_filled(self, timeout: float) -> bool:
         """Block until the pool holds `size` items of the current shape (for tests, benches)."""
         with self._changed:
@@ -94,6 +110,7 @@ class Pool(Closeable, Generic[K, T]):
             ) and not self.closed
 
     def _refill(self) -> None:
+        failures = 0
         while True:
             with self._changed:
                 while not self.closed and (
@@ -112,11 +129,19 @@ class Pool(Closeable, Generic[K, T]):
                 continue
             try:
                 item = self._create(shape)
-            except Exception:
-                _log.exception("pool %s: could not make a sandbox", self._tier)
+            except Exception as exc:
+                # Back off (1 s, doubling to a minute) and log once per failure streak, so a
+                # shape that can never be made costs neither a busy loop nor a flood of logs.
+                if failures == 0:
+                    _log.exception("pool %s: could not make a sandbox", self._tier)
+                else:
+                    _log.debug("pool %s: still failing: %s", self._tier, exc)
+                delay = min(_RETRY_AFTER_FAILURE * 2**failures, _MAX_BACKOFF)
+                failures += 1
                 with self._changed:
-                    self._changed.wait(_RETRY_AFTER_FAILURE)
+                    self._changed.wait(delay)
                 continue
+            failures = 0
             with self._changed:
                 if self.closed or shape != self._shape:
                     keep = False

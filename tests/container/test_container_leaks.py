@@ -23,7 +23,7 @@ MakeSandbox = Callable[..., Sandbox]
 def probe(container_ready: None) -> Iterator[ContainerTier]:
     """A tier that only looks for leftovers of the others."""
     tier = ContainerTier()
-    assert tier.leftovers() == [], "leftovers from before this test"
+    assert tier.leftovers(os.getpid()) == [], "leftovers from before this test"
     yield tier
     tier.close()
 
@@ -38,7 +38,7 @@ def test_fifty_runs_leave_nothing_behind(probe: ContainerTier, make_csb: MakeSan
             task = (Task.python("def main(i):\n    return i\n", input=i, tier="container")
                     if i % 10 == 0 else Task.command(["/bin/sh", "-c", "echo $$"]))
             assert sb.run(task).status is Status.COMPLETED
-    assert probe.leftovers() == []
+    assert probe.leftovers(os.getpid()) == []
     assert _children() == []
 
 
@@ -47,7 +47,7 @@ def test_timeout_leaves_nothing_behind(probe: ContainerTier, make_csb: MakeSandb
         r = sb.run(Task.command(["/bin/sh", "-c", "sleep 100 & sleep 100 & /opt/guests/cpu_spin"],
                                 resources=Resources(timeout=0.3)))
         assert r.status is Status.TIMEOUT
-    assert probe.leftovers() == []
+    assert probe.leftovers(os.getpid()) == []
     assert _children() == []
 
 
@@ -58,9 +58,21 @@ def test_pool_close_deletes_every_pooled_container(
     with make_csb(tier) as sb:
         pool = tier.prewarm(apply(sb.policy, Task.command(["/bin/true"])))
         assert pool is not None and pool.wait_ready()
-        assert len([x for x in probe.leftovers() if x.startswith("state")]) == 3
+        assert len([x for x in probe.leftovers(os.getpid()) if x.startswith("state")]) == 3
         assert sb.run(Task.command(["/bin/true"])).status is Status.COMPLETED
-    assert probe.leftovers() == []
+    assert probe.leftovers(os.getpid()) == []
+    assert _children() == []
+
+
+def test_closing_a_pool_while_it_fills_and_grows_leaves_nothing(
+    probe: ContainerTier, make_csb: MakeSandbox
+) -> None:
+    tier = ContainerTier(pool_size=2, pool_max=4)
+    with make_csb(tier) as sb:
+        assert tier.prewarm(apply(sb.policy, Task.command(["/bin/true"]))) is not None
+        for _ in range(3):  # back to back: misses grow the pool while it is still filling
+            assert sb.run(Task.command(["/bin/true"])).status is Status.COMPLETED
+    assert probe.leftovers(os.getpid()) == []
     assert _children() == []
 
 
@@ -73,5 +85,5 @@ def test_interrupted_run_leaves_nothing_behind(probe: ContainerTier, make_csb: M
         with pytest.raises(KeyboardInterrupt):
             sb.run(Task.command(["/opt/guests/cpu_spin"], resources=Resources(timeout=10)))
     timer.join()
-    assert probe.leftovers() == []
+    assert probe.leftovers(os.getpid()) == []
     assert _children() == []

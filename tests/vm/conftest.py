@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -37,3 +38,23 @@ def vm_sandbox(vm_assets: AssetReport) -> Iterator[Sandbox]:
         if not available.ok:
             pytest.fail(f"assets were prepared but the VM tier is unavailable: {available}")
         yield sandbox
+
+
+@pytest.fixture
+def processes_naming() -> Callable[[set[Path]], list[int]]:
+    """Pids of processes whose command line names one of the given dirs (QEMU names its
+    run dir): what a VM tier left running."""
+    def find(dirs: set[Path]) -> list[int]:
+        found = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if any(str(d).encode() in cmdline for d in dirs):
+                found.append(int(proc.name))
+        return found
+
+    return find

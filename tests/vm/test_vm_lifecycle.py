@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ from wasmbox.tiers.vm.assets import PREPARE_COMMAND, AssetReport, load_assets, m
 from wasmbox.tiers.vm.cpio import CpioWriter
 from wasmbox.tiers.vm.janitor import PID_FILE, PREFIX, reclaim
 from wasmbox.workspace import workspace_root
+
+ProcessesNaming = Callable[[set[Path]], list[int]]
 
 pytestmark = pytest.mark.vm
 
@@ -97,7 +100,8 @@ def test_janitor_spares_a_live_owners_dir(tmp_path: Path) -> None:
     assert run_dir.exists()
 
 
-def test_nothing_is_left_after_close(vm_assets: AssetReport) -> None:
+def test_nothing_is_left_after_close(vm_assets: AssetReport,
+                                     processes_naming: ProcessesNaming) -> None:
     from wasmbox.tiers.vm import VmTier
 
     root = Path(workspace_root())
@@ -108,21 +112,7 @@ def test_nothing_is_left_after_close(vm_assets: AssetReport) -> None:
         ours = set(root.glob(f"{PREFIX}*")) - before
         assert ours  # the tier's run dir (with a pooled guest booting in it)
     assert not any(d.exists() for d in ours)
-    assert _processes_naming(ours) == []
-
-
-def _processes_naming(dirs: set[Path]) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if any(str(d).encode() in cmdline for d in dirs):
-            found.append(int(proc.name))
-    return found
+    assert processes_naming(ours) == []
 
 
 def test_network_request_is_refused_not_ignored(vm_assets: AssetReport) -> None:

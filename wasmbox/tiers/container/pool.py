@@ -3,22 +3,22 @@
 A pooled container is created (``crun create``) with its own staging directory bound as
 /task, /task/output and the code mount; its init is ``/bin/sh`` reading a spec script that is
 written only when a task takes the container. After one task the container and its staging
-directory are destroyed: nothing of one task is ever visible to another.
+directory are destroyed: nothing of one task is ever visible to another. Keeping them ready
+(refill, shapes, counting, cleanup) is `wasmbox.pool.Pool`'s job; this module only says how
+a pooled container is made, checked and destroyed.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import re
 import shlex
 import shutil
 import tempfile
-import threading
 
-from wasmbox.errors import SandboxError
-from wasmbox.lifecycle import Closeable, shielded
+from wasmbox.lifecycle import shielded
+from wasmbox.models import TierName
+from wasmbox.pool import Pool
 from wasmbox.tiers.container.bundle import (
     CODE_MOUNT,
     GUEST_UID,
@@ -29,13 +29,12 @@ from wasmbox.tiers.container.bundle import (
     write_config,
 )
 from wasmbox.tiers.container.cgroups import PARENT
-from wasmbox.tiers.container.instance import ExecFailed, Instance, new_container_id
+from wasmbox.tiers.container.instance import Instance, new_container_id
 from wasmbox.tiers.container.runtime import Runtime
 from wasmbox.workspace import remove_tree, workspace_root
 
 SPEC = "spec.sh"
 POOL_PREFIX = "wasmbox-pool-"
-_log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
 
@@ -92,6 +91,16 @@ class Pooled:
                 self.destroy()
             raise
 
+    def waiting(self) -> bool:
+        """Whether the container's init still waits for its task (it may have been killed)."""
+        try:
+            with open(f"/proc/{self.instance.pid}/stat", encoding="utf-8",
+                      errors="replace") as f:
+                state = f.read().rpartition(")")[2].split()[0]
+        except (OSError, IndexError):
+            return False
+        return state not in ("Z", "X")
+
     def hand_back(self, output_dir: str, stdout_path: str, stderr_path: str) -> None:
         """Move what the (dead) container wrote into the task's workspace."""
         for entry in os.scandir(self.paths.output_dir):
@@ -108,8 +117,8 @@ class Pooled:
                 remove_tree(self.path)
 
 
-class ContainerPool(Closeable):
-    """Created containers of one shape, ready to start; `take()` never blocks.
+class ContainerPool(Pool[Shape, Pooled]):
+    """Created containers of one runtime and shape, ready to start; `take` never blocks.
 
     It keeps `min_size` ready and grows by one, up to `max_size`, each time a task finds it
     empty. `close()` deletes every container still waiting.
@@ -118,74 +127,19 @@ class ContainerPool(Closeable):
     def __init__(self, runtime: Runtime, shape: Shape, skeleton: RootSkeleton,
                  min_size: int, max_size: int | None = None) -> None:
         self.runtime, self.shape, self.skeleton = runtime, shape, skeleton
-        self.min_size = min_size
-        self.max_size = max(min_size, max_size or min_size)
-        self.size = min_size  # the current target
-        self._ready: list[Pooled] = []
-        self._cond = threading.Condition()
-        self._failures = 0
-        self._filler = threading.Thread(target=self._fill, name="wasmbox-pool", daemon=True)
-        self._filler.start()
-
-    def take(self) -> Pooled | None:
-        """A ready container, or None when the pool is empty (the caller runs cold)."""
-        with self._cond:
-            if self._closed or not self._ready:
-                self.size = min(self.size + 1, self.max_size)
-                self._cond.notify()
-                return None
-            pooled = self._ready.pop(0)
-            self._cond.notify()
-            return pooled
+        super().__init__(TierName.CONTAINER.value, min_size, self._create, Pooled.destroy,
+                         usable=Pooled.waiting, grow_to=max_size)
+        self.warm(shape)
 
     def wait_ready(self, timeout: float = 10.0) -> bool:
         """Block until the pool is full (benchmarks, tests); False on timeout."""
-        with self._cond:
-            return self._cond.wait_for(lambda: len(self._ready) >= self.size or self._closed,
-                                       timeout)
+        return self.wait_filled(timeout)
 
     def idle_memory(self) -> list[int]:
         """What each waiting container's cgroup is charged for (its idle cost)."""
-        with self._cond:
-            ready = list(self._ready)
         cgroups = self.runtime.cgroups
-        return [m for p in ready if (m := cgroups.memory_usage(p.instance.cgroup_path)) is not None]
+        return [m for p in self.idle_items()
+                if (m := cgroups.memory_usage(p.instance.cgroup_path)) is not None]
 
-    @property
-    def ready(self) -> int:
-        """How many containers are waiting."""
-        return len(self._ready)
-
-    def _fill(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._closed or len(self._ready) < self.size)
-                if self._closed:
-                    return
-            try:
-                pooled = Pooled(self.runtime, self.shape, self.skeleton, new_container_id())
-            except (SandboxError, OSError, ExecFailed) as exc:
-                self._failures += 1
-                _log.warning("container pool: cannot create a container: %s", exc)
-                if self._failures >= 3:
-                    return  # runs go cold; the reason is in the log
-                continue
-            with self._cond:
-                if self._closed:
-                    keep = False
-                else:
-                    self._ready.append(pooled)
-                    keep = True
-                self._cond.notify_all()
-            if not keep:
-                pooled.destroy()
-
-    def _release(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
-        self._filler.join()
-        with self._cond:
-            ready, self._ready = self._ready, []
-        for pooled in ready:
-            with contextlib.suppress(SandboxError, OSError):
-                pooled.destroy()
+    def _create(self, shape: Shape) -> Pooled:
+        return Pooled(self.runtime, shape, self.skeleton, new_container_id())

@@ -89,9 +89,10 @@ class ContainerTier(Closeable):
                                 f"here: {exc}", details)
         return Availability(self.name, True, f"{choice.name}: {choice.reason}", details)
 
-    def leftovers(self) -> list[str]:
+    def leftovers(self, pid: int | None = None) -> list[str]:
         """Traces of containers that should not exist between runs: cgroups, runtime state,
-        mounts and staging dirs of any wasmbox container tier. Empty when all is clean."""
+        mounts and staging dirs of any wasmbox container tier (of process `pid` only, when
+        given: names carry their owner's pid). Empty when all is clean."""
         runtimes = list(self._runtimes.values()) or [self._runtime(self.default_runtime)]
         found: list[str] = []
         for runtime in runtimes:
@@ -110,6 +111,8 @@ class ContainerTier(Closeable):
         found += [f"dir {root}/{n}" for n in os.listdir(root)
                   if n.startswith((POOL_PREFIX, ROOTFS_PREFIX, PROBE_PREFIX))
                   and f"{root}/{n}" != own]
+        if pid is not None:
+            found = [trace for trace in found if f"-{pid}-" in trace]
         return found
 
     # --- running --------------------------------------------------------------------------
@@ -147,7 +150,7 @@ class ContainerTier(Closeable):
         shape = _for_runtime(runtime, Shape.of(plan))
         pooled = None
         if self.pool_size > 0 and runtime.name != "runsc":
-            pooled = self._pool(runtime, shape, skeleton).take()
+            pooled = self._pool(runtime, shape, skeleton).take(shape)
         if pooled is not None:
             return run_pooled(plan, workspace, deadline, monitor, pooled, t0)
         return run_cold(plan, workspace, deadline, monitor, runtime, skeleton, shape, t0)

@@ -90,11 +90,14 @@ fi
 OUT_DISK=$(disk wbxout)
 if [ ! -f /job/job.sh ]; then
   port=""
-  for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+  # Up to ~10 s: on a loaded host under TCG the virtio-serial port can take seconds to appear.
+  i=0
+  while [ -z "$port" ] && [ "$i" -lt 200 ]; do
     for p in /dev/vport*p1; do [ -c "$p" ] && port=$p; done
-    [ -n "$port" ] && break
-    sleep 0.05
+    [ -n "$port" ] || sleep 0.05
+    i=$((i + 1))
   done
+  [ -n "$port" ] || poweroff -f
   echo WASMBOX-READY > /dev/ttyS0
   exec 3<"$port"
   size=""

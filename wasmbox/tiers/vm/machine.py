@@ -167,20 +167,27 @@ class Machine(Closeable):
     def _read_serial(self) -> None:
         stream = self.process.stdout
         assert stream is not None
-        for raw in stream:
-            self._serial += raw
-            del self._serial[:-_SERIAL_KEEP]
-            line = raw.decode(errors="replace").strip()
-            # A kernel message may share the line: look for the frame, not the line start.
-            if line.endswith(READY) and not self._ready.is_set():
-                self.ready_at = time.monotonic()
-                self._ready.set()
-            elif EXIT + " " in line and self._nonce is not None:
-                parsed = _parse_exit(line[line.index(EXIT + " "):], self._nonce)
-                if parsed is not None and self._exit is None:
-                    self._exit = parsed
-                    self._exited.set()
-        self._exited.set()
+        try:
+            for raw in stream:
+                self._on_serial_line(raw)
+        except (ValueError, OSError):
+            pass  # close() shut the pipe under us: the machine is going away
+        finally:
+            self._exited.set()
+
+    def _on_serial_line(self, raw: bytes) -> None:
+        self._serial += raw
+        del self._serial[:-_SERIAL_KEEP]
+        line = raw.decode(errors="replace").strip()
+        # A kernel message may share the line: look for the frame, not the line start.
+        if line.endswith(READY) and not self._ready.is_set():
+            self.ready_at = time.monotonic()
+            self._ready.set()
+        elif EXIT + " " in line and self._nonce is not None:
+            parsed = _parse_exit(line[line.index(EXIT + " "):], self._nonce)
+            if parsed is not None and self._exit is None:
+                self._exit = parsed
+                self._exited.set()
 
     def stop(self) -> None:
         """Kill QEMU now; the files stay until `close()`."""

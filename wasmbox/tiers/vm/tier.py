@@ -31,7 +31,7 @@ from wasmbox.tiers.vm.machine import (
     guest_memory_mib,
     probe_kvm,
 )
-from wasmbox.tiers.vm.pool import Pool
+from wasmbox.tiers.vm.pool import MachinePool
 from wasmbox.workspace import Workspace, remove_tree
 
 BOOT_TIMEOUT = 20.0  # a TCG boot takes 1.3-1.7 s here; far past that the boot has hung
@@ -54,7 +54,7 @@ class VmTier(Closeable):
         self._run_dir: Path | None = None
         self._kvm: bool | None = None
         self._counter = 0
-        self._pool: Pool | None = None
+        self._pool: MachinePool | None = None
         self._boot_estimate = 1.5
 
     def availability(self) -> Availability:
@@ -101,6 +101,11 @@ class VmTier(Closeable):
         if self._pool is not None:
             self._pool.warm(self._shape(plan, assets))
 
+    @property
+    def pool(self) -> MachinePool | None:
+        """The guests booted ahead (None before the first task, or with `pool_size=0`)."""
+        return self._pool
+
     def wait_warm(self, timeout: float) -> bool:
         """Block until a pooled guest is ready (True) or `timeout` passes; for benchmarks."""
         pool = self._pool
@@ -114,7 +119,7 @@ class VmTier(Closeable):
         assets, run_dir = self._setup()
         shape = self._shape(plan, assets)
         pool = self._pool
-        machine = pool.take(shape, _left(deadline, self._boot_timeout)) if pool else None
+        machine = pool.take_ready(shape, _left(deadline, self._boot_timeout)) if pool else None
         if machine is None and deadline.expired:
             return _timeout("the deadline passed while the guest booted", t0)
         try:
@@ -149,7 +154,7 @@ class VmTier(Closeable):
                 root = self._assets_dir or cache_dir()
                 self._kvm = probe_kvm(self._assets, self._run_dir, root / "kvm-probe.json")
                 if self._pool_size > 0:
-                    self._pool = Pool(self._pool_size, self._boot_machine, self._boot_timeout)
+                    self._pool = MachinePool(self._pool_size, self._boot_machine)
             return self._assets, self._run_dir
 
     def _shape(self, plan: Plan, assets: Assets) -> Shape:
