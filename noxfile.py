@@ -69,7 +69,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over the package and the guest build script."""
-    _install(session, "dev", "test")
+    _install(session, "dev", "test", "bench")
     session.run("mypy", "--strict", "wasmbox")
     # Separately: the editable install puts the repo root on the path, where guests/ is also
     # importable as a namespace package, and one mypy run would see build.py twice.
