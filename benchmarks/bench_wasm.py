@@ -111,6 +111,11 @@ def measure(quick: bool, progress: Progress) -> list[Row]:
         n = 400 if quick else 4000
         row.throughput = throughput(n, CORES, lambda _: check(sb.run(hello)))
         base.throughput = throughput(n // 4, CORES, lambda _: spawn([native["hello"]]))
+        if CORES > 1:  # the GIL-bound share shows in how far 1 thread is from all cores
+            one = throughput(n, 1, lambda _: check(sb.run(hello)))
+            one_native = throughput(n // 4, 1, lambda _: spawn([native["hello"]]))
+            row.notes.append(f"tasks/s on 1 thread: {one['tasks_per_s']:.0f}")
+            base.notes.append(f"processes/s on 1 thread: {one_native['tasks_per_s']:.0f}")
     base.wall_s = list(base.startup_s)
     progress.step("wasm: done")
     return [row, base]

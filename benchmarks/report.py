@@ -126,9 +126,13 @@ def print_rows(rows: Sequence[Row]) -> None:
             continue
         ratios = [p.cpu_ratio for p in row.exec_pairs]
         tps = f"{row.throughput['tasks_per_s']:.1f}/s" if row.throughput else "—"
-        print(f"{row.label}: startup {_duration(row.startup_s)}, exec {_overhead(ratios)}, "
+        print(f"{row.label}: startup {_duration(row.startup_s)}, "
+              f"end to end {_duration(row.wall_s)}, exec {_overhead(ratios)}, "
               f"memory {_bytes(row.memory_overhead_bytes)}, cleanup {_duration(row.cleanup_s)}, "
-              f"tasks {tps}")
+              f"tasks {tps} on {row.throughput.get('concurrency', '?') if row.throughput else '?'}"
+              " threads")
+        for note in row.notes:
+            print(f"    {note}")
 
 
 def _cell(ours: str, claim: str | None) -> str:
