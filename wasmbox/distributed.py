@@ -83,6 +83,10 @@ class DistributedSandbox:
 class SandboxPlugin(WorkerPlugin):
     """Keeps one warm `Sandbox` per policy on a worker; closes them on teardown."""
 
+    # Another client registering it again (a second or restarted service) must not replace,
+    # and so tear down, the sandboxes tasks are running in.
+    idempotent = True
+
     def __init__(self) -> None:
         self._sandboxes: dict[str, Sandbox] = {}
         self._lock = threading.Lock()
