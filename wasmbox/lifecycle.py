@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 import time
@@ -73,6 +74,17 @@ class Deadline:
     def expired(self) -> bool:
         """True once the deadline has passed."""
         return time.monotonic() >= self.at
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process exists (reclaiming what dead owners left relies on it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, just not ours
+        return True
+    return True
 
 
 @contextmanager

@@ -21,6 +21,7 @@ import secrets
 import shutil
 import stat
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from typing import Any
 import jsonschema
 
 from wasmbox.errors import InputRejected
-from wasmbox.lifecycle import Closeable
+from wasmbox.lifecycle import Closeable, process_alive
 from wasmbox.models import DenyAction, MiB, OutputPolicy
 from wasmbox.policy import Plan
 
@@ -83,22 +84,13 @@ def reclaim_stale(root: Path | None = None) -> list[str]:
         return reclaimed
     for entry in entries:
         owner = entry.name[len(PREFIX):].split("-", 1)[0]
-        if not entry.name.startswith(PREFIX) or not owner.isdigit() or _alive(int(owner)):
+        if not entry.name.startswith(PREFIX) or not owner.isdigit() or process_alive(int(owner)):
             continue
         with contextlib.suppress(OSError):
             remove_tree(entry.path)
             reclaimed.append(entry.path)
     return reclaimed
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def encode_input(plan: Plan) -> bytes:
@@ -170,23 +162,8 @@ class Workspace(Closeable):
 
     def output_bytes(self) -> int:
         """Bytes in /task/output now (a monitoring sample, not a cap check)."""
-        total = 0
-        stack: list[str] = [self.output_dir]
-        while stack:
-            try:
-                entries = list(os.scandir(stack.pop()))
-            except OSError:
-                continue
-            for entry in entries:
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append(entry.path)
-                else:
-                    total += st.st_size
-        return total
+        return sum(st.st_size for _, st in _entries(self.output_dir)
+                   if not stat.S_ISDIR(st.st_mode))
 
     def stream_sizes(self) -> tuple[int, int]:
         """Bytes the guest has written to stdout and stderr so far."""
@@ -222,29 +199,17 @@ class Workspace(Closeable):
             if size > flood_limit(cap):
                 return f"{name} flood: over {flood_limit(cap)} bytes written"
         caps = plan.output
-        count = total = 0
-        stack: list[str] = [self.output_dir]
-        while stack:
-            try:
-                entries = list(os.scandir(stack.pop()))
-            except OSError:
+        total = 0
+        for count, (name, st) in enumerate(_entries(self.output_dir), start=1):
+            if count > caps.max_files:
+                return f"more than {caps.max_files} output files"
+            if stat.S_ISDIR(st.st_mode):
                 continue
-            for entry in entries:
-                count += 1
-                if count > caps.max_files:
-                    return f"more than {caps.max_files} output files"
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append(entry.path)
-                    continue
-                total += st.st_size
-                if st.st_size > caps.max_file_bytes:
-                    return f"{entry.name} exceeds {caps.max_file_bytes} bytes"
-                if total > caps.max_total_bytes:
-                    return f"outputs exceed {caps.max_total_bytes} bytes in total"
+            total += st.st_size
+            if st.st_size > caps.max_file_bytes:
+                return f"{name} exceeds {caps.max_file_bytes} bytes"
+            if total > caps.max_total_bytes:
+                return f"outputs exceed {caps.max_total_bytes} bytes in total"
         return None
 
     def collect(self) -> Collected:
@@ -283,6 +248,25 @@ class Workspace(Closeable):
             if into.total_bytes > caps.max_total_bytes:
                 raise _Rejected(f"outputs exceed {caps.max_total_bytes} bytes in total")
             into.files[rel] = filter_bytes(data, caps, rel)
+
+
+def _entries(root: str) -> Iterator[tuple[str, os.stat_result]]:
+    """Name and lstat of everything under `root` while a guest may be changing it: never
+    follows a link, skips what vanishes or cannot be read."""
+    stack = [root]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(entry.path)
+            yield entry.name, st
 
 
 class _Rejected(Exception):

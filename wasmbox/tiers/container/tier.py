@@ -10,7 +10,7 @@ import threading
 import time
 
 from wasmbox.errors import HostFailure, SandboxError, TierUnavailable
-from wasmbox.lifecycle import Closeable, Deadline, shielded
+from wasmbox.lifecycle import Closeable, Deadline, process_alive, shielded
 from wasmbox.models import TaskKind, TierName
 from wasmbox.monitor import Monitor
 from wasmbox.policy import Plan
@@ -218,15 +218,7 @@ def _sweep(runtime: Runtime) -> None:
     cgroups and staging directories (names carry the owner's pid)."""
     def dead(name: str) -> bool:
         pid = owner_pid(name)
-        if pid is None or pid == os.getpid():
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
+        return pid is not None and pid != os.getpid() and not process_alive(pid)
 
     with contextlib.suppress(FileNotFoundError):
         for name in os.listdir(runtime.state_root):

@@ -15,6 +15,7 @@ import secrets
 import signal
 from pathlib import Path
 
+from wasmbox.lifecycle import process_alive
 from wasmbox.workspace import remove_tree, workspace_root
 
 PREFIX = "wasmbox-vm-"
@@ -41,7 +42,7 @@ def reclaim(root: Path | None = None) -> list[Path]:
         return []
     for entry in entries:
         m = _NAME.match(entry.name)
-        if not m or not entry.is_dir(follow_symlinks=False) or _alive(int(m.group(1))):
+        if not m or not entry.is_dir(follow_symlinks=False) or process_alive(int(m.group(1))):
             continue
         kill_machines(Path(entry.path))
         remove_tree(entry.path)
@@ -61,12 +62,3 @@ def kill_machines(run_dir: Path) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
