@@ -47,10 +47,10 @@ GROUPS: dict[str, ModuleType] = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python3 -m benchmarks") -> int:
     """Run the suite; 0 when every requested tier was measured or reported missing, 1 when a
     benchmark itself failed (its row then says why)."""
-    args = _parser().parse_args(argv)
+    args = _parser(prog).parse_args(argv)
     groups = [g.strip() for g in args.tiers.split(",") if g.strip()]
     unknown = sorted(set(groups) - set(GROUPS))
     if unknown:
@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_before": os.getloadavg(),
         "machine": machine_facts(),
     }
-    progress = Progress(sum(GROUPS[g].STEPS for g in groups)) if args.progress else None
+    # The bar redraws one line with \r: only on a terminal, never into a log file.
+    show = args.progress and sys.stderr.isatty()
+    progress = Progress(sum(GROUPS[g].STEPS for g in groups)) if show else None
     t0 = time.monotonic()
     rows, failed = run_groups(groups, quick, progress)
     if progress is not None:
@@ -162,8 +164,8 @@ class _Silent(Progress):
         pass
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python3 -m benchmarks",
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog,
                                      description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--full", action="store_true",
                         help="more repetitions, for reports (default: quick, < 1 minute)")
@@ -175,7 +177,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--publish", action="store_true",
                         help="also write the table to benchmarks/RESULTS.md")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="no progress bar on stderr")
+                        help="no progress bar (it is shown only when stderr is a terminal)")
     return parser
 
 
