@@ -71,6 +71,7 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict over the package and the guest build script."""
     _install(session, "dev", "test", "bench")
     session.run("mypy", "--strict", "wasmbox")
+    session.run("mypy", "--strict", "tests/typing")  # the README's API examples type-check
     # Separately: the editable install puts the repo root on the path, where guests/ is also
     # importable as a namespace package, and one mypy run would see build.py twice.
     session.run("mypy", "--strict", "guests/build.py")

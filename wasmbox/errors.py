@@ -8,6 +8,8 @@ that cannot run here.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class SandboxError(Exception):
     """Root of every error wasmbox raises."""
@@ -25,9 +27,16 @@ class PolicyViolation(SandboxError):
         self.rule = rule
         self.message = message
 
+    def __reduce__(self) -> tuple[Any, ...]:  # pickles across processes (Dask, workers)
+        return (type(self), (self.rule, self.message))
+
 
 class InputRejected(SandboxError):
     """The task input is not acceptable (not JSON, too large, fails its schema)."""
+
+
+class InvalidTask(InputRejected):
+    """A task was built from invalid fields (a wrong type, an unknown tier, a string argv)."""
 
 
 class ModuleRejected(SandboxError):
@@ -41,6 +50,9 @@ class TierUnavailable(SandboxError):
         super().__init__(f"tier {tier!r} is unavailable: {reason}")
         self.tier = tier
         self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.tier, self.reason))
 
 
 class SandboxClosed(SandboxError):

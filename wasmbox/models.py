@@ -7,11 +7,13 @@ Sizes accept integers (bytes) or strings such as ``"64M"``/``"64MiB"`` (binary) 
 from __future__ import annotations
 
 import re
+import shlex
 import tomllib
 import uuid
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import TYPE_CHECKING, Annotated, Any, Self
 
 from pydantic import (
     BaseModel,
@@ -23,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from wasmbox.errors import ConfigError, ModuleRejected
+from wasmbox.errors import ConfigError, InvalidTask, ModuleRejected
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -124,6 +126,20 @@ class Resources(_Model):
     cpus: Annotated[float, Field(gt=0)] | None = None
     pids: Annotated[int, Field(gt=0)] | None = None
 
+    if TYPE_CHECKING:  # what callers may pass: sizes and durations as strings too
+
+        def __init__(
+            self,
+            *,
+            fuel: int | None = None,
+            memory: int | str | None = None,
+            timeout: float | str | None = None,
+            output_bytes: int | str | None = None,
+            stdout_bytes: int | str | None = None,
+            cpus: float | None = None,
+            pids: int | None = None,
+        ) -> None: ...
+
 
 class Task(_Model):
     """Code plus one JSON input. Build one with `Task.wasm`, `Task.python` or `Task.command`."""
@@ -157,32 +173,123 @@ class Task(_Model):
         return self
 
     @classmethod
-    def wasm(cls, module: str | Path | bytes, *, input: JsonValue = None, **fields: Any) -> Task:
-        """A WASI command module, given as a path or as bytes."""
-        if isinstance(module, bytes | bytearray):
-            return cls(kind=TaskKind.WASM, module_bytes=bytes(module), input=input, **fields)
-        return cls(kind=TaskKind.WASM, module=Path(module), input=input, **fields)
+    def wasm(
+        cls,
+        module: str | Path | bytes,
+        *,
+        input: JsonValue = None,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        sha256: str | None = None,
+        input_schema: dict[str, Any] | None = None,
+        output_schema: dict[str, Any] | None = None,
+        resources: Resources | None = None,
+        tier: TierName | str = TierName.AUTO,
+        network: bool = False,
+        id: str | None = None,
+    ) -> Task:
+        """A WASI command module, given as a path or as bytes; `args` become its argv[1:]."""
+        code: dict[str, Any] = (
+            {"module_bytes": bytes(module)} if isinstance(module, bytes | bytearray)
+            else {"module": Path(module)}
+        )
+        return cls._build(
+            kind=TaskKind.WASM, **code, input=input, args=tuple(_strings(args, "args")),
+            env=env, sha256=sha256, input_schema=input_schema, output_schema=output_schema,
+            resources=resources, tier=tier, network=network, id=id,
+        )
 
     @classmethod
-    def python(cls, source: str | Path, *, input: JsonValue = None, **fields: Any) -> Task:
+    def python(
+        cls,
+        source: str | Path,
+        *,
+        input: JsonValue = None,
+        entry: str = "main",
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        input_schema: dict[str, Any] | None = None,
+        output_schema: dict[str, Any] | None = None,
+        resources: Resources | None = None,
+        tier: TierName | str = TierName.AUTO,
+        runtime: str | None = None,
+        network: bool = False,
+        id: str | None = None,
+    ) -> Task:
         """Python source text, or a `Path` to a ``.py`` file; ``main(input)`` is called if defined.
 
         A `str` is always source, never a file name: text from a user must not be able to
-        make the host read one of its files.
+        make the host read one of its files. `args` must be empty: Python tasks take their
+        data from `input` (an argv would be silently meaningless, so it is refused).
         """
+        if _strings(args, "args"):
+            raise InvalidTask("args are not supported for Python tasks; pass data in input")
         if isinstance(source, Path):
             try:
                 source = Path(source).read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
                 raise ModuleRejected(f"cannot read Python source {source}: {exc}") from exc
-        return cls(kind=TaskKind.PYTHON, source=source, input=input, **fields)
+        return cls._build(
+            kind=TaskKind.PYTHON, source=source, input=input, entry=entry, env=env,
+            input_schema=input_schema, output_schema=output_schema, resources=resources,
+            tier=tier, runtime=runtime, network=network, id=id,
+        )
 
     @classmethod
-    def command(cls, argv: list[str] | tuple[str, ...], *, input: JsonValue = None,
-                **fields: Any) -> Task:
-        """A native program, for the container and VM tiers."""
-        fields.setdefault("tier", TierName.CONTAINER)
-        return cls(kind=TaskKind.COMMAND, argv=tuple(argv), input=input, **fields)
+    def command(
+        cls,
+        argv: Sequence[str],
+        *,
+        input: JsonValue = None,
+        env: Mapping[str, str] | None = None,
+        input_schema: dict[str, Any] | None = None,
+        output_schema: dict[str, Any] | None = None,
+        resources: Resources | None = None,
+        tier: TierName | str = TierName.CONTAINER,
+        runtime: str | None = None,
+        network: bool = False,
+        id: str | None = None,
+    ) -> Task:
+        """A native program for the container and VM tiers, as an argv list.
+
+        A single string is refused (it is not split): ``Task.command(["sh", "-c", "ls -la"])``
+        or ``Task.command(shlex.split("ls -la"))``.
+        """
+        if isinstance(argv, str | bytes):
+            raise InvalidTask(
+                f"Task.command takes an argv list, not a string: {argv!r} "
+                f"(did you mean {shlex.split(argv) if isinstance(argv, str) else [argv]!r}?)"
+            )
+        return cls._build(
+            kind=TaskKind.COMMAND, argv=tuple(_strings(argv, "argv")), input=input, env=env,
+            input_schema=input_schema, output_schema=output_schema, resources=resources,
+            tier=tier, runtime=runtime, network=network, id=id,
+        )
+
+    @classmethod
+    def _build(cls, **fields: Any) -> Task:
+        given = {k: v for k, v in fields.items() if v is not None}
+        try:
+            return cls(**given)
+        except ValidationError as exc:
+            raise InvalidTask(f"invalid task: {_describe(exc)}") from None
+
+
+def _strings(values: Sequence[str], what: str) -> list[str]:
+    if isinstance(values, str | bytes):
+        raise InvalidTask(f"{what} must be a list of strings, not one string: {values!r}")
+    items = list(values)
+    if not all(isinstance(v, str) for v in items):
+        raise InvalidTask(f"{what} must be a list of strings: {items!r}")
+    return items
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        where = ".".join(str(p) for p in err.get("loc", ())) or "task"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)
 
 
 # --- what a policy allows ------------------------------------------------------------------
