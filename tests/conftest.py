@@ -55,8 +55,16 @@ def _memory_dir() -> str | None:
 
 @pytest.fixture(scope="session")
 def module_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A compiled-module cache private to this test session."""
-    return tmp_path_factory.mktemp("module-cache")
+    """A compiled-module cache private to this test session, seeded with the Python
+    interpreter when `wasmbox python build` (``nox -s tests`` runs it) has built one."""
+    cache = tmp_path_factory.mktemp("module-cache")
+    from wasmbox.tiers.wasm.cache import default_cache_dir
+    from wasmbox.tiers.wasm.python import app_key
+
+    for built in default_cache_dir().glob(f"{app_key()}*"):
+        if built.suffix in (".wasm", ".cwasm") and built.is_file():
+            shutil.copyfile(built, cache / built.name)
+    return cache
 
 
 def _make_sandbox(cache: Path, policy: Policy | None = None) -> Sandbox:

@@ -187,3 +187,16 @@ def test_native_command_after_double_dash_runs_in_a_container(
     assert code == EXIT_OK, result
     assert result["tier"] == "container"
     assert result["stdout"].strip() == "hi from /bin/sh"
+
+
+def test_python_build_and_status_report_the_interpreter(
+    module_cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["python", "build"]) == EXIT_OK
+    assert "ready" in capsys.readouterr().err
+    assert main(["python", "status", "--json"]) == EXIT_OK
+    state = json.loads(capsys.readouterr().out)
+    assert state["built"] is True and state["path"].startswith(str(module_cache))
+    assert main(["doctor", "--json"]) == EXIT_OK
+    wasm = {e["tier"]: e for e in json.loads(capsys.readouterr().out)}["wasm"]
+    assert wasm["details"]["python_interpreter"]["built"] is True

@@ -206,6 +206,18 @@ def _parser(as_json: bool = False) -> argparse.ArgumentParser:
     serve.add_argument("service_args", nargs=argparse.REMAINDER)
     serve.set_defaults(handler=_serve)
 
+    python = sub.add_parser("python", help="the CPython-for-WASI interpreter of the wasm tier",
+                            description="The CPython-for-WASI interpreter of the wasm tier.")
+    py_sub = python.add_subparsers(required=True, metavar="ACTION", parser_class=_Parser)
+    py_build = py_sub.add_parser("build", help="build and compile it now (first use: ~40 s)",
+                                 description="Build and compile the interpreter ahead of the "
+                                             "first Python task.")
+    py_build.set_defaults(handler=_python_build)
+    py_status = py_sub.add_parser("status", help="whether it is built, and where",
+                                  description="Whether the interpreter is built, and where.")
+    py_status.add_argument("--json", action="store_true", help="print the state as JSON")
+    py_status.set_defaults(handler=_python_status)
+
     vm = sub.add_parser("vm", help="VM tier utilities", description="VM tier utilities.")
     vm_sub = vm.add_subparsers(required=True, metavar="ACTION", parser_class=_Parser)
     assets = vm_sub.add_parser("assets", help="download and build the VM kernel and initramfs",
@@ -248,6 +260,9 @@ def _task(args: argparse.Namespace, common: dict[str, Any]) -> Task:
         if args.arg:
             raise UsageError("run: --arg is not supported for Python tasks; pass data "
                              "through --input / --input-json")
+        if not _python_state()["built"] and sys.stderr.isatty():
+            print("wasmbox: first Python task: building the interpreter (~40 s, once; "
+                  "'wasmbox python build' does it ahead)", file=sys.stderr, flush=True)
         return Task.python(code, **common)
     try:
         with code.open("rb") as handle:
@@ -315,17 +330,64 @@ def _print_summary(result: Result, output: Path | None) -> None:
 def _doctor(args: argparse.Namespace) -> int:
     with Sandbox() as sandbox:
         report = sandbox.doctor()
+    python = _python_state()
     if args.json:
-        print(json.dumps([
+        entries: list[dict[str, Any]] = [
             {"tier": a.tier.value, "ok": a.ok, "reason": a.reason, "details": a.details}
             for a in report
-        ], indent=2))
+        ]
+        for entry in entries:
+            if entry["tier"] == TierName.WASM.value:
+                entry["details"] = {**entry["details"], "python_interpreter": python}
+        print(json.dumps(entries, indent=2))
     else:
         for a in report:
             mark = "ok " if a.ok else "NO "
             details = " ".join(f"{k}={v}" for k, v in a.details.items())
             print(f"{mark} {a.tier.value:<10} {a.reason} {details}".rstrip())
+        state = "built" if python["built"] else "not built yet ('wasmbox python build')"
+        print(f"    python interpreter: {state}: {python['path']}")
     return EXIT_OK if report[0].ok else EXIT_HOST_ERROR
+
+
+def _python_state() -> dict[str, Any]:
+    from wasmbox.tiers.wasm.cache import default_cache_dir
+    from wasmbox.tiers.wasm.python import app_key
+
+    path = default_cache_dir() / f"{app_key()}.wasm"
+    return {"built": path.is_file(), "path": str(path)}
+
+
+def _python_status(args: argparse.Namespace) -> int:
+    state = _python_state()
+    if args.json:
+        print(json.dumps(state))
+    elif state["built"]:
+        print(f"built: {state['path']}")
+    else:
+        print(f"not built (the first Python task builds it, ~40 s; or run "
+              f"'wasmbox python build'): {state['path']}")
+    return EXIT_OK
+
+
+def _python_build(args: argparse.Namespace) -> int:
+    import time
+
+    state = _python_state()
+    verb = "compiling" if state["built"] else "building (first time only, ~40 s)"
+    print(f"wasmbox: {verb} the Python interpreter in {state['path']} ...", file=sys.stderr,
+          flush=True)
+    t0 = time.monotonic()
+    with Sandbox() as sandbox:  # one trivial task builds, compiles and caches it
+        result = sandbox.run(Task.python("def main(inp):\n    return inp", input={"ok": 1},
+                                         tier=TierName.WASM))
+    if result.status is not Status.COMPLETED:
+        print(f"wasmbox: the interpreter does not run: {result.status} {result.reason or ''}"
+              f"{result.stderr[-500:]}", file=sys.stderr)
+        return EXIT_HOST_ERROR
+    print(f"wasmbox: the Python interpreter is ready ({time.monotonic() - t0:.1f} s)",
+          file=sys.stderr)
+    return EXIT_OK
 
 
 def _bench(args: argparse.Namespace) -> int:
