@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 
 import pytest
 
@@ -56,3 +57,16 @@ def test_python_args_are_refused_not_dropped() -> None:
     with pytest.raises(InvalidTask, match="args"):
         Task.python("def main(i):\n    return i", args=["x"])
     assert Task.python("x = 1", args=()).args == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "hint"),
+    [('[limits]\nmemroy = "1M"\n', "limits.memroy: unknown key (did you mean 'memory'?)"),
+     ('[output]\nmax_fles = 3\n', "did you mean 'max_files'?"),
+     ('alowed_tiers = ["wasm"]\n', "did you mean 'allowed_tiers'?")],
+)
+def test_policy_typos_name_the_nearest_key(text: str, hint: str) -> None:
+    from wasmbox import ConfigError, Policy
+
+    with pytest.raises(ConfigError, match=re.escape(hint)):
+        Policy.from_toml_text(text)

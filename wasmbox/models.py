@@ -6,6 +6,7 @@ Sizes accept integers (bytes) or strings such as ``"64M"``/``"64MiB"`` (binary) 
 
 from __future__ import annotations
 
+import difflib
 import re
 import shlex
 import tomllib
@@ -479,15 +480,38 @@ class Policy(_Model):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(f"{source}: {_explain(exc)}") from exc
+            raise ConfigError(f"{source}: {_explain(exc, cls)}") from exc
 
 
-def _explain(exc: ValidationError) -> str:
+def _explain(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """One line per error, naming the field as a TOML key, with the nearest valid key for a
+    typo (``memroy`` -> ``memory``)."""
     parts = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "policy"
-        parts.append(f"{where}: {err['msg']}")
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        line = f"{where}: {msg}"
+        if err["type"] == "extra_forbidden" and model is not None:
+            hint = _nearest_key(model, err["loc"])
+            if hint:
+                line += f" (did you mean {hint!r}?)"
+        parts.append(line)
     return "; ".join(parts)
+
+
+def _nearest_key(model: type[BaseModel], loc: tuple[int | str, ...]) -> str | None:
+    """The closest field name to the last part of `loc`, in the model the rest leads to."""
+    current: Any = model
+    for part in loc[:-1]:
+        fields = getattr(current, "model_fields", None)
+        if not isinstance(part, str) or fields is None or part not in fields:
+            return None
+        current = fields[part].annotation
+    fields = getattr(current, "model_fields", None)
+    if fields is None:
+        return None
+    found = difflib.get_close_matches(str(loc[-1]), list(fields), n=1, cutoff=0.6)
+    return found[0] if found else None
 
 
 # --- what comes back ----------------------------------------------------------------------
