@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import pickle
 import re
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from wasmbox import InputRejected, InvalidTask, Resources, SandboxError, Task
+from wasmbox import (
+    InputRejected,
+    InvalidTask,
+    ModuleRejected,
+    Resources,
+    Result,
+    Sandbox,
+    SandboxError,
+    Status,
+    Task,
+)
 from wasmbox.errors import HostFailure, PolicyViolation, TierUnavailable
 
 
@@ -70,3 +82,45 @@ def test_policy_typos_name_the_nearest_key(text: str, hint: str) -> None:
 
     with pytest.raises(ConfigError, match=re.escape(hint)):
         Policy.from_toml_text(text)
+
+
+def _batch(guests: dict[str, Path]) -> list[Task]:
+    good = Task.wasm(guests["hello"])
+    refused = Task.wasm(guests["hello"], sha256="0" * 64)  # wrong pin: ModuleRejected
+    return [good, refused, good, good]
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_map_keeps_every_result_when_one_task_is_refused(
+    sandbox: Sandbox, guests: dict[str, Path], concurrency: int
+) -> None:
+    out = sandbox.map(_batch(guests), concurrency=concurrency, return_exceptions=True)
+    assert isinstance(out[1], ModuleRejected)
+    assert [r.status for r in out if isinstance(r, Result)] == [Status.COMPLETED] * 3
+    with pytest.raises(ModuleRejected):
+        sandbox.map(_batch(guests), concurrency=concurrency)
+
+
+def test_imap_is_lazy_and_bounded(sandbox: Sandbox, guests: dict[str, Path]) -> None:
+    taken = 0
+
+    def endless() -> Iterator[Task]:
+        nonlocal taken
+        while True:
+            taken += 1
+            yield Task.wasm(guests["hello"])
+
+    seen = []
+    for index, result in sandbox.imap(endless(), concurrency=2):
+        assert isinstance(result, Result) and result.ok
+        seen.append(index)
+        if len(seen) == 6:
+            break
+    assert seen == list(range(6))
+    assert taken <= 6 + 4  # never more than 2 x concurrency ahead
+
+
+def test_imap_unordered_yields_every_index(sandbox: Sandbox, guests: dict[str, Path]) -> None:
+    tasks = [Task.wasm(guests["hello"])] * 7
+    indexes = sorted(i for i, _ in sandbox.imap(tasks, concurrency=2, ordered=False))
+    assert indexes == list(range(7))

@@ -94,5 +94,7 @@ def test_an_explicitly_requested_unavailable_tier_raises(
 
 def test_the_policy_can_forbid_escalation(sandbox_with: Callable[..., Sandbox]) -> None:
     sb = sandbox_with(Policy(allowed_tiers=frozenset({TierName.WASM})))
-    with pytest.raises(TierUnavailable, match="lacks sqlite3"):
+    with pytest.raises(TierUnavailable, match="lacks sqlite3") as info:
         sb.run(Task.python(SQL_TASK, input={"n": 3}))
+    assert str(info.value).startswith("the policy allows only wasm")
+    assert "allowed_tiers" in str(info.value) and "unavailable" not in str(info.value)

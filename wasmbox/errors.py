@@ -46,13 +46,17 @@ class ModuleRejected(SandboxError):
 class TierUnavailable(SandboxError):
     """A tier cannot run on this host; `reason` says why."""
 
-    def __init__(self, tier: str, reason: str) -> None:
-        super().__init__(f"tier {tier!r} is unavailable: {reason}")
+    def __init__(self, tier: str, reason: str, *, declined_by_policy: bool = False) -> None:
+        # A tier the policy rules out is not "unavailable": the message says what to change.
+        super().__init__(reason if declined_by_policy
+                         else f"tier {tier!r} is unavailable: {reason}")
         self.tier = tier
         self.reason = reason
+        self.declined_by_policy = declined_by_policy
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.tier, self.reason))
+        return (_rebuild_unavailable, (type(self), self.tier, self.reason,
+                                       self.declined_by_policy))
 
 
 class SandboxClosed(SandboxError):
@@ -61,3 +65,8 @@ class SandboxClosed(SandboxError):
 
 class HostFailure(SandboxError):
     """The host failed while running a task (I/O error, runtime crash): not the guest's fault."""
+
+
+def _rebuild_unavailable(cls: type[TierUnavailable], tier: str, reason: str,
+                         declined: bool) -> TierUnavailable:
+    return cls(tier, reason, declined_by_policy=declined)

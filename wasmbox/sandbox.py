@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import itertools
 import logging
 import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import Literal, overload
 
 from wasmbox import telemetry
-from wasmbox.errors import PolicyViolation, TierUnavailable
+from wasmbox.errors import PolicyViolation, SandboxError, TierUnavailable
 from wasmbox.lifecycle import Closeable, Deadline, shielded
 from wasmbox.models import ISOLATION_ORDER, Metrics, Policy, Result, Status, Task, TierName
 from wasmbox.monitor import Monitor
@@ -90,14 +92,87 @@ class Sandbox(Closeable):
         telemetry.record(result)
         return result
 
-    def map(self, tasks: Iterable[Task], concurrency: int = 1) -> list[Result]:
-        """Run many tasks on `concurrency` threads; results keep the order of `tasks`."""
+    @overload
+    def map(self, tasks: Iterable[Task], concurrency: int = 1, *,
+            return_exceptions: Literal[False] = False) -> list[Result]: ...
+
+    @overload
+    def map(self, tasks: Iterable[Task], concurrency: int = 1, *,
+            return_exceptions: Literal[True]) -> list[Result | SandboxError]: ...
+
+    def map(self, tasks: Iterable[Task], concurrency: int = 1, *,
+            return_exceptions: bool = False) -> list[Result] | list[Result | SandboxError]:
+        """Run many tasks on `concurrency` threads; results keep the order of `tasks`.
+
+        A task the host refuses (`PolicyViolation`, `InputRejected`, ...) raises, as `run`
+        does, after every other task has finished; with ``return_exceptions=True`` its error
+        takes its place in the list instead, and no result is lost.
+        """
+        out = [item for _, item in self.imap(tasks, concurrency, return_exceptions=True)]
+        if not return_exceptions:
+            for item in out:
+                if isinstance(item, SandboxError):
+                    raise item
+            return [item for item in out if isinstance(item, Result)]
+        return out
+
+    def imap(self, tasks: Iterable[Task], concurrency: int = 1, *, ordered: bool = True,
+             return_exceptions: bool = False) -> Iterator[tuple[int, Result | SandboxError]]:
+        """Yield ``(index, result)`` as tasks finish, for batches too large to hold.
+
+        At most ``2 * concurrency`` tasks are taken from `tasks` ahead of the results, so
+        an endless generator works. ``ordered=True`` yields in input order; ``False`` as
+        each completes. A refused task raises where it is yielded, or is yielded as its
+        `SandboxError` with ``return_exceptions=True``.
+        """
         self._ensure_open()
-        items = list(tasks)
-        if concurrency <= 1:
-            return [self.run(t) for t in items]
-        with ThreadPoolExecutor(concurrency, thread_name_prefix="wasmbox-run") as pool:
-            return list(pool.map(self.run, items))
+        workers = max(1, concurrency)
+        source = enumerate(tasks)
+        if workers == 1:  # in the caller's thread, one at a time
+            for index, task in source:
+                try:
+                    yield index, self.run(task)
+                except SandboxError as exc:
+                    if not return_exceptions:
+                        raise
+                    yield index, exc
+            return
+        with ThreadPoolExecutor(workers, thread_name_prefix="wasmbox-run") as pool:
+            pending: dict[Future[Result], int] = {}
+            done_early: dict[int, Future[Result]] = {}
+            next_index = 0
+
+            def fill() -> None:
+                room = 2 * workers - len(pending) - len(done_early)
+                for index, task in itertools.islice(source, max(0, room)):
+                    pending[pool.submit(self.run, task)] = index
+
+            def unwrap(index: int, future: Future[Result]) -> tuple[int, Result | SandboxError]:
+                exc = future.exception()
+                if exc is None:
+                    return index, future.result()
+                if return_exceptions and isinstance(exc, SandboxError):
+                    return index, exc
+                raise exc
+
+            try:
+                fill()
+                while pending or done_early:
+                    if ordered and next_index in done_early:
+                        yield unwrap(next_index, done_early.pop(next_index))
+                        next_index += 1
+                        continue
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        index = pending.pop(future)
+                        if ordered:
+                            done_early[index] = future
+                        else:
+                            yield unwrap(index, future)
+                    fill()
+            finally:
+                for future in pending:
+                    future.cancel()
 
     async def arun(self, task: Task) -> Result:
         """`run` for asyncio: the task runs on a worker thread."""
@@ -153,6 +228,18 @@ class Sandbox(Closeable):
             if name is plan.tier:
                 return tier, None, None
             return tier, plan.tier, "; ".join(reasons)
+        if auto:
+            barred = [t for t in ISOLATION_ORDER[ISOLATION_ORDER.index(plan.tier) + 1:]
+                      if t not in self.policy.allowed_tiers]
+            if barred:
+                allowed = ", ".join(t for t in ISOLATION_ORDER if t in self.policy.allowed_tiers)
+                raise TierUnavailable(
+                    str(plan.tier),
+                    f"the policy allows only {allowed}, which cannot run this task ("
+                    + "; ".join(reasons) + f"); {', '.join(barred)} would need the policy's "
+                    "allowed_tiers to include it",
+                    declined_by_policy=True,
+                )
         raise TierUnavailable(str(plan.tier), "; ".join(reasons))
 
     def _tier(self, name: TierName) -> Tier:
