@@ -57,12 +57,18 @@ class Closeable:
 
 
 class Deadline:
-    """An absolute point on the monotonic clock; every wait of a run is bounded by it."""
+    """An absolute point on the monotonic clock; every wait of a run is bounded by it.
 
-    __slots__ = ("at",)
+    `cancel` moves the point to now: every tier that honours the deadline stops the guest as
+    it would on a timeout, and `cancelled` tells the two apart.
+    """
+
+    __slots__ = ("_woken", "at", "cancelled")
 
     def __init__(self, seconds: float | None) -> None:
         self.at = math.inf if seconds is None else time.monotonic() + seconds
+        self.cancelled = False
+        self._woken = threading.Event()
 
     def remaining(self) -> float | None:
         """Seconds left (never negative), or None when the deadline is unbounded."""
@@ -72,8 +78,19 @@ class Deadline:
 
     @property
     def expired(self) -> bool:
-        """True once the deadline has passed."""
+        """True once the deadline has passed (or the run was cancelled)."""
         return time.monotonic() >= self.at
+
+    def cancel(self) -> None:
+        """End the run now: the deadline passes at once and sleepers wake."""
+        self.cancelled = True
+        self.at = min(self.at, time.monotonic())
+        self._woken.set()
+
+    def sleep(self, seconds: float) -> bool:
+        """Wait up to `seconds`, never past the deadline; True when cut short by `cancel`."""
+        left = self.remaining()
+        return self._woken.wait(seconds if left is None else min(seconds, left))
 
 
 def process_alive(pid: int) -> bool:

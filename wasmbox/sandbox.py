@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import itertools
 import logging
 import threading
@@ -46,6 +47,7 @@ class Sandbox(Closeable):
         self._factories = dict(tiers or {})
         self._tiers: dict[TierName, Tier] = {}
         self._availability: dict[TierName, Availability] = {}
+        self._cancels: dict[str, set[_Cancel]] = {}
         self._lock = threading.Lock()
         _reclaim_once(workspace_root)
         _LIVE.add(self)
@@ -58,7 +60,33 @@ class Sandbox(Closeable):
         not run, and `TierUnavailable` when no allowed tier can run it here. Guest faults
         (timeouts, traps, floods) come back as statuses.
         """
+        return self._run(task, _Cancel())
+
+    def cancel(self, task_id: str) -> bool:
+        """Stop every running (or about to run) task with this id: its guest is stopped as on
+        a timeout, everything is freed, and its result says `Status.CANCELLED`. True when a
+        run was found. Thread-safe; `arun` calls it when its asyncio task is cancelled."""
+        with self._lock:
+            tokens = list(self._cancels.get(task_id, ()))
+        for token in tokens:
+            token.cancel()
+        return bool(tokens)
+
+    def _run(self, task: Task, token: _Cancel) -> Result:
         self._ensure_open()
+        with self._lock:
+            self._cancels.setdefault(task.id, set()).add(token)
+        try:
+            return self._run_registered(task, token)
+        finally:
+            with self._lock:
+                tokens = self._cancels.get(task.id)
+                if tokens is not None:
+                    tokens.discard(token)
+                    if not tokens:
+                        del self._cancels[task.id]
+
+    def _run_registered(self, task: Task, token: _Cancel) -> Result:
         t0 = time.perf_counter()
         plan = apply(self.policy, task)
         tier, escalated_from, why = self._choose(plan)
@@ -67,13 +95,16 @@ class Sandbox(Closeable):
             log.info("task %s escalated from %s to %s: %s", task.id, escalated_from,
                      tier.name, why)
         tier.prepare(plan)  # one-off costs (compiling, building) are not the task's time
-        deadline = Deadline(plan.timeout)
+        deadline = token.attach(Deadline(plan.timeout))
         monitor = Monitor(plan.policy.monitor)
         workspace = Workspace(plan, self._workspace_root)
         running = telemetry.RUNNING.labels(plan.tier.value)
         running.inc()
         try:
             outcome = tier.run(plan, workspace, deadline, monitor)
+            if deadline.cancelled and outcome.status is not Status.COMPLETED:
+                outcome.status, outcome.exit_code = Status.CANCELLED, None
+                outcome.reason = "cancelled by the caller"
             collected = _collect(plan, workspace, outcome)
         finally:
             running.dec()
@@ -139,13 +170,16 @@ class Sandbox(Closeable):
             return
         with ThreadPoolExecutor(workers, thread_name_prefix="wasmbox-run") as pool:
             pending: dict[Future[Result], int] = {}
+            switches: dict[Future[Result], _Cancel] = {}
             done_early: dict[int, Future[Result]] = {}
             next_index = 0
 
             def fill() -> None:
                 room = 2 * workers - len(pending) - len(done_early)
                 for index, task in itertools.islice(source, max(0, room)):
-                    pending[pool.submit(self.run, task)] = index
+                    token = _Cancel()
+                    future = pool.submit(self._run, task, token)
+                    pending[future], switches[future] = index, token
 
             def unwrap(index: int, future: Future[Result]) -> tuple[int, Result | SandboxError]:
                 exc = future.exception()
@@ -165,18 +199,32 @@ class Sandbox(Closeable):
                     finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for future in finished:
                         index = pending.pop(future)
+                        switches.pop(future, None)
                         if ordered:
                             done_early[index] = future
                         else:
                             yield unwrap(index, future)
                     fill()
-            finally:
+            finally:  # the consumer stopped early (break, error, Ctrl-C): stop the rest
                 for future in pending:
                     future.cancel()
+                    switches[future].cancel()
 
     async def arun(self, task: Task) -> Result:
-        """`run` for asyncio: the task runs on a worker thread."""
-        return await asyncio.to_thread(self.run, task)
+        """`run` for asyncio: the task runs on a worker thread.
+
+        Cancelling the awaiting asyncio task stops the guest (as `cancel` does), waits until
+        its resources are freed, and re-raises `CancelledError`.
+        """
+        token = _Cancel()
+        running = asyncio.ensure_future(asyncio.to_thread(self._run, task, token))
+        try:
+            return await asyncio.shield(running)
+        except asyncio.CancelledError:
+            token.cancel()
+            with contextlib.suppress(Exception):
+                await running  # the guest stops within a watchdog tick; cleanup completes
+            raise
 
     def availability(self, name: TierName) -> Availability:
         """Whether `name` can run here, probed once and remembered."""
@@ -345,3 +393,27 @@ def _assemble(
         metrics=metrics,
         events=tuple(monitor.events),
     )
+
+
+class _Cancel:
+    """One run's cancel switch; it may be thrown before the run's deadline exists."""
+
+    __slots__ = ("_deadline", "_lock", "_thrown")
+
+    def __init__(self) -> None:
+        self._deadline: Deadline | None = None
+        self._thrown = False
+        self._lock = threading.Lock()
+
+    def attach(self, deadline: Deadline) -> Deadline:
+        with self._lock:
+            self._deadline = deadline
+            if self._thrown:
+                deadline.cancel()
+        return deadline
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._thrown = True
+            if self._deadline is not None:
+                self._deadline.cancel()
