@@ -124,3 +124,24 @@ def test_imap_unordered_yields_every_index(sandbox: Sandbox, guests: dict[str, P
     tasks = [Task.wasm(guests["hello"])] * 7
     indexes = sorted(i for i, _ in sandbox.imap(tasks, concurrency=2, ordered=False))
     assert indexes == list(range(7))
+
+
+def test_clamping_is_reported_as_warnings(sandbox: Sandbox, guests: dict[str, Path]) -> None:
+    r = sandbox.run(Task.wasm(guests["hello"], resources=Resources(timeout=60, memory="100G")))
+    assert r.ok
+    assert r.warnings == (
+        "resources.memory=100GiB is above the policy's [limits] memory = 256MiB; clamped to it",
+        "resources.timeout=60s is above the policy's [timeouts] run = 10s; clamped to it",
+    )
+    assert sandbox.run(Task.wasm(guests["hello"], resources=Resources(timeout=1))).warnings == ()
+
+
+def test_the_cli_prints_clamping_warnings(
+    guests: dict[str, Path], capsys: pytest.CaptureFixture[str], module_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from wasmbox.cli import main
+
+    monkeypatch.setenv("WASMBOX_CACHE_DIR", str(module_cache))
+    assert main(["run", str(guests["hello"]), "--timeout", "99s"]) == 0
+    assert "warning: resources.timeout=99s is above" in capsys.readouterr().err

@@ -311,6 +311,8 @@ def _print_summary(result: Result, output: Path | None) -> None:
         sys.stdout.write(result.stdout if result.stdout.endswith("\n") else result.stdout + "\n")
     if result.stderr:
         sys.stderr.write(result.stderr)
+    for warning in result.warnings:
+        print(f"wasmbox: warning: {warning}", file=sys.stderr)
     line = f"status={result.status} tier={result.tier} exit_code={result.exit_code}"
     if result.reason:
         line += f" reason={result.reason!r}"

@@ -563,6 +563,7 @@ class Result(_Model):
     events: tuple[Event, ...] = ()
     escalated_from: TierName | None = None  # set when ``auto`` had to use a heavier tier
     escalation_reason: str | None = None
+    warnings: tuple[str, ...] = ()  # one line each: requests the policy lowered, and why
 
     @property
     def ok(self) -> bool:

@@ -55,6 +55,7 @@ class Plan:
     network: bool
     readonly_mounts: dict[str, Path]
     writable_mounts: dict[str, Path]
+    warnings: tuple[str, ...] = ()  # requests lowered to the policy's maxima, one line each
 
     def on_tier(self, tier: TierName) -> Plan:
         """The same plan for another tier (escalation); the policy is checked again."""
@@ -114,6 +115,7 @@ def apply(policy: Policy, task: Task) -> Plan:
         network=task.network,
         readonly_mounts=dict(policy.filesystem.readonly),
         writable_mounts=dict(policy.filesystem.writable),
+        warnings=clamp_warnings(policy, task),
     )
 
 
@@ -163,3 +165,37 @@ def _effective_env(policy: Policy, task: Task) -> dict[str, str]:
     if any("\0" in a for a in (*task.args, *task.argv)):
         raise PolicyViolation("limits.args_bytes", "arguments may not contain NUL")
     return {**task.env, **policy.wasi.env}
+
+
+# Each request field and the policy setting that caps it, as a policy file spells it.
+_CAPS: tuple[tuple[str, str, str], ...] = (
+    ("fuel", "limits", "fuel"),
+    ("memory", "limits", "memory"),
+    ("timeout", "timeouts", "run"),
+    ("stdout_bytes", "limits", "stdout_bytes"),
+    ("cpus", "limits", "cpus"),
+    ("pids", "limits", "pids"),
+    ("output_bytes", "output", "max_total_bytes"),
+)
+
+
+def clamp_warnings(policy: Policy, task: Task) -> tuple[str, ...]:
+    """One line per request the policy lowered: what was asked, what applies, which key."""
+    found = []
+    for field, table, key in _CAPS:
+        asked = getattr(task.resources, field)
+        maximum = getattr(getattr(policy, table), key)
+        if asked is not None and maximum is not None and asked > maximum:
+            found.append(f"resources.{field}={_show(field, asked)} is above the policy's "
+                         f"[{table}] {key} = {_show(field, maximum)}; clamped to it")
+    return tuple(found)
+
+
+def _show(field: str, value: float) -> str:
+    if field == "timeout":
+        return f"{value:g}s"
+    if field in ("memory", "stdout_bytes", "output_bytes"):
+        for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+            if value >= size:
+                return f"{value / size:g}{unit}"
+    return f"{value:g}" if isinstance(value, float) else str(value)

@@ -116,10 +116,13 @@ class Sandbox(Closeable):
             plan, outcome, collected, monitor,
             cleanup_s=t_end - t_cleanup, wall_s=t_end - t0,
         )
+        update: dict[str, object] = {}
         if escalated_from is not None:
-            result = result.model_copy(
-                update={"escalated_from": escalated_from, "escalation_reason": why}
-            )
+            update.update(escalated_from=escalated_from, escalation_reason=why)
+        if plan.warnings:
+            update["warnings"] = plan.warnings
+        if update:
+            result = result.model_copy(update=update)
         telemetry.record(result)
         return result
 
