@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from wasmbox import (
     InputRejected,
     InvalidTask,
     ModuleRejected,
+    Policy,
     Resources,
     Result,
     Sandbox,
@@ -21,6 +23,8 @@ from wasmbox import (
     Task,
 )
 from wasmbox.errors import HostFailure, PolicyViolation, TierUnavailable
+from wasmbox.models import FilesystemPolicy
+from wasmbox.policy import apply
 
 
 def test_command_refuses_a_string_argv_and_suggests_the_split() -> None:
@@ -145,3 +149,28 @@ def test_the_cli_prints_clamping_warnings(
     monkeypatch.setenv("WASMBOX_CACHE_DIR", str(module_cache))
     assert main(["run", str(guests["hello"]), "--timeout", "99s"]) == 0
     assert "warning: resources.timeout=99s is above" in capsys.readouterr().err
+
+
+def test_a_root_mount_in_the_wasm_tier_keeps_task_ours(
+    make_sandbox: Callable[..., Sandbox], guests: dict[str, Path], tmp_path: Path
+) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "hello.txt").write_text("from the root mount\n")
+    (root / "task").mkdir()
+    (root / "task" / "input.json").write_text('"shadowed"')
+    policy = Policy(filesystem=FilesystemPolicy(readonly={"/": root}))
+    with make_sandbox(policy) as sb:
+        r = sb.run(Task.wasm(guests["cat"], args=["/hello.txt", "/task/input.json"],
+                             input={"real": 1}))
+    assert r.ok, r.stderr
+    head, _, rest = r.stdout.partition("\n")
+    assert head == "from the root mount"
+    assert json.loads(rest) == {"real": 1}  # /task is still ours, not the mount's
+
+
+def test_a_root_mount_is_refused_for_containers_and_vms() -> None:
+    policy = Policy(filesystem=FilesystemPolicy(readonly={"/": Path("/srv")}))
+    for tier in ("container", "vm"):
+        with pytest.raises(PolicyViolation, match="only the wasm tier"):
+            apply(policy, Task.command(["true"], tier=tier))

@@ -341,7 +341,9 @@ class FilesystemPolicy(_Model):
         for guest in [*self.readonly, *self.writable]:
             if not guest.startswith("/") or ".." in guest.split("/"):
                 raise ValueError(f"mount point {guest!r} must be an absolute path without '..'")
-            if guest == "/" or guest == "/task" or guest.startswith("/task/"):
+            # "/" is allowed: in the wasm tier the longest preopen prefix wins, so /task stays
+            # ours (WASI tools expect a root preopen); container and VM plans refuse it.
+            if guest == "/task" or guest.startswith("/task/"):
                 raise ValueError(f"mount point {guest!r} would shadow the task directory")
             if guest in seen:
                 raise ValueError(f"mount point {guest!r} is both read-only and writable")
@@ -375,6 +377,7 @@ class OutputPolicy(_Model):
 _WASI_CALLS = """
     args_get args_sizes_get environ_get environ_sizes_get clock_res_get clock_time_get
     fd_advise fd_allocate fd_close fd_datasync fd_fdstat_get fd_fdstat_set_flags
+    fd_fdstat_set_rights
     fd_filestat_get fd_filestat_set_size fd_filestat_set_times fd_pread fd_prestat_get
     fd_prestat_dir_name fd_pwrite fd_read fd_readdir fd_renumber fd_seek fd_sync fd_tell
     fd_write path_create_directory path_filestat_get path_filestat_set_times path_link
@@ -382,6 +385,7 @@ _WASI_CALLS = """
     path_unlink_file poll_oneoff proc_exit proc_raise random_get sched_yield
 """
 # Every WASI preview-1 call except the sock_* family: the wasm tier has no network.
+# (fd_fdstat_set_rights can only drop rights.)
 SAFE_WASI_IMPORTS: frozenset[str] = frozenset(
     "wasi_snapshot_preview1." + name for name in _WASI_CALLS.split()
 )

@@ -154,6 +154,12 @@ def _check_tier(policy: Policy, task: Task, tier: TierName) -> None:
         raise PolicyViolation(
             "min_isolation", f"the {tier} tier is weaker than {policy.min_isolation}"
         )
+    fs = policy.filesystem
+    if tier is not TierName.WASM and ("/" in fs.readonly or "/" in fs.writable):
+        raise PolicyViolation(
+            "filesystem", f"a mount at '/' would replace the {tier}'s root; only the wasm "
+            "tier serves one"
+        )
 
 
 def _effective_env(policy: Policy, task: Task) -> dict[str, str]:
