@@ -12,13 +12,17 @@ from wasmbox.errors import (
     TierUnavailable,
 )
 from wasmbox.models import (
+    AnomalyRule,
     DenyAction,
+    Event,
     FilesystemPolicy,
     Limits,
     Metrics,
+    MonitorPolicy,
     NetworkPolicy,
     OutputPolicy,
     Policy,
+    PythonPolicy,
     Resources,
     Result,
     Status,
@@ -35,9 +39,11 @@ from wasmbox.tiers.base import Availability
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnomalyRule",
     "Availability",
     "ConfigError",
     "DenyAction",
+    "Event",
     "FilesystemPolicy",
     "HostFailure",
     "InputRejected",
@@ -45,11 +51,13 @@ __all__ = [
     "Limits",
     "Metrics",
     "ModuleRejected",
+    "MonitorPolicy",
     "NetworkPolicy",
     "OutputPolicy",
     "Plan",
     "Policy",
     "PolicyViolation",
+    "PythonPolicy",
     "Resources",
     "Result",
     "Sandbox",
