@@ -306,6 +306,7 @@ class Limits(_Model):
     memory: Bytes = 256 * MiB
     stack: Bytes = 1 * MiB
     input_bytes: Bytes = 1 * MiB
+    input_depth: Annotated[int, Field(gt=0, le=1000)] = 64  # nesting of the task's input JSON
     args_bytes: Bytes = 64 * KiB
     stdout_bytes: Bytes = 1 * MiB
     stderr_bytes: Bytes = 1 * MiB
@@ -357,7 +358,9 @@ class OutputPolicy(_Model):
     max_files: Annotated[int, Field(gt=0)] = 64
     max_file_bytes: Bytes = 8 * MiB
     max_total_bytes: Bytes = 16 * MiB
-    max_depth: Annotated[int, Field(gt=0)] = 8
+    max_depth: Annotated[int, Field(gt=0)] = 8  # directories, enforced while the guest runs
+    max_json_depth: Annotated[int, Field(gt=0, le=1000)] = 64  # nesting of result.json
+    max_json_bytes: Bytes = 4 * MiB  # size of result.json
     deny_patterns: tuple[str, ...] = ()
     on_deny: DenyAction = DenyAction.REJECT
     filter_streams: bool = True  # apply deny patterns to stdout/stderr too

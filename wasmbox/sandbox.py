@@ -23,7 +23,15 @@ from wasmbox.models import ISOLATION_ORDER, Metrics, Policy, Result, Status, Tas
 from wasmbox.monitor import Monitor
 from wasmbox.policy import Plan, apply
 from wasmbox.tiers.base import Availability, Outcome, Tier, tier_factory
-from wasmbox.workspace import Collected, Workspace, filter_stream, reclaim_stale
+from wasmbox.validation import compile_schema
+from wasmbox.workspace import (
+    Collected,
+    Workspace,
+    encode_input,
+    filter_stream,
+    reclaim_stale,
+    redact_text,
+)
 
 # Statuses after which outputs are still collected and checked (the guest ran to its end).
 _COLLECTED = (Status.COMPLETED, Status.FAILED)
@@ -89,6 +97,7 @@ class Sandbox(Closeable):
     def _run_registered(self, task: Task, token: _Cancel) -> Result:
         t0 = time.perf_counter()
         plan = apply(self.policy, task)
+        data = _check_task_json(plan)  # hostile schemas and inputs go before any tier work
         tier, escalated_from, why = self._choose(plan)
         if escalated_from is not None:
             plan = plan.on_tier(tier.name)
@@ -97,7 +106,7 @@ class Sandbox(Closeable):
         tier.prepare(plan)  # one-off costs (compiling, building) are not the task's time
         deadline = token.attach(Deadline(plan.timeout))
         monitor = Monitor(plan.policy.monitor)
-        workspace = Workspace(plan, self._workspace_root)
+        workspace = Workspace(plan, self._workspace_root, data=data)
         running = telemetry.RUNNING.labels(plan.tier.value)
         running.inc()
         try:
@@ -339,8 +348,22 @@ def _reclaim_once(root: Path | None) -> None:
         reclaim_stale(root)
 
 
+def _check_task_json(plan: Plan) -> bytes:
+    """Compile the task's schemas and encode its input, or raise `InputRejected`."""
+    task = plan.task
+    if task.input_schema is not None:
+        compile_schema(task.input_schema, what="input_schema")
+    if task.output_schema is not None:
+        compile_schema(task.output_schema, what="output_schema")
+    return encode_input(plan)
+
+
 def _collect(plan: Plan, workspace: Workspace, outcome: Outcome) -> Collected:
-    """Outputs of a run that reached its end, and the stream filter's verdict."""
+    """Outputs of a run that reached its end, and the stream filter's verdict.
+
+    Streams are filtered whatever the status (a guest that leaks a secret and then loops
+    must not get it out through a TIMEOUT); a rejected stream comes back redacted.
+    """
     collected = Collected()
     if outcome.status in _COLLECTED:
         collected = workspace.collect()
@@ -364,6 +387,8 @@ def _assemble(
     status, reason = outcome.status, outcome.reason
     if collected.rejection is not None:
         status, reason = Status.OUTPUT_REJECTED, collected.rejection
+    if reason is not None:  # reasons quote guest text (exceptions, schema messages)
+        reason = redact_text(reason, plan.output)
     # Everything below is produced by our own code: skip re-validation on the hot path.
     metrics = Metrics.model_construct(
         startup_s=outcome.startup_s,

@@ -12,13 +12,14 @@ first cap that trips: the reason becomes the run's OUTPUT_REJECTED status.
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import itertools
 import json
+import logging
+import operator
 import os
 import re
 import secrets
-import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -26,12 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jsonschema
+import re2
 
 from wasmbox.errors import InputRejected
 from wasmbox.lifecycle import Closeable, process_alive
 from wasmbox.models import DenyAction, MiB, OutputPolicy
 from wasmbox.policy import Plan
+from wasmbox.validation import short, validate
+
+log = logging.getLogger("wasmbox")
 
 PREFIX = "wasmbox-"
 RESULT_FILE = "result.json"
@@ -75,41 +79,73 @@ _COUNTER = itertools.count()
 
 
 def reclaim_stale(root: Path | None = None) -> list[str]:
-    """Remove workspaces whose owning process is gone; returns their paths."""
+    """Remove workspaces whose owning process is gone; returns their paths.
+
+    Never raises: what cannot be removed (a tree planted by someone else, a permission) is
+    logged and left, so starting a sandbox never depends on what is in the root.
+    """
     reclaimed: list[str] = []
     base = root or workspace_root()
     try:
-        entries = list(os.scandir(base))
-    except OSError:
+        with os.scandir(base) as it:
+            entries = [entry.name for entry in it]
+    except OSError as exc:
+        log.warning("cannot list workspace root %s to reclaim stale workspaces: %s", base, exc)
         return reclaimed
-    for entry in entries:
-        owner = entry.name[len(PREFIX):].split("-", 1)[0]
-        if not entry.name.startswith(PREFIX) or not owner.isdigit() or process_alive(int(owner)):
+    for name in entries:
+        owner = name[len(PREFIX):].split("-", 1)[0]
+        if not name.startswith(PREFIX) or not owner.isdigit() or process_alive(int(owner)):
             continue
-        with contextlib.suppress(OSError):
-            remove_tree(entry.path)
-            reclaimed.append(entry.path)
+        path = os.path.join(base, name)
+        try:
+            remove_tree(path)
+        except Exception:
+            log.warning("cannot reclaim stale workspace %s", path, exc_info=True)
+            continue
+        reclaimed.append(path)
     return reclaimed
 
 
-
 def encode_input(plan: Plan) -> bytes:
-    """The task input as JSON bytes, checked against the size cap and the input schema."""
+    """The task input as JSON bytes, checked against the size cap, the nesting cap and the
+    input schema (`InputRejected` otherwise)."""
     task = plan.task
+    depth = plan.policy.limits.input_depth
     try:
         data = json.dumps(task.input, allow_nan=False, separators=(",", ":")).encode()
+    except RecursionError:
+        raise InputRejected(f"input nests deeper than {depth} levels") from None
     except (TypeError, ValueError) as exc:
         raise InputRejected(f"input is not JSON: {exc}") from exc
     if len(data) > plan.input_bytes:
         raise InputRejected(f"input is {len(data)} bytes, over the {plan.input_bytes} cap")
+    if json_depth(data) > depth:
+        raise InputRejected(f"input nests deeper than {depth} levels")
     if task.input_schema is not None:
-        try:
-            jsonschema.validate(task.input, task.input_schema)
-        except jsonschema.ValidationError as exc:
-            raise InputRejected(f"input fails its schema: {exc.message}") from exc
-        except jsonschema.SchemaError as exc:
-            raise InputRejected(f"input_schema is not a valid schema: {exc.message}") from exc
+        validate(task.input_schema, task.input, what="input")
     return data
+
+
+_ESCAPE = re.compile(rb"\\.", re.DOTALL)
+_STRING = re.compile(rb'"[^"]*"')
+_NOT_BRACKET = bytes(sorted(set(range(256)) - set(b"[]{}")))
+# Openers count 2, closers 0: the running sum minus the position is the nesting depth.
+_STEP = bytes.maketrans(b"[]{}", b"\x02\x00\x02\x00")
+
+
+def json_depth(data: bytes) -> int:
+    """How deep JSON text nests, found without parsing (so without recursing).
+
+    Never less than what a parser would reach before it fails: escapes and strings are
+    dropped, an unterminated string ends the scan, and past an unbalanced closer (where a
+    parser stops) the count may only be lower.
+    """
+    text = _STRING.sub(b"", _ESCAPE.sub(b"", data))
+    quote = text.find(b'"')
+    if quote >= 0:
+        text = text[:quote]
+    steps = text.translate(None, _NOT_BRACKET).translate(_STEP)
+    return max(map(operator.sub, itertools.accumulate(steps), itertools.count(1)), default=0)
 
 
 @dataclass
@@ -122,11 +158,18 @@ class Collected:
     total_bytes: int = 0
 
 
-class Workspace(Closeable):
-    """A fresh directory per run; `close()` removes it whatever the guest left inside."""
+RUNNING = "stopped while running: "  # prefixes the reasons of caps that trip mid-run
 
-    def __init__(self, plan: Plan, root: Path | None = None) -> None:
-        data = encode_input(plan)
+
+class Workspace(Closeable):
+    """A fresh directory per run; `close()` removes it whatever the guest left inside.
+
+    `data` is the already encoded input (`encode_input`), when the caller checked it early.
+    """
+
+    def __init__(self, plan: Plan, root: Path | None = None, *, data: bytes | None = None) -> None:
+        if data is None:
+            data = encode_input(plan)
         self.plan = plan
         # Plain strings, not Paths: pathlib costs tens of microseconds per run here.
         self.path = _make_dir(str(root or workspace_root()))
@@ -155,15 +198,20 @@ class Workspace(Closeable):
         if not os.path.basename(self.path).startswith(PREFIX):  # never delete what is not ours
             raise RuntimeError(f"refusing to remove {self.path}: not a workspace")
         try:
-            _clear_dir(self.path)
-            os.rmdir(self.path)
-        except OSError:
-            remove_tree(self.path)  # the thorough way: permissions a guest changed, races
+            remove_tree(self.path)
+        except Exception:  # cleanup never fails a run; a leftover is reclaimed after we exit
+            log.warning("cannot remove workspace %s", self.path, exc_info=True)
 
     def output_bytes(self) -> int:
         """Bytes in /task/output now (a monitoring sample, not a cap check)."""
-        return sum(st.st_size for _, st in _entries(self.output_dir)
-                   if not stat.S_ISDIR(st.st_mode))
+        total = 0
+        try:
+            for _, _, st, _ in _walk(self.output_dir, self.plan.output.max_depth):
+                if not stat.S_ISDIR(st.st_mode):
+                    total += st.st_size
+        except _Rejected:
+            pass  # over_cap reports it
+        return total
 
     def stream_sizes(self) -> tuple[int, int]:
         """Bytes the guest has written to stdout and stderr so far."""
@@ -189,7 +237,10 @@ class Workspace(Closeable):
         """A cheap check while the guest runs: the reason if its writes already break a cap.
 
         Streams are kept up to their cap (the rest is cut, with a truncation flag); a guest
-        that keeps writing far past it is a flood and is stopped.
+        that keeps writing far past it is a flood and is stopped. /task/output is walked
+        fd-relative (no path-length limit), at most `max_depth` deep (deeper is a reason of its
+        own), and whatever cannot be inspected counts as over the cap. Output reasons start
+        with `RUNNING`, so an early stop is told apart from the check after the run.
         """
         plan = self.plan
         for name, size, cap in zip(
@@ -200,16 +251,21 @@ class Workspace(Closeable):
                 return f"{name} flood: over {flood_limit(cap)} bytes written"
         caps = plan.output
         total = 0
-        for count, (name, st) in enumerate(_entries(self.output_dir), start=1):
-            if count > caps.max_files:
-                return f"more than {caps.max_files} output files"
-            if stat.S_ISDIR(st.st_mode):
-                continue
-            total += st.st_size
-            if st.st_size > caps.max_file_bytes:
-                return f"{name} exceeds {caps.max_file_bytes} bytes"
-            if total > caps.max_total_bytes:
-                return f"outputs exceed {caps.max_total_bytes} bytes in total"
+        try:
+            for count, (rel, _, st, _) in enumerate(
+                _walk(self.output_dir, caps.max_depth), start=1,
+            ):
+                if count > caps.max_files:
+                    return f"more than {caps.max_files} output files"
+                if stat.S_ISDIR(st.st_mode):
+                    continue
+                total += st.st_size
+                if st.st_size > caps.max_file_bytes:
+                    return f"{RUNNING}{rel} exceeds {caps.max_file_bytes} bytes"
+                if total > caps.max_total_bytes:
+                    return f"{RUNNING}outputs exceed {caps.max_total_bytes} bytes in total"
+        except _Rejected as exc:
+            return f"{RUNNING}{exc}"
         return None
 
     def collect(self) -> Collected:
@@ -217,55 +273,112 @@ class Workspace(Closeable):
         self._ensure_open()
         result = Collected()
         try:
-            self._walk(self.output_dir, "", 0, result)
+            self._collect_files(result)
+            result.rejection = _check_result(result, self.plan)
         except _Rejected as exc:
             return Collected(rejection=str(exc))
-        result.rejection = _check_result(result, self.plan)
         return result
 
-    def _walk(self, directory: str, prefix: str, depth: int, into: Collected) -> None:
+    def _collect_files(self, into: Collected) -> None:
         caps = self.plan.output
-        if depth > caps.max_depth:
-            raise _Rejected(f"output nests deeper than {caps.max_depth} directories")
-        with os.scandir(directory) as it:
-            entries = sorted(it, key=lambda e: e.name)
-        for entry in entries:
-            rel = prefix + entry.name
-            st = entry.stat(follow_symlinks=False)
+        for count, (rel, name, st, dir_fd) in enumerate(
+            _walk(self.output_dir, caps.max_depth, ordered=True), start=1,
+        ):
+            if count > caps.max_files:  # directories count too, as they do while running
+                raise _Rejected(f"more than {caps.max_files} output files")
             if stat.S_ISLNK(st.st_mode):
                 raise _Rejected(f"{rel} is a symlink")
             if stat.S_ISDIR(st.st_mode):
-                self._walk(entry.path, rel + "/", depth + 1, into)
                 continue
             if not stat.S_ISREG(st.st_mode):
                 raise _Rejected(f"{rel} is not a regular file")
             if st.st_nlink > 1:
                 raise _Rejected(f"{rel} is a hard link")
-            if len(into.files) >= caps.max_files:
-                raise _Rejected(f"more than {caps.max_files} output files")
-            data = _read_capped(entry.path, caps.max_file_bytes, rel)
+            data = _read_capped(dir_fd, name, caps.max_file_bytes, rel)
             into.total_bytes += len(data)
             if into.total_bytes > caps.max_total_bytes:
                 raise _Rejected(f"outputs exceed {caps.max_total_bytes} bytes in total")
-            into.files[rel] = filter_bytes(data, caps, rel)
+            key = _filter_name(rel, caps)
+            if key in into.files:
+                raise _Rejected("two output file names are the same once redacted")
+            into.files[key] = filter_bytes(data, caps, "an output file" if key != rel else rel)
 
 
-def _entries(root: str) -> Iterator[tuple[str, os.stat_result]]:
-    """Name and lstat of everything under `root` while a guest may be changing it: never
-    follows a link, skips what vanishes or cannot be read."""
-    stack = [root]
-    while stack:
-        try:
-            entries = list(os.scandir(stack.pop()))
-        except OSError:
-            continue
-        for entry in entries:
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def _walk(root: str, max_depth: int, *, ordered: bool = False,
+          ) -> Iterator[tuple[str, str, os.stat_result, int]]:
+    """Relative path, name, lstat and parent directory fd of everything under `root`.
+
+    Depth-first with an explicit stack and fd-relative calls: no recursion and no path-length
+    limit, and never a symlink followed. Raises `_Rejected` for a directory deeper than
+    `max_depth` and for anything that cannot be listed, opened or stat'ed (fail closed);
+    what vanishes meanwhile (a guest still running) is skipped. Holds one fd per level.
+    """
+    try:
+        top = os.open(root, _DIR_FLAGS)
+    except OSError as exc:
+        raise _Rejected(f"the output directory cannot be opened ({exc.strerror})") from None
+    # Frames: directory fd, its relative prefix, its depth, subdirectories still to visit
+    # (None until listed).
+    frames: list[tuple[int, str, int, list[str] | None]] = [(top, "", 0, None)]
+    try:
+        while frames:
+            fd, prefix, depth, pending = frames[-1]
+            if pending is None:
+                pending = []
+                frames[-1] = (fd, prefix, depth, pending)
+                for name, st in _list(fd, prefix, ordered):
+                    if stat.S_ISDIR(st.st_mode):
+                        if depth + 1 > max_depth:
+                            raise _Rejected(f"output nests deeper than {max_depth} directories")
+                        pending.append(name)
+                    yield prefix + name, name, st, fd
+                pending.reverse()  # popped in listing order
                 continue
-            if stat.S_ISDIR(st.st_mode):
-                stack.append(entry.path)
+            if not pending:
+                frames.pop()
+                os.close(fd)
+                continue
+            name = pending.pop()
+            try:
+                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise _Rejected(f"{prefix}{name} cannot be opened ({exc.strerror})") from None
+            frames.append((child, f"{prefix}{name}/", depth + 1, None))
+    finally:
+        for fd, *_ in frames:
+            os.close(fd)
+
+
+def _list(fd: int, prefix: str, ordered: bool) -> Iterator[tuple[str, os.stat_result]]:
+    """Names and lstat results of one directory (given as an fd)."""
+    where = prefix.rstrip("/") or "the output directory"
+    try:
+        it = os.scandir(fd)
+    except OSError as exc:
+        raise _Rejected(f"{where} cannot be listed ({exc.strerror})") from None
+    with it:
+        entries: Iterator[os.DirEntry[str]] = it
+        if ordered:
+            try:
+                entries = iter(sorted(it, key=lambda e: e.name))
+            except OSError as exc:
+                raise _Rejected(f"{where} cannot be listed ({exc.strerror})") from None
+        while True:
+            try:
+                entry = next(entries, None)
+                if entry is None:
+                    return
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise _Rejected(f"{where} cannot be listed ({exc.strerror})") from None
             yield entry.name, st
 
 
@@ -285,33 +398,133 @@ def _size(path: str) -> int:
         return 0
 
 
-def _clear_dir(path: str) -> None:
-    # shutil.rmtree's fd-based walk costs ~100 us even for a nearly empty tree.
-    with os.scandir(path) as it:
-        for entry in it:
-            if entry.is_dir(follow_symlinks=False):
-                _clear_dir(entry.path)
-                os.rmdir(entry.path)
-            else:
-                os.unlink(entry.path)
-
-
 def remove_tree(path: str | Path) -> None:
-    """Remove a directory tree that a guest may have left read-only or half-deleted."""
+    """Remove a directory tree whatever a guest or a local user left in it.
 
-    def unlock(func: Any, failed: str, exc_info: Any) -> None:
-        if isinstance(exc_info[1], FileNotFoundError):
-            return
-        os.chmod(os.path.dirname(failed), 0o700)
-        func(failed)
-
-    shutil.rmtree(path, onerror=unlock)
-
-
-def _read_capped(path: str, cap: int, rel: str) -> bytes:
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    Iterative and fd-relative: any depth (no recursion, no path-length limit), at most three
+    fds open, symlinks removed and never followed, read-only or unreadable directories
+    unlocked, entries that vanish meanwhile ignored. Climbing back up checks each parent is
+    the directory it came down from, so a tree moved mid-removal stops the removal rather
+    than redirecting it. A missing `path` is not an error; anything else raises `OSError`.
+    """
+    parent, name = os.path.split(os.fspath(path).rstrip("/"))
+    parent_fd = os.open(parent or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        fd = os.open(path, flags)
+        _remove_at(parent_fd, name)
+    finally:
+        os.close(parent_fd)
+
+
+def _remove_at(parent_fd: int, name: str) -> None:
+    try:
+        fd = _open_dir(parent_fd, name)
+    except FileNotFoundError:
+        return
+    except (NotADirectoryError, _SymlinkError):
+        _unlink(parent_fd, name)
+        return
+    names = [name]  # from parent_fd down to fd's directory
+    parents = [_identity(parent_fd)]  # the directory each of `names` sits in
+    pending = [_clear_files(fd)]  # subdirectories left to remove, per level
+    try:
+        while True:
+            if pending[-1]:
+                sub = pending[-1].pop()
+                try:
+                    child = _open_dir(fd, sub)
+                except FileNotFoundError:
+                    continue
+                except (NotADirectoryError, _SymlinkError):
+                    _unlink(fd, sub)
+                    continue
+                parents.append(_identity(fd))
+                names.append(sub)
+                os.close(fd)
+                fd = child
+                pending.append(_clear_files(fd))
+                continue
+            pending.pop()
+            up = os.open("..", _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = up
+            if _identity(fd) != parents.pop():
+                raise OSError(errno.ESTALE, "a directory moved while it was being removed")
+            _rmdir(fd, names.pop())
+            if not names:
+                return
+    finally:
+        os.close(fd)
+
+
+class _SymlinkError(Exception):
+    pass
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _open_dir(dir_fd: int, name: str) -> int:
+    """An fd of directory `name` in `dir_fd`, made readable if a guest locked it."""
+    for attempt in range(2):
+        try:
+            return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise _SymlinkError from None
+            if exc.errno != errno.EACCES or attempt:
+                raise
+        # chmod through an O_PATH fd: never follows a symlink planted in the meantime.
+        pfd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      dir_fd=dir_fd)
+        try:
+            os.chmod(f"/proc/self/fd/{pfd}", 0o700)
+        finally:
+            os.close(pfd)
+    raise AssertionError("unreachable")
+
+
+def _clear_files(fd: int) -> list[str]:
+    """Unlink everything but directories in `fd`'s directory; returns the directories."""
+    with os.scandir(fd) as it:
+        entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+    subdirs = []
+    for name, is_dir in entries:
+        if is_dir:
+            subdirs.append(name)
+            continue
+        try:
+            _unlink(fd, name)
+        except IsADirectoryError:
+            subdirs.append(name)
+    return subdirs
+
+
+def _unlink(dir_fd: int, name: str) -> None:
+    _retry_unlocked(dir_fd, lambda: os.unlink(name, dir_fd=dir_fd))
+
+
+def _rmdir(dir_fd: int, name: str) -> None:
+    _retry_unlocked(dir_fd, lambda: os.rmdir(name, dir_fd=dir_fd))
+
+
+def _retry_unlocked(dir_fd: int, remove: Any) -> None:
+    try:
+        remove()
+    except FileNotFoundError:
+        return
+    except PermissionError:  # a read-only directory: unlock it and try once more
+        os.fchmod(dir_fd, 0o700)
+        try:
+            remove()
+        except FileNotFoundError:
+            return
+
+
+def _read_capped(dir_fd: int, name: str, cap: int, rel: str) -> bytes:
+    try:
+        fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
     except OSError as exc:
         raise _Rejected(f"{rel} cannot be read safely: {exc.strerror}") from None
     try:
@@ -329,53 +542,162 @@ def _read_capped(path: str, cap: int, rel: str) -> bytes:
         os.close(fd)
 
 
+# --- deny patterns ------------------------------------------------------------------------
+
+
+class _Matcher:
+    """One deny pattern: RE2 (linear time) when it can compile it, else Python's `re`."""
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = pattern
+        self.engine: Any
+        try:
+            self.engine = re2.compile(pattern.encode(), _RE2_OPTIONS)
+        except re2.error:
+            log.info("deny pattern %r needs Python's re (RE2 cannot compile it)", pattern)
+            self.engine = re.compile(pattern.encode())
+
+    def search(self, data: bytes) -> bool:
+        return self.engine.search(data) is not None
+
+    def sub(self, data: bytes) -> bytes:
+        result: bytes = self.engine.sub(REDACTED, data)
+        return result
+
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False
+
+
 def filter_bytes(data: bytes, caps: OutputPolicy, where: str) -> bytes:
     """Apply the deny patterns: redact matches, or reject naming the pattern and place."""
-    for pattern in _compiled(caps.deny_patterns):
+    for matcher in _compiled(caps.deny_patterns):
         if caps.on_deny is DenyAction.REDACT:
-            data = pattern.sub(REDACTED, data)
-        elif pattern.search(data):
-            raise _Rejected(f"deny pattern {pattern.pattern.decode()!r} matched in {where}")
+            data = matcher.sub(data)
+        elif matcher.search(data):
+            raise _Rejected(f"deny pattern {matcher.pattern!r} matched in {where}")
     return data
 
 
+def redact(data: bytes, caps: OutputPolicy) -> bytes:
+    """Every deny-pattern match replaced by ``[REDACTED]``, whatever `on_deny` says."""
+    for matcher in _compiled(caps.deny_patterns):
+        data = matcher.sub(data)
+    return data
+
+
+def redact_text(text: str, caps: OutputPolicy) -> str:
+    """`redact` for text (a reason, a decoded string); the text is unchanged if nothing matched."""
+    if not caps.deny_patterns:
+        return text
+    raw = text.encode("utf-8", "surrogatepass")
+    clean = redact(raw, caps)
+    return text if clean == raw else clean.decode("utf-8", "replace")
+
+
 def filter_stream(data: bytes, caps: OutputPolicy, where: str) -> tuple[bytes, str | None]:
-    """`filter_bytes` for stdout/stderr: returns the (possibly redacted) bytes and a rejection."""
+    """`filter_bytes` for stdout/stderr: the bytes with every match redacted (whatever
+    `on_deny` says: a rejected stream is still returned), and the rejection if any."""
     if not caps.filter_streams or not caps.deny_patterns:
         return data, None
     try:
         return filter_bytes(data, caps, where), None
     except _Rejected as exc:
-        return data, str(exc)
+        return redact(data, caps), str(exc)
 
 
-_PATTERN_CACHE: dict[tuple[str, ...], list[re.Pattern[bytes]]] = {}
+def _filter_name(rel: str, caps: OutputPolicy) -> str:
+    if not caps.deny_patterns:
+        return rel
+    try:
+        filter_bytes(rel.encode("utf-8", "surrogateescape"), caps, "an output file name")
+    except _Rejected:
+        if caps.on_deny is DenyAction.REJECT:
+            raise
+        return redact_text(rel, caps)
+    return rel
 
 
-def _compiled(patterns: tuple[str, ...]) -> list[re.Pattern[bytes]]:
+_PATTERN_CACHE: dict[tuple[str, ...], list[_Matcher]] = {}
+
+
+def _compiled(patterns: tuple[str, ...]) -> list[_Matcher]:
     if not patterns:
         return []
     found = _PATTERN_CACHE.get(patterns)
     if found is None:
-        found = [re.compile(p.encode()) for p in patterns]
+        found = [_Matcher(p) for p in patterns]
+        if len(_PATTERN_CACHE) > 64:
+            _PATTERN_CACHE.clear()
         _PATTERN_CACHE[patterns] = found
     return found
 
 
+def _filter_output(output: Any, caps: OutputPolicy) -> tuple[Any, bool]:
+    """The decoded result with deny patterns applied to every string and key (so JSON
+    escapes cannot hide a match); returns it and whether anything was redacted. Iterative;
+    mutates `output` (freshly parsed) in place."""
+    changed = False
+
+    def clean(text: str) -> str:
+        nonlocal changed
+        raw = text.encode("utf-8", "surrogatepass")
+        filtered = filter_bytes(raw, caps, f"{RESULT_FILE} (decoded)")
+        if filtered == raw:
+            return text
+        changed = True
+        return filtered.decode("utf-8", "replace")
+
+    if isinstance(output, str):
+        return clean(output), changed
+    stack = [output] if isinstance(output, list | dict) else []
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            for i, value in enumerate(node):
+                if isinstance(value, str):
+                    node[i] = clean(value)
+                elif isinstance(value, list | dict):
+                    stack.append(value)
+            continue
+        items = list(node.items())
+        node.clear()
+        for key, value in items:
+            if isinstance(value, str):
+                value = clean(value)
+            elif isinstance(value, list | dict):
+                stack.append(value)
+            node[clean(key)] = value
+    return output, changed
+
+
 def _check_result(result: Collected, plan: Plan) -> str | None:
+    caps = plan.output
     schema = plan.task.output_schema
     raw = result.files.get(RESULT_FILE)
     if raw is None:
         return f"the output schema needs /task/output/{RESULT_FILE}" if schema else None
+    if len(raw) > caps.max_json_bytes:
+        return f"{RESULT_FILE} is {len(raw)} bytes, over the {caps.max_json_bytes} cap"
     try:
-        result.output = json.loads(raw)
-    except ValueError as exc:
-        return f"{RESULT_FILE} is not valid JSON: {exc}"
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"{RESULT_FILE} is not valid JSON: not UTF-8"
+    if json_depth(raw) > caps.max_json_depth:
+        return f"{RESULT_FILE} nests deeper than {caps.max_json_depth} levels"
+    try:
+        output = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        return f"{RESULT_FILE} is not valid JSON: {short(str(exc))}"
+    if caps.deny_patterns:
+        output, changed = _filter_output(output, caps)  # raises _Rejected on REJECT
+        if changed:
+            result.files[RESULT_FILE] = json.dumps(output, ensure_ascii=False).encode(
+                "utf-8", "surrogatepass")
+    result.output = output
     if schema is not None:
         try:
-            jsonschema.validate(result.output, schema)
-        except jsonschema.ValidationError as exc:
-            return f"{RESULT_FILE} fails the output schema: {exc.message}"
-        except jsonschema.SchemaError as exc:
-            return f"output_schema is not a valid schema: {exc.message}"
+            validate(schema, output, what=RESULT_FILE)
+        except InputRejected as exc:
+            return str(exc)
     return None
