@@ -22,7 +22,9 @@ class RunWatch:
     """What the epoch watchdog checks on every tick of one run.
 
     The wall-clock deadline first, then (when due) a monitoring sample of fuel burn, linear
-    memory and output volume, then the output caps. `memory` is set once the instance exists.
+    memory and output volume, then the output caps. `memories` is set once the instance
+    exists: every memory the module exports (the engine allows only one; summing keeps the
+    measure honest whatever the engine allows).
     """
 
     def __init__(self, plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monitor,
@@ -32,7 +34,13 @@ class RunWatch:
         self.deadline = deadline
         self.monitor = monitor
         self.store = store
-        self.memory: wasmtime.Memory | None = None
+        self.memories: list[wasmtime.Memory] = []
+
+    def memory_bytes(self) -> int | None:
+        """Bytes of linear memory across all the instance's memories; None before it exists."""
+        if not self.memories:
+            return None
+        return sum(int(m.data_len(self.store)) for m in self.memories)
 
     def __call__(self) -> str | None:
         if self.deadline.expired:
@@ -49,7 +57,7 @@ class RunWatch:
         stdout, stderr = self.workspace.stream_sizes()
         return Sample(
             at_s=self.monitor.elapsed(),
-            memory_bytes=self.memory.data_len(store) if self.memory is not None else None,
+            memory_bytes=self.memory_bytes(),
             memory_cap=plan.memory,
             fuel_consumed=plan.fuel - store.get_fuel() if plan.fuel is not None else None,
             output_bytes=self.workspace.output_bytes() + stdout + stderr,
