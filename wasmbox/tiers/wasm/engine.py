@@ -22,6 +22,7 @@ from wasmtime import _ffi as ffi
 from wasmbox.errors import ConfigError
 from wasmbox.lifecycle import Closeable
 from wasmbox.models import KiB, MiB
+from wasmbox.tiers.wasm import hostcalls
 
 WASMTIME_VERSION = version("wasmtime")
 TICK_SECONDS = 0.005
@@ -82,6 +83,7 @@ class EngineHandle(Closeable):
         self.engine = wasmtime.Engine(engine_config(flavour))
         self.linker = wasmtime.Linker(self.engine)
         self.linker.define_wasi()
+        hostcalls.define(self.linker)
         self._ticker = _Ticker(self.engine)
 
     def ensure_ticking(self) -> None:

@@ -49,7 +49,14 @@ from wasmbox.policy import Plan, apply
 from wasmbox.tiers.base import Availability, Outcome
 from wasmbox.tiers.wasm import python_app
 from wasmbox.tiers.wasm.engine import WASMTIME_VERSION, EngineHandle, Flavour, first_line
-from wasmbox.tiers.wasm.run import arm, classify_trap, settle, wasi_config, write_atomic
+from wasmbox.tiers.wasm.run import (
+    arm,
+    classify_trap,
+    close_store,
+    settle,
+    wasi_config,
+    write_atomic,
+)
 from wasmbox.tiers.wasm.source_scan import imported_modules
 from wasmbox.workspace import RESULT_FILE, Workspace
 
@@ -228,7 +235,7 @@ class PythonRuntime(Closeable):
                 plan, workspace, deadline, monitor, interp, store, payload, paths, mounts, t0
             )
         finally:
-            store.close()
+            close_store(store)
 
     def _load(self, flavour: Flavour) -> _Interpreter:
         directory = self._cache_dir if self._cache_dir is not None else self._scratch_dir()
@@ -305,8 +312,9 @@ def _execute(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Moni
              interp: _Interpreter,
              store: wasmtime.Store, payload: str, paths: list[str], mounts: dict[str, Path],
              t0: float) -> Outcome:
-    store.set_wasi(wasi_config(plan, workspace, ["python"], mounts))
-    watchdog, _ = arm(store, plan, workspace, deadline, monitor, interp.handle,
+    wasi, clock_origin = wasi_config(plan, workspace, ["python"], mounts)
+    store.set_wasi(wasi)
+    watchdog, _ = arm(store, plan, workspace, deadline, monitor, interp.handle, clock_origin,
                       min_instances=_MIN_INSTANCES)
 
     outcome = Outcome(status=Status.COMPLETED, exit_code=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import wasmtime
@@ -14,6 +15,7 @@ from wasmbox.models import Status
 from wasmbox.monitor import Monitor, Sample
 from wasmbox.policy import Plan
 from wasmbox.tiers.base import Outcome
+from wasmbox.tiers.wasm import hostcalls
 from wasmbox.tiers.wasm.engine import EngineHandle, Watchdog
 from wasmbox.workspace import Workspace
 
@@ -72,13 +74,15 @@ def arm(
     deadline: Deadline,
     monitor: Monitor,
     handle: EngineHandle,
+    clock_origin_ns: int,
     *,
     min_instances: int = 0,
 ) -> tuple[Watchdog, RunWatch]:
     """Apply the plan's limits and fuel to `store` and attach the per-tick watchdog.
 
-    `min_instances` is the runtime's own need (a component instantiates several core
-    modules); the guest itself can never create instances.
+    `clock_origin_ns` comes from `wasi_config`: the shadowed WASI calls (`hostcalls`) need
+    the guest's monotonic clock. `min_instances` is the runtime's own need (a component
+    instantiates several core modules); the guest itself can never create instances.
     """
     instances = max(plan.instances, min_instances)
     store.set_limits(
@@ -93,16 +97,31 @@ def arm(
     watch = RunWatch(plan, workspace, deadline, monitor, store)
     watchdog = Watchdog(watch)
     watchdog.attach(store)
+    hostcalls.register(store, hostcalls.RunHost(deadline, watchdog, clock_origin_ns))
     handle.ensure_ticking()
     return watchdog, watch
 
 
+def close_store(store: wasmtime.Store) -> None:
+    """Drop a run's Store and everything it holds (its guest's open files included)."""
+    try:
+        hostcalls.unregister(store)
+    finally:
+        store.close()
+
+
 def wasi_config(
     plan: Plan, workspace: Workspace, argv: list[str], extra_readonly: dict[str, Path] | None = None
-) -> wasmtime.WasiConfig:
+) -> tuple[wasmtime.WasiConfig, int]:
     """The guest's whole world: argv, the plan's env (never the host's), captured stdio, and
-    exactly the /task preopens plus the mounts the policy grants."""
+    exactly the /task preopens plus the mounts the policy grants.
+
+    Also returns the guest's monotonic clock origin on the host's monotonic clock (wasmtime
+    starts the guest's clock when the config is created; read just after, so an absolute
+    wait computed from it ends late by microseconds, never early). `arm` needs it.
+    """
     wasi = wasmtime.WasiConfig()
+    origin_ns = time.monotonic_ns()
     wasi.argv = argv
     wasi.env = list(plan.env.items())
     # Files, not stdout_custom: a Python callback per write costs ~70 us a run. The watchdog
@@ -121,7 +140,7 @@ def wasi_config(
             wasi.preopen_dir(str(host), guest, writable)
         except wasmtime.WasmtimeError as exc:
             raise ConfigError(f"filesystem mount {guest} -> {host} cannot be opened") from exc
-    return wasi
+    return wasi, origin_ns
 
 
 def classify_trap(exc: wasmtime.Trap) -> tuple[Status, str]:

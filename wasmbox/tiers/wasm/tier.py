@@ -24,7 +24,7 @@ from wasmbox.tiers.wasm.engine import (
     Watchdog,
     first_line,
 )
-from wasmbox.tiers.wasm.run import arm, classify_trap, settle, wasi_config
+from wasmbox.tiers.wasm.run import arm, classify_trap, close_store, settle, wasi_config
 from wasmbox.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ class WasmTier(Closeable):
         try:
             return _execute(plan, workspace, deadline, monitor, handle, pre, store, t0)
         finally:
-            store.close()
+            close_store(store)
 
     def _python_runtime(self) -> PythonRuntime:
         runtime = self._python
@@ -150,8 +150,9 @@ def _execute(
     t0: float,
 ) -> Outcome:
     name = plan.task.module.name if plan.task.module is not None else "task.wasm"
-    store.set_wasi(wasi_config(plan, workspace, [name, *plan.args]))
-    watchdog, watch = arm(store, plan, workspace, deadline, monitor, handle)
+    wasi, clock_origin = wasi_config(plan, workspace, [name, *plan.args])
+    store.set_wasi(wasi)
+    watchdog, watch = arm(store, plan, workspace, deadline, monitor, handle, clock_origin)
 
     outcome = Outcome(status=Status.COMPLETED, exit_code=0)
     instance = None
