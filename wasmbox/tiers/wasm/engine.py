@@ -22,6 +22,7 @@ from wasmtime import _ffi as ffi
 from wasmbox.errors import ConfigError
 from wasmbox.lifecycle import Closeable
 from wasmbox.models import KiB, MiB
+from wasmbox.tiers.wasm import hostcalls
 
 WASMTIME_VERSION = version("wasmtime")
 TICK_SECONDS = 0.005
@@ -41,7 +42,32 @@ class Flavour:
     @property
     def key(self) -> str:
         """A stable name for the flavour, part of every compiled-module cache key."""
-        return f"wasmtime{WASMTIME_VERSION}-fuel{int(self.fuel)}-epoch1-stack{self.stack}"
+        return (f"wasmtime{WASMTIME_VERSION}-fuel{int(self.fuel)}-epoch1-stack{self.stack}"
+                f"-{FEATURES_KEY}")
+
+
+# Proposals that would let a module escape or multiply the per-store memory cap are off:
+# several memories each grow to the cap (N times the limit), and GC objects and exceptions
+# (which wasmtime allocates on the GC heap) live outside linear memory, unseen by the memory
+# cap and the monitor. Threads bring shared memories. A module using any of these is refused
+# at validation (`ModuleRejected`). Part of every cache key: compiled code depends on them.
+FEATURES_KEY = "mm0-gc0-exn0-fref0-thr0"
+
+
+def engine_config(flavour: Flavour) -> wasmtime.Config:
+    """The engine flags for `flavour`; the compile worker builds exactly the same Config."""
+    config = wasmtime.Config()
+    config.consume_fuel = flavour.fuel
+    config.epoch_interruption = True
+    config.max_wasm_stack = flavour.stack
+    config.cranelift_opt_level = "speed"
+    config.wasm_multi_memory = False
+    config.wasm_gc = False
+    config.wasm_function_references = False
+    config.wasm_exceptions = False
+    config.wasm_threads = False
+    config.gc_support = False
+    return config
 
 
 class EngineHandle(Closeable):
@@ -53,15 +79,11 @@ class EngineHandle(Closeable):
                 f"limits.stack must be between {MIN_STACK} and {MAX_STACK} bytes, "
                 f"got {flavour.stack}"
             )
-        config = wasmtime.Config()
-        config.consume_fuel = flavour.fuel
-        config.epoch_interruption = True
-        config.max_wasm_stack = flavour.stack
-        config.cranelift_opt_level = "speed"
         self.flavour = flavour
-        self.engine = wasmtime.Engine(config)
+        self.engine = wasmtime.Engine(engine_config(flavour))
         self.linker = wasmtime.Linker(self.engine)
         self.linker.define_wasi()
+        hostcalls.define(self.linker)
         self._ticker = _Ticker(self.engine)
 
     def ensure_ticking(self) -> None:

@@ -21,7 +21,6 @@ Known limit: a blocking WASI call cannot be interrupted by the epoch deadline. T
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import fcntl
 import hashlib
@@ -50,7 +49,15 @@ from wasmbox.policy import Plan, apply
 from wasmbox.tiers.base import Availability, Outcome
 from wasmbox.tiers.wasm import python_app
 from wasmbox.tiers.wasm.engine import WASMTIME_VERSION, EngineHandle, Flavour, first_line
-from wasmbox.tiers.wasm.run import arm, classify_trap, settle, wasi_config, write_atomic
+from wasmbox.tiers.wasm.run import (
+    arm,
+    classify_trap,
+    close_store,
+    settle,
+    wasi_config,
+    write_atomic,
+)
+from wasmbox.tiers.wasm.source_scan import imported_modules
 from wasmbox.workspace import RESULT_FILE, Workspace
 
 COMPONENTIZE_PY = "0.25.1"
@@ -160,19 +167,12 @@ class PythonRuntime(Closeable):
     def unsuitable(self, plan: Plan) -> str | None:
         """Why this interpreter cannot run the plan's source (an import it lacks), or None.
 
-        Only static ``import``/``from`` statements are seen; a dynamic import of a missing
-        module still fails inside the task. Used by ``tier="auto"`` to escalate.
+        Only static ``import``/``from`` statements are seen, by a bounded token scan that
+        never raises (see `source_scan`); a dynamic import of a missing module, or source the
+        scan gives up on, still fails inside the task, as the task's outcome. Used by
+        ``tier="auto"`` to escalate.
         """
-        try:
-            tree = ast.parse(plan.task.source or "")
-        except SyntaxError:
-            return None  # the task's own error, reported by the run
-        wanted: set[str] = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                wanted.update(alias.name.partition(".")[0] for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                wanted.add(node.module.partition(".")[0])
+        wanted = imported_modules(plan.task.source or "")
         if not wanted:
             return None
         missing = sorted(wanted - self.modules(plan) - self._package_names(plan))
@@ -235,7 +235,7 @@ class PythonRuntime(Closeable):
                 plan, workspace, deadline, monitor, interp, store, payload, paths, mounts, t0
             )
         finally:
-            store.close()
+            close_store(store)
 
     def _load(self, flavour: Flavour) -> _Interpreter:
         directory = self._cache_dir if self._cache_dir is not None else self._scratch_dir()
@@ -312,8 +312,9 @@ def _execute(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Moni
              interp: _Interpreter,
              store: wasmtime.Store, payload: str, paths: list[str], mounts: dict[str, Path],
              t0: float) -> Outcome:
-    store.set_wasi(wasi_config(plan, workspace, ["python"], mounts))
-    watchdog, _ = arm(store, plan, workspace, deadline, monitor, interp.handle,
+    wasi, clock_origin = wasi_config(plan, workspace, ["python"], mounts)
+    store.set_wasi(wasi)
+    watchdog, _ = arm(store, plan, workspace, deadline, monitor, interp.handle, clock_origin,
                       min_instances=_MIN_INSTANCES)
 
     outcome = Outcome(status=Status.COMPLETED, exit_code=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import wasmtime
@@ -14,6 +15,7 @@ from wasmbox.models import Status
 from wasmbox.monitor import Monitor, Sample
 from wasmbox.policy import Plan
 from wasmbox.tiers.base import Outcome
+from wasmbox.tiers.wasm import hostcalls
 from wasmbox.tiers.wasm.engine import EngineHandle, Watchdog
 from wasmbox.workspace import Workspace
 
@@ -22,7 +24,9 @@ class RunWatch:
     """What the epoch watchdog checks on every tick of one run.
 
     The wall-clock deadline first, then (when due) a monitoring sample of fuel burn, linear
-    memory and output volume, then the output caps. `memory` is set once the instance exists.
+    memory and output volume, then the output caps. `memories` is set once the instance
+    exists: every memory the module exports (the engine allows only one; summing keeps the
+    measure honest whatever the engine allows).
     """
 
     def __init__(self, plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monitor,
@@ -32,7 +36,13 @@ class RunWatch:
         self.deadline = deadline
         self.monitor = monitor
         self.store = store
-        self.memory: wasmtime.Memory | None = None
+        self.memories: list[wasmtime.Memory] = []
+
+    def memory_bytes(self) -> int | None:
+        """Bytes of linear memory across all the instance's memories; None before it exists."""
+        if not self.memories:
+            return None
+        return sum(int(m.data_len(self.store)) for m in self.memories)
 
     def __call__(self) -> str | None:
         if self.deadline.expired:
@@ -49,7 +59,7 @@ class RunWatch:
         stdout, stderr = self.workspace.stream_sizes()
         return Sample(
             at_s=self.monitor.elapsed(),
-            memory_bytes=self.memory.data_len(store) if self.memory is not None else None,
+            memory_bytes=self.memory_bytes(),
             memory_cap=plan.memory,
             fuel_consumed=plan.fuel - store.get_fuel() if plan.fuel is not None else None,
             output_bytes=self.workspace.output_bytes() + stdout + stderr,
@@ -64,13 +74,15 @@ def arm(
     deadline: Deadline,
     monitor: Monitor,
     handle: EngineHandle,
+    clock_origin_ns: int,
     *,
     min_instances: int = 0,
 ) -> tuple[Watchdog, RunWatch]:
     """Apply the plan's limits and fuel to `store` and attach the per-tick watchdog.
 
-    `min_instances` is the runtime's own need (a component instantiates several core
-    modules); the guest itself can never create instances.
+    `clock_origin_ns` comes from `wasi_config`: the shadowed WASI calls (`hostcalls`) need
+    the guest's monotonic clock. `min_instances` is the runtime's own need (a component
+    instantiates several core modules); the guest itself can never create instances.
     """
     instances = max(plan.instances, min_instances)
     store.set_limits(
@@ -85,16 +97,31 @@ def arm(
     watch = RunWatch(plan, workspace, deadline, monitor, store)
     watchdog = Watchdog(watch)
     watchdog.attach(store)
+    hostcalls.register(store, hostcalls.RunHost(deadline, watchdog, clock_origin_ns))
     handle.ensure_ticking()
     return watchdog, watch
 
 
+def close_store(store: wasmtime.Store) -> None:
+    """Drop a run's Store and everything it holds (its guest's open files included)."""
+    try:
+        hostcalls.unregister(store)
+    finally:
+        store.close()
+
+
 def wasi_config(
     plan: Plan, workspace: Workspace, argv: list[str], extra_readonly: dict[str, Path] | None = None
-) -> wasmtime.WasiConfig:
+) -> tuple[wasmtime.WasiConfig, int]:
     """The guest's whole world: argv, the plan's env (never the host's), captured stdio, and
-    exactly the /task preopens plus the mounts the policy grants."""
+    exactly the /task preopens plus the mounts the policy grants.
+
+    Also returns the guest's monotonic clock origin on the host's monotonic clock (wasmtime
+    starts the guest's clock when the config is created; read just after, so an absolute
+    wait computed from it ends late by microseconds, never early). `arm` needs it.
+    """
     wasi = wasmtime.WasiConfig()
+    origin_ns = time.monotonic_ns()
     wasi.argv = argv
     wasi.env = list(plan.env.items())
     # Files, not stdout_custom: a Python callback per write costs ~70 us a run. The watchdog
@@ -113,7 +140,7 @@ def wasi_config(
             wasi.preopen_dir(str(host), guest, writable)
         except wasmtime.WasmtimeError as exc:
             raise ConfigError(f"filesystem mount {guest} -> {host} cannot be opened") from exc
-    return wasi
+    return wasi, origin_ns
 
 
 def classify_trap(exc: wasmtime.Trap) -> tuple[Status, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +24,7 @@ from wasmbox.tiers.wasm.engine import (
     Watchdog,
     first_line,
 )
-from wasmbox.tiers.wasm.run import arm, classify_trap, settle, wasi_config
+from wasmbox.tiers.wasm.run import arm, classify_trap, close_store, settle, wasi_config
 from wasmbox.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -99,7 +100,7 @@ class WasmTier(Closeable):
         try:
             return _execute(plan, workspace, deadline, monitor, handle, pre, store, t0)
         finally:
-            store.close()
+            close_store(store)
 
     def _python_runtime(self) -> PythonRuntime:
         runtime = self._python
@@ -149,16 +150,16 @@ def _execute(
     t0: float,
 ) -> Outcome:
     name = plan.task.module.name if plan.task.module is not None else "task.wasm"
-    store.set_wasi(wasi_config(plan, workspace, [name, *plan.args]))
-    watchdog, watch = arm(store, plan, workspace, deadline, monitor, handle)
+    wasi, clock_origin = wasi_config(plan, workspace, [name, *plan.args])
+    store.set_wasi(wasi)
+    watchdog, watch = arm(store, plan, workspace, deadline, monitor, handle, clock_origin)
 
     outcome = Outcome(status=Status.COMPLETED, exit_code=0)
     instance = None
     try:
         instance = pre.instantiate(store)
         exports = instance.exports(store)
-        memory = exports.get("memory")
-        watch.memory = memory if isinstance(memory, wasmtime.Memory) else None
+        watch.memories = _memories(exports)
         start = exports["_start"]
         assert isinstance(start, wasmtime.Func)
         t1 = time.perf_counter()
@@ -180,8 +181,7 @@ def _execute(
         outcome.exit_code = None
         outcome.status, outcome.reason = _classify_error(exc, watchdog, instance is None, plan)
 
-    if watch.memory is not None:
-        outcome.peak_memory_bytes = watch.memory.data_len(store)
+    outcome.peak_memory_bytes = watch.memory_bytes()  # memories never shrink: the end is the peak
     if outcome.status in (Status.FAILED, Status.CRASHED) and _at_memory_cap(outcome, plan):
         outcome.status = Status.MEMORY_EXCEEDED
         outcome.reason = (
@@ -189,6 +189,19 @@ def _execute(
         )
     settle(outcome, plan, store, workspace, watchdog, deadline, monitor)
     return outcome
+
+
+def _memories(exports: Mapping[str, wasmtime.AsExtern]) -> list[wasmtime.Memory]:
+    # Each memory once, however many names export it: identity is the raw handle's fields
+    # (store id and the two private indices; the struct's padding bytes are not stable).
+    found: dict[tuple[int, int, int], wasmtime.Memory] = {}
+    for item in exports.values():
+        if isinstance(item, wasmtime.Memory):
+            raw = item._memory
+            key = (raw._anon_1.store_id, getattr(raw._anon_1, "__private1"),
+                   getattr(raw, "__private2"))
+            found.setdefault(key, item)
+    return list(found.values())
 
 
 def _classify_error(
