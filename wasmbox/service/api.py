@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -9,11 +10,12 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from wasmbox.errors import PolicyViolation, SandboxError
+from wasmbox.errors import InputRejected, ModuleRejected, PolicyViolation, SandboxError
 from wasmbox.models import Policy
 from wasmbox.sandbox import Sandbox
 from wasmbox.service.config import ServiceConfig
@@ -106,6 +108,16 @@ def create_app(
     )
     app.add_middleware(BodyLimit, max_bytes=config.service.max_body_bytes)
 
+    # Wherever a request handler meets bad input or a forbidden request, the client hears it
+    # as such (never a 500), whichever check raised it.
+    async def refused(request: Request, exc: Exception) -> Response:
+        code = 403 if isinstance(exc, PolicyViolation) else 400
+        metrics.refused.labels(code=str(code)).inc()
+        return JSONResponse({"detail": f"{type(exc).__name__}: {exc}"}, status_code=code)
+
+    for error in (InputRejected, ModuleRejected, PolicyViolation):
+        app.add_exception_handler(error, refused)
+
     def state(request: Request) -> _State:
         found: _State = request.app.state.wasmbox
         return found
@@ -135,7 +147,7 @@ def create_app(
         except QuotaExceeded as exc:
             metrics.refused.labels(code="429").inc()
             raise HTTPException(429, str(exc), headers={
-                "Retry-After": str(max(1, round(exc.retry_after)))}) from exc
+                "Retry-After": str(max(1, math.ceil(exc.retry_after)))}) from exc
         except PolicyViolation as exc:
             metrics.refused.labels(code="403").inc()
             raise HTTPException(403, f"PolicyViolation: {exc}") from exc
