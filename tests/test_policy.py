@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from wasmbox import Policy, PolicyViolation, Resources, Task, TierName, apply
-from wasmbox.models import Limits, NetworkPolicy, TimeoutPolicy, WasiPolicy
+from wasmbox.models import Limits, NetworkPolicy, OutputPolicy, TimeoutPolicy, WasiPolicy
+from wasmbox.policy import Plan
 
 MODULE = b"\0asm\1\0\0\0"
 
@@ -117,3 +121,79 @@ def test_an_unpinned_module_is_refused_when_pins_are_required() -> None:
     with pytest.raises(PolicyViolation) as info:
         apply(policy, Task.wasm(MODULE))
     assert info.value.rule == "wasi.require_sha256"
+
+
+# Every `Resources` field: its policy maximum, and the plan value a tier enforces. A field
+# added to `Resources` without an entry here fails `test_every_resources_field_is_clamped`.
+CLAMPS: dict[str, tuple[Callable[[Policy], float | None], Callable[[Plan], float | None]]] = {
+    "fuel": (lambda p: p.limits.fuel, lambda plan: plan.fuel),
+    "memory": (lambda p: p.limits.memory, lambda plan: plan.memory),
+    "timeout": (lambda p: p.timeouts.run, lambda plan: plan.timeout),
+    "output_bytes": (lambda p: p.output.max_total_bytes,
+                     lambda plan: plan.output.max_total_bytes),
+    "stdout_bytes": (lambda p: p.limits.stdout_bytes, lambda plan: plan.stdout_bytes),
+    "cpus": (lambda p: p.limits.cpus, lambda plan: plan.cpus),
+    "pids": (lambda p: p.limits.pids, lambda plan: plan.pids),
+}
+
+sizes = st.integers(min_value=1, max_value=2**40)
+counts = st.integers(min_value=1, max_value=2**62)
+seconds = st.floats(min_value=1e-3, max_value=1e6)
+fractions = st.floats(min_value=1e-3, max_value=1024)
+FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
+    "fuel": counts, "memory": sizes, "timeout": seconds, "output_bytes": sizes,
+    "stdout_bytes": sizes, "cpus": fractions, "pids": st.integers(min_value=1, max_value=2**31),
+}
+
+
+def test_every_resources_field_is_clamped() -> None:
+    assert set(Resources.model_fields) == set(CLAMPS) == set(FIELD_VALUES)
+
+
+def test_the_service_accepts_exactly_the_resources_fields() -> None:
+    from wasmbox.service.schemas import ResourcesRequest
+
+    assert set(ResourcesRequest.model_fields) == set(Resources.model_fields)
+
+
+@given(data=st.data())
+def test_every_resources_field_is_clamped_to_its_policy_maximum(data: st.DataObject) -> None:
+    maxima = {name: data.draw(values, label=f"max {name}") for name, values in
+              FIELD_VALUES.items()}
+    requests = {name: data.draw(st.none() | values, label=f"request {name}") for name, values
+                in FIELD_VALUES.items()}
+    total = maxima["output_bytes"]
+    policy = Policy(
+        limits=Limits(fuel=maxima["fuel"], memory=maxima["memory"],
+                      stdout_bytes=maxima["stdout_bytes"], cpus=maxima["cpus"],
+                      pids=maxima["pids"]),
+        timeouts=TimeoutPolicy(run=maxima["timeout"]),
+        output=OutputPolicy(max_total_bytes=total, max_file_bytes=min(total, 8 << 20)),
+    )
+    task = Task.wasm(MODULE, resources=Resources(**{k: v for k, v in requests.items()
+                                                    if v is not None}))
+    plan = apply(policy, task)
+    for name, (maximum_of, planned) in CLAMPS.items():
+        maximum, got, wanted = maximum_of(policy), planned(plan), requests[name]
+        assert maximum is not None and got is not None
+        assert got <= maximum, name
+        assert got == (maximum if wanted is None else min(wanted, maximum)), name
+    assert plan.output.max_file_bytes <= plan.output.max_total_bytes
+
+
+@given(fuel=counts, timeout=seconds)
+def test_an_explicitly_unbounded_maximum_keeps_the_request(fuel: int, timeout: float) -> None:
+    policy = Policy(allow_unbounded=True, limits=Limits(fuel=None),
+                    timeouts=TimeoutPolicy(run=None))
+    plan = apply(policy, Task.wasm(MODULE, resources=Resources(fuel=fuel, timeout=timeout)))
+    assert (plan.fuel, plan.timeout) == (fuel, timeout)
+    unset = apply(policy, Task.wasm(MODULE))
+    assert (unset.fuel, unset.timeout) == (None, None)
+
+
+def test_limits_a_task_cannot_request_come_from_the_policy() -> None:
+    limits = Limits(stderr_bytes=1234, stack=256 << 10, input_bytes=99, tmpfs=4096,
+                    table_elements=7, instances=2)
+    plan = apply(Policy(limits=limits), Task.wasm(MODULE))
+    assert (plan.stderr_bytes, plan.stack, plan.input_bytes, plan.tmpfs, plan.table_elements,
+            plan.instances) == (1234, 256 << 10, 99, 4096, 7, 2)

@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from wasmbox.errors import ConfigError, InvalidTask, ModuleRejected
+from wasmbox.errors import ConfigError, InputRejected, InvalidTask, ModuleRejected
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -171,6 +171,15 @@ class Task(_Model):
             raise ValueError("a python task needs source")
         if self.kind is TaskKind.COMMAND and not self.argv:
             raise ValueError("a command task needs a non-empty argv")
+        env = [f"{name}={value}" for name, value in self.env.items()]
+        for text in (self.source or "", self.entry, *self.args, *self.argv, *env):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InputRejected(
+                    f"task text is not valid Unicode (a lone surrogate at {exc.start}): "
+                    "source, entry, args, argv and env must encode as UTF-8"
+                ) from None
         return self
 
     @classmethod

@@ -13,12 +13,12 @@ from typing import Any
 
 import httpx
 
-ALICE, BOB, CAROL = "alice-secret", "bob-secret", "carol-secret"
+ALICE, BOB, CAROL, DAVE = "alice-secret", "bob-secret", "carol-secret", "dave-secret"
 
 
 def config_data(db: Path, **service: Any) -> dict[str, Any]:
     """A service config: alice may use two policies, bob has a concurrency quota of 2,
-    carol a tiny CPU budget."""
+    carol a tiny CPU budget, dave a budget of 2.5 s (room for two 1 s reservations)."""
     return {
         "service": {"db": str(db), "workers": 2, "max_body_bytes": "2MiB", "max_wait": 20,
                     "shutdown_grace": 10, **service},
@@ -30,6 +30,7 @@ def config_data(db: Path, **service: Any) -> dict[str, Any]:
             "alice": {"secret": ALICE, "policies": ["default", "strict"], "max_concurrent": 50},
             "bob": {"secret": BOB, "max_concurrent": 2},
             "carol": {"secret": CAROL, "cpu_seconds": 0.05, "window": 600},
+            "dave": {"secret": DAVE, "cpu_seconds": 2.5, "window": 600, "max_concurrent": 10},
         },
     }
 

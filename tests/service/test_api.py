@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from pathlib import Path
@@ -76,11 +77,21 @@ def test_guest_timeout_is_a_result_status(client: TestClient, wasm_b64: dict[str
     assert wait_final(client, str(view["id"]))["result"]["status"] == "timeout"
 
 
-def test_invalid_module_is_rejected_with_the_reason(client: TestClient) -> None:
-    view = submit(client, {"kind": "wasm", "module_b64": "AGFzbQ=="})  # b"\0asm" and nothing else
+def test_invalid_module_is_refused_at_submission_with_the_reason(client: TestClient) -> None:
+    body = {"kind": "wasm", "module_b64": "AGFzbQ=="}  # b"\0asm" and nothing else
+    response = client.post("/v1/tasks", json=body, headers=auth(ALICE))
+    assert response.status_code == 400
+    assert "ModuleRejected" in response.json()["detail"]
+
+
+def test_a_module_the_tier_refuses_after_acceptance_ends_rejected_with_the_reason(
+    client: TestClient,
+) -> None:
+    no_start = bytes.fromhex("0061736d01000000")  # valid, but not a WASI command
+    view = submit(client, {"kind": "wasm", "module_b64": base64.b64encode(no_start).decode()})
     final = wait_final(client, str(view["id"]))
     assert final["state"] == "rejected"
-    assert "ModuleRejected" in final["error"]
+    assert "ModuleRejected" in final["error"] and "_start" in final["error"]
 
 
 def test_cancel_of_a_queued_task_cancels_it_at_once(

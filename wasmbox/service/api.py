@@ -2,18 +2,20 @@
 
 import asyncio
 import json
+import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, Response
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from wasmbox.errors import PolicyViolation, SandboxError
+from wasmbox.errors import InputRejected, ModuleRejected, PolicyViolation, SandboxError
 from wasmbox.models import Policy
 from wasmbox.sandbox import Sandbox
 from wasmbox.service.config import ServiceConfig
@@ -106,6 +108,28 @@ def create_app(
     )
     app.add_middleware(BodyLimit, max_bytes=config.service.max_body_bytes)
 
+    # Wherever a request handler meets bad input or a forbidden request, the client hears it
+    # as such (never a 500), whichever check raised it.
+    async def refused(request: Request, exc: Exception) -> Response:
+        code = 403 if isinstance(exc, PolicyViolation) else 400
+        metrics.refused.labels(code=str(code)).inc()
+        return _ascii_json(code, {"detail": f"{type(exc).__name__}: {exc}"})
+
+    async def invalid(request: Request, exc: Exception) -> Response:
+        # FastAPI's own handler echoes the offending input, and a lone surrogate in it made
+        # rendering the 422 itself fail with a 500.
+        assert isinstance(exc, RequestValidationError)
+        try:
+            return _ascii_json(422, {"detail": jsonable_encoder(exc.errors())})
+        except ValueError:  # an input that is not JSON-able text (bytes, NaN): leave it out
+            errors = [{k: v for k, v in e.items() if k not in ("input", "ctx")}
+                      for e in exc.errors()]
+            return _ascii_json(422, {"detail": jsonable_encoder(errors)})
+
+    for error in (InputRejected, ModuleRejected, PolicyViolation):
+        app.add_exception_handler(error, refused)
+    app.add_exception_handler(RequestValidationError, invalid)
+
     def state(request: Request) -> _State:
         found: _State = request.app.state.wasmbox
         return found
@@ -135,10 +159,9 @@ def create_app(
         except QuotaExceeded as exc:
             metrics.refused.labels(code="429").inc()
             raise HTTPException(429, str(exc), headers={
-                "Retry-After": str(max(1, round(exc.retry_after)))}) from exc
-        except PolicyViolation as exc:
-            metrics.refused.labels(code="403").inc()
-            raise HTTPException(403, f"PolicyViolation: {exc}") from exc
+                "Retry-After": str(max(1, math.ceil(exc.retry_after)))}) from exc
+        except (InputRejected, ModuleRejected, PolicyViolation):
+            raise  # mapped by `refused`, wherever in a request they are raised
         except (SandboxError, ValidationError) as exc:
             metrics.refused.labels(code="400").inc()
             raise HTTPException(400, f"{type(exc).__name__}: {exc}") from exc
@@ -239,6 +262,12 @@ def create_app(
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     return app
+
+
+def _ascii_json(status: int, content: Any) -> Response:
+    """A JSON response that renders whatever text a client sent (lone surrogates escaped)."""
+    body = json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+    return Response(body, status_code=status, media_type="application/json")
 
 
 def _safe_name(name: str) -> bool:

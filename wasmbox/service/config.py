@@ -18,9 +18,13 @@ file = "policies/strict.toml"    # ... or a policy file, relative to this file
 secret = "s3cret"                # or secret_sha256 = "<hex digest>"
 policies = ["default", "strict"] # the first one is used when a request names none
 max_concurrent = 4               # queued + running tasks at once
-cpu_seconds = 120                # CPU (or wall) seconds per window ...
+cpu_seconds = 120                # seconds charged per window ...
 window = 60                      # ... of this many seconds
 ```
+
+A run is charged ``max(CPU seconds, wall seconds a worker was held)``, rejected runs too; a
+task reserves its largest possible charge (timeout x CPUs + kill grace, at most the whole
+budget) when it is admitted, and is refused with 429 if that does not fit.
 """
 
 from __future__ import annotations

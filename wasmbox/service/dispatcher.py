@@ -1,18 +1,31 @@
-"""Admission (auth-checked quotas), the durable queue and the workers that run tasks."""
+"""Admission (auth-checked quotas), the durable queue and the workers that run tasks.
+
+CPU budgets: a task is admitted only if its largest possible charge (`max_charge`, from its
+clamped limits) fits in what its token has not yet spent or reserved in the window; it
+reserves that much while queued and running. A task that could cost more than the whole
+budget (or has no timeout) reserves all of it: it runs only alone in a clean window. When a
+task ends it is charged ``max(CPU seconds, wall seconds a worker was held)`` -- a task that
+sleeps still occupies a worker -- and rejected runs are charged the same way. A worker
+survives anything a task or the journal throws at it: the task ends ``rejected`` with the
+reason and the queue moves on.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
 from collections.abc import Callable
 from typing import Protocol
 
-from wasmbox.errors import SandboxError
+import wasmtime
+
+from wasmbox.errors import ModuleRejected, SandboxError
 from wasmbox.lifecycle import Closeable
-from wasmbox.models import Policy, Result, Task
-from wasmbox.policy import apply
+from wasmbox.models import Policy, Result, Task, TaskKind
+from wasmbox.policy import Plan, apply
 from wasmbox.sandbox import Sandbox
 from wasmbox.service.config import Backend, ServiceConfig
 from wasmbox.service.metrics import ServiceMetrics
@@ -30,6 +43,41 @@ class QuotaExceeded(Exception):
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+def max_charge(plan: Plan) -> float:
+    """The most a run of `plan` can be charged: every CPU busy, or a worker held, until the
+    deadline plus the kill grace. Infinite for a run without a timeout."""
+    if plan.timeout is None:
+        return math.inf
+    return plan.timeout * max(1.0, plan.cpus) + plan.kill_grace
+
+
+def validate_module(data: bytes, max_bytes: int) -> None:
+    """Refuse bytes that are not a WebAssembly module, without compiling them.
+
+    Raises `ModuleRejected`. Validation is linear in the size, which is bounded first; the
+    tier validates again (with its own engine's features) when it runs the task.
+    """
+    if len(data) > max_bytes:
+        raise ModuleRejected(f"the module is {len(data)} bytes, over {max_bytes}")
+    try:
+        wasmtime.Module.validate(_validation_engine(), data)
+    except wasmtime.WasmtimeError as exc:
+        lines = str(exc).strip().splitlines() or ["invalid"]
+        raise ModuleRejected(f"not a valid WebAssembly module: {lines[0][:500]}") from None
+
+
+_engine: wasmtime.Engine | None = None
+_engine_lock = threading.Lock()
+
+
+def _validation_engine() -> wasmtime.Engine:
+    global _engine
+    with _engine_lock:
+        if _engine is None:
+            _engine = wasmtime.Engine()
+        return _engine
 
 
 class Runner(Protocol):
@@ -130,38 +178,59 @@ class Dispatcher(Closeable):
         return len(recovered)
 
     def submit(self, token: str, policy_name: str, task: Task) -> Record:
-        """Check the policy and the token's quotas, journal the task, queue it.
+        """Check the task, the policy and the token's quotas, journal the task, queue it.
 
-        Raises `SandboxError` for a task the policy refuses and `QuotaExceeded`.
+        Raises `SandboxError` for a task the policy refuses or that is malformed (a module
+        that is not WebAssembly: `ModuleRejected`; text that cannot be stored:
+        `InputRejected`) and `QuotaExceeded`.
         """
         self._ensure_open()
-        apply(self.config.policies[policy_name], task)
+        plan = apply(self.config.policies[policy_name], task)
+        if task.kind is TaskKind.WASM and task.module_bytes is not None:
+            validate_module(task.module_bytes, self.config.service.max_body_bytes)
         quota = self.config.tokens[token]
+        need = max_charge(plan)
         with self._admission:  # check-then-insert must not interleave between requests
             if self.store.in_flight(token) >= quota.max_concurrent:
                 raise QuotaExceeded(
                     f"{quota.max_concurrent} tasks are already queued or running", 1.0
                 )
             if quota.cpu_seconds is not None:
-                used = self.store.cpu_used(token, time.time() - quota.window)
-                if used >= quota.cpu_seconds:
-                    raise QuotaExceeded(
-                        f"{used:.2f} of {quota.cpu_seconds:g} CPU seconds used in the last "
-                        f"{quota.window:g} s", quota.window,
-                    )
-            self.store.add(token, policy_name, task)
+                need = min(need, quota.cpu_seconds)
+                self._check_budget(token, need, quota.cpu_seconds, quota.window)
+            self.store.add(token, policy_name, task, 0.0 if math.isinf(need) else need)
         self.metrics.accepted.inc()
         self._enqueue(task.id)
         record = self.store.get(task.id)
         assert record is not None
         return record
 
+    def _check_budget(self, token: str, need: float, budget: float, window: float) -> None:
+        now = time.time()
+        charges = self.store.charges(token, now - window)
+        spent = sum(charge for _, charge in charges)
+        reserved = self.store.reserved(token)
+        excess = spent + reserved + need - budget
+        if excess <= 1e-9:
+            return
+        retry, freed = 1.0, 0.0  # if only running tasks hold it, their end frees it
+        for finished_at, charge in charges:
+            freed += charge
+            if freed >= excess:
+                retry = max(1.0, finished_at + window - now)
+                break
+        raise QuotaExceeded(
+            f"{spent:.2f} s charged and {reserved:.2f} s reserved of {budget:g} CPU seconds "
+            f"in the last {window:g} s; this task reserves {need:g} s (its timeout times its CPUs "
+            "plus the kill grace, at most the whole budget)", retry,
+        )
+
     def cancel(self, task_id: str) -> Record | None:
         """Cancel a queued task now; a running one is marked cancelled when it ends."""
         record = self.store.cancel(task_id)
         if record is not None and record.result is not None and task_id in self._queued:
             self._queued.discard(task_id)
-            self.on_final(task_id)
+            self._notify(task_id)
         return record
 
     def _enqueue(self, task_id: str) -> None:
@@ -174,33 +243,66 @@ class Dispatcher(Closeable):
             if task_id is None or self._stopping.is_set():
                 return  # queued tasks stay queued in the journal for the next start
             self._queued.discard(task_id)
-            claimed = self.store.claim(task_id)
-            if claimed is None:
-                continue  # cancelled while queued
-            with self._running_lock:
-                self._running += 1
             try:
-                self._execute(task_id, *claimed)
-            finally:
-                with self._running_lock:
-                    self._running -= 1
-                self.on_final(task_id)
+                self._handle(task_id)
+            except Exception:  # the worker outlives anything; _handle rejected the task
+                log.exception("worker: task %s could not be handled", task_id)
 
-    def _execute(self, task_id: str, policy: str, task: Task) -> None:
+    def _handle(self, task_id: str) -> None:
+        try:
+            claimed = self.store.claim(task_id)
+        except Exception as exc:
+            self._reject(task_id, "internal error: the journaled task cannot be read: "
+                         f"{type(exc).__name__}", 0.0)
+            self._notify(task_id)
+            raise
+        if claimed is None:
+            return  # cancelled while queued
+        with self._running_lock:
+            self._running += 1
+        started = time.monotonic()
+        try:
+            self._execute(task_id, *claimed, started)
+        except Exception as exc:
+            self._reject(task_id, f"internal error: {type(exc).__name__}: {exc}",
+                         time.monotonic() - started)
+            raise
+        finally:
+            with self._running_lock:
+                self._running -= 1
+            self._notify(task_id)
+
+    def _execute(self, task_id: str, policy: str, task: Task, started: float) -> None:
         try:
             result = self._runner.run(policy, task)
         except SandboxError as exc:
-            self.metrics.rejected.labels(reason=type(exc).__name__).inc()
-            self.store.reject(task_id, f"{type(exc).__name__}: {exc}")
+            self._reject(task_id, f"{type(exc).__name__}: {exc}", time.monotonic() - started,
+                         type(exc).__name__)
             return
         except Exception as exc:
             log.exception("task %s failed on the host", task_id)
-            self.metrics.rejected.labels(reason="internal").inc()
-            self.store.reject(task_id, f"internal error: {type(exc).__name__}: {exc}")
+            self._reject(task_id, f"internal error: {type(exc).__name__}: {exc}",
+                         time.monotonic() - started)
             return
-        record = self.store.finish(task_id, result)
+        charge = max(time.monotonic() - started, result.metrics.cpu_s or 0.0)
+        record = self.store.finish(task_id, result, charge)
         if record is not None and record.result is not None:
             self.metrics.observe(record.result, time.time() - record.submitted_at)
+
+    def _reject(self, task_id: str, error: str, charge: float, reason: str = "internal") -> None:
+        """Reject a task and charge it; if even the journal fails, log it (the task stays
+        ``running`` there and is queued again at the next start)."""
+        try:
+            self.metrics.rejected.labels(reason=reason).inc()
+            self.store.reject(task_id, error, charge)
+        except Exception:
+            log.exception("could not record the rejection of task %s", task_id)
+
+    def _notify(self, task_id: str) -> None:
+        try:
+            self.on_final(task_id)
+        except Exception:
+            log.exception("final-state notification for task %s failed", task_id)
 
     def _release(self) -> None:
         """Stop taking tasks, wait up to ``shutdown_grace`` for running ones, close the runner.

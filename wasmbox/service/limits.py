@@ -19,7 +19,8 @@ class BodyTooLarge(HTTPException):
 
 
 class BodyLimit:
-    """ASGI middleware: a body over `max_bytes` gets 413, chunked or not."""
+    """ASGI middleware: a body over `max_bytes` gets 413, chunked or not; a malformed
+    Content-Length gets 400. Both are answered before the application reads anything."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -29,9 +30,9 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await _reply_413(send, self.max_bytes)
+        verdict = _judge_declared(scope["headers"], self.max_bytes)
+        if verdict is not None:
+            await _reply(send, *verdict)
             return
         received = 0
         started = False
@@ -54,14 +55,35 @@ class BodyLimit:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await _reply_413(send, self.max_bytes)
+                await _reply(send, 413, f"request body larger than {self.max_bytes} bytes")
 
 
-async def _reply_413(send: Send, limit: int) -> None:
-    body = json.dumps({"detail": f"request body larger than {limit} bytes"}).encode()
+def _judge_declared(headers: list[tuple[bytes, bytes]], limit: int) -> tuple[int, str] | None:
+    """(status, reason) refusing a request by its declared length alone, or None.
+
+    A length that is not a plain decimal number, or two that disagree, is 400 (RFC 9112
+    6.3: an invalid Content-Length is an unrecoverable framing error); one over the limit is
+    413. Neither answer reads a byte of the body.
+    """
+    declared = {value for name, value in headers if name.lower() == b"content-length"}
+    if not declared:
+        return None
+    if len(declared) > 1:
+        return 400, "conflicting Content-Length headers"
+    (value,) = declared
+    if not value.isdigit():
+        return 400, "Content-Length is not a decimal number"
+    # Compare by digit count first: int() refuses numbers of thousands of digits.
+    if len(value.lstrip(b"0")) > len(str(limit)) or int(value) > limit:
+        return 413, f"request body larger than {limit} bytes"
+    return None
+
+
+async def _reply(send: Send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
     await send({
         "type": "http.response.start",
-        "status": 413,
+        "status": status,
         "headers": [(b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
                     (b"connection", b"close")],

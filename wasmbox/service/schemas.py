@@ -127,6 +127,9 @@ class TaskView(BaseModel):
     finished_at: float | None = None
     result: ResultView | None = None
     error: str | None = None
+    charged_s: float | None = Field(
+        default=None, description="seconds charged to the token's CPU budget once final: "
+        "max(CPU seconds, wall seconds a worker was held); rejected runs are charged too")
 
     @classmethod
     def of(cls, record: Record) -> TaskView:
@@ -135,7 +138,7 @@ class TaskView(BaseModel):
             final=record.state in (State.FINISHED, State.REJECTED),
             cancel_requested=record.cancel_requested, attempts=record.attempts,
             submitted_at=record.submitted_at, started_at=record.started_at,
-            finished_at=record.finished_at, error=record.error,
+            finished_at=record.finished_at, error=record.error, charged_s=record.charged_s,
             result=None if record.result is None
             else ResultView.of(record.result, record.file_sizes),
         )

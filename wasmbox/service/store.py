@@ -3,6 +3,10 @@
 States: ``queued`` -> ``running`` -> ``finished`` (a `Result`, possibly CANCELLED) or
 ``rejected`` (the host refused to run it: a policy violation, a bad module). A task found
 ``running`` at start-up was interrupted by a crash and is queued again.
+
+Quota accounting: a task holds a *reservation* (its largest possible charge) while it is
+queued or running; when it ends the reservation is replaced by its *charge*, which rejected
+runs pay too. Everything stored is checked to read back, so no task's row can break a reader.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from wasmbox.errors import InputRejected
 from wasmbox.lifecycle import Closeable
 from wasmbox.models import Result, Status, Task
 
@@ -30,6 +35,10 @@ class State(StrEnum):
 
 FINAL = frozenset({State.FINISHED, State.REJECTED})
 
+# Reasons stored for rejected tasks are cut here: an exception's text can be huge.
+MAX_ERROR_CHARS = 2000
+UNSTORABLE = "the result could not be stored (nested too deep, or text that is not valid Unicode)"
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
     id TEXT PRIMARY KEY,
@@ -43,6 +52,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     result_json TEXT,
     error TEXT,
     cpu_s REAL,
+    reserved_s REAL NOT NULL DEFAULT 0,
     submitted_at REAL NOT NULL,
     started_at REAL,
     finished_at REAL
@@ -74,6 +84,8 @@ class Record:
     started_at: float | None
     finished_at: float | None
     file_sizes: dict[str, int]
+    charged_s: float | None = None
+    reserved_s: float = 0.0
 
 
 class TaskStore(Closeable):
@@ -88,15 +100,32 @@ class TaskStore(Closeable):
             # FULL: an acknowledged task survives power loss too, not only a process crash.
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(tasks)")}
+            if "reserved_s" not in columns:  # a journal written before reservations existed
+                self._db.execute(
+                    "ALTER TABLE tasks ADD COLUMN reserved_s REAL NOT NULL DEFAULT 0"
+                )
 
-    def add(self, token: str, policy: str, task: Task) -> None:
-        """Journal a new queued task; returns once it is durable."""
-        task_json = task.model_dump_json(exclude={"module_bytes"})
+    def add(self, token: str, policy: str, task: Task, reserved_s: float = 0.0) -> None:
+        """Journal a new queued task holding `reserved_s` of its token's budget.
+
+        Returns once it is durable; raises `InputRejected` for a task that cannot be
+        journaled (text that is not valid Unicode, say).
+        """
+        try:
+            task_json = task.model_dump_json(exclude={"module_bytes"})
+            task_json.encode("utf-8")
+        except (ValueError, RecursionError) as exc:
+            raise InputRejected(
+                "the task cannot be stored: its input or text is nested too deep or is not "
+                "valid Unicode (a lone surrogate?)"
+            ) from exc
         with self._lock:
             self._db.execute(
-                "INSERT INTO tasks (id, token, policy, state, task_json, module, submitted_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (task.id, token, policy, State.QUEUED, task_json, task.module_bytes, time.time()),
+                "INSERT INTO tasks (id, token, policy, state, task_json, module, reserved_s,"
+                " submitted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (task.id, token, policy, State.QUEUED, task_json, task.module_bytes, reserved_s,
+                 time.time()),
             )
 
     def claim(self, task_id: str) -> tuple[str, Task] | None:
@@ -117,8 +146,13 @@ class TaskStore(Closeable):
             data["module_bytes"] = bytes(module)
         return policy, Task.model_validate(data)
 
-    def finish(self, task_id: str, result: Result) -> Record | None:
-        """Record the result of a running task; a pending cancel turns it into CANCELLED."""
+    def finish(self, task_id: str, result: Result, charge: float) -> Record | None:
+        """Record the result of a running task and its charge (seconds against its budget).
+
+        A pending cancel turns it into CANCELLED. A result that could not be read back (JSON
+        nested past the parser's limit, a lone surrogate in a string or a file name) is stored
+        as OUTPUT_REJECTED without the guest's data, so one hostile result breaks no reader.
+        """
         with self._lock:
             row = self._db.execute(
                 "SELECT cancel_requested FROM tasks WHERE id = ? AND state = ?",
@@ -128,15 +162,13 @@ class TaskStore(Closeable):
                 return None  # a duplicate completion: the first one stands
             if row[0]:
                 result = cancelled(result, f"cancelled while running (it ended {result.status})")
-            charge = result.metrics.cpu_s if result.metrics.cpu_s is not None \
-                else result.metrics.wall_s
+            result, result_json = _storable(result)
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.execute(
                     "UPDATE tasks SET state = ?, result_json = ?, cpu_s = ?, finished_at = ?,"
                     " module = NULL WHERE id = ?",
-                    (State.FINISHED, result.model_dump_json(exclude={"files"}), charge,
-                     time.time(), task_id),
+                    (State.FINISHED, result_json, charge, time.time(), task_id),
                 )
                 self._db.executemany(
                     "INSERT OR REPLACE INTO files (task_id, name, data) VALUES (?, ?, ?)",
@@ -148,13 +180,17 @@ class TaskStore(Closeable):
                 raise
         return self.get(task_id)
 
-    def reject(self, task_id: str, error: str) -> Record | None:
-        """Record that the host refused to run a claimed task."""
+    def reject(self, task_id: str, error: str, charge: float = 0.0) -> Record | None:
+        """Record that the host refused to run a claimed task; the time it took is charged."""
+        if len(error) > MAX_ERROR_CHARS:
+            error = error[:MAX_ERROR_CHARS] + "..."
+        error = error.encode("utf-8", "replace").decode("utf-8")
         with self._lock:
             self._db.execute(
-                "UPDATE tasks SET state = ?, error = ?, finished_at = ?, module = NULL"
+                "UPDATE tasks SET state = ?, error = ?, cpu_s = ?, finished_at = ?, module = NULL"
                 " WHERE id = ? AND state IN (?, ?)",
-                (State.REJECTED, error, time.time(), task_id, State.RUNNING, State.QUEUED),
+                (State.REJECTED, error, charge, time.time(), task_id, State.RUNNING,
+                 State.QUEUED),
             )
         return self.get(task_id)
 
@@ -186,7 +222,8 @@ class TaskStore(Closeable):
         with self._lock:
             row = self._db.execute(
                 "SELECT id, token, policy, state, cancel_requested, attempts, result_json,"
-                " error, submitted_at, started_at, finished_at FROM tasks WHERE id = ?",
+                " error, submitted_at, started_at, finished_at, cpu_s, reserved_s"
+                " FROM tasks WHERE id = ?",
                 (task_id,),
             ).fetchone()
             if row is None:
@@ -194,11 +231,17 @@ class TaskStore(Closeable):
             sizes = dict(self._db.execute(
                 "SELECT name, length(data) FROM files WHERE task_id = ?", (task_id,)
             ).fetchall())
-        result = Result.model_validate_json(row[6]) if row[6] is not None else None
+        result, error = None, row[7]
+        if row[6] is not None:
+            try:
+                result = Result.model_validate_json(row[6])
+            except ValueError:  # written before `finish` checked that results read back
+                error = UNSTORABLE
         return Record(
             id=row[0], token=row[1], policy=row[2], state=State(row[3]),
-            cancel_requested=bool(row[4]), attempts=row[5], result=result, error=row[7],
+            cancel_requested=bool(row[4]), attempts=row[5], result=result, error=error,
             submitted_at=row[8], started_at=row[9], finished_at=row[10], file_sizes=sizes,
+            charged_s=row[11], reserved_s=row[12],
         )
 
     def file(self, task_id: str, name: str) -> bytes | None:
@@ -218,25 +261,36 @@ class TaskStore(Closeable):
             ).fetchone()
         return int(count)
 
-    def cpu_used(self, token: str, since: float) -> float:
-        """CPU (or wall) seconds charged to the token by tasks finished after `since`."""
+    def charges(self, token: str, since: float) -> list[tuple[float, float]]:
+        """(finished_at, charge) of the token's runs that ended after `since`, oldest first."""
         with self._lock:
-            (used,) = self._db.execute(
-                "SELECT coalesce(sum(cpu_s), 0) FROM tasks WHERE token = ? AND finished_at > ?",
+            rows = self._db.execute(
+                "SELECT finished_at, coalesce(cpu_s, 0) FROM tasks"
+                " WHERE token = ? AND finished_at > ? ORDER BY finished_at",
                 (token, since),
+            ).fetchall()
+        return [(float(at), float(charge)) for at, charge in rows]
+
+    def reserved(self, token: str) -> float:
+        """Seconds of the token's budget held by its queued and running tasks."""
+        with self._lock:
+            (held,) = self._db.execute(
+                "SELECT coalesce(sum(reserved_s), 0) FROM tasks"
+                " WHERE token = ? AND state IN (?, ?)",
+                (token, State.QUEUED, State.RUNNING),
             ).fetchone()
-        return float(used)
+        return float(held)
 
     def recover(self, max_attempts: int) -> list[str]:
         """Queue again every task a crash interrupted; return all queued ids, oldest first.
 
         A task that was already started `max_attempts` times is rejected instead, so one
-        task that kills the service cannot do it forever.
+        task that kills the service cannot do it forever; it is charged its reservation.
         """
         with self._lock:
             self._db.execute(
-                "UPDATE tasks SET state = ?, error = ?, finished_at = ?, module = NULL"
-                " WHERE state = ? AND attempts >= ?",
+                "UPDATE tasks SET state = ?, error = ?, finished_at = ?, module = NULL,"
+                " cpu_s = reserved_s WHERE state = ? AND attempts >= ?",
                 (State.REJECTED, f"the service stopped during each of {max_attempts} attempts",
                  time.time(), State.RUNNING, max_attempts),
             )
@@ -251,6 +305,24 @@ class TaskStore(Closeable):
     def _release(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _storable(result: Result) -> tuple[Result, str]:
+    """The result and its JSON, as `get` will read it back; a stand-in if it cannot be."""
+    try:
+        for name in result.files:
+            name.encode("utf-8")
+        text = result.model_dump_json(exclude={"files"})
+        Result.model_validate_json(text)
+        return result, text
+    except (ValueError, RecursionError):
+        pass
+    status = Status.CANCELLED if result.status is Status.CANCELLED else Status.OUTPUT_REJECTED
+    stand_in = result.model_copy(update={
+        "status": status, "reason": UNSTORABLE, "output": None, "files": {}, "stdout": "",
+        "stderr": "", "trap": None, "events": (), "escalation_reason": None,
+    })
+    return stand_in, stand_in.model_dump_json(exclude={"files"})
 
 
 def cancelled(result: Result, reason: str) -> Result:
