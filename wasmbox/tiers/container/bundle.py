@@ -30,6 +30,27 @@ _HOSTS = "127.0.0.1 localhost\n::1 localhost\n"
 # 100 ms bursts), so monitoring samples see it as sustained; the kernel minimum quota is 1 ms.
 _CPU_PERIOD = 20_000
 _MIB = 1 << 20
+# What the kernel's /proc (and /sys, should it ever be mounted) would tell a task about the
+# host: boot command line, kernel config and symbols, disks, hardware, devices (/proc/misc
+# names vsock), system-wide pressure, keyrings, timers, the boot id. Files read empty
+# (/dev/null is bound over them), directories are empty; missing ones are skipped.
+# Left readable on purpose, because ps/top/free and language runtimes read them: meminfo,
+# loadavg, stat, uptime, vmstat, cpuinfo (sysinfo(2) and uname(2) tell the same).
+MASKED_PATHS: tuple[str, ...] = (
+    "/proc/cmdline", "/proc/config.gz", "/proc/version", "/proc/sys/kernel/random/boot_id",
+    "/proc/kallsyms", "/proc/modules", "/proc/kcore", "/proc/iomem", "/proc/ioports",
+    "/proc/partitions", "/proc/diskstats", "/proc/swaps", "/proc/devices", "/proc/misc",
+    "/proc/consoles", "/proc/dma", "/proc/mtrr", "/proc/interrupts", "/proc/softirqs",
+    "/proc/buddyinfo", "/proc/zoneinfo", "/proc/pagetypeinfo", "/proc/vmallocinfo",
+    "/proc/slabinfo", "/proc/kpagecount", "/proc/kpageflags", "/proc/kpagecgroup",
+    "/proc/keys", "/proc/key-users", "/proc/latency_stats", "/proc/timer_list",
+    "/proc/timer_stats", "/proc/sched_debug", "/proc/kmsg",
+    "/proc/acpi", "/proc/asound", "/proc/scsi", "/proc/pressure", "/proc/driver",
+    "/sys/firmware", "/sys/devices/virtual/powercap",
+)
+READONLY_PATHS: tuple[str, ...] = (
+    "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
+)
 # Devices a sane program needs (null, zero, full, random, urandom, tty); the rest are denied.
 _CHAR_DEVICES = ((1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0))
 
@@ -182,14 +203,8 @@ def make_config(
             "namespaces": [{"type": t} for t in
                            ("pid", "network", "ipc", "uts", "mount", "cgroup")],
             "seccomp": seccomp_profile(),
-            "maskedPaths": [
-                "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
-                "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
-                "/proc/sched_debug", "/proc/scsi", "/proc/interrupts",
-            ],
-            "readonlyPaths": [
-                "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
-            ],
+            "maskedPaths": list(MASKED_PATHS),
+            "readonlyPaths": list(READONLY_PATHS),
             "rootfsPropagation": "private",
         },
     }
