@@ -4,6 +4,7 @@
  *   syscall_probe x32 NR [args]     the x32 ABI: NR with __X32_SYSCALL_BIT (`syscall`)
  *   syscall_probe i386 NR [args]    the 32-bit ABI (`int $0x80`), as a 32-bit program would
  *   syscall_probe socketcall FAMILY socketcall(SYS_SOCKET) on the 32-bit ABI
+ *   syscall_probe clone3 FLAGS      clone3 with FLAGS in its struct (the child exits at once)
  *
  * Numbers are raw on purpose: the point is to reach syscalls the C library may not name, and
  * numbers no kernel knows yet. Arguments are integers; pointers the kernel would read are
@@ -14,12 +15,20 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
+#include <stdint.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #define X32_SYSCALL_BIT 0x40000000L
 #define I386_SOCKETCALL 102
 #define SYS_SOCKET_CALL 1
+#define NR_CLONE3 435
+
+struct clone3_args { /* struct clone_args, version 0 */
+    uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls;
+};
 
 static long raw64(long nr, long a0, long a1, long a2) {
     long ret;
@@ -74,6 +83,14 @@ int main(int argc, char **argv) {
         args[1] = 1;                /* SOCK_STREAM */
         args[2] = 0;
         ret = raw32(I386_SOCKETCALL, SYS_SOCKET_CALL, (long)(unsigned long)args, 0);
+    } else if (strcmp(abi, "clone3") == 0) {
+        struct clone3_args ca;
+        memset(&ca, 0, sizeof ca);
+        ca.flags = (uint64_t)nr;
+        ca.exit_signal = SIGCHLD;
+        ret = raw64(NR_CLONE3, (long)&ca, (long)sizeof ca, 0);
+        if (ret == 0) _exit(0);
+        if (ret > 0) waitpid((pid_t)ret, NULL, 0);
     } else {
         fprintf(stderr, "unknown ABI %s\n", abi);
         return 64;

@@ -29,6 +29,8 @@ _HOSTS = "127.0.0.1 localhost\n::1 localhost\n"
 # A short CFS period spreads throttling evenly (a task gets its share every 20 ms, not in
 # 100 ms bursts), so monitoring samples see it as sustained; the kernel minimum quota is 1 ms.
 _CPU_PERIOD = 20_000
+# Host threads of gVisor's sentry and gofer, on top of the task's limit in the host cgroup.
+GVISOR_THREADS = 256
 _MIB = 1 << 20
 # What the kernel's /proc (and /sys, should it ever be mounted) would tell a task about the
 # host: boot command line, kernel config and symbols, disks, hardware, devices (/proc/misc
@@ -66,6 +68,9 @@ class Shape:
     fsize: int
     readonly_mounts: tuple[tuple[str, str], ...]
     writable_mounts: tuple[tuple[str, str], ...]
+    # Under gVisor the task's processes live in gVisor's kernel: the host cgroup holds the
+    # sentry and gofer threads instead, so the task's limit is set inside (RLIMIT_NPROC).
+    gvisor: bool = False
 
     @classmethod
     def of(cls, plan: Plan) -> Shape:
@@ -202,7 +207,7 @@ def make_config(
             "resources": _resources(shape, cgroups),
             "namespaces": [{"type": t} for t in
                            ("pid", "network", "ipc", "uts", "mount", "cgroup")],
-            "seccomp": seccomp_profile(),
+            "seccomp": seccomp_profile(gvisor=shape.gvisor),
             "maskedPaths": list(MASKED_PATHS),
             "readonlyPaths": list(READONLY_PATHS),
             "rootfsPropagation": "private",
@@ -238,6 +243,10 @@ def _rlimits(shape: Shape) -> list[dict[str, Any]]:
         "RLIMIT_FSIZE": shape.fsize,
         "RLIMIT_STACK": 8 * _MIB,
     }
+    if shape.gvisor:
+        # gVisor counts processes per user inside its own kernel, i.e. per sandbox; the host
+        # kernel counts uid 65534 machine-wide, so crun/runc rely on the pids cgroup alone.
+        wanted["RLIMIT_NPROC"] = shape.pids
     limits = []
     for name, value in wanted.items():
         _, hard = resource.getrlimit(getattr(resource, name))
@@ -263,5 +272,5 @@ def _resources(shape: Shape, cgroups: CgroupLayout) -> dict[str, Any]:
             "period": _CPU_PERIOD,
             "shares": max(2, int(1024 * shape.cpus)),
         },
-        "pids": {"limit": shape.pids},
+        "pids": {"limit": shape.pids + (GVISOR_THREADS if shape.gvisor else 0)},
     }

@@ -130,8 +130,17 @@ _PERSONALITIES = (0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF)
 ARCHITECTURES = ("SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32")
 
 
-def seccomp_profile() -> dict[str, Any]:
-    """The OCI ``linux.seccomp`` section: deny (EPERM) everything the allowlist lacks."""
+def seccomp_profile(*, gvisor: bool = False) -> dict[str, Any]:
+    """The OCI ``linux.seccomp`` section: deny (EPERM) everything the allowlist lacks.
+
+    `gvisor` adapts it to runsc, which answers every errno action with EPERM (it ignores
+    ``errnoRet``), so glibc would not fall back from a denied clone3 and no thread could
+    start: clone3 goes to gVisor's kernel instead, which (in the runsc we run) does not
+    implement it and says ENOSYS itself, and glibc falls back to the filtered clone().
+    """
+    # Left to gVisor's kernel, which does not implement them (ENOSYS) in the runsc we run.
+    passed_to_gvisor = NOT_IMPLEMENTED if gvisor else ()
+    not_implemented = [n for n in NOT_IMPLEMENTED if n not in passed_to_gvisor]
     rules: list[dict[str, Any]] = [
         # libseccomp turns a `socket` rule into an unconditional socketcall(SYS_SOCKET) on
         # the 32-bit ABI (the family sits in memory there), which would let AF_VSOCK through.
@@ -139,8 +148,7 @@ def seccomp_profile() -> dict[str, Any]:
         # and differ from the default action (runtimes drop rules that repeat it); ENOSYS
         # sends a 32-bit C library to the direct socket syscalls, which are filtered.
         {"names": ["socketcall"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.ENOSYS},
-        {"names": list(ALLOWED), "action": "SCMP_ACT_ALLOW"},
-        {"names": list(NOT_IMPLEMENTED), "action": "SCMP_ACT_ERRNO", "errnoRet": errno.ENOSYS},
+        {"names": [*ALLOWED, *passed_to_gvisor], "action": "SCMP_ACT_ALLOW"},
         {"names": ["clone"], "action": "SCMP_ACT_ALLOW",
          "args": [_arg(0, "SCMP_CMP_MASKED_EQ", NAMESPACE_FLAGS, 0)]},
         {"names": ["socketpair"], "action": "SCMP_ACT_ALLOW",
@@ -148,6 +156,9 @@ def seccomp_profile() -> dict[str, Any]:
         {"names": ["socket"], "action": "SCMP_ACT_ALLOW",
          "args": [_arg(0, "SCMP_CMP_EQ", AF_NETLINK), _arg(2, "SCMP_CMP_EQ", NETLINK_ROUTE)]},
     ]
+    if not_implemented:
+        rules.append({"names": not_implemented, "action": "SCMP_ACT_ERRNO",
+                      "errnoRet": errno.ENOSYS})
     # One rule per value: the conditions of one rule are ANDed, and "any of" is wanted here.
     rules += [{"names": ["socket"], "action": "SCMP_ACT_ALLOW",
                "args": [_arg(0, "SCMP_CMP_EQ", family)]} for family in SOCKET_FAMILIES]
