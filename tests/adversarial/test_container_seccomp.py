@@ -189,3 +189,11 @@ def test_gvisor_clone3_cannot_create_a_user_namespace(gvisor: Sandbox) -> None:
     # should a newer one do, this fails: clone3's flags would then need another guard.
     r = probe(gvisor, "clone3", CLONE_NEWUSER, runtime="gvisor")
     assert r.exit_code in (errno.ENOSYS, errno.EPERM), (r.stdout, r.stderr)
+
+
+def test_gvisor_profile_keeps_what_shells_use(gvisor: Sandbox) -> None:
+    # runsc knows pselect6 as "pselect" and drops names it does not know: bash's `read -t`
+    # got EPERM until the profile spoke runsc's name for it.
+    r = gvisor.run(Task.command(["/bin/bash", "-c", "read -t 1 x < /dev/null; echo $?"],
+                                runtime="gvisor"))
+    assert (r.stdout, r.stderr) == ("1\n", ""), r.reason

@@ -104,6 +104,9 @@ ALLOWED: tuple[str, ...] = tuple(sorted(set(
     + _X86_32
 )))
 
+# runsc names some syscalls its own way and silently drops names it does not know.
+GVISOR_ALIASES: tuple[str, ...] = ("pselect",)  # pselect6 (bash's `read -t`, glibc pselect)
+
 # Newer syscalls that the C library tries first and falls back from on ENOSYS only: clone3
 # carries its flags in a struct no filter can read, so it must send glibc back to clone().
 NOT_IMPLEMENTED: tuple[str, ...] = ("clone3",)
@@ -148,7 +151,8 @@ def seccomp_profile(*, gvisor: bool = False) -> dict[str, Any]:
         # and differ from the default action (runtimes drop rules that repeat it); ENOSYS
         # sends a 32-bit C library to the direct socket syscalls, which are filtered.
         {"names": ["socketcall"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.ENOSYS},
-        {"names": [*ALLOWED, *passed_to_gvisor], "action": "SCMP_ACT_ALLOW"},
+        {"names": [*ALLOWED, *passed_to_gvisor, *(GVISOR_ALIASES if gvisor else ())],
+         "action": "SCMP_ACT_ALLOW"},
         {"names": ["clone"], "action": "SCMP_ACT_ALLOW",
          "args": [_arg(0, "SCMP_CMP_MASKED_EQ", NAMESPACE_FLAGS, 0)]},
         {"names": ["socketpair"], "action": "SCMP_ACT_ALLOW",
