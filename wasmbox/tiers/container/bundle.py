@@ -29,7 +29,30 @@ _HOSTS = "127.0.0.1 localhost\n::1 localhost\n"
 # A short CFS period spreads throttling evenly (a task gets its share every 20 ms, not in
 # 100 ms bursts), so monitoring samples see it as sustained; the kernel minimum quota is 1 ms.
 _CPU_PERIOD = 20_000
+# Host threads of gVisor's sentry and gofer, on top of the task's limit in the host cgroup.
+GVISOR_THREADS = 256
 _MIB = 1 << 20
+# What the kernel's /proc (and /sys, should it ever be mounted) would tell a task about the
+# host: boot command line, kernel config and symbols, disks, hardware, devices (/proc/misc
+# names vsock), system-wide pressure, keyrings, timers, the boot id. Files read empty
+# (/dev/null is bound over them), directories are empty; missing ones are skipped.
+# Left readable on purpose, because ps/top/free and language runtimes read them: meminfo,
+# loadavg, stat, uptime, vmstat, cpuinfo (sysinfo(2) and uname(2) tell the same).
+MASKED_PATHS: tuple[str, ...] = (
+    "/proc/cmdline", "/proc/config.gz", "/proc/version", "/proc/sys/kernel/random/boot_id",
+    "/proc/kallsyms", "/proc/modules", "/proc/kcore", "/proc/iomem", "/proc/ioports",
+    "/proc/partitions", "/proc/diskstats", "/proc/swaps", "/proc/devices", "/proc/misc",
+    "/proc/consoles", "/proc/dma", "/proc/mtrr", "/proc/interrupts", "/proc/softirqs",
+    "/proc/buddyinfo", "/proc/zoneinfo", "/proc/pagetypeinfo", "/proc/vmallocinfo",
+    "/proc/slabinfo", "/proc/kpagecount", "/proc/kpageflags", "/proc/kpagecgroup",
+    "/proc/keys", "/proc/key-users", "/proc/latency_stats", "/proc/timer_list",
+    "/proc/timer_stats", "/proc/sched_debug", "/proc/kmsg",
+    "/proc/acpi", "/proc/asound", "/proc/scsi", "/proc/pressure", "/proc/driver",
+    "/sys/firmware", "/sys/devices/virtual/powercap",
+)
+READONLY_PATHS: tuple[str, ...] = (
+    "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
+)
 # Devices a sane program needs (null, zero, full, random, urandom, tty); the rest are denied.
 _CHAR_DEVICES = ((1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0))
 
@@ -45,6 +68,9 @@ class Shape:
     fsize: int
     readonly_mounts: tuple[tuple[str, str], ...]
     writable_mounts: tuple[tuple[str, str], ...]
+    # Under gVisor the task's processes live in gVisor's kernel: the host cgroup holds the
+    # sentry and gofer threads instead, so the task's limit is set inside (RLIMIT_NPROC).
+    gvisor: bool = False
 
     @classmethod
     def of(cls, plan: Plan) -> Shape:
@@ -181,15 +207,9 @@ def make_config(
             "resources": _resources(shape, cgroups),
             "namespaces": [{"type": t} for t in
                            ("pid", "network", "ipc", "uts", "mount", "cgroup")],
-            "seccomp": seccomp_profile(),
-            "maskedPaths": [
-                "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
-                "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
-                "/proc/sched_debug", "/proc/scsi", "/proc/interrupts",
-            ],
-            "readonlyPaths": [
-                "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
-            ],
+            "seccomp": seccomp_profile(gvisor=shape.gvisor),
+            "maskedPaths": list(MASKED_PATHS),
+            "readonlyPaths": list(READONLY_PATHS),
             "rootfsPropagation": "private",
         },
     }
@@ -223,6 +243,10 @@ def _rlimits(shape: Shape) -> list[dict[str, Any]]:
         "RLIMIT_FSIZE": shape.fsize,
         "RLIMIT_STACK": 8 * _MIB,
     }
+    if shape.gvisor:
+        # gVisor counts processes per user inside its own kernel, i.e. per sandbox; the host
+        # kernel counts uid 65534 machine-wide, so crun/runc rely on the pids cgroup alone.
+        wanted["RLIMIT_NPROC"] = shape.pids
     limits = []
     for name, value in wanted.items():
         _, hard = resource.getrlimit(getattr(resource, name))
@@ -248,5 +272,5 @@ def _resources(shape: Shape, cgroups: CgroupLayout) -> dict[str, Any]:
             "period": _CPU_PERIOD,
             "shares": max(2, int(1024 * shape.cpus)),
         },
-        "pids": {"limit": shape.pids},
+        "pids": {"limit": shape.pids + (GVISOR_THREADS if shape.gvisor else 0)},
     }

@@ -65,7 +65,9 @@ class CgroupLayout:
             _put(found, "cpu_throttled_periods", stat.get("nr_throttled"), 1)
             _put(found, "cpu_throttled_s", stat.get("throttled_usec"), 1e-6)
             _put(found, "peak_memory_bytes", _number(base + "/memory.peak"), 1)
-            _put(found, "oom_kills", _keyed(base + "/memory.events").get("oom_kill"), 1)
+            events = _keyed(base + "/memory.events")
+            _put(found, "oom_kills", events.get("oom_kill"), 1)
+            _put(found, "memory_limit_hits", events.get("max"), 1)
             _put(found, "pids_peak", _number(base + "/pids.peak"), 1)
             _put(found, "pids_limit_hits", _keyed(base + "/pids.events").get("max"), 1)
             return found

@@ -81,7 +81,9 @@ def _children() -> list[int]:
 
 def _is_runtime_zombie(pid: int) -> bool:
     # Runtime helpers run as root; a container init that died before exec still carries
-    # the runtime's name but the guest's uid, and its owner waits for it.
+    # the runtime's name but the guest's uid, and its owner waits for it. gVisor's ptrace
+    # stubs (one per guest address space, re-exec'd as "exe") run as the guest's uid and
+    # re-parent to us when the sandbox ends: nobody else waits for them.
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
             stat = f.read()
@@ -89,4 +91,4 @@ def _is_runtime_zombie(pid: int) -> bool:
     except OSError:
         return False
     name, _, rest = stat.partition("(")[2].rpartition(")")
-    return rest.split()[:1] == ["Z"] and name in _RUNTIME_NAMES and uid == 0
+    return rest.split()[:1] == ["Z"] and name in _RUNTIME_NAMES and (uid == 0 or name == "exe")

@@ -54,14 +54,22 @@ def guest_argv(plan: Plan, code_dir: str) -> list[str]:
 
 class Watch:
     """What is checked while a container runs: a monitoring sample when one is due (from the
-    container's cgroup), then the output caps."""
+    container's cgroup), then the output caps.
+
+    With `keep_metrics` every check also keeps the cgroup's counters: runsc removes the
+    cgroup as it exits, so the last sample taken during the run is all there is after it.
+    """
 
     def __init__(self, view: Workspace, monitor: Monitor, cgroups: CgroupLayout,
-                 cgroup_path: str) -> None:
+                 cgroup_path: str, keep_metrics: bool = False) -> None:
         self.view, self.monitor, self.cgroups, self.cgroup_path = (
             view, monitor, cgroups, cgroup_path)
+        self.keep_metrics = keep_metrics
+        self.last_metrics: dict[str, float] = {}
 
     def __call__(self) -> tuple[Status, str] | None:
+        if self.keep_metrics:
+            self.last_metrics = self.cgroups.metrics(self.cgroup_path) or self.last_metrics
         if self.monitor.due():
             reason = self.monitor.observe(self.sample())
             if reason is not None:
@@ -115,10 +123,11 @@ def run_cold(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Moni
             os.close(out)
             os.close(err)
         t1 = time.perf_counter()
-        watch = Watch(workspace, monitor, runtime.cgroups, cgroup_path)
+        watch = Watch(workspace, monitor, runtime.cgroups, cgroup_path,
+                      keep_metrics=runtime.name == "runsc")
         ended = instance.wait(deadline, plan.kill_grace, watch)
         t2 = time.perf_counter()
-        metrics = runtime.cgroups.metrics(cgroup_path)
+        metrics = runtime.cgroups.metrics(cgroup_path) or watch.last_metrics
     except ExecFailed:
         return _exec_failed(plan, workspace, t0)
     finally:
@@ -126,7 +135,8 @@ def run_cold(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Moni
         with shielded():
             instance.destroy()
         teardown = time.perf_counter() - t3
-    outcome = _outcome(plan, workspace, ended, metrics, t1 - t0, t2 - t1)
+    outcome = _outcome(plan, workspace, ended, metrics, t1 - t0, t2 - t1,
+                       gvisor=runtime.name == "runsc")
     outcome.extra["teardown_s"] = teardown
     return outcome
 
@@ -201,8 +211,24 @@ def _exec_failed(plan: Plan, workspace: Workspace, t0: float) -> Outcome:
     )
 
 
+def _memory_exceeded(code: int | None, metrics: dict[str, float], limit: int,
+                     gvisor: bool) -> bool:
+    """Whether the task ended because its memory limit was hit.
+
+    Under crun/runc the cgroup counts the OOM kill. Under gVisor the kernel's OOM killer
+    takes the whole sandbox (the sentry holds the task's memory) and runsc exits 137; the
+    last sample may predate the kill, so a peak at the limit, or hits on it, count too.
+    """
+    if metrics.get("oom_kills", 0) > 0:
+        return True
+    killed = code in (128 + signal.SIGKILL, -signal.SIGKILL)
+    at_limit = (metrics.get("memory_limit_hits", 0) > 0
+                or metrics.get("peak_memory_bytes", 0) >= limit)
+    return gvisor and killed and at_limit
+
+
 def _outcome(plan: Plan, workspace: Workspace, ended: Ended, metrics: dict[str, float],
-             startup_s: float, run_s: float) -> Outcome:
+             startup_s: float, run_s: float, gvisor: bool = False) -> Outcome:
     outcome = Outcome(status=Status.COMPLETED, startup_s=startup_s, run_s=run_s)
     ws = ended.wait_status
     code = os.waitstatus_to_exitcode(ws) if ws is not None else None
@@ -213,7 +239,7 @@ def _outcome(plan: Plan, workspace: Workspace, ended: Ended, metrics: dict[str, 
         outcome.status, outcome.reason = Status.OUTPUT_REJECTED, flood
     elif code == 0:
         outcome.exit_code = 0
-    elif metrics.get("oom_kills", 0) > 0:
+    elif _memory_exceeded(code, metrics, plan.memory, gvisor):
         outcome.status = Status.MEMORY_EXCEEDED
         outcome.reason = f"the memory cgroup limit of {plan.memory} bytes was hit (OOM kill)"
         outcome.exit_code = code if code is not None and code > 0 else None

@@ -79,7 +79,7 @@ class Runtime(Closeable):
         if self.name == "crun":
             self._global.append("--cgroup-manager=cgroupfs")
         if self.name == "runsc":
-            self._global += ["--platform=ptrace", "--network=none"]
+            self._global += ["--platform=ptrace", "--network=none", "--oci-seccomp"]
 
     @property
     def private_namespace(self) -> bool:

@@ -32,7 +32,6 @@ from wasmbox.tiers.container.runtime import STATE_ROOT, Runtime, choose_runtime
 from wasmbox.workspace import Workspace, remove_tree, workspace_root
 
 PROBE_PREFIX = "wasmbox-probe-"
-RUNSC_THREADS = 256
 
 
 class ContainerTier(Closeable):
@@ -238,10 +237,10 @@ def _sweep(runtime: Runtime) -> None:
 
 
 def _for_runtime(runtime: Runtime, shape: Shape) -> Shape:
-    # gVisor's sentry and gofer threads live in the container's cgroup: the task's pids
-    # limit is enforced inside the sandbox, so the cgroup needs room for them on top.
+    # gVisor's sentry and gofer threads live in the container's cgroup, and its kernel
+    # answers to the profile differently: the bundle adapts both (see Shape.gvisor).
     if runtime.name == "runsc":
-        return dataclasses.replace(shape, pids=shape.pids + RUNSC_THREADS)
+        return dataclasses.replace(shape, gvisor=True)
     return shape
 
 
