@@ -47,6 +47,7 @@ from wasmbox.lifecycle import Closeable, Deadline
 from wasmbox.models import Policy, Resources, Status, Task, TierName
 from wasmbox.monitor import Monitor
 from wasmbox.policy import Plan, apply
+from wasmbox.runner import RUNNER_NAME, runner_dir, runner_source
 from wasmbox.tiers.base import Availability, Outcome
 from wasmbox.tiers.wasm import python_app
 from wasmbox.tiers.wasm.engine import WASMTIME_VERSION, EngineHandle, Flavour, first_line
@@ -87,6 +88,7 @@ def app_key() -> str:
     digest = hashlib.sha256(f"componentize-py {COMPONENTIZE_PY}\n".encode())
     for path in sorted(APP_DIR.glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    digest.update(RUNNER_NAME.encode() + b"\0" + runner_source() + b"\0")  # built in too
     return f"python-{COMPONENTIZE_PY}-{digest.hexdigest()[:16]}"
 
 
@@ -98,7 +100,8 @@ def build_component(out: Path) -> None:
         wit.write_text(python_app.WORLD, encoding="utf-8")
         target = Path(tmp) / "python.wasm"
         argv = [sys.executable, "-c", _BUILD_SCRIPT, "-q", "-d", str(wit),
-                "-w", python_app.WORLD_NAME, "componentize", "-p", str(APP_DIR), "app",
+                "-w", python_app.WORLD_NAME, "componentize", "-p", str(APP_DIR),
+                "-p", str(runner_dir()), "app",
                 "-o", str(target)]
         try:
             done = subprocess.run(argv, capture_output=True, text=True, timeout=BUILD_TIMEOUT,
