@@ -1,12 +1,13 @@
 """Python tasks in the wasm tier: CPython compiled to WASI, pre-initialised, one instance a task.
 
 The interpreter is a WebAssembly component built by the pinned PyPI package componentize-py
-from ``python_app/`` (the guest-side runner; see its docstring). It is built once (~5-8 s),
-compiled once, and both artefacts are cached on disk, keyed by the componentize-py version, a
-hash of the app sources, the wasmtime version and the engine flags. Per task there is a fresh
-Store under the plan's fuel, epoch deadline, memory cap and preopens (exactly ``/task``
-read-only and ``/task/output`` writable, plus the policy's mounts), a fresh instance of the
-snapshot, and one call ``run(source, filename, entry, input, paths)``: no task state survives.
+from ``python_app/`` and ``wasmbox/runner/`` (the guest side; see their docstrings). It is
+built once (~5-8 s), compiled once, and both artefacts are cached on disk, keyed by the
+componentize-py version, a hash of the guest sources, the wasmtime version and the engine
+flags. Per task there is a fresh Store under the plan's fuel, epoch deadline, memory cap and
+preopens (exactly ``/task`` read-only and ``/task/output`` writable, plus the policy's
+mounts), a fresh instance of the snapshot, and one call
+``run(source, filename, entry, input, paths)``: no task state survives.
 
 What a task can import: the standard library modules pre-loaded in the snapshot (json, re,
 math, hashlib, datetime, decimal, collections, itertools, dataclasses, functools, statistics,
