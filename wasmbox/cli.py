@@ -395,16 +395,26 @@ def _python_build(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     # The suite lives in the repository's benchmarks/ (it compiles guests and native
     # baselines from guests/), so it runs from a checkout, not from an installed wheel.
-    root = Path.cwd()
-    if not (root / "benchmarks" / "suite.py").is_file():
-        print("wasmbox bench: the benchmark suite needs a wasmbox repository checkout (it "
-              "compiles guests from guests/); run it from the repository root", file=sys.stderr)
+    root = _checkout()
+    if root is None:
+        print("wasmbox bench: the benchmark suite is not part of the installed package; it "
+              "needs a wasmbox source checkout (its benchmarks/ and guests/ directories). "
+              "Run `wasmbox bench` from the repository root of a checkout.", file=sys.stderr)
         return EXIT_HOST_ERROR
     sys.path.insert(0, str(root))
     from benchmarks import suite
 
     code: int = suite.main(args.bench_args, prog="wasmbox bench")
     return code
+
+
+def _checkout() -> Path | None:
+    """The source checkout holding the benchmark suite: the current directory, else the one
+    this package is imported from (an editable install); None for an installed wheel."""
+    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        if (root / "benchmarks" / "suite.py").is_file():
+            return root
+    return None
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,8 +14,17 @@ import dask
 import pytest
 from distributed import Client, LocalCluster
 
-from wasmbox import Resources, Status, Task
-from wasmbox.distributed import KEY_PREFIX, DistributedSandbox, cluster_config, run_many
+from wasmbox import Resources, Result, Status, Task
+from wasmbox.distributed import (
+    KEY_PREFIX,
+    MAX_RESULT_DEPTH,
+    DistributedSandbox,
+    _Shipped,
+    cluster_config,
+    run_many,
+)
+from wasmbox.errors import ModuleRejected
+from wasmbox.models import TierName
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +91,6 @@ def test_a_killed_worker_s_task_is_run_again_once_elsewhere(
     future = client.submit(lambda: None)  # warm the connection before timing anything
     future.result()
     sandbox = DistributedSandbox(client)
-    import threading
-
     box: list[Any] = []
     runner = threading.Thread(target=lambda: box.append(sandbox.run(task)))
     runner.start()
@@ -90,3 +98,77 @@ def test_a_killed_worker_s_task_is_run_again_once_elsewhere(
     runner.join(60)
     assert box and box[0].status is Status.TIMEOUT
     assert attempts(client, task) == 2
+
+
+DEEP = "def main(inp):\n    v = []\n    for _ in range(800):\n        v = [v]\n    return v\n"
+
+
+def test_a_deep_result_costs_only_its_own_task(client: Client, guests: dict[str, Path]) -> None:
+    # A Result nested 800 deep cannot be pickled; it used to fail the whole batch.
+    tasks = [Task.wasm(guests["json_transform"], input={"xs": [1, 2]}),
+             Task.python(DEEP),
+             Task.wasm(guests["json_transform"], input={"xs": [3, 4]})]
+    first, deep, last = run_many(client, tasks)
+    assert (first.output, last.output) == ({"sum": 3, "count": 2, "max": 2},
+                                           {"sum": 7, "count": 2, "max": 4})
+    assert deep.status is Status.OUTPUT_REJECTED, deep
+    assert deep.output is None
+    assert f"deeper than {MAX_RESULT_DEPTH}" in (deep.reason or "")
+
+
+def test_a_refused_task_costs_only_its_own_result(client: Client, guests: dict[str, Path]) -> None:
+    bad = Task.wasm(b"\0asm")  # not a module: the worker's sandbox raises ModuleRejected
+    good = Task.wasm(guests["json_transform"], input={"xs": [5]})
+    refused, result = DistributedSandbox(client).map([bad, good])
+    assert refused.status is Status.FAILED and refused.task_id == bad.id
+    assert (refused.reason or "").startswith("ModuleRejected")
+    assert result.ok and result.output == {"sum": 5, "count": 1, "max": 5}
+    errors = DistributedSandbox(client).gather([bad, good])
+    assert isinstance(errors[0], ModuleRejected) and isinstance(errors[1], Result)
+    with pytest.raises(ModuleRejected):
+        DistributedSandbox(client).run(bad)
+
+
+def test_a_batch_fails_in_bounded_time_when_no_worker_is_left() -> None:
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as cluster, \
+            Client(cluster) as empty:
+        sandbox = DistributedSandbox(empty, no_workers_timeout=1.0)
+        tasks = [Task.command(["true"]), Task.command(["false"])]
+        box: list[list[Result]] = []
+        runner = threading.Thread(target=lambda: box.append(sandbox.map(tasks)), daemon=True)
+        runner.start()
+        runner.join(60)  # a hang guard, not a timing assertion: the bound is 1 s
+        finished = bool(box)
+    assert finished, "map waited forever for workers"
+    assert [r.status for r in box[0]] == [Status.FAILED] * 2
+    assert all("no worker" in (r.reason or "") for r in box[0])
+
+
+def _nested(depth: int) -> Any:
+    value: Any = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("depth", [MAX_RESULT_DEPTH + 1, 5000, 200_000])
+def test_results_too_deep_to_carry_are_rejected_not_raised(depth: int) -> None:
+    # The worker's encoder and the client's decoder both bound depth without recursing.
+    made = Result.model_construct(task_id="t", run_id="r", tier=TierName.WASM,
+                                  status=Status.COMPLETED, output=_nested(depth),
+                                  files={"result.json": b"[]"})
+    sent = _Shipped.of(made)
+    assert sent.output is None and sent.files == {}
+    crafted = _Shipped(sent.header, b"[" * depth + b"]" * depth, {})  # a tampered worker
+    for received in (sent.result(), crafted.result()):
+        assert received.status is Status.OUTPUT_REJECTED and received.output is None
+        assert received.task_id == "t"
+
+
+def test_a_result_within_the_bound_arrives_whole() -> None:
+    made = Result.model_construct(task_id="t", run_id="r", tier=TierName.WASM,
+                                  status=Status.COMPLETED, output=_nested(MAX_RESULT_DEPTH - 1),
+                                  files={"result.json": b"\xff binary"})
+    received = _Shipped.of(made).result()
+    assert received.output == made.output and received.files == made.files
+    assert received.status is Status.COMPLETED

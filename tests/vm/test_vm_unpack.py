@@ -71,3 +71,15 @@ def test_sizes_beyond_the_disk_are_refused(tmp_path: Path, workspace: Workspace)
     image.write_bytes(bytes(raw))
     with pytest.raises(tarfile.TarError):
         _unpack(image, workspace, workspace.plan)
+
+
+def test_names_are_normalised_not_refused(tmp_path: Path, workspace: Workspace) -> None:
+    # busybox tar lists the directories themselves; "." and doubled slashes are harmless.
+    image = _disk(tmp_path, [(_member("output/", tarfile.DIRTYPE), b""),
+                             (_member("output/./a//b.txt"), b"ab"),
+                             (_member("streams/", tarfile.DIRTYPE), b""),
+                             (_member("./streams/stderr"), b"err")])
+    _unpack(image, workspace, workspace.plan)
+    assert Path(workspace.output_dir, "a", "b.txt").read_bytes() == b"ab"
+    assert Path(workspace.stderr_path).read_bytes() == b"err"
+    assert sorted(os.listdir(workspace.task_dir)) == ["input.json", "output"]

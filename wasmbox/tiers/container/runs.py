@@ -6,13 +6,13 @@ import os
 import shutil
 import signal
 import time
-from pathlib import Path
 
 from wasmbox.errors import HostFailure
 from wasmbox.lifecycle import Deadline, shielded
 from wasmbox.models import Status, TaskKind
 from wasmbox.monitor import Monitor, Sample
 from wasmbox.policy import Plan
+from wasmbox.runner import runner_source
 from wasmbox.tiers.base import Outcome
 from wasmbox.tiers.container.bundle import (
     CODE_MOUNT,
@@ -29,7 +29,6 @@ from wasmbox.tiers.container.pool import Pooled, spec_script
 from wasmbox.tiers.container.runtime import Runtime
 from wasmbox.workspace import Workspace
 
-RUNNER = Path(__file__).resolve().parents[3] / "guests" / "python" / "runner.py"
 GUEST_PYTHON = "/usr/bin/python3"
 STREAM_MODE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
 
@@ -41,9 +40,11 @@ def guest_argv(plan: Plan, code_dir: str) -> list[str]:
         return list(plan.args)
     assert task.source is not None  # guaranteed by Task validation
     try:
-        shutil.copyfile(RUNNER, code_dir + "/runner.py")
+        runner = runner_source()
     except OSError as exc:
         raise HostFailure(f"the Python runner is missing: {exc}") from exc
+    with open(code_dir + "/runner.py", "wb") as f:
+        f.write(runner)
     with open(code_dir + "/task.py", "w", encoding="utf-8") as f:
         f.write(task.source)
     for name in ("runner.py", "task.py"):

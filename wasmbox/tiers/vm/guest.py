@@ -22,17 +22,16 @@ import secrets
 import shlex
 import tarfile
 from dataclasses import dataclass
-from pathlib import Path
 
 from wasmbox.models import TaskKind
 from wasmbox.policy import Plan
+from wasmbox.runner import runner_source
 from wasmbox.tiers.vm.cpio import CpioWriter
 
 READY = "WASMBOX-READY"
 EXIT = "WASMBOX-EXIT"
 TASK_UID = 1000
 PYTHON_MOUNTPOINTS = ("/task", "/dev", "/proc", "/tmp", "/wasmbox", "/bin")
-RUNNER = Path(__file__).resolve().parents[3] / "guests" / "python" / "runner.py"
 STREAM_SLACK = 8192
 OUTPUT_SLACK = 64 * 1024  # lets a flood overshoot the cap, so the host sees and rejects it
 
@@ -216,7 +215,7 @@ def make_bundle(plan: Plan, task_dir: str, timeout: float) -> Bundle:
     task = plan.task
     if task.kind is TaskKind.PYTHON:
         dirs.append("job/py")
-        files["job/py/runner.py"] = (RUNNER.read_bytes(), 0o644)
+        files["job/py/runner.py"] = (runner_source(), 0o644)
         files["job/py/task.py"] = ((task.source or "").encode(), 0o644)
         env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", **plan.env}
         files["job/py/go.json"] = (json.dumps({"entry": task.entry, "env": env}).encode(), 0o644)

@@ -319,8 +319,11 @@ def _unpack(image: Path, workspace: Workspace, plan: Plan) -> None:
     """Extract the guest's tar: regular files and dirs under output/, the two streams.
 
     The guest may be hostile (a task that became root in it): sizes are checked against the
-    disk before anything is written, sparse members are refused, and tarfile's "data" filter
-    refuses absolute paths, ``..`` and anything that is not a plain file or directory.
+    disk before anything is written, sparse members are refused, and so is a member whose
+    normalised name is absolute, has a ``..`` component, or lies outside ``output/`` and the
+    two streams. Outputs are extracted into the output directory with the prefix stripped,
+    so nothing can land beside it; tarfile's "data" filter is a second line of defence and
+    links and special files are dropped.
     """
     limit = plan.output.max_files + 64
     budget = image.stat().st_size
@@ -333,13 +336,32 @@ def _unpack(image: Path, workspace: Workspace, plan: Plan) -> None:
             budget -= member.size
             if member.issparse() or budget < 0:
                 raise tarfile.TarError(f"{member.name!r} claims more than the disk holds")
-            if member.name in ("streams/stdout", "streams/stderr") and member.isreg():
-                member.name = member.name.removeprefix("streams/")
+            top, rest = _member_path(member.name)
+            if top == "streams" and rest in ("stdout", "stderr") and member.isreg():
+                member.name = rest
                 streams.append(member)
-            elif member.name.startswith("output/") and (member.isreg() or member.isdir()):
+            elif top == "output" and rest and (member.isreg() or member.isdir()):
+                member.name = rest
                 outputs.append(member)
-        tar.extractall(workspace.task_dir, members=outputs, filter="data")
+        tar.extractall(workspace.output_dir, members=outputs, filter="data")
         tar.extractall(workspace.path, members=streams, filter="data")
+
+
+def _member_path(name: str) -> tuple[str, str]:
+    """(top directory, the rest) of a tar member's normalised name; raises on an escape.
+
+    ``output/./a//b`` is ``("output", "a/b")``; ``output/`` itself is ``("output", "")``.
+    Absolute names, ``..`` anywhere, and top directories other than the two the guest
+    writes are refused rather than skipped: only a tampered disk holds them.
+    """
+    if name.startswith("/"):
+        raise tarfile.TarError(f"absolute member name {name!r}")
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise tarfile.TarError(f"member name {name!r} has a '..' component")
+    if not parts or parts[0] not in ("output", "streams"):
+        raise tarfile.TarError(f"member {name!r} is outside output/ and streams/")
+    return parts[0], "/".join(parts[1:])
 
 
 def _left(deadline: Deadline, cap: float) -> float:

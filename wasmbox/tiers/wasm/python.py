@@ -1,12 +1,13 @@
 """Python tasks in the wasm tier: CPython compiled to WASI, pre-initialised, one instance a task.
 
 The interpreter is a WebAssembly component built by the pinned PyPI package componentize-py
-from ``python_app/`` (the guest-side runner; see its docstring). It is built once (~5-8 s),
-compiled once, and both artefacts are cached on disk, keyed by the componentize-py version, a
-hash of the app sources, the wasmtime version and the engine flags. Per task there is a fresh
-Store under the plan's fuel, epoch deadline, memory cap and preopens (exactly ``/task``
-read-only and ``/task/output`` writable, plus the policy's mounts), a fresh instance of the
-snapshot, and one call ``run(source, filename, entry, input, paths)``: no task state survives.
+from ``python_app/`` and ``wasmbox/runner/`` (the guest side; see their docstrings). It is
+built once (~5-8 s), compiled once, and both artefacts are cached on disk, keyed by the
+componentize-py version, a hash of the guest sources, the wasmtime version and the engine
+flags. Per task there is a fresh Store under the plan's fuel, epoch deadline, memory cap and
+preopens (exactly ``/task`` read-only and ``/task/output`` writable, plus the policy's
+mounts), a fresh instance of the snapshot, and one call
+``run(source, filename, entry, input, paths)``: no task state survives.
 
 What a task can import: the standard library modules pre-loaded in the snapshot (json, re,
 math, hashlib, datetime, decimal, collections, itertools, dataclasses, functools, statistics,
@@ -46,6 +47,7 @@ from wasmbox.lifecycle import Closeable, Deadline
 from wasmbox.models import Policy, Resources, Status, Task, TierName
 from wasmbox.monitor import Monitor
 from wasmbox.policy import Plan, apply
+from wasmbox.runner import RUNNER_NAME, runner_dir, runner_source
 from wasmbox.tiers.base import Availability, Outcome
 from wasmbox.tiers.wasm import python_app
 from wasmbox.tiers.wasm.engine import WASMTIME_VERSION, EngineHandle, Flavour, first_line
@@ -94,6 +96,7 @@ def app_key() -> str:
     digest = hashlib.sha256(f"componentize-py {COMPONENTIZE_PY}\n".encode())
     for path in sorted(APP_DIR.glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    digest.update(RUNNER_NAME.encode() + b"\0" + runner_source() + b"\0")  # built in too
     return f"python-{COMPONENTIZE_PY}-{digest.hexdigest()[:16]}"
 
 
@@ -105,7 +108,8 @@ def build_component(out: Path) -> None:
         wit.write_text(python_app.WORLD, encoding="utf-8")
         target = Path(tmp) / "python.wasm"
         argv = [sys.executable, "-c", _BUILD_SCRIPT, "-q", "-d", str(wit),
-                "-w", python_app.WORLD_NAME, "componentize", "-p", str(APP_DIR), "app",
+                "-w", python_app.WORLD_NAME, "componentize", "-p", str(APP_DIR),
+                "-p", str(runner_dir()), "app",
                 "-o", str(target)]
         try:
             done = subprocess.run(argv, capture_output=True, text=True, timeout=BUILD_TIMEOUT,
