@@ -183,7 +183,6 @@ class ProcessPool(Closeable):
         """A worker died with `chunk` unreported: re-run its tasks singly once, replace it."""
         code = worker.stop(0.0)
         self._workers.remove(worker)
-        reclaim_stale(self._workspace_root)
         if chunk.retry:
             for i in chunk.indices:
                 slots[i] = HostFailure(
@@ -192,7 +191,7 @@ class ProcessPool(Closeable):
                 )
         else:
             queue.extendleft(_Chunk([i], retry=True) for i in reversed(chunk.indices))
-        try:
+        try:  # the new worker's Sandbox reclaims the workspace the dead one left
             fresh = self._start()
             fresh.wait_ready()
         except HostFailure:
