@@ -1,0 +1,217 @@
+"""ProcessPool: spawned workers give the same results as the parent would, and leave nothing.
+
+Workers are real processes running real sandboxes; they are killed with real signals. Where a
+test waits for a worker to be busy, it watches for that worker's workspace directory (named
+for its pid) to appear, so the kill lands while a task is running.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from wasmbox import Policy, Task
+from wasmbox.errors import HostFailure, PolicyViolation, SandboxError
+from wasmbox.models import Resources, Result, Status, TierName
+from wasmbox.procpool import ProcessPool
+from wasmbox.tiers.wasm import WasmTier
+from wasmbox.workspace import PREFIX
+
+# What differs between two runs of the same task by design.
+_PER_RUN = {"run_id", "metrics"}
+
+
+def _pool(module_cache: Path, processes: int = 2) -> ProcessPool:
+    # A partial of a class pickles; the conftest's lambdas would not.
+    return ProcessPool(Policy(), processes=processes,
+                       tiers={TierName.WASM: functools.partial(WasmTier, module_cache)})
+
+
+def _mixed_batch(guests: dict[str, Path]) -> list[Task]:
+    return [
+        Task.wasm(guests["hello"]),
+        Task.wasm(guests["exit_code"], input={"code": 7}),  # fails: exit status 7
+        Task.wasm(guests["hello"], network=True),  # refused: the policy has no network
+        Task.wasm(guests["trap_unreachable"]),  # crashes
+        Task.wasm(guests["hello"], env={"A": "1"}),
+    ]
+
+
+def _comparable(item: Result | BaseException) -> Any:
+    if isinstance(item, BaseException):
+        return type(item), item.args, {k: v for k, v in vars(item).items() if k != "__notes__"}
+    return item.model_dump(exclude=_PER_RUN)
+
+
+def _alive(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if psutil.pid_exists(pid)
+            and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+
+def _worker_children() -> list[int]:
+    """Our spawned workers still alive (multiprocessing's resource tracker is not one)."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "spawn_main" in " ".join(child.cmdline()):
+                found.append(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def _workspaces_of(pid: int) -> list[Path]:
+    root = Path(os.environ["WASMBOX_TMPDIR"])
+    return list(root.glob(f"{PREFIX}{pid}-*"))
+
+
+def _kill_when_busy(pool: ProcessPool, pid: int, timeout: float = 60.0) -> None:
+    """SIGKILL worker `pid` as soon as it has a task running (its workspace exists)."""
+    give_up = time.monotonic() + timeout
+    while not _workspaces_of(pid):
+        assert time.monotonic() < give_up, "the worker never started its task"
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+
+
+def test_results_equal_in_process_results_for_a_mixed_batch(
+    guests: dict[str, Path], module_cache: Path, make_sandbox: Any
+) -> None:
+    tasks = _mixed_batch(guests)
+    expected: list[Result | BaseException] = []
+    with make_sandbox() as sb:
+        for task in tasks:
+            try:
+                expected.append(sb.run(task))
+            except SandboxError as exc:
+                expected.append(exc)
+    with _pool(module_cache) as pool:
+        got = pool.map(tasks, chunksize=2, return_exceptions=True)
+    assert [_comparable(g) for g in got] == [_comparable(e) for e in expected]
+    statuses = [g.status if isinstance(g, Result) else type(g) for g in got]
+    assert statuses == [Status.COMPLETED, Status.FAILED, PolicyViolation, Status.CRASHED,
+                        Status.COMPLETED]
+    assert got[0].files == expected[0].files  # type: ignore[union-attr]
+
+
+def test_map_raises_the_first_refusal_with_its_fields_like_sandbox_map(
+    guests: dict[str, Path], module_cache: Path, make_sandbox: Any
+) -> None:
+    tasks = _mixed_batch(guests)
+    with make_sandbox() as sb, pytest.raises(PolicyViolation) as local:
+        sb.map(tasks)
+    with _pool(module_cache) as pool, pytest.raises(PolicyViolation) as remote:
+        pool.map(tasks, chunksize=1)
+    assert remote.value.rule == local.value.rule == "network.enabled"
+    assert str(remote.value) == str(local.value)
+    # The pool stays usable after a refusal.
+    with _pool(module_cache, processes=1) as pool:
+        assert [r.status for r in pool.map([Task.wasm(guests["hello"])])] == [Status.COMPLETED]
+
+
+def test_no_worker_outlives_close(guests: dict[str, Path], module_cache: Path) -> None:
+    pool = _pool(module_cache)
+    pids = pool.pids
+    assert len(pids) == 2 and _alive(pids) == pids
+    assert all(r.ok for r in pool.map([Task.wasm(guests["hello"])] * 6))
+    pool.close()
+    pool.close()  # idempotent
+    assert _alive(pids) == []
+    assert _worker_children() == []
+
+
+def test_a_killed_workers_tasks_are_rerun_and_nothing_is_left_behind(
+    guests: dict[str, Path], module_cache: Path
+) -> None:
+    slow = Task.wasm(guests["infinite_loop"], resources=Resources(timeout=1.0))
+    hello = Task.wasm(guests["hello"])
+    with _pool(module_cache, processes=1) as pool:
+        [victim] = pool.pids
+        killer = threading.Thread(target=_kill_when_busy, args=(pool, victim))
+        killer.start()
+        results = pool.map([slow, hello, hello], chunksize=3)
+        killer.join()
+        assert [r.status for r in results] == [Status.TIMEOUT, Status.COMPLETED,
+                                               Status.COMPLETED]
+        assert pool.pids and victim not in pool.pids
+        assert _workspaces_of(victim) == []  # the dead worker's workspace was reclaimed
+        pids = pool.pids
+    assert _alive([victim, *pids]) == []
+
+
+def test_a_task_whose_worker_dies_twice_gets_a_host_failure_and_the_rest_run(
+    guests: dict[str, Path], module_cache: Path
+) -> None:
+    slow = Task.wasm(guests["infinite_loop"], resources=Resources(timeout=5.0))
+    hello = Task.wasm(guests["hello"])
+    with _pool(module_cache, processes=1) as pool:
+        first = pool.pids[0]
+
+        def kill_twice() -> None:
+            _kill_when_busy(pool, first)
+            give_up = time.monotonic() + 60
+            while not pool.pids or pool.pids[0] == first:  # the replacement worker
+                assert time.monotonic() < give_up
+                time.sleep(0.01)
+            _kill_when_busy(pool, pool.pids[0])
+
+        killer = threading.Thread(target=kill_twice)
+        killer.start()
+        results = pool.map([slow, hello], chunksize=2, return_exceptions=True)
+        killer.join()
+        assert isinstance(results[0], HostFailure)
+        assert "SIGKILL" in str(results[0])
+        assert isinstance(results[1], Result) and results[1].ok
+        pids = pool.pids
+    assert _alive(pids) == []
+    assert _worker_children() == []
+
+
+def test_keyboard_interrupt_during_map_stops_every_worker(
+    guests: dict[str, Path], module_cache: Path
+) -> None:
+    slow = Task.wasm(guests["infinite_loop"], resources=Resources(timeout=60.0))
+    pool = _pool(module_cache)
+    pids = pool.pids
+
+    def interrupt() -> None:
+        give_up = time.monotonic() + 60
+        while not all(_workspaces_of(pid) for pid in pids):
+            assert time.monotonic() < give_up
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    interrupter = threading.Thread(target=interrupt)
+    interrupter.start()
+    with pytest.raises(KeyboardInterrupt):
+        pool.map([slow, slow], chunksize=1)
+    interrupter.join()
+    assert pool.closed
+    assert _alive(pids) == []
+    assert _worker_children() == []
+    assert all(_workspaces_of(pid) == [] for pid in pids)
+
+
+def test_tier_factories_that_cannot_pickle_are_refused_up_front() -> None:
+    from wasmbox.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="pickle"):
+        ProcessPool(processes=1, tiers={TierName.WASM: lambda: WasmTier()})
+
+
+def test_a_pool_after_close_refuses_work(guests: dict[str, Path], module_cache: Path) -> None:
+    from wasmbox.errors import SandboxClosed
+
+    pool = _pool(module_cache, processes=1)
+    pool.close()
+    with pytest.raises(SandboxClosed):
+        pool.map([Task.wasm(guests["hello"])])
+
