@@ -50,9 +50,10 @@ def cluster_config() -> dict[str, Any]:
     }
 
 
-def run_many(client: Client, tasks: Iterable[Task], policy: Policy | None = None) -> list[Result]:
+def run_many(client: Client, tasks: Iterable[Task], policy: Policy | None = None, *,
+             no_workers_timeout: float = NO_WORKERS_TIMEOUT) -> list[Result]:
     """Run `tasks` on the cluster behind `client`; results keep the order of `tasks`."""
-    return DistributedSandbox(client, policy).map(tasks)
+    return DistributedSandbox(client, policy, no_workers_timeout=no_workers_timeout).map(tasks)
 
 
 class DistributedSandbox:
@@ -137,8 +138,8 @@ class DistributedSandbox:
                     continue
                 for task_id in waiting:
                     settled[task_id] = HostFailure(
-                        f"task {task_id!r} was not run: the cluster had no worker for "
-                        f"{self.no_workers_timeout:g} s")
+                        f"no worker was left to run task {task_id!r}: the cluster had no "
+                        f"worker for {self.no_workers_timeout:g} s")
                 return
             if task_id in waiting:
                 waiting.discard(task_id)
