@@ -1,8 +1,8 @@
 """`Sandbox.map` over a Dask distributed cluster.
 
 Each worker keeps warm sandboxes (one per policy) in a `SandboxPlugin`, closed when the worker
-shuts down. Tasks travel as pydantic models; a result travels as a `_Shipped`: its flat fields
-as JSON, its output as JSON text encoded once on the worker, its files as bytes, so what it
+shuts down. Tasks travel as pydantic models; a result travels as a `_Shipped`: its fields as a
+flat dict, its output as JSON text encoded once on the worker, its files as bytes, so what it
 costs to move never depends on how deeply the task nested its output (a deep ``Result``
 cannot be pickled at all). Outputs nested deeper than `MAX_RESULT_DEPTH` come back as
 ``output_rejected``. A task's Dask key is its id, so the same task submitted twice runs once
@@ -50,9 +50,10 @@ def cluster_config() -> dict[str, Any]:
     }
 
 
-def run_many(client: Client, tasks: Iterable[Task], policy: Policy | None = None) -> list[Result]:
+def run_many(client: Client, tasks: Iterable[Task], policy: Policy | None = None, *,
+             no_workers_timeout: float = NO_WORKERS_TIMEOUT) -> list[Result]:
     """Run `tasks` on the cluster behind `client`; results keep the order of `tasks`."""
-    return DistributedSandbox(client, policy).map(tasks)
+    return DistributedSandbox(client, policy, no_workers_timeout=no_workers_timeout).map(tasks)
 
 
 class DistributedSandbox:
@@ -137,8 +138,8 @@ class DistributedSandbox:
                     continue
                 for task_id in waiting:
                     settled[task_id] = HostFailure(
-                        f"task {task_id!r} was not run: the cluster had no worker for "
-                        f"{self.no_workers_timeout:g} s")
+                        f"no worker was left to run task {task_id!r}: the cluster had no "
+                        f"worker for {self.no_workers_timeout:g} s")
                 return
             if task_id in waiting:
                 waiting.discard(task_id)
@@ -207,13 +208,13 @@ class _Refused:
 
 @dataclass(frozen=True)
 class _Shipped:
-    """A `Result` as it leaves a worker: flat JSON, the output's JSON text, the file bytes.
+    """A `Result` as it leaves a worker: its flat fields, the output's JSON text, the files.
 
     Pickling this costs the same however deep the output nests; the output is parsed once,
     on the client, under `MAX_RESULT_DEPTH`.
     """
 
-    header: bytes  # the Result without output and files, as JSON
+    header: dict[str, Any]  # the Result without output and files: fixed, shallow nesting
     output: bytes | None  # the output as JSON text; None when there is none
     files: dict[str, bytes]
 
@@ -228,12 +229,12 @@ class _Shipped:
                 output = json.dumps(result.output).encode()
             except (ValueError, TypeError, RecursionError) as exc:
                 result = _too_deep(result, str(exc))
-        header = result.model_copy(update={"output": None, "files": {}})
-        return cls(header.model_dump_json().encode(), output, dict(result.files))
+        header = result.model_dump(exclude={"output", "files"})  # keeps inf/nan metrics
+        return cls(header, output, dict(result.files))
 
     def result(self) -> Result:
         """Decode on the client; an output deeper than `MAX_RESULT_DEPTH` is rejected."""
-        result = Result.model_validate_json(self.header)
+        result = Result.model_validate(self.header)
         if not all(isinstance(k, str) and isinstance(v, bytes) for k, v in self.files.items()):
             raise HostFailure("a worker sent output files that are not bytes")
         if self.output is None:

@@ -24,7 +24,7 @@ from wasmbox.distributed import (
     run_many,
 )
 from wasmbox.errors import ModuleRejected
-from wasmbox.models import TierName
+from wasmbox.models import AnomalyRule, Event, Metrics, TierName
 
 
 @pytest.fixture(scope="module")
@@ -166,9 +166,9 @@ def test_results_too_deep_to_carry_are_rejected_not_raised(depth: int) -> None:
 
 
 def test_a_result_within_the_bound_arrives_whole() -> None:
-    made = Result.model_construct(task_id="t", run_id="r", tier=TierName.WASM,
-                                  status=Status.COMPLETED, output=_nested(MAX_RESULT_DEPTH - 1),
-                                  files={"result.json": b"\xff binary"})
+    made = Result(task_id="t", run_id="r", tier=TierName.WASM, status=Status.COMPLETED,
+                  output=_nested(MAX_RESULT_DEPTH - 1), files={"result.json": b"\xff binary"},
+                  metrics=Metrics(extra={"odd": float("inf")}), stdout="out",
+                  events=(Event(rule=AnomalyRule.OUTPUT_FLOOD, message="m", at_s=0.5),))
     received = _Shipped.of(made).result()
-    assert received.output == made.output and received.files == made.files
-    assert received.status is Status.COMPLETED
+    assert received == made
