@@ -126,6 +126,8 @@ class RootSkeleton:
                 self.binds.append((host, host))
         for name in _MOUNTPOINTS:
             os.mkdir(f"{root}/{name}")
+        # runc gives a tmpfs the mode of the directory it is mounted on (mode= is ignored).
+        os.chmod(f"{root}/tmp", 0o1777)
         os.mkdir(f"{root}/etc")
         for name, text in (("passwd", _PASSWD), ("group", _GROUP), ("hosts", _HOSTS)):
             Path(f"{root}/etc/{name}").write_text(text)
