@@ -167,7 +167,15 @@ def make_config(
     cgroups: CgroupLayout,
     cgroup_path: str,
 ) -> dict[str, Any]:
-    """The config.json of one container."""
+    """The config.json of one container.
+
+    What /proc/self/mountinfo still tells a crun/runc task: a bind mount shows its source's
+    path inside the source filesystem, which no OCI runtime rewrites. Here that is the
+    workspace and skeleton names (wasmbox's host pid, a per-process counter, random hex)
+    relative to the workspace root's filesystem (``/dev/shm`` by default), the sources of
+    policy mounts, and filesystem types and sizes. Host paths outside those are not shown.
+    Under gVisor mountinfo is the sentry's own and names no host path.
+    """
     mounts: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc",
          "options": ["nosuid", "noexec", "nodev"]},
