@@ -21,7 +21,6 @@ from wasmbox.tiers.container.bundle import (
     RootSkeleton,
     Shape,
     make_config,
-    write_config,
 )
 from wasmbox.tiers.container.cgroups import PARENT, CgroupLayout
 from wasmbox.tiers.container.instance import Ended, ExecFailed, Instance, new_container_id
@@ -98,6 +97,7 @@ def run_cold(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Moni
     code = bundle + "/code"
     cid = new_container_id()
     cgroup_path = f"/{PARENT}/{cid}"
+    instance = Instance(runtime, cid, bundle, cgroup_path)
     try:
         os.makedirs(code)
         args = guest_argv(plan, code)
@@ -106,10 +106,9 @@ def run_cold(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Moni
             shape=shape, skeleton=skeleton, args=args, env=plan.env, cgroups=runtime.cgroups,
             paths=Paths(workspace.task_dir, workspace.output_dir, code), cgroup_path=cgroup_path,
         )
-        write_config(bundle, config)
+        instance.write_config(config)
     except OSError as exc:
         raise HostFailure(f"cannot stage the container bundle: {exc}") from exc
-    instance = Instance(runtime, cid, bundle, cgroup_path)
     metrics: dict[str, float] = {}
     teardown = 0.0
     try:
