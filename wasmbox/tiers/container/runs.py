@@ -68,7 +68,9 @@ class Watch:
 
     def __call__(self) -> tuple[Status, str] | None:
         if self.keep_metrics:
-            self.last_metrics = self.cgroups.metrics(self.cgroup_path) or self.last_metrics
+            # Merged, not replaced: while runsc tears the cgroup down, one controller's
+            # files may be gone and another's still there (all counters only grow).
+            self.last_metrics.update(self.cgroups.metrics(self.cgroup_path))
         if self.monitor.due():
             reason = self.monitor.observe(self.sample())
             if reason is not None:
@@ -126,7 +128,7 @@ def run_cold(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Moni
                       keep_metrics=runtime.name == "runsc")
         ended = instance.wait(deadline, plan.kill_grace, watch)
         t2 = time.perf_counter()
-        metrics = runtime.cgroups.metrics(cgroup_path) or watch.last_metrics
+        metrics = {**watch.last_metrics, **runtime.cgroups.metrics(cgroup_path)}
     except ExecFailed:
         return _exec_failed(plan, workspace, t0)
     finally:
