@@ -102,6 +102,17 @@ def test_vsock_socket_is_denied(csb: Sandbox) -> None:
     assert r.exit_code == errno.EPERM, r.stdout
 
 
+@pytest.mark.parametrize(("family", "kind", "protocol"), [
+    (38, 5, 0),  # AF_ALG: the kernel crypto API, a long line of CVEs
+    (16, 3, 15),  # AF_NETLINK / NETLINK_KOBJECT_UEVENT: the host's device events
+    (16, 3, 4),  # AF_NETLINK / NETLINK_SOCK_DIAG: other sockets on the machine
+])
+def test_other_socket_families_are_denied(csb: Sandbox, family: int, kind: int,
+                                          protocol: int) -> None:
+    r = probe(csb, "x86_64", 41, family, kind, protocol)
+    assert r.exit_code == errno.EPERM, r.stdout
+
+
 def test_vsock_socket_is_denied_on_the_32_bit_abi(csb: Sandbox) -> None:
     r = probe(csb, "i386", 359, AF_VSOCK, SOCK_STREAM)
     assert r.exit_code == errno.EPERM, r.stdout
