@@ -23,6 +23,7 @@ import pytest
 from tests.container import conftest as container_fixtures
 from wasmbox import Result, Sandbox, Status, Task
 from wasmbox.tiers.container import ContainerTier
+from wasmbox.tiers.container.runtime import SECCOMP_BPF_ANNOTATION
 from wasmbox.tiers.container.seccomp import seccomp_profile
 
 pytestmark = pytest.mark.container
@@ -101,6 +102,17 @@ def test_vsock_socket_is_denied(csb: Sandbox) -> None:
     assert r.exit_code == errno.EPERM, r.stdout
 
 
+@pytest.mark.parametrize(("family", "kind", "protocol"), [
+    (38, 5, 0),  # AF_ALG: the kernel crypto API, a long line of CVEs
+    (16, 3, 15),  # AF_NETLINK / NETLINK_KOBJECT_UEVENT: the host's device events
+    (16, 3, 4),  # AF_NETLINK / NETLINK_SOCK_DIAG: other sockets on the machine
+])
+def test_other_socket_families_are_denied(csb: Sandbox, family: int, kind: int,
+                                          protocol: int) -> None:
+    r = probe(csb, "x86_64", 41, family, kind, protocol)
+    assert r.exit_code == errno.EPERM, r.stdout
+
+
 def test_vsock_socket_is_denied_on_the_32_bit_abi(csb: Sandbox) -> None:
     r = probe(csb, "i386", 359, AF_VSOCK, SOCK_STREAM)
     assert r.exit_code == errno.EPERM, r.stdout
@@ -131,6 +143,21 @@ def test_python_threads_subprocesses_and_sockets_work_under_the_profile(csb: San
     r = csb.run(Task.python(source, tier="container"))
     assert r.status is Status.COMPLETED, r.stderr
     assert r.output == {"thread": [1], "echo": "hi\n"}
+
+
+def test_crun_reuses_the_filter_it_compiled_and_it_still_denies(
+    make_csb: Callable[..., Sandbox],
+) -> None:
+    tier = ContainerTier(runtime="crun")
+    sb = make_csb(tier)
+    first = probe(sb, "x86_64", 41, AF_VSOCK, SOCK_STREAM)  # crun compiles the profile
+    runtime = tier._runtime("crun")
+    config = {"linux": {"seccomp": seccomp_profile()}}
+    assert runtime.reuse_seccomp(config) is None  # ...and the next bundle carries its BPF
+    assert SECCOMP_BPF_ANNOTATION in config["annotations"]
+    second = probe(sb, "x86_64", 41, AF_VSOCK, SOCK_STREAM)
+    third = probe(sb, "x86_64", NEW_SYSCALLS["open_tree_attr"])
+    assert (first.exit_code, second.exit_code, third.exit_code) == (errno.EPERM,) * 3
 
 
 def test_runc_denies_new_syscalls_too(make_csb: Callable[..., Sandbox]) -> None:

@@ -185,6 +185,17 @@ def test_runc_runs_the_same_bundle(make_csb: Callable[..., Sandbox]) -> None:
     assert (r.output, r.stdout) == ({"r": 1}, "65534\n")
 
 
+def test_runc_tmp_is_writable_by_the_task(make_csb: Callable[..., Sandbox]) -> None:
+    tier = ContainerTier(runtime="runc")
+    available = tier.availability()
+    if not available.ok and "not installed" in available.reason:
+        tier.close()
+        pytest.skip(available.reason)
+    sb = make_csb(tier)
+    r = sb.run(Task.command(["/bin/sh", "-c", "echo x > /tmp/f && cat /tmp/f"]))
+    assert (r.status, r.stdout) == (Status.COMPLETED, "x\n"), r.stderr
+
+
 def test_concurrent_runs_see_only_their_own_input(csb: Sandbox) -> None:
     tasks = [Task.command(["/bin/sh", "-c", ECHO], input={"i": i}) for i in range(8)]
     results = csb.map(tasks, concurrency=4)

@@ -57,7 +57,7 @@ static long arg(int argc, char **argv, int i) {
 
 int main(int argc, char **argv) {
     if (argc < 3) {
-        fputs("usage: syscall_probe x86_64|x32|i386 NR [A0 A1 A2] | socketcall FAMILY\n",
+        fputs("usage: syscall_probe x86_64|x32|i386 NR [A0 A1 A2] | socketcall FAMILY | clone3 FLAGS\n",
               stderr);
         return 64;
     }

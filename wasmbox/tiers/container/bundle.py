@@ -126,6 +126,8 @@ class RootSkeleton:
                 self.binds.append((host, host))
         for name in _MOUNTPOINTS:
             os.mkdir(f"{root}/{name}")
+        # runc gives a tmpfs the mode of the directory it is mounted on (mode= is ignored).
+        os.chmod(f"{root}/tmp", 0o1777)
         os.mkdir(f"{root}/etc")
         for name, text in (("passwd", _PASSWD), ("group", _GROUP), ("hosts", _HOSTS)):
             Path(f"{root}/etc/{name}").write_text(text)
@@ -165,7 +167,15 @@ def make_config(
     cgroups: CgroupLayout,
     cgroup_path: str,
 ) -> dict[str, Any]:
-    """The config.json of one container."""
+    """The config.json of one container.
+
+    What /proc/self/mountinfo still tells a crun/runc task: a bind mount shows its source's
+    path inside the source filesystem, which no OCI runtime rewrites. Here that is the
+    workspace and skeleton names (wasmbox's host pid, a per-process counter, random hex)
+    relative to the workspace root's filesystem (``/dev/shm`` by default), the sources of
+    policy mounts, and filesystem types and sizes. Host paths outside those are not shown.
+    Under gVisor mountinfo is the sentry's own and names no host path.
+    """
     mounts: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc",
          "options": ["nosuid", "noexec", "nodev"]},

@@ -11,11 +11,13 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from wasmbox.errors import HostFailure
 from wasmbox.lifecycle import Deadline
 from wasmbox.models import Status
 from wasmbox.tiers.container import reaper
+from wasmbox.tiers.container.bundle import write_config
 from wasmbox.tiers.container.runtime import Runtime
 
 _FIRST_POLL = 0.001
@@ -63,6 +65,13 @@ class Instance:
         self._known = False  # the runtime may hold state for it
         self._proc: subprocess.Popen[bytes] | None = None  # runsc's foreground `run`
         self._status: int | None = None
+        self.seccomp_digest: str | None = None  # set: keep the filter crun compiles for it
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        """Write the bundle's config.json, with the seccomp filter crun compiled before for
+        the same profile when there is one (see `Runtime.reuse_seccomp`)."""
+        self.seccomp_digest = self.runtime.reuse_seccomp(config)
+        write_config(self.bundle_dir, config)
 
     def run_detached(self, stdout: int, stderr: int) -> None:
         """Create and start in one runtime call (crun/runc ``run --detach``)."""
@@ -119,6 +128,8 @@ class Instance:
         except (OSError, ValueError) as exc:
             raise HostFailure(f"{self.runtime.name} left no pid file: {exc}") from exc
         reaper.claim(self.pid)
+        if self.seccomp_digest is not None:
+            self.runtime.keep_seccomp(self.seccomp_digest, self.id)
 
     def wait(self, deadline: Deadline, kill_grace: float,
              check: Check) -> Ended:

@@ -26,7 +26,6 @@ from wasmbox.tiers.container.bundle import (
     RootSkeleton,
     Shape,
     make_config,
-    write_config,
 )
 from wasmbox.tiers.container.cgroups import PARENT
 from wasmbox.tiers.container.instance import Instance, new_container_id
@@ -78,7 +77,7 @@ class Pooled:
                 args=["/bin/sh", f"{CODE_MOUNT}/{SPEC}"],
                 cgroups=runtime.cgroups, cgroup_path=cgroup_path,
             )
-            write_config(bundle, config)
+            self.instance.write_config(config)
             out = os.open(self.stdout_path, _FLAGS, 0o600)
             err = os.open(self.stderr_path, _FLAGS, 0o600)
             try:

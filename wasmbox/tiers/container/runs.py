@@ -21,7 +21,6 @@ from wasmbox.tiers.container.bundle import (
     RootSkeleton,
     Shape,
     make_config,
-    write_config,
 )
 from wasmbox.tiers.container.cgroups import PARENT, CgroupLayout
 from wasmbox.tiers.container.instance import Ended, ExecFailed, Instance, new_container_id
@@ -70,7 +69,9 @@ class Watch:
 
     def __call__(self) -> tuple[Status, str] | None:
         if self.keep_metrics:
-            self.last_metrics = self.cgroups.metrics(self.cgroup_path) or self.last_metrics
+            # Merged, not replaced: while runsc tears the cgroup down, one controller's
+            # files may be gone and another's still there (all counters only grow).
+            self.last_metrics.update(self.cgroups.metrics(self.cgroup_path))
         if self.monitor.due():
             reason = self.monitor.observe(self.sample())
             if reason is not None:
@@ -99,6 +100,7 @@ def run_cold(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Moni
     code = bundle + "/code"
     cid = new_container_id()
     cgroup_path = f"/{PARENT}/{cid}"
+    instance = Instance(runtime, cid, bundle, cgroup_path)
     try:
         os.makedirs(code)
         args = guest_argv(plan, code)
@@ -107,10 +109,9 @@ def run_cold(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Moni
             shape=shape, skeleton=skeleton, args=args, env=plan.env, cgroups=runtime.cgroups,
             paths=Paths(workspace.task_dir, workspace.output_dir, code), cgroup_path=cgroup_path,
         )
-        write_config(bundle, config)
+        instance.write_config(config)
     except OSError as exc:
         raise HostFailure(f"cannot stage the container bundle: {exc}") from exc
-    instance = Instance(runtime, cid, bundle, cgroup_path)
     metrics: dict[str, float] = {}
     teardown = 0.0
     try:
@@ -128,7 +129,7 @@ def run_cold(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Moni
                       keep_metrics=runtime.name == "runsc")
         ended = instance.wait(deadline, plan.kill_grace, watch)
         t2 = time.perf_counter()
-        metrics = runtime.cgroups.metrics(cgroup_path) or watch.last_metrics
+        metrics = {**watch.last_metrics, **runtime.cgroups.metrics(cgroup_path)}
     except ExecFailed:
         return _exec_failed(plan, workspace, t0)
     finally:

@@ -6,7 +6,7 @@ Python runner, /bin/sh, coreutils/busybox-style tools and ordinary programs use.
 purpose: mounts and namespaces, tracing and cross-process memory access (ptrace,
 process_vm_*, pidfd_getfd, process_madvise, kcmp), keyrings, BPF, perf, io_uring,
 userfaultfd, modules, kexec, clock/swap/quota control, raw I/O ports, file handles, and the
-32-bit multiplexers (socketcall, ipc) whose arguments sit in memory and cannot be filtered.
+32-bit socketcall multiplexer, whose arguments sit in memory where no filter can read them.
 
 Because the default is to deny, a syscall newer than this list (open_tree_attr, listmount,
 anything a later kernel adds) is denied without anyone having to name it. The same names
@@ -141,9 +141,7 @@ def seccomp_profile(*, gvisor: bool = False) -> dict[str, Any]:
     start: clone3 goes to gVisor's kernel instead, which (in the runsc we run) does not
     implement it and says ENOSYS itself, and glibc falls back to the filtered clone().
     """
-    # Left to gVisor's kernel, which does not implement them (ENOSYS) in the runsc we run.
-    passed_to_gvisor = NOT_IMPLEMENTED if gvisor else ()
-    not_implemented = [n for n in NOT_IMPLEMENTED if n not in passed_to_gvisor]
+    allowed = [*ALLOWED, *GVISOR_ALIASES, *NOT_IMPLEMENTED] if gvisor else list(ALLOWED)
     rules: list[dict[str, Any]] = [
         # libseccomp turns a `socket` rule into an unconditional socketcall(SYS_SOCKET) on
         # the 32-bit ABI (the family sits in memory there), which would let AF_VSOCK through.
@@ -151,8 +149,7 @@ def seccomp_profile(*, gvisor: bool = False) -> dict[str, Any]:
         # and differ from the default action (runtimes drop rules that repeat it); ENOSYS
         # sends a 32-bit C library to the direct socket syscalls, which are filtered.
         {"names": ["socketcall"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.ENOSYS},
-        {"names": [*ALLOWED, *passed_to_gvisor, *(GVISOR_ALIASES if gvisor else ())],
-         "action": "SCMP_ACT_ALLOW"},
+        {"names": allowed, "action": "SCMP_ACT_ALLOW"},
         {"names": ["clone"], "action": "SCMP_ACT_ALLOW",
          "args": [_arg(0, "SCMP_CMP_MASKED_EQ", NAMESPACE_FLAGS, 0)]},
         {"names": ["socketpair"], "action": "SCMP_ACT_ALLOW",
@@ -160,8 +157,8 @@ def seccomp_profile(*, gvisor: bool = False) -> dict[str, Any]:
         {"names": ["socket"], "action": "SCMP_ACT_ALLOW",
          "args": [_arg(0, "SCMP_CMP_EQ", AF_NETLINK), _arg(2, "SCMP_CMP_EQ", NETLINK_ROUTE)]},
     ]
-    if not_implemented:
-        rules.append({"names": not_implemented, "action": "SCMP_ACT_ERRNO",
+    if not gvisor:
+        rules.append({"names": list(NOT_IMPLEMENTED), "action": "SCMP_ACT_ERRNO",
                       "errnoRet": errno.ENOSYS})
     # One rule per value: the conditions of one rule are ANDed, and "any of" is wanted here.
     rules += [{"names": ["socket"], "action": "SCMP_ACT_ALLOW",

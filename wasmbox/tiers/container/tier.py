@@ -22,7 +22,6 @@ from wasmbox.tiers.container.bundle import (
     RootSkeleton,
     Shape,
     make_config,
-    write_config,
 )
 from wasmbox.tiers.container.cgroups import PARENT
 from wasmbox.tiers.container.instance import ExecFailed, Instance, new_container_id, owner_pid
@@ -256,7 +255,7 @@ def _smoke_test(runtime: Runtime, skeleton: RootSkeleton) -> None:
         shape = _for_runtime(runtime, Shape(
             memory=256 << 20, cpus=1.0, pids=16, tmpfs=1 << 20, fsize=1 << 20,
             readonly_mounts=(), writable_mounts=()))
-        write_config(instance.bundle_dir, make_config(
+        instance.write_config(make_config(
             shape=shape, skeleton=skeleton, paths=paths, args=["/bin/true"], env={},
             cgroups=runtime.cgroups, cgroup_path=instance.cgroup_path))
         err_path = path + "/stderr"
