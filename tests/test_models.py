@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
 from wasmbox import ConfigError, Policy, Resources, Task, TierName
+from wasmbox.errors import InputRejected
 from wasmbox.models import MiB, parse_duration, parse_size
 
 
@@ -118,3 +120,21 @@ def test_an_unreadable_python_path_is_a_typed_error(tmp_path: Path) -> None:
 
     with pytest.raises(ModuleRejected, match="cannot read Python source"):
         Task.python(tmp_path / "absent.py")
+
+
+@pytest.mark.parametrize("fields", [
+    {"source": "x = '\ud800'"},
+    {"source": "x = 1", "entry": "\udc80"},
+    {"source": "x = 1", "args": ("\ud800",)},
+    {"source": "x = 1", "env": {"A": "\ud800"}},
+    {"source": "x = 1", "env": {"\ud800": "a"}},
+])
+def test_text_that_is_not_valid_unicode_is_input_rejected(fields: dict[str, Any]) -> None:
+    source = fields.pop("source")
+    with pytest.raises(InputRejected, match="not valid Unicode"):
+        Task.python(source, **fields)
+
+
+def test_a_command_argv_that_is_not_valid_unicode_is_input_rejected() -> None:
+    with pytest.raises(InputRejected, match="not valid Unicode"):
+        Task.command(["/bin/echo", "\udcff"])

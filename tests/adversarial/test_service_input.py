@@ -142,7 +142,8 @@ def raw_app(tmp_path: Path) -> Any:
     return create_app(ServiceConfig.from_dict(config_data(tmp_path / "tasks.db")))
 
 
-@pytest.mark.parametrize("length", [b"2097153", b"1000000000", b"9" * 5000])
+@pytest.mark.parametrize("length", [b"2097153", b"1000000000", b"9" * 5000],
+                         ids=["limit-plus-one", "1e9", "5000-digits"])
 def test_a_declared_length_over_the_limit_is_413_before_the_body_is_read(
     raw_app: Any, length: bytes
 ) -> None:

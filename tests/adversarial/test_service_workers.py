@@ -147,6 +147,23 @@ def test_a_failing_final_notification_does_not_kill_the_worker(
     assert calls[0] == first
 
 
+def test_a_failing_notification_does_not_fail_a_cancel_that_was_recorded(
+    make_client: Callable[..., TestClient], wasm_b64: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    idle = make_client(workers=0)
+    dispatcher = idle.app.state.wasmbox.dispatcher  # type: ignore[attr-defined]
+
+    def notify_failing(task_id: str) -> None:
+        raise RuntimeError("event loop is closed")
+
+    monkeypatch.setattr(dispatcher, "on_final", notify_failing)
+    task_id = submit(idle, {"kind": "wasm", "module_b64": wasm_b64["hello"]})
+    response = idle.post(f"/v1/tasks/{task_id}/cancel", headers=auth(ALICE))
+    assert response.status_code == 200
+    assert response.json()["result"]["status"] == "cancelled"
+
+
 def test_a_journaled_task_that_cannot_be_read_back_is_rejected_and_the_queue_moves(
     one_worker: TestClient, wasm_b64: dict[str, str], tmp_path: Path
 ) -> None:

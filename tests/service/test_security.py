@@ -41,6 +41,50 @@ def test_another_tokens_task_is_not_found(client: TestClient, wasm_b64: dict[str
     assert client.post(f"/v1/tasks/{task_id}/cancel", headers=auth(BOB)).status_code == 404
 
 
+# Every route that takes a task id (checked against the app's routes below).
+TASK_ENDPOINTS = [
+    ("GET", "/v1/tasks/{task_id}", {}),
+    ("GET", "/v1/tasks/{task_id}", {"wait": 5}),
+    ("GET", "/v1/tasks/{task_id}/files/{file_name}", {}),
+    ("POST", "/v1/tasks/{task_id}/cancel", {}),
+]
+
+
+def test_the_cross_token_tests_cover_every_route_that_takes_a_task_id(
+    client: TestClient,
+) -> None:
+    routes = {(method, route.path.replace(":path", ""))
+              for route in client.app.routes  # type: ignore[attr-defined]
+              if "{task_id}" in getattr(route, "path", "")
+              for method in getattr(route, "methods", ())}
+    assert routes == {(method, path) for method, path, _ in TASK_ENDPOINTS}
+
+
+@pytest.mark.parametrize(("method", "path", "params"), TASK_ENDPOINTS)
+def test_every_task_endpoint_answers_404_for_another_tokens_task(
+    client: TestClient, wasm_b64: dict[str, str], method: str, path: str,
+    params: dict[str, object],
+) -> None:
+    task_id = client.post("/v1/tasks", json=hello(wasm_b64), headers=auth(ALICE)).json()["id"]
+    wait_final(client, task_id)
+    url = path.format(task_id=task_id, file_name="result.json")
+    stolen = client.request(method, url, params=params, headers=auth(BOB))
+    assert stolen.status_code == 404
+    assert b"hello" not in stolen.content and b"result.json" not in stolen.content
+    owner = client.request(method, url, params=params, headers=auth(ALICE))
+    assert owner.status_code == 200  # the same request by the owner: it exists
+
+
+def test_another_token_cannot_cancel_a_queued_task(
+    idle_client: TestClient, wasm_b64: dict[str, str]
+) -> None:
+    task_id = idle_client.post("/v1/tasks", json=hello(wasm_b64),
+                               headers=auth(ALICE)).json()["id"]
+    assert idle_client.post(f"/v1/tasks/{task_id}/cancel", headers=auth(BOB)).status_code == 404
+    view = idle_client.get(f"/v1/tasks/{task_id}", headers=auth(ALICE)).json()
+    assert (view["state"], view["cancel_requested"]) == ("queued", False)
+
+
 def test_tasks_beyond_max_concurrent_get_429(
     idle_client: TestClient, wasm_b64: dict[str, str]
 ) -> None:
