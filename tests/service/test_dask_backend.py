@@ -113,7 +113,8 @@ def test_timeout_on_a_worker_is_a_result_status(
 
 
 def test_module_a_worker_rejects_is_rejected_with_the_reason(client: TestClient) -> None:
-    task_id = submit(client, {"kind": "wasm", "module_b64": "AGFzbQ=="})  # b"\0asm" only
+    # valid wasm (passes the submit check) with no _start: the worker refuses it
+    task_id = submit(client, {"kind": "wasm", "module_b64": "AGFzbQEAAAA="})
     final = wait_final(client, task_id)
     assert final["state"] == "rejected"
     assert "ModuleRejected" in final["error"]
