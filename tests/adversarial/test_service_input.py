@@ -53,7 +53,7 @@ def journaled(tmp_path: Path) -> int:
 @pytest.mark.parametrize(("field", "body"), [
     ("source", {"kind": "python", "source": f"x = '{LONE_SURROGATE}'\n"}),
     ("env", {"kind": "python", "source": "x = 1\n", "env": {"A": LONE_SURROGATE}}),
-    ("args", {"kind": "python", "source": "x = 1\n", "args": [LONE_SURROGATE]}),
+    ("args", {"kind": "wasm", "module_b64": "AGFzbQEAAAA=", "args": [LONE_SURROGATE]}),
 ])
 def test_a_lone_surrogate_in_task_text_is_400_input_rejected(
     idle_client: TestClient, tmp_path: Path, field: str, body: dict[str, Any]
@@ -194,3 +194,24 @@ def test_a_422_for_a_nan_input_still_renders(idle_client: TestClient) -> None:
         "/v1/tasks", content=b'{"kind": "python", "source": "x", "entry": NaN}',
         headers={**auth(ALICE), "Content-Type": "application/json"})
     assert response.status_code == 422
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"$ref": "http://127.0.0.1:9/schema.json"},
+        {"$ref": "file:///etc/passwd"},
+        {"properties": {"a": {"$ref": "https://example.invalid/x#/defs/y"}}},
+        {"type": "string", "pattern": "(?<=lookbehind)x"},  # RE2 cannot run it: refused
+    ],
+    ids=["http", "file", "nested-remote", "non-linear-regex"],
+)
+def test_a_client_schema_that_names_the_outside_world_is_a_400_at_submit(
+    idle_client: TestClient, wasm_b64: dict[str, str], schema: dict[str, Any]
+) -> None:
+    body = {"kind": "wasm", "module_b64": wasm_b64["hello"], "output_schema": schema}
+    response = idle_client.post("/v1/tasks", json=body, headers=auth(ALICE))
+    assert response.status_code == 400, response.text
+    assert "InputRejected" in response.text or "schema" in response.text
+    listed = idle_client.get("/v1/tasks", headers=auth(ALICE))
+    assert listed.status_code in (200, 404, 405)  # nothing journaled either way

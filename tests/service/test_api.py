@@ -104,11 +104,11 @@ def test_cancel_of_a_queued_task_cancels_it_at_once(
     assert response.json()["result"]["status"] == "cancelled"
 
 
-def test_cancel_of_a_running_task_marks_it_cancelled_when_it_ends(
+def test_cancel_of_a_running_task_stops_its_guest(
     client: TestClient, wasm_b64: dict[str, str]
 ) -> None:
     view = submit(client, {"kind": "wasm", "module_b64": wasm_b64["infinite_loop"],
-                           "resources": {"timeout": 2}})
+                           "resources": {"timeout": 5}})
     url = f"/v1/tasks/{view['id']}"
     for _ in range(200):
         if client.get(url, headers=auth(ALICE)).json()["state"] == "running":
@@ -119,7 +119,8 @@ def test_cancel_of_a_running_task_marks_it_cancelled_when_it_ends(
     assert cancel["cancel_requested"] is True
     final = wait_final(client, str(view["id"]))
     assert final["result"]["status"] == "cancelled"
-    assert "timeout" in final["result"]["reason"]
+    assert final["result"]["reason"] == "cancelled while running"
+    assert final["result"]["metrics"]["wall_s"] < 4.0  # stopped, not run out to its 5 s
 
 
 def test_long_poll_returns_the_current_state_when_time_is_up(
@@ -142,3 +143,10 @@ def test_metrics_count_results_by_status_and_tier(
     assert "wasmbox_task_latency_seconds_count" in text
     assert "wasmbox_queue_depth" in text
     assert "wasmbox_running_tasks" in text
+
+
+def test_the_result_view_carries_every_result_field() -> None:
+    from wasmbox.models import Result
+    from wasmbox.service.schemas import ResultView
+
+    assert set(ResultView.model_fields) == set(Result.model_fields)

@@ -30,6 +30,7 @@ from wasmbox.sandbox import Sandbox
 from wasmbox.service.config import Backend, ServiceConfig
 from wasmbox.service.metrics import ServiceMetrics
 from wasmbox.service.store import Record, TaskStore
+from wasmbox.validation import compile_schema
 
 log = logging.getLogger("wasmbox.service")
 
@@ -85,6 +86,8 @@ class Runner(Protocol):
 
     def run(self, policy: str, task: Task) -> Result: ...
 
+    def cancel(self, task_id: str) -> bool: ...
+
     def close(self) -> None: ...
 
 
@@ -100,6 +103,11 @@ class ThreadRunner(Closeable):
 
     def run(self, policy: str, task: Task) -> Result:
         return self._sandboxes[policy].run(task)
+
+    def cancel(self, task_id: str) -> bool:
+        """Stop the task's guest now (its result says CANCELLED); False if not running."""
+        found = [sandbox.cancel(task_id) for sandbox in self._sandboxes.values()]
+        return any(found)
 
     def _release(self) -> None:
         for sandbox in self._sandboxes.values():
@@ -119,6 +127,10 @@ class DaskRunner(Closeable):
 
     def run(self, policy: str, task: Task) -> Result:
         return self._sandboxes[policy].run(task)
+
+    def cancel(self, task_id: str) -> bool:
+        """A task already on a worker runs to its own deadline (it is marked cancelled)."""
+        return False
 
     def _release(self) -> None:
         self._client.close()  # type: ignore[no-untyped-call]
@@ -188,6 +200,12 @@ class Dispatcher(Closeable):
         plan = apply(self.config.policies[policy_name], task)
         if task.kind is TaskKind.WASM and task.module_bytes is not None:
             validate_module(task.module_bytes, self.config.service.max_body_bytes)
+        # Client schemas are checked (and compiled, cached) now: a remote or file $ref, a
+        # regex RE2 cannot run or an oversized schema is a 400, never a fetch on a worker.
+        for what, schema in (("input_schema", task.input_schema),
+                             ("output_schema", task.output_schema)):
+            if schema is not None:
+                compile_schema(schema, what=what)
         quota = self.config.tokens[token]
         need = max_charge(plan)
         with self._admission:  # check-then-insert must not interleave between requests
@@ -226,11 +244,17 @@ class Dispatcher(Closeable):
         )
 
     def cancel(self, task_id: str) -> Record | None:
-        """Cancel a queued task now; a running one is marked cancelled when it ends."""
+        """Cancel a task: a queued one ends now; a running one has its guest stopped (on the
+        thread back end, within a watchdog tick) and ends cancelled."""
         record = self.store.cancel(task_id)
         if record is not None and record.result is not None and task_id in self._queued:
             self._queued.discard(task_id)
             self._notify(task_id)
+        elif record is not None and record.result is None:
+            try:
+                self._runner.cancel(task_id)
+            except Exception:  # the record says cancelled; the run ends at its deadline
+                log.exception("could not stop running task %s", task_id)
         return record
 
     def _enqueue(self, task_id: str) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 
-from wasmbox.models import Metrics, Resources, Result, Status, Task, TaskKind, TierName
+from wasmbox.models import Event, Metrics, Resources, Result, Status, Task, TaskKind, TierName
 from wasmbox.service.store import Record, State
 
 Name = Annotated[str, Field(min_length=1, max_length=128)]
@@ -105,7 +105,10 @@ class ResultView(BaseModel):
     stdout_truncated: bool = False
     stderr_truncated: bool = False
     metrics: Metrics = Metrics()
+    events: tuple[Event, ...] = ()
     escalated_from: TierName | None = None
+    escalation_reason: str | None = None
+    warnings: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, result: Result, sizes: dict[str, int]) -> ResultView:

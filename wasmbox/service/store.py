@@ -161,7 +161,9 @@ class TaskStore(Closeable):
             if row is None:
                 return None  # a duplicate completion: the first one stands
             if row[0]:
-                result = cancelled(result, f"cancelled while running (it ended {result.status})")
+                result = cancelled(result, "cancelled while running" if result.status
+                                   is Status.CANCELLED else
+                                   f"cancelled while running (it ended {result.status})")
             result, result_json = _storable(result)
             self._db.execute("BEGIN IMMEDIATE")
             try:
