@@ -607,14 +607,12 @@ def filter_stream(data: bytes, caps: OutputPolicy, where: str) -> tuple[bytes, s
 
 
 def _filter_name(rel: str, caps: OutputPolicy) -> str:
+    """An output file's name (its key in `Result.files`) under the deny patterns."""
     if not caps.deny_patterns:
         return rel
-    try:
-        filter_bytes(rel.encode("utf-8", "surrogateescape"), caps, "an output file name")
-    except _Rejected:
-        if caps.on_deny is DenyAction.REJECT:
-            raise
+    if caps.on_deny is DenyAction.REDACT:
         return redact_text(rel, caps)
+    filter_bytes(rel.encode("utf-8", "surrogateescape"), caps, "an output file name")
     return rel
 
 
