@@ -238,7 +238,11 @@ class Workspace(Closeable):
         if not os.path.basename(self.path).startswith(PREFIX):  # never delete what is not ours
             raise RuntimeError(f"refusing to remove {self.path}: not a workspace")
         try:
-            remove_tree(self.path)
+            try:
+                _clear_shallow(self.path, _SHALLOW)  # the usual few entries, cheaply
+                os.rmdir(self.path)
+            except (OSError, _TooDeep):
+                remove_tree(self.path)  # the thorough way: any depth, locked dirs, links
         except Exception:  # cleanup never fails a run; a leftover is reclaimed after we exit
             log.warning("cannot remove workspace %s", self.path, exc_info=True)
 
@@ -436,6 +440,30 @@ def _size(path: str) -> int:
         return os.stat(path).st_size
     except FileNotFoundError:
         return 0
+
+
+_SHALLOW = 4  # levels below the workspace the cheap removal goes: task/output/<2 levels>
+
+
+class _TooDeep(Exception):
+    pass
+
+
+def _clear_shallow(path: str, levels: int) -> None:
+    """Empty `path` with path-based calls, at most `levels` deep (bounded recursion).
+
+    About half the cost of `remove_tree` for a typical workspace; anything unusual (a
+    deeper tree, a locked directory) raises and `remove_tree` finishes the job.
+    """
+    with os.scandir(path) as it:
+        for entry in it:
+            if entry.is_dir(follow_symlinks=False):
+                if levels == 0:
+                    raise _TooDeep
+                _clear_shallow(entry.path, levels - 1)
+                os.rmdir(entry.path)
+            else:
+                os.unlink(entry.path)
 
 
 def remove_tree(path: str | Path) -> None:
