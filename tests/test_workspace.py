@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from wasmbox import InputRejected, Policy, Task, apply
 from wasmbox.models import DenyAction, Limits, OutputPolicy
-from wasmbox.workspace import PREFIX, Workspace
+from wasmbox.workspace import PREFIX, RUNNING, Workspace, encode_input
 
 MODULE = b"\0asm\1\0\0\0"
 
@@ -86,9 +86,13 @@ def test_a_symlink_is_never_followed(tmp_path: Path) -> None:
     secret.write_text("host secret")
     with workspace(tmp_path) as ws:
         os.symlink(secret, Path(ws.output_dir, "link"))
+        Path(ws.output_dir, "plain").write_text("fine")
         collected = ws.collect()
-    assert collected.rejection == "link is a symlink"
-    assert collected.files == {}
+    # Behaviour, not wording: the run is refused and no host byte comes back.
+    assert collected.rejection is not None
+    assert collected.files == {} and collected.output is None
+    assert "host secret" not in collected.rejection
+    assert secret.read_text() == "host secret"
 
 
 def test_a_hard_link_is_rejected(tmp_path: Path) -> None:
@@ -132,8 +136,43 @@ def test_outputs_over_the_total_cap_are_rejected(tmp_path: Path) -> None:
 def test_deep_nesting_is_rejected(tmp_path: Path) -> None:
     policy = Policy(output=OutputPolicy(max_depth=2))
     with workspace(tmp_path, policy) as ws:
+        Path(ws.output_dir, "a/b").mkdir(parents=True)
+        assert ws.over_cap() is None and ws.collect().rejection is None
         Path(ws.output_dir, "a/b/c/d").mkdir(parents=True)
-        assert "deeper than 2" in (ws.collect().rejection or "")
+        assert ws.collect().rejection == "output nests deeper than 2 directories"
+        # While running the same cap trips, with a reason of its own.
+        assert ws.over_cap() == f"{RUNNING}output nests deeper than 2 directories"
+
+
+def test_size_caps_while_running_have_reasons_of_their_own(tmp_path: Path) -> None:
+    policy = Policy(output=OutputPolicy(max_file_bytes=10, max_total_bytes=15))
+    with workspace(tmp_path, policy) as ws:
+        Path(ws.output_dir, "d").mkdir()
+        Path(ws.output_dir, "d", "a").write_bytes(b"x" * 8)
+        assert ws.over_cap() is None
+        assert ws.output_bytes() == 8
+        Path(ws.output_dir, "d", "b").write_bytes(b"x" * 8)
+        assert ws.over_cap() == f"{RUNNING}outputs exceed 15 bytes in total"
+        assert ws.collect().rejection == "outputs exceed 15 bytes in total"
+
+
+def test_input_encoded_early_is_staged_as_given(tmp_path: Path) -> None:
+    plan = apply(Policy(), Task.wasm(MODULE, input={"a": 1}))
+    data = encode_input(plan)
+    with Workspace(plan, tmp_path, data=data) as ws:
+        assert Path(ws.input_path).read_bytes() == data == b'{"a":1}'
+
+
+def test_close_removes_unreadable_dirs_and_dangling_links(tmp_path: Path) -> None:
+    ws = workspace(tmp_path)
+    locked = Path(ws.output_dir, "locked")
+    (locked / "inner").mkdir(parents=True)
+    (locked / "inner" / "f").write_text("x")
+    os.symlink("/nonexistent", locked / "dangling")
+    (locked / "inner").chmod(0)
+    locked.chmod(0)
+    ws.close()
+    assert not Path(ws.path).exists()
 
 
 def test_deny_pattern_rejects_naming_the_file(tmp_path: Path) -> None:

@@ -315,7 +315,7 @@ class Limits(_Model):
     memory: Bytes = 256 * MiB
     stack: Bytes = 1 * MiB
     input_bytes: Bytes = 1 * MiB
-    input_depth: Annotated[int, Field(gt=0, le=1000)] = 64  # nesting of the task's input JSON
+    input_depth: Annotated[int, Field(gt=0, le=256)] = 64  # nesting of the task's input JSON
     args_bytes: Bytes = 64 * KiB
     stdout_bytes: Bytes = 1 * MiB
     stderr_bytes: Bytes = 1 * MiB
@@ -368,7 +368,7 @@ class OutputPolicy(_Model):
     max_file_bytes: Bytes = 8 * MiB
     max_total_bytes: Bytes = 16 * MiB
     max_depth: Annotated[int, Field(gt=0)] = 8  # directories, enforced while the guest runs
-    max_json_depth: Annotated[int, Field(gt=0, le=1000)] = 64  # nesting of result.json
+    max_json_depth: Annotated[int, Field(gt=0, le=256)] = 64  # nesting of result.json
     max_json_bytes: Bytes = 4 * MiB  # size of result.json
     deny_patterns: tuple[str, ...] = ()
     on_deny: DenyAction = DenyAction.REJECT

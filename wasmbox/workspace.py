@@ -119,33 +119,73 @@ def encode_input(plan: Plan) -> bytes:
         raise InputRejected(f"input is not JSON: {exc}") from exc
     if len(data) > plan.input_bytes:
         raise InputRejected(f"input is {len(data)} bytes, over the {plan.input_bytes} cap")
-    if json_depth(data) > depth:
+    if json_too_deep(data, depth):
         raise InputRejected(f"input nests deeper than {depth} levels")
     if task.input_schema is not None:
         validate(task.input_schema, task.input, what="input")
     return data
 
 
-_ESCAPE = re.compile(rb"\\.", re.DOTALL)
-_STRING = re.compile(rb'"[^"]*"')
 _NOT_BRACKET = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_SQUARE = bytes.maketrans(b"{}", b"[]")
 # Openers count 2, closers 0: the running sum minus the position is the nesting depth.
-_STEP = bytes.maketrans(b"[]{}", b"\x02\x00\x02\x00")
+_STEP = bytes.maketrans(b"[]", b"\x02\x00")
+_CHUNK = 1 << 16
+
+
+def _brackets(data: bytes) -> bytes:
+    """The structural brackets of JSON text, braces as square brackets, strings dropped.
+
+    Escaped backslashes go first, then escaped quotes; what is left between quotes is a
+    string. An unterminated string ends the text (a parser fails there).
+    """
+    text = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    outside = b"".join(text.split(b'"')[::2])
+    return outside.translate(_SQUARE, _NOT_BRACKET)
 
 
 def json_depth(data: bytes) -> int:
     """How deep JSON text nests, found without parsing (so without recursing).
 
-    Never less than what a parser would reach before it fails: escapes and strings are
-    dropped, an unterminated string ends the scan, and past an unbalanced closer (where a
-    parser stops) the count may only be lower.
+    Exact for valid JSON. For anything else never less than what a parser reaches before it
+    fails: past an unbalanced closer (where a parser stops) the count may only be higher.
     """
-    text = _STRING.sub(b"", _ESCAPE.sub(b"", data))
-    quote = text.find(b'"')
-    if quote >= 0:
-        text = text[:quote]
-    steps = text.translate(None, _NOT_BRACKET).translate(_STEP)
+    steps = _brackets(data).translate(_STEP)
     return max(map(operator.sub, itertools.accumulate(steps), itertools.count(1)), default=0)
+
+
+def json_too_deep(data: bytes, limit: int) -> bool:
+    """``json_depth(data) > limit``, fast: adjacent ``[]`` pairs are peeled off first (at C
+    speed; typical JSON is gone after a few passes) and the scan stops early both ways."""
+    seq = _brackets(data)
+    passes = 0
+    while seq and passes < limit:
+        peeled = seq.replace(b"[]", b"")
+        if len(peeled) == len(seq):
+            break
+        seq, passes = peeled, passes + 1
+    # Peeling keeps the depth of what remains, and each pass lowers the maximum by at most 1.
+    if passes:
+        if not _exceeds(seq, limit - passes):
+            return False
+        if _exceeds(seq, limit):
+            return True
+        seq = _brackets(data)  # in between: count the original exactly
+    return _exceeds(seq, limit)
+
+
+def _exceeds(seq: bytes, limit: int) -> bool:
+    steps = seq.translate(_STEP)
+    depth = 0
+    for start in range(0, len(steps), _CHUNK):
+        run = list(map(operator.sub, itertools.accumulate(steps[start:start + _CHUNK],
+                                                          initial=depth), itertools.count()))
+        if max(run) > limit:
+            return True
+        if min(run) < 0:  # an unbalanced closer: a parser stops there
+            return False
+        depth = run[-1]
+    return False
 
 
 @dataclass
@@ -198,7 +238,11 @@ class Workspace(Closeable):
         if not os.path.basename(self.path).startswith(PREFIX):  # never delete what is not ours
             raise RuntimeError(f"refusing to remove {self.path}: not a workspace")
         try:
-            remove_tree(self.path)
+            try:
+                _clear_shallow(self.path, _SHALLOW)  # the usual few entries, cheaply
+                os.rmdir(self.path)
+            except (OSError, _TooDeep):
+                remove_tree(self.path)  # the thorough way: any depth, locked dirs, links
         except Exception:  # cleanup never fails a run; a leftover is reclaimed after we exit
             log.warning("cannot remove workspace %s", self.path, exc_info=True)
 
@@ -396,6 +440,30 @@ def _size(path: str) -> int:
         return os.stat(path).st_size
     except FileNotFoundError:
         return 0
+
+
+_SHALLOW = 4  # levels below the workspace the cheap removal goes: task/output/<2 levels>
+
+
+class _TooDeep(Exception):
+    pass
+
+
+def _clear_shallow(path: str, levels: int) -> None:
+    """Empty `path` with path-based calls, at most `levels` deep (bounded recursion).
+
+    About half the cost of `remove_tree` for a typical workspace; anything unusual (a
+    deeper tree, a locked directory) raises and `remove_tree` finishes the job.
+    """
+    with os.scandir(path) as it:
+        for entry in it:
+            if entry.is_dir(follow_symlinks=False):
+                if levels == 0:
+                    raise _TooDeep
+                _clear_shallow(entry.path, levels - 1)
+                os.rmdir(entry.path)
+            else:
+                os.unlink(entry.path)
 
 
 def remove_tree(path: str | Path) -> None:
@@ -607,14 +675,12 @@ def filter_stream(data: bytes, caps: OutputPolicy, where: str) -> tuple[bytes, s
 
 
 def _filter_name(rel: str, caps: OutputPolicy) -> str:
+    """An output file's name (its key in `Result.files`) under the deny patterns."""
     if not caps.deny_patterns:
         return rel
-    try:
-        filter_bytes(rel.encode("utf-8", "surrogateescape"), caps, "an output file name")
-    except _Rejected:
-        if caps.on_deny is DenyAction.REJECT:
-            raise
+    if caps.on_deny is DenyAction.REDACT:
         return redact_text(rel, caps)
+    filter_bytes(rel.encode("utf-8", "surrogateescape"), caps, "an output file name")
     return rel
 
 
@@ -683,7 +749,7 @@ def _check_result(result: Collected, plan: Plan) -> str | None:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return f"{RESULT_FILE} is not valid JSON: not UTF-8"
-    if json_depth(raw) > caps.max_json_depth:
+    if json_too_deep(raw, caps.max_json_depth):
         return f"{RESULT_FILE} nests deeper than {caps.max_json_depth} levels"
     try:
         output = json.loads(text)

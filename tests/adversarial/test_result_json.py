@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from wasmbox import InputRejected, Policy, Sandbox, Status, Task, apply
 from wasmbox.models import Limits, OutputPolicy, TaskKind
-from wasmbox.workspace import Workspace, encode_input, json_depth
+from wasmbox.workspace import Workspace, encode_input, json_depth, json_too_deep
 
 MakeSandbox = Callable[..., Sandbox]
 MODULE = b"\0asm\1\0\0\0"
@@ -135,6 +135,29 @@ def test_json_depth_never_underestimates_what_a_parser_reaches(raw: bytes) -> No
     except (ValueError, RecursionError):
         return
     assert _depth(value) <= found
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=_json, ascii_only=st.booleans(), limit=st.integers(1, 8), repeat=st.integers(1, 3))
+def test_the_fast_depth_check_agrees_with_the_exact_scan(
+    value: object, ascii_only: bool, limit: int, repeat: int
+) -> None:
+    raw = json.dumps([value] * repeat, ensure_ascii=ascii_only).encode()
+    assert json_too_deep(raw, limit) == (json_depth(raw) > limit)
+
+
+@settings(max_examples=500, deadline=None)
+@given(raw=st.text(alphabet='[]{}"\\,:1 ', max_size=60).map(str.encode), limit=st.integers(1, 6))
+def test_the_fast_depth_check_never_passes_what_a_parser_would_nest_deeper(
+    raw: bytes, limit: int
+) -> None:
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        json_too_deep(raw, limit)  # never raises
+        return
+    if _depth(value) > limit:
+        assert json_too_deep(raw, limit)
 
 
 @settings(max_examples=200, deadline=None)
