@@ -90,7 +90,7 @@ def walk(sb: Sandbox, tier: WasmTier, task: Task) -> dict[str, float]:
     mark("instantiate")
     outcome = Outcome(status=Status.COMPLETED, exit_code=0)
     try:
-        start(store)  # type: ignore[operator]
+        start(store)
     except wasmtime.ExitTrap as exc:
         outcome.exit_code = exc.code
     mark("guest _start")
@@ -226,7 +226,7 @@ class Raw:
         start = instance.exports(store)["_start"]
         t.append(time.perf_counter())
         try:
-            start(store)  # type: ignore[operator]
+            start(store)
         except wasmtime.ExitTrap as exc:
             if exc.code != 0:
                 raise
@@ -305,8 +305,8 @@ def part2(module: Path, runs: int) -> None:
     print(f"\nPart 2: raw wasmtime-py hello, interleaved, {runs} runs, median µs per phase")
     print("  " + " " * 28 + "".join(f"{p[:11]:>12}" for p in (*RAW_PHASES, "total")))
     base = samples["baseline (files, fresh dir)"]
-    for name, phases in samples.items():
-        cells = "".join(f"{statistics.median(v) * 1e6:12.0f}" for v in phases.values())
+    for name, by_phase in samples.items():
+        cells = "".join(f"{statistics.median(v) * 1e6:12.0f}" for v in by_phase.values())
         print(f"  {name:28}{cells}")
     print("  saving vs baseline, median of the total: " + ", ".join(
         f"{name} {(statistics.median(base['total']) - statistics.median(v['total'])) * 1e6:+.0f} µs"
