@@ -75,7 +75,8 @@ class Side:
 def measure(quick: bool, progress: Progress, *, only: set[str] | None = None) -> list[Row]:
     """Both paths' rows (wasmbox first, then each peer), every sample kept.
 
-    `only` restricts the run to side ids (the smoke test uses it to skip slow peers).
+    `only` restricts the run to row ids such as ``"wasi-hello:extism"`` (the smoke test
+    uses it to skip slow peers).
     """
     reps = 50 if quick else 400
     progress.show("peers: WASI hello")
@@ -109,7 +110,7 @@ def compare(path: str, title: str, makers: list[tuple[str, Callable[[], Side]]],
     baseline = f"{path}:{makers[0][0]}"
     try:
         for side_id, make in makers:
-            if only is not None and side_id not in only:
+            if only is not None and f"{path}:{side_id}" not in only:
                 continue
             try:
                 sides.append(make())
