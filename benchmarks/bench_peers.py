@@ -108,6 +108,19 @@ def compare(path: str, title: str, makers: list[tuple[str, Callable[[], Side]]],
     sides: list[Side] = []
     absent: list[Row] = []
     baseline = f"{path}:{makers[0][0]}"
+
+    def drop(side_id: str, reason: str) -> None:
+        row = missing(f"{path}:{side_id}", f"{title}: {side_id}", None, reason)
+        row.group, row.compare_to = "peers", baseline
+        absent.append(row)
+
+    def failed(side: Side, exc: Exception) -> None:
+        if side.id == makers[0][0]:
+            raise exc  # wasmbox itself failing is a broken benchmark, not a missing peer
+        sides.remove(side)
+        _close(side)
+        drop(side.id, f"could not run here: {type(exc).__name__}: {str(exc)[:300]}")
+
     try:
         for side_id, make in makers:
             if only is not None and f"{path}:{side_id}" not in only:
@@ -115,21 +128,27 @@ def compare(path: str, title: str, makers: list[tuple[str, Callable[[], Side]]],
             try:
                 sides.append(make())
             except Absent as exc:
-                row = missing(f"{path}:{side_id}", f"{title}: {side_id}", None, str(exc))
-                row.group, row.compare_to = "peers", baseline
-                absent.append(row)
-        for side in sides:
-            for _ in range(min(warmup, caps.get(side.id, warmup))):
-                side.once()
+                drop(side_id, str(exc))
+            except Exception as exc:  # a peer that breaks here never fails the suite
+                drop(side_id, f"could not start here: {type(exc).__name__}: {str(exc)[:300]}")
+        for side in list(sides):
+            try:
+                for _ in range(min(warmup, caps.get(side.id, warmup))):
+                    side.once()
+            except Exception as exc:
+                failed(side, exc)
         samples: dict[str, list[float]] = {s.id: [] for s in sides}
         for rep in range(reps):
             shift = rep % max(1, len(sides))
             for side in sides[shift:] + sides[:shift]:
                 if len(samples[side.id]) < caps.get(side.id, reps):
-                    samples[side.id].append(side.once())
+                    try:
+                        samples[side.id].append(side.once())
+                    except Exception as exc:
+                        failed(side, exc)
     finally:
         for side in sides:
-            side.close()
+            _close(side)
     measured = []
     for side in sides:
         row = Row(f"{path}:{side.id}", f"{title}: {side.label}", None, group="peers",
@@ -138,6 +157,13 @@ def compare(path: str, title: str, makers: list[tuple[str, Callable[[], Side]]],
         row.notes.append(side.what)
         measured.append(row)
     return measured + absent
+
+
+def _close(side: Side) -> None:
+    try:
+        side.close()
+    except Exception as exc:  # a peer's teardown must not cost the other rows
+        print(f"warning: closing {side.label} failed: {exc!r}", file=sys.stderr)
 
 
 # --- WASI hello ----------------------------------------------------------------------------
@@ -340,12 +366,18 @@ class CapsuleRun(Side):
         return elapsed
 
     def close(self) -> None:
-        self.loop.run_until_complete(importlib.import_module("capsule").close_all())
-        pending = asyncio.all_tasks(self.loop)  # the SDK cancels its reader without awaiting
-        for task in pending:
-            task.cancel()
-        self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        self.loop.close()
+        async def shut_down() -> None:
+            await importlib.import_module("capsule").close_all()
+            # The SDK cancels its reader task without awaiting it: finish it here.
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+
+        try:
+            self.loop.run_until_complete(shut_down())
+        finally:
+            self.loop.close()
 
 
 

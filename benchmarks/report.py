@@ -69,10 +69,13 @@ def markdown(rows: Sequence[Row], meta: dict[str, Any]) -> str:
         ]
         lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
     out = [f"Measured {meta['started']} ({meta['mode']} mode, {meta['duration_s']:.0f} s): "
-           "median (p95) of our runs · the seed document's claim.", "", *lines, ""]
+           "median (p95) of our runs · the seed document's claim.", ""]
+    if rows:  # only peers or scaling asked for: no empty tier table
+        out += [*lines, ""]
     if absent:
         out += ["Not measured:", *absent, ""]
-    out += ["What each column measures, per tier:", ""]
+    if rows:
+        out += ["What each column measures, per tier:", ""]
     for row in rows:
         if row.available and (row.exec_what or row.memory_what or row.cleanup_what):
             parts = [f"exec: {row.exec_what}" if row.exec_what else "",
