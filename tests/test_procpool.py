@@ -8,6 +8,7 @@ for its pid) to appear, so the kill lands while a task is running.
 from __future__ import annotations
 
 import functools
+import operator
 import os
 import signal
 import threading
@@ -200,6 +201,22 @@ def test_keyboard_interrupt_during_map_stops_every_worker(
     assert _alive(pids) == []
     assert _worker_children() == []
     assert all(_workspaces_of(pid) == [] for pid in pids)
+
+
+class _FailsInTheWorker:
+    """A tier factory that pickles here but raises when a worker unpickles it."""
+
+    def __call__(self) -> WasmTier:
+        return WasmTier()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (operator.truediv, (1, 0))
+
+
+def test_a_worker_that_cannot_start_is_a_host_failure_and_leaves_no_process() -> None:
+    with pytest.raises(HostFailure, match="failed to start: ZeroDivisionError"):
+        ProcessPool(processes=2, tiers={TierName.WASM: _FailsInTheWorker()})
+    assert _worker_children() == []
 
 
 def test_tier_factories_that_cannot_pickle_are_refused_up_front() -> None:

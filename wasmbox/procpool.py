@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from wasmbox import errors
 from wasmbox.errors import ConfigError, HostFailure, SandboxError
@@ -119,13 +119,21 @@ class ProcessPool(Closeable):
         """Process ids of the live workers."""
         return [w.pid for w in self._workers]
 
+    @overload
+    def map(self, tasks: Iterable[Task], *, chunksize: int | None = None,
+            return_exceptions: Literal[False] = False) -> list[Result]: ...
+
+    @overload
+    def map(self, tasks: Iterable[Task], *, chunksize: int | None = None,
+            return_exceptions: Literal[True]) -> list[Result | SandboxError]: ...
+
     def map(
         self,
         tasks: Iterable[Task],
         *,
         chunksize: int | None = None,
         return_exceptions: bool = False,
-    ) -> list[Any]:
+    ) -> list[Result] | list[Result | SandboxError]:
         """Run `tasks` on the workers; results keep the order of `tasks`.
 
         As `Sandbox.map`, a task the host refuses (`PolicyViolation`, `ModuleRejected`, ...)
@@ -137,7 +145,7 @@ class ProcessPool(Closeable):
         self._ensure_open()
         items = list(tasks)
         if chunksize is None:
-            per = math.ceil(len(items) / (len(self._workers) * _CHUNKS_PER_WORKER))
+            per = math.ceil(len(items) / (max(1, len(self._workers)) * _CHUNKS_PER_WORKER))
             chunksize = max(1, min(_MAX_CHUNK, per))
         if chunksize < 1:
             raise ConfigError(f"chunksize must be at least 1, got {chunksize}")
@@ -267,6 +275,8 @@ class _Worker:
     def __init__(self, process: BaseProcess, conn: Connection) -> None:
         self.process = process
         self.conn = conn
+        self.stopped = False
+        self.exitcode: int | None = None
 
     @property
     def pid(self) -> int:
@@ -295,18 +305,24 @@ class _Worker:
             return None
 
     def stop(self, grace: float) -> int | None:
-        """Wait up to `grace` seconds for the worker to leave, then terminate, then kill."""
-        self.process.join(grace)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(1.0)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
-        self.conn.close()
-        code = self.process.exitcode
+        """Wait up to `grace` seconds for the worker to leave, then terminate, then kill.
+        Idempotent; returns the exit code (negative: the signal that ended it)."""
+        if self.stopped:
+            return self.exitcode
+        self.stopped = True
+        try:
+            self.process.join(grace)
+            if self.process.is_alive():
+                self.process.terminate()
+                self.process.join(1.0)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join()
+        finally:
+            self.conn.close()
+        self.exitcode = self.process.exitcode
         self.process.close()
-        return code
+        return self.exitcode
 
 
 def _describe_exit(code: int | None) -> str:
