@@ -64,6 +64,9 @@ class Row:
     memory_raw: list[dict[str, float]] = field(default_factory=list)
     throughput: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    rates: list[float] = field(default_factory=list)  # tasks/s of each round (scaling rows)
+    group: str = ""  # "peers" / "scaling": reported in a section of their own, not the tier table
+    compare_to: str | None = None  # the id of the row this one's ratio is taken against
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)

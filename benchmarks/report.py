@@ -31,6 +31,7 @@ def summarise(row: Row) -> dict[str, Any]:
         "exec_ratio": summary(ratios),
         "memory_overhead_bytes": summary(row.memory_overhead_bytes),
         "tasks_per_s": row.throughput.get("tasks_per_s"),
+        "rates": summary(row.rates),
     }
 
 
@@ -49,6 +50,8 @@ def markdown(rows: Sequence[Row], meta: dict[str, Any]) -> str:
             f"| Tasks/s ({meta['cores']} cores) | Trivial task end to end |")
     lines = [head, "|---|---|---|---|---|---|---|"]
     absent = []
+    grouped = [row for row in rows if row.group]
+    rows = [row for row in rows if not row.group]
     for row in rows:
         claim = CLAIMS.get(row.claim or "", {})
         if not row.available:
@@ -66,10 +69,13 @@ def markdown(rows: Sequence[Row], meta: dict[str, Any]) -> str:
         ]
         lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
     out = [f"Measured {meta['started']} ({meta['mode']} mode, {meta['duration_s']:.0f} s): "
-           "median (p95) of our runs · the seed document's claim.", "", *lines, ""]
+           "median (p95) of our runs · the seed document's claim.", ""]
+    if rows:  # only peers or scaling asked for: no empty tier table
+        out += [*lines, ""]
     if absent:
         out += ["Not measured:", *absent, ""]
-    out += ["What each column measures, per tier:", ""]
+    if rows:
+        out += ["What each column measures, per tier:", ""]
     for row in rows:
         if row.available and (row.exec_what or row.memory_what or row.cleanup_what):
             parts = [f"exec: {row.exec_what}" if row.exec_what else "",
@@ -77,8 +83,71 @@ def markdown(rows: Sequence[Row], meta: dict[str, Any]) -> str:
                      f"cleanup: {row.cleanup_what}" if row.cleanup_what else "",
                      *row.notes]
             out.append(f"- **{row.label}**: " + "; ".join(p for p in parts if p) + ".")
+    if any(row.group == "peers" for row in grouped):
+        out += ["", "## Peers: the same task side by side, interleaved in this run", "",
+                *peer_lines(grouped)]
+    if any(row.group == "scaling" for row in grouped):
+        out += ["", f"## Throughput across cores ({meta['cores']} cores)", "",
+                *scaling_lines(grouped)]
     out += ["", "Machine: " + ", ".join(f"{k} {v}" for k, v in meta["machine"].items()), ""]
     return "\n".join(out)
+
+
+def peer_lines(rows: Sequence[Row]) -> list[str]:
+    """The peers table: per side its end-to-end median (p95) and how wasmbox compares."""
+    by_id = {row.id: row for row in rows}
+    lines = ["| Task | Side | Per task, median (p95) | n | wasmbox vs this side, median (p95) |",
+             "|---|---|---|---|---|"]
+    notes = []
+    for row in rows:
+        if row.group != "peers":
+            continue
+        task, _, side = row.label.partition(": ")
+        if not row.available:
+            lines.append(f"| {task} | {side} | not installed | | {row.reason} |")
+            continue
+        base = by_id.get(row.compare_to or "")
+        ratio = "—" if base is None else _ratio(base.wall_s, row.wall_s)
+        lines.append(f"| {task} | {side} | {_duration(row.wall_s)} | {len(row.wall_s)} "
+                     f"| {ratio} |")
+        notes += [f"- **{row.label}**: {note}." for note in row.notes]
+    return [*lines, "", "What each side does (limits on/off):", "", *notes]
+
+
+def scaling_lines(rows: Sequence[Row]) -> list[str]:
+    """Tasks/s of each way to run a batch, per round, and the speedup over one process."""
+    scaling = [row for row in rows if row.group == "scaling"]
+    by_id = {row.id: row for row in scaling}
+    lines = ["| How | Tasks/s, median (min-max of rounds) | vs its reference, median |",
+             "|---|---|---|"]
+    notes = []
+    for row in scaling:
+        if not row.available:
+            lines.append(f"| {row.label} | not available | {row.reason} |")
+            continue
+        base = by_id.get(row.compare_to or "")
+        mid = median(row.rates)
+        speed = "—"
+        if base is not None and mid and median(base.rates):
+            ref = median(base.rates)
+            assert ref is not None
+            speed = f"{mid / ref:.2f}x {base.label}"
+        span = f"{min(row.rates):.0f}-{max(row.rates):.0f}" if row.rates else ""
+        lines.append(f"| {row.label} | {mid or 0:.0f} ({span}) | {speed} |")
+        notes += [f"- **{row.label}**: {note}." for note in row.notes]
+    return [*lines, "", *notes]
+
+
+def _ratio(ours: Sequence[float], theirs: Sequence[float]) -> str:
+    """wasmbox's time over the side's, as words: "1.8x slower" or "2.0x faster"."""
+    mid_o, mid_t, hi_o, hi_t = median(ours), median(theirs), p95(ours), p95(theirs)
+    if not (mid_o and mid_t and hi_o and hi_t):
+        return "—"
+
+    def words(r: float) -> str:
+        return f"{r:.2f}x slower" if r >= 1 else f"{1 / r:.2f}x faster"
+
+    return f"wasmbox {words(mid_o / mid_t)} ({words(hi_o / hi_t)})"
 
 
 def chart(rows: Sequence[Row], path: Path) -> str | None:
@@ -123,6 +192,10 @@ def print_rows(rows: Sequence[Row]) -> None:
     for row in rows:
         if not row.available:
             print(f"{row.label}: not available: {row.reason}")
+            continue
+        if row.group:
+            print(f"{row.label}: per task {_duration(row.wall_s)}"
+                  + (f", {median(row.rates) or 0:.0f} tasks/s" if row.rates else ""))
             continue
         ratios = [p.cpu_ratio for p in row.exec_pairs]
         tps = f"{row.throughput['tasks_per_s']:.1f}/s" if row.throughput else "—"

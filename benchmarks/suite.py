@@ -1,11 +1,15 @@
 """The benchmark suite: every tier measured here, beside the seed document's claims.
 
-    python3 -m benchmarks [--full] [--tiers wasm,python,container,vm] [--out DIR] [--publish]
+    python3 -m benchmarks [--full] [--tiers wasm,python,container,vm,peers,scaling] [--out DIR]
+                          [--publish]
 
 Quick mode (the default, < 1 minute here, what CI runs) and full mode differ only in
-repetitions. Writes ``results.json`` (every sample), ``results.md`` (the table) and
-``startup.png`` (needs matplotlib) into ``--out`` (default ``benchmarks/results/``);
-``--publish`` also copies the table to ``benchmarks/RESULTS.md``.
+repetitions. The peers group adds one-off costs of the peers themselves: capsule-run builds
+its artifact once (about a minute, kept in build/peers) and llm-wasm-sandbox, when set up,
+compiles its interpreter on every call (15-35 s a sample here). Writes ``results.json``
+(every sample), ``results.md`` (the table) and ``startup.png`` (needs matplotlib) into
+``--out`` (default ``benchmarks/results/``); ``--publish`` also copies the table to
+``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import (  # noqa: E402
     bench_container,
+    bench_peers,
     bench_python,
+    bench_scaling,
     bench_vm,
     bench_wasm,
     report,
@@ -44,6 +50,8 @@ GROUPS: dict[str, ModuleType] = {
     "python": bench_python,
     "container": bench_container,
     "vm": bench_vm,
+    "peers": bench_peers,
+    "scaling": bench_scaling,
 }
 
 
@@ -114,6 +122,8 @@ def machine_facts() -> dict[str, str]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "wasmtime": _package_version("wasmtime"),
+        "extism": _package_version("extism"),
+        "capsule-run": _package_version("capsule-run"),
         "crun": _tool_version(["crun", "--version"]),
         "runsc": _tool_version(["runsc", "--version"]),
         "qemu": _tool_version(["qemu-system-x86_64", "--version"]),

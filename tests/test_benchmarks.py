@@ -29,3 +29,24 @@ def test_quick_suite_for_the_wasm_tier_writes_table_json_and_every_sample(
     for key in ("startup_s", "cleanup_s", "exec_pairs", "memory_overhead_bytes", "throughput"):
         assert wasm[key], key
     assert set(wasm["summary"]) >= {"startup_s", "exec_ratio", "memory_overhead_bytes"}
+
+
+def test_peers_are_measured_side_by_side_and_an_absent_peer_is_a_row_not_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks import bench_peers, report
+    from benchmarks.common import NoProgress
+
+    monkeypatch.setenv("WASMBOX_BENCH_LLM_WASM_SANDBOX_PYTHON", str(tmp_path / "no-python"))
+    rows = bench_peers.measure(True, NoProgress(bench_peers.STEPS), only={
+        "wasi-hello:wasmbox", "wasi-hello:wasmtime", "python-hello:llm-wasm-sandbox"})
+    by_id = {row.id: row for row in rows}
+    assert set(by_id) == {"wasi-hello:wasmbox", "wasi-hello:wasmtime",
+                          "python-hello:llm-wasm-sandbox"}
+    ours, floor = by_id["wasi-hello:wasmbox"], by_id["wasi-hello:wasmtime"]
+    assert len(ours.wall_s) == len(floor.wall_s) > 0
+    assert floor.compare_to == ours.id and floor.notes
+    absent = by_id["python-hello:llm-wasm-sandbox"]
+    assert not absent.available and absent.reason.startswith("not installed")
+    table = "\n".join(report.peer_lines(rows))
+    assert "wasmbox" in table and "not installed" in table

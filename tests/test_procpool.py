@@ -8,6 +8,7 @@ for its pid) to appear, so the kill lands while a task is running.
 from __future__ import annotations
 
 import functools
+import operator
 import os
 import signal
 import threading
@@ -24,6 +25,8 @@ from wasmbox.models import Resources, Result, Status, TierName
 from wasmbox.procpool import ProcessPool
 from wasmbox.tiers.wasm import WasmTier
 from wasmbox.workspace import PREFIX
+
+pytestmark = pytest.mark.timeout(180)  # a hung pool fails the test instead of the run
 
 # What differs between two runs of the same task by design.
 _PER_RUN = {"run_id", "metrics"}
@@ -200,6 +203,22 @@ def test_keyboard_interrupt_during_map_stops_every_worker(
     assert all(_workspaces_of(pid) == [] for pid in pids)
 
 
+class _FailsInTheWorker:
+    """A tier factory that pickles here but raises when a worker unpickles it."""
+
+    def __call__(self) -> WasmTier:
+        return WasmTier()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (operator.truediv, (1, 0))
+
+
+def test_a_worker_that_cannot_start_is_a_host_failure_and_leaves_no_process() -> None:
+    with pytest.raises(HostFailure, match="failed to start: ZeroDivisionError"):
+        ProcessPool(processes=2, tiers={TierName.WASM: _FailsInTheWorker()})
+    assert _worker_children() == []
+
+
 def test_tier_factories_that_cannot_pickle_are_refused_up_front() -> None:
     from wasmbox.errors import ConfigError
 
@@ -215,3 +234,109 @@ def test_a_pool_after_close_refuses_work(guests: dict[str, Path], module_cache: 
     with pytest.raises(SandboxClosed):
         pool.map([Task.wasm(guests["hello"])])
 
+
+
+# --- what a worker sends back is hostile input ---------------------------------------------
+# A worker runs guest code in its own address space; if a guest ever took it over, the reply
+# pipe is its way into the parent. The parent must parse, not unpickle, and bound it.
+
+
+class _Planted:
+    """Unpickling this creates a file: proof that a reply was unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.marker,))
+
+
+def _pipe_worker() -> tuple[Any, Any]:
+    import multiprocessing
+
+    from wasmbox.procpool import _Worker
+
+    parent, child = multiprocessing.Pipe()
+    return _Worker(None, parent), child  # type: ignore[arg-type]  # only the pipe is used
+
+
+def _frame(replies: list[tuple[str, bytes, dict[str, bytes]]]) -> bytes:
+    from wasmbox.procpool import _encode_frame
+
+    return _encode_frame(replies)
+
+
+def test_a_worker_reply_is_parsed_never_unpickled(tmp_path: Path) -> None:
+    marker = tmp_path / "unpickled"
+    worker, child = _pipe_worker()
+    child.send([_Planted(marker)])  # what a hijacked worker would send through pickle
+    assert worker.receive(1, 1 << 20) is None
+    assert not marker.exists()
+
+
+def test_a_reply_larger_than_the_policy_allows_is_refused() -> None:
+    from wasmbox.procpool import _encode_result
+
+    result = Result(task_id="t", run_id="r", tier=TierName.WASM, status=Status.COMPLETED,
+                    stdout="x" * 5000)
+    worker, child = _pipe_worker()
+    child.send_bytes(_frame([_encode_result(result)]))
+    assert worker.receive(1, 4096) is None  # the pool then stops that worker
+    worker, child = _pipe_worker()
+    child.send_bytes(_frame([_encode_result(result)]))
+    assert worker.receive(1, 1 << 20) == [result]
+
+
+@pytest.mark.parametrize("frame", [
+    b"",
+    b"\xff\xff\xff\xff{}",
+    b"\x00\x00\x00\x02[]",
+    b'\x00\x00\x00\x0b[["r",9,[]]]',  # a body length past the end
+    b'\x00\x00\x00\x0c[["e",2,[]]]{}',  # an error naming no class
+    b'\x00\x00\x00\x0c[["x",2,[]]]{}',  # an unknown kind
+], ids=["empty", "huge-header", "no-replies", "overrun", "no-class", "unknown-kind"])
+def test_a_malformed_frame_is_treated_like_a_dead_worker(frame: bytes) -> None:
+    worker, child = _pipe_worker()
+    child.send_bytes(frame)
+    assert worker.receive(1, 1 << 20) is None
+
+
+@pytest.mark.parametrize("name", ["annotations", "__builtins__", "__loader__", "Path"])
+def test_an_error_reply_rebuilds_only_wasmbox_errors(name: str) -> None:
+    import json
+
+    body = json.dumps({"type": name, "args": ["x"], "fields": {}}).encode()
+    worker, child = _pipe_worker()
+    child.send_bytes(_frame([("e", body, {})]))
+    assert worker.receive(1, 1 << 20) is None
+
+
+def test_every_public_error_travels_with_its_class_and_fields() -> None:
+    import wasmbox.errors as errors
+    from wasmbox.procpool import _encode_error
+
+    samples: list[Exception] = [
+        errors.SandboxError("root"), errors.ConfigError("bad config"),
+        errors.PolicyViolation("network.enabled", "no network"),
+        errors.InputRejected("not JSON"), errors.ModuleRejected("not wasm"),
+        errors.TierUnavailable("vm", "no qemu"), errors.SandboxClosed("closed"),
+        errors.HostFailure("disk full"), ValueError("a bug"),
+    ]
+    worker, child = _pipe_worker()
+    child.send_bytes(_frame([_encode_error(exc) for exc in samples]))
+    back = worker.receive(len(samples), 1 << 20)
+    assert back is not None
+    for sent, got in zip(samples[:-1], back, strict=False):
+        assert type(got) is type(sent) and got.args == sent.args and str(got) == str(sent)
+        assert {k: v for k, v in vars(got).items() if k != "__notes__"} == vars(sent)
+    assert type(back[-1]) is HostFailure and "ValueError: a bug" in str(back[-1])
+
+
+def test_a_result_with_text_json_cannot_carry_still_comes_back_whole() -> None:
+    from wasmbox.procpool import _encode_result
+
+    result = Result(task_id="t", run_id="r", tier=TierName.WASM, status=Status.COMPLETED,
+                    output={"s": "\ud800"}, files={"b.bin": b"\xff\x00"})
+    worker, child = _pipe_worker()
+    child.send_bytes(_frame([_encode_result(result)]))
+    assert worker.receive(1, 1 << 20) == [result]

@@ -7,25 +7,33 @@ parent's policy and tier factories, and sends tasks in chunks so one round trip 
 carries many tasks.
 
 What travels:
-- parent -> worker: a chunk of `Task`s (pickled);
-- worker -> parent: per task either a `Result` (JSON from ``model_dump_json``, files beside it
-  as raw bytes, since JSON cannot carry arbitrary bytes) or the exception `Sandbox.run`
-  raised, rebuilt in the parent as the same class with the same fields.
+- parent -> worker: a chunk of `Task`s (pickled: the parent trusts what it sends itself);
+- worker -> parent: one frame per chunk, never a pickle. A worker runs guest code in its own
+  address space, so what it sends back is treated like any other input from a task: a
+  length-checked frame (a JSON header, then the bodies) of at most what the policy's caps
+  allow, holding per task either a `Result` (JSON; files as raw bytes beside it) or the
+  `SandboxError` that `Sandbox.run` raised, rebuilt in the parent as the same class from
+  ``wasmbox.errors`` with the same fields (any other exception arrives as `HostFailure`
+  naming it). A frame that breaks these rules is handled like a worker that died.
 
-A worker that dies (killed, or a host crash inside it) loses the chunk it was running. Its
-tasks are re-run once, each on its own, on a fresh worker: a task that kills its worker again
-gets a `HostFailure` in its slot and the rest of the batch is unaffected. So a task runs at
-most twice, and only when its worker died before reporting it.
+Each worker holds up to two chunks, so it never waits for the parent between chunks.
+
+A worker that dies (killed, or a host crash inside it) loses the chunks it held. Their tasks
+are re-run once, each on its own, on a fresh worker: a task that kills its worker again gets
+a `HostFailure` in its slot and the rest of the batch is unaffected. So a task runs at most
+twice, and only when its worker died before reporting it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import multiprocessing
 import os
 import pickle
 import signal
+import struct
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -33,9 +41,10 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
-from wasmbox.errors import ConfigError, HostFailure
+from wasmbox import errors
+from wasmbox.errors import ConfigError, HostFailure, SandboxError
 from wasmbox.lifecycle import Closeable, shielded
 from wasmbox.models import Policy, Result, Task, TierName
 from wasmbox.tiers.base import Tier
@@ -47,6 +56,8 @@ START_TIMEOUT = 120.0
 STOP_GRACE = 5.0
 _CHUNKS_PER_WORKER = 4
 _MAX_CHUNK = 64
+_IN_FLIGHT = 2  # chunks a worker holds at once: one running, one waiting in its pipe
+_HEADER = struct.Struct(">I")
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,7 @@ class ProcessPool(Closeable):
         if count < 1:
             raise ConfigError(f"processes must be at least 1, got {count}")
         config = WorkerConfig(policy or Policy(), workspace_root, dict(tiers or {}))
+        self._reply_bytes = _reply_bound(config.policy)
         try:
             self._config = pickle.dumps(config)
         except (pickle.PicklingError, AttributeError, TypeError) as exc:
@@ -107,13 +119,21 @@ class ProcessPool(Closeable):
         """Process ids of the live workers."""
         return [w.pid for w in self._workers]
 
+    @overload
+    def map(self, tasks: Iterable[Task], *, chunksize: int | None = None,
+            return_exceptions: Literal[False] = False) -> list[Result]: ...
+
+    @overload
+    def map(self, tasks: Iterable[Task], *, chunksize: int | None = None,
+            return_exceptions: Literal[True]) -> list[Result | SandboxError]: ...
+
     def map(
         self,
         tasks: Iterable[Task],
         *,
         chunksize: int | None = None,
         return_exceptions: bool = False,
-    ) -> list[Any]:
+    ) -> list[Result] | list[Result | SandboxError]:
         """Run `tasks` on the workers; results keep the order of `tasks`.
 
         As `Sandbox.map`, a task the host refuses (`PolicyViolation`, `ModuleRejected`, ...)
@@ -125,7 +145,7 @@ class ProcessPool(Closeable):
         self._ensure_open()
         items = list(tasks)
         if chunksize is None:
-            per = math.ceil(len(items) / (len(self._workers) * _CHUNKS_PER_WORKER))
+            per = math.ceil(len(items) / (max(1, len(self._workers)) * _CHUNKS_PER_WORKER))
             chunksize = max(1, min(_MAX_CHUNK, per))
         if chunksize < 1:
             raise ConfigError(f"chunksize must be at least 1, got {chunksize}")
@@ -148,49 +168,71 @@ class ProcessPool(Closeable):
         return slots
 
     def _drive(self, items: list[Task], slots: list[Any], queue: deque[_Chunk]) -> None:
-        busy: dict[_Worker, _Chunk] = {}
-        while queue or busy:
-            for worker in self._workers:
-                if worker not in busy and queue:
-                    chunk = queue.popleft()
-                    busy[worker] = chunk
-                    # A dead worker cannot take it; its sentinel reports the death below.
-                    with contextlib.suppress(OSError, ValueError):
-                        worker.conn.send([items[i] for i in chunk.indices])
-            if not busy:  # every worker is gone and could not be replaced
+        held: dict[_Worker, deque[_Chunk]] = {}
+        while queue or held:
+            self._dispatch(items, queue, held)
+            if not held:  # every worker is gone and could not be replaced
                 for chunk in queue:
                     for i in chunk.indices:
                         slots[i] = HostFailure("no worker process is left to run the task")
                 queue.clear()
                 return
             waitables: list[Any] = []
-            for worker in busy:
+            for worker in held:
                 waitables += [worker.conn, worker.process.sentinel]
             ready = set(wait(waitables))
-            for worker in list(busy):
+            for worker in list(held):
                 if worker.conn not in ready and worker.process.sentinel not in ready:
                     continue
-                chunk = busy.pop(worker)
-                replies = worker.receive()
+                chunks = held[worker]
+                chunk = chunks[0]
+                replies = worker.receive(len(chunk.indices), self._reply_bytes)
                 if replies is not None:
+                    chunks.popleft()
+                    if not chunks:
+                        del held[worker]
                     for i, reply in zip(chunk.indices, replies, strict=True):
-                        slots[i] = _decode(reply)
+                        slots[i] = reply
                     continue
-                self._bury(worker, chunk, slots, queue)
+                del held[worker]
+                self._bury(worker, list(chunks), slots, queue)
 
-    def _bury(self, worker: _Worker, chunk: _Chunk, slots: list[Any],
+    def _dispatch(self, items: list[Task], queue: deque[_Chunk],
+                  held: dict[_Worker, deque[_Chunk]]) -> None:
+        """Top every worker up to `_IN_FLIGHT` chunks, one round at a time so the first
+        chunks spread over all workers. A re-run goes alone to an idle worker: a task
+        suspected of killing its worker must not take an innocent one down with it."""
+        for depth in range(_IN_FLIGHT):
+            for worker in self._workers:
+                chunks = held.get(worker, deque())
+                if not queue or len(chunks) != depth:
+                    continue
+                if chunks and (chunks[-1].retry or queue[0].retry):
+                    continue
+                chunk = queue.popleft()
+                chunks.append(chunk)
+                held[worker] = chunks
+                # A dead worker cannot take it; its sentinel reports the death below.
+                with contextlib.suppress(OSError, ValueError):
+                    worker.conn.send([items[i] for i in chunk.indices])
+
+    def _bury(self, worker: _Worker, chunks: list[_Chunk], slots: list[Any],
               queue: deque[_Chunk]) -> None:
-        """A worker died with `chunk` unreported: re-run its tasks singly once, replace it."""
+        """A worker died (or sent what it must not) with `chunks` unreported: re-run their
+        tasks singly once, fail the ones that were already a re-run, replace the worker."""
         code = worker.stop(0.0)
         self._workers.remove(worker)
-        if chunk.retry:
-            for i in chunk.indices:
-                slots[i] = HostFailure(
-                    f"the worker process died ({_describe_exit(code)}) while running the "
-                    "task, twice"
-                )
-        else:
-            queue.extendleft(_Chunk([i], retry=True) for i in reversed(chunk.indices))
+        rerun = []
+        for chunk in chunks:
+            if chunk.retry:
+                for i in chunk.indices:
+                    slots[i] = HostFailure(
+                        f"the worker process died ({_describe_exit(code)}) while running "
+                        "the task, twice"
+                    )
+            else:
+                rerun += [_Chunk([i], retry=True) for i in chunk.indices]
+        queue.extendleft(reversed(rerun))
         try:  # the new worker's Sandbox reclaims the workspace the dead one left
             fresh = self._start()
             fresh.wait_ready()
@@ -233,6 +275,8 @@ class _Worker:
     def __init__(self, process: BaseProcess, conn: Connection) -> None:
         self.process = process
         self.conn = conn
+        self.stopped = False
+        self.exitcode: int | None = None
 
     @property
     def pid(self) -> int:
@@ -241,35 +285,44 @@ class _Worker:
 
     def wait_ready(self) -> None:
         """Block until the worker built its Sandbox; `HostFailure` if it died or hung."""
-        ready = wait([self.conn, self.process.sentinel], START_TIMEOUT)
-        message = self.receive() if ready else None
-        if message != "ready":
+        message = None
+        if wait([self.conn, self.process.sentinel], START_TIMEOUT):
+            with contextlib.suppress(EOFError, OSError):
+                message = self.conn.recv_bytes(_READY_BYTES)
+        if message != b"ready":
             code = self.stop(0.0)
-            detail = message if isinstance(message, str) else _describe_exit(code)
+            detail = (message.decode("utf-8", "replace") if message is not None
+                      else _describe_exit(code))
             raise HostFailure(f"a worker process failed to start: {detail}")
 
-    def receive(self) -> Any:
-        """The next message, or None when the worker is gone."""
+    def receive(self, count: int, per_task: int) -> list[Any] | None:
+        """The `count` replies of the oldest chunk, or None when the worker is gone or sent
+        a frame that breaks the rules (too large, malformed, the wrong count)."""
         try:
-            if self.conn.poll():
-                return self.conn.recv()
-        except (EOFError, OSError):
-            pass
-        return None
+            frame = self.conn.recv_bytes(count * per_task)
+            return _decode_frame(frame, count)
+        except (EOFError, OSError, _Malformed):
+            return None
 
     def stop(self, grace: float) -> int | None:
-        """Wait up to `grace` seconds for the worker to leave, then terminate, then kill."""
-        self.process.join(grace)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(1.0)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
-        self.conn.close()
-        code = self.process.exitcode
+        """Wait up to `grace` seconds for the worker to leave, then terminate, then kill.
+        Idempotent; returns the exit code (negative: the signal that ended it)."""
+        if self.stopped:
+            return self.exitcode
+        self.stopped = True
+        try:
+            self.process.join(grace)
+            if self.process.is_alive():
+                self.process.terminate()
+                self.process.join(1.0)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join()
+        finally:
+            self.conn.close()
+        self.exitcode = self.process.exitcode
         self.process.close()
-        return code
+        return self.exitcode
 
 
 def _describe_exit(code: int | None) -> str:
@@ -285,43 +338,129 @@ def _describe_exit(code: int | None) -> str:
 # --- what travels back, and how it is rebuilt ---------------------------------------------
 
 _PENDING = object()
-_RESULT, _PICKLED, _ERROR = 0, 1, 2
+_READY_BYTES = 64 * 1024
+_RESULT, _RESULT_PY, _ERROR = "r", "p", "e"
 
 
-def _encode_result(result: Result) -> tuple[int, Any, Any]:
+class _Malformed(Exception):
+    """A worker's frame that does not follow the protocol."""
+
+
+def _reply_bound(policy: Policy) -> int:
+    """The most one task's reply may take: streams (JSON may escape a byte into six),
+    files, result.json re-encoded, and room for the rest."""
+    limits, output = policy.limits, policy.output
+    streams = 6 * (limits.stdout_bytes + limits.stderr_bytes)
+    return streams + output.max_total_bytes + 6 * output.max_file_bytes + (1 << 20)
+
+
+def _encode_frame(replies: list[tuple[str, bytes, dict[str, bytes]]]) -> bytes:
+    """[kind, body, files] per task -> one frame: header length, JSON header, bodies."""
+    header = []
+    bodies: list[bytes] = []
+    for kind, body, files in replies:
+        header.append([kind, len(body), [[name, len(data)] for name, data in files.items()]])
+        bodies.append(body)
+        bodies.extend(files.values())
+    head = json.dumps(header).encode()
+    return b"".join([_HEADER.pack(len(head)), head, *bodies])
+
+
+def _decode_frame(frame: bytes, count: int) -> list[Any]:
+    """A worker's frame -> a Result or an exception per task; `_Malformed` if it is not one."""
+    view = memoryview(frame)
+    if len(view) < _HEADER.size:
+        raise _Malformed("short frame")
+    (head_len,) = _HEADER.unpack_from(view)
+    at = _HEADER.size + head_len
     try:
-        data = result.model_dump_json(exclude={"files"}).encode()
-    except ValueError:  # a str JSON cannot carry (a lone surrogate): pickle, slower but whole
-        return _PICKLED, pickle.dumps(result, pickle.HIGHEST_PROTOCOL), None
-    return _RESULT, data, result.files or None
+        header = json.loads(bytes(view[_HEADER.size:at]))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _Malformed(f"header: {exc}") from exc
+    if not isinstance(header, list) or len(header) != count:
+        raise _Malformed("wrong number of replies")
+
+    def take(size: object) -> bytes:
+        nonlocal at
+        if not isinstance(size, int) or size < 0 or at + size > len(view):
+            raise _Malformed("a length runs past the frame")
+        data = bytes(view[at:at + size])
+        at += size
+        return data
+
+    replies = []
+    for entry in header:
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[2], list)):
+            raise _Malformed("a reply entry has the wrong shape")
+        kind, size, file_sizes = entry
+        body = take(size)
+        files = {}
+        for item in file_sizes:
+            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
+                raise _Malformed("a file entry has the wrong shape")
+            files[item[0]] = take(item[1])
+        replies.append(_decode(kind, body, files))
+    if at != len(view):
+        raise _Malformed("bytes left over after the last reply")
+    return replies
 
 
-def _encode_error(exc: Exception) -> tuple[int, Any, Any]:
-    # Rebuilt from class, args and fields rather than by pickle: errors such as
-    # PolicyViolation(rule, message) do not survive the default exception pickling.
-    remote = "".join(traceback.format_exception(exc))
+def _encode_result(result: Result) -> tuple[str, bytes, dict[str, bytes]]:
     try:
-        state = pickle.dumps((type(exc), exc.args, dict(vars(exc))))
-    except Exception:
-        state = pickle.dumps((HostFailure, (f"{type(exc).__name__}: {exc}",), {}))
-    return _ERROR, state, remote
+        return _RESULT, result.model_dump_json(exclude={"files"}).encode(), result.files
+    except ValueError:  # a str pydantic will not encode (a lone surrogate): escape it
+        data = json.dumps(result.model_dump(mode="json", exclude={"files"})).encode()
+        return _RESULT_PY, data, result.files
 
 
-def _decode(reply: tuple[int, Any, Any]) -> Any:
-    kind, data, extra = reply
-    if kind == _RESULT:
-        result = Result.model_validate_json(data)
-        return result.model_copy(update={"files": extra}) if extra else result
-    if kind == _PICKLED:
-        return pickle.loads(data)
+def _encode_error(exc: Exception) -> tuple[str, bytes, dict[str, bytes]]:
+    # Class name, args and fields rather than a pickle: the parent only rebuilds classes of
+    # wasmbox.errors, and PolicyViolation(rule, message) would not survive pickling anyway.
+    if isinstance(exc, SandboxError) and getattr(errors, type(exc).__name__, None) is type(exc):
+        name, args, fields = type(exc).__name__, exc.args, dict(vars(exc))
+    else:
+        name, args, fields = "HostFailure", (f"{type(exc).__name__}: {exc}",), {}
+    fields.pop("__notes__", None)
+    payload = {"type": name, "args": [_plain(a) for a in args],
+               "fields": {k: _plain(v) for k, v in fields.items()},
+               "remote": "".join(traceback.format_exception(exc))}
+    return _ERROR, json.dumps(payload).encode(), {}
+
+
+def _plain(value: object) -> object:
+    """`value` if JSON carries it as is, else its text."""
+    return value if isinstance(value, str | int | float | bool | type(None)) else str(value)
+
+
+def _decode(kind: object, body: bytes, files: dict[str, bytes]) -> Any:
     try:
-        cls, args, state = pickle.loads(data)
-        exc: BaseException = cls.__new__(cls)
-        exc.args = args
-        exc.__dict__.update(state)
-    except Exception as failure:
-        exc = HostFailure(f"a worker's error could not be rebuilt: {failure}")
-    exc.add_note(f"raised in a wasmbox worker process:\n{extra}")
+        if kind == _RESULT:
+            result = Result.model_validate_json(body)
+        elif kind == _RESULT_PY:
+            result = Result.model_validate(json.loads(body))
+        elif kind == _ERROR:
+            return _rebuild_error(json.loads(body))
+        else:
+            raise _Malformed(f"unknown reply kind {kind!r}")
+    except ValueError as exc:  # pydantic's ValidationError and JSON errors are ValueErrors
+        raise _Malformed(f"a reply does not decode: {exc}") from exc
+    return result.model_copy(update={"files": files}) if files else result
+
+
+def _rebuild_error(payload: Any) -> BaseException:
+    if not isinstance(payload, dict):
+        raise _Malformed("an error reply is not an object")
+    cls = getattr(errors, str(payload.get("type")), None)
+    args, fields = payload.get("args"), payload.get("fields")
+    if not (isinstance(cls, type) and issubclass(cls, SandboxError)
+            and isinstance(args, list) and isinstance(fields, dict)):
+        raise _Malformed("an error reply names no wasmbox error")
+    exc = cls.__new__(cls)
+    exc.args = tuple(args)
+    for key, value in fields.items():
+        if isinstance(key, str) and not key.startswith("__"):
+            setattr(exc, key, value)
+    exc.add_note(f"raised in a wasmbox worker process:\n{payload.get('remote', '')}")
     return exc
 
 
@@ -339,10 +478,10 @@ def _worker_main(conn: Connection, config_bytes: bytes) -> None:
         sandbox = Sandbox(config.policy, workspace_root=config.workspace_root,
                           tiers=config.tiers)
     except Exception as exc:
-        conn.send(f"{type(exc).__name__}: {exc}")
+        conn.send_bytes(f"{type(exc).__name__}: {exc}".encode()[:_READY_BYTES])
         return
     try:
-        conn.send("ready")
+        conn.send_bytes(b"ready")
         while True:
             try:
                 tasks = conn.recv()
@@ -357,7 +496,7 @@ def _worker_main(conn: Connection, config_bytes: bytes) -> None:
                 except Exception as exc:
                     replies.append(_encode_error(exc))
             try:
-                conn.send(replies)
+                conn.send_bytes(_encode_frame(replies))
             except OSError:  # the parent is gone
                 break
     finally:
