@@ -340,3 +340,21 @@ def test_a_result_with_text_json_cannot_carry_still_comes_back_whole() -> None:
     worker, child = _pipe_worker()
     child.send_bytes(_frame([_encode_result(result)]))
     assert worker.receive(1, 1 << 20) == [result]
+
+
+def test_sandbox_map_with_processes_uses_and_then_closes_a_pool(
+    module_cache: Path, guests: dict[str, Path]
+) -> None:
+    from wasmbox import Sandbox
+
+    tiers = {TierName.WASM: functools.partial(WasmTier, module_cache)}
+    batch = _mixed_batch(guests)
+    with Sandbox(Policy(), tiers=tiers) as sb:
+        local = sb.map(batch, return_exceptions=True)
+        remote = sb.map(batch, return_exceptions=True, processes=2)
+        assert [_comparable(x) for x in remote] == [_comparable(x) for x in local]
+        with pytest.raises(PolicyViolation):
+            sb.map(batch, processes=2)  # the same pool, the refusal raised as in-process
+        pids = list(sb._pools[2].pids)
+        assert len(sb._pools) == 1 and _alive(pids)
+    assert not _alive(pids)  # closing the sandbox closed its pool

@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Literal, overload
+from typing import TYPE_CHECKING, Literal, overload
 
 from wasmbox import telemetry
 from wasmbox.errors import PolicyViolation, SandboxError, TierUnavailable
@@ -24,6 +24,9 @@ from wasmbox.monitor import Monitor
 from wasmbox.policy import Plan, apply
 from wasmbox.tiers.base import Availability, Outcome, Tier, tier_factory
 from wasmbox.validation import compile_schema
+
+if TYPE_CHECKING:
+    from wasmbox.procpool import ProcessPool
 from wasmbox.workspace import (
     Collected,
     Workspace,
@@ -56,6 +59,7 @@ class Sandbox(Closeable):
         self._tiers: dict[TierName, Tier] = {}
         self._availability: dict[TierName, Availability] = {}
         self._cancels: dict[str, set[_Cancel]] = {}
+        self._pools: dict[int, ProcessPool] = {}
         self._lock = threading.Lock()
         _reclaim_once(workspace_root)
         _LIVE.add(self)
@@ -137,20 +141,32 @@ class Sandbox(Closeable):
 
     @overload
     def map(self, tasks: Iterable[Task], concurrency: int = 1, *,
-            return_exceptions: Literal[False] = False) -> list[Result]: ...
+            return_exceptions: Literal[False] = False,
+            processes: int | None = None) -> list[Result]: ...
 
     @overload
     def map(self, tasks: Iterable[Task], concurrency: int = 1, *,
-            return_exceptions: Literal[True]) -> list[Result | SandboxError]: ...
+            return_exceptions: Literal[True],
+            processes: int | None = None) -> list[Result | SandboxError]: ...
 
     def map(self, tasks: Iterable[Task], concurrency: int = 1, *,
-            return_exceptions: bool = False) -> list[Result] | list[Result | SandboxError]:
+            return_exceptions: bool = False,
+            processes: int | None = None) -> list[Result] | list[Result | SandboxError]:
         """Run many tasks on `concurrency` threads; results keep the order of `tasks`.
 
         A task the host refuses (`PolicyViolation`, `InputRejected`, ...) raises, as `run`
         does, after every other task has finished; with ``return_exceptions=True`` its error
         takes its place in the list instead, and no result is lost.
+
+        ``processes=N`` runs the batch on N spawned worker processes instead (each with its
+        own warm sandbox and this policy), which scales short tasks past the GIL; the pool
+        is kept for later calls and closed with the sandbox. Tier factories must pickle.
         """
+        if processes is not None and processes > 0:
+            pool = self._process_pool(processes)
+            if return_exceptions:
+                return pool.map(tasks, return_exceptions=True)
+            return pool.map(tasks)
         out = [item for _, item in self.imap(tasks, concurrency, return_exceptions=True)]
         if not return_exceptions:
             for item in out:
@@ -320,10 +336,26 @@ class Sandbox(Closeable):
                 self._tiers[name] = tier
         return tier
 
+    def _process_pool(self, processes: int) -> ProcessPool:
+        from wasmbox.procpool import ProcessPool
+
+        with self._lock:
+            self._ensure_open()
+            pool = self._pools.get(processes)
+            if pool is None:
+                pool = ProcessPool(self.policy, processes=processes,
+                                   workspace_root=self._workspace_root, tiers=self._factories)
+                self._pools[processes] = pool
+        return pool
+
     def _release(self) -> None:
         telemetry.LIVE_SANDBOXES.dec()
         with self._lock:
             tiers, self._tiers = self._tiers, {}
+            pools, self._pools = self._pools, {}
+        for pool in pools.values():
+            with shielded():
+                pool.close()
         for tier in tiers.values():
             tier.close()
 
