@@ -84,6 +84,7 @@ class EngineHandle(Closeable):
         self.linker = wasmtime.Linker(self.engine)
         self.linker.define_wasi()
         hostcalls.define(self.linker)
+        self.wasi_calls = hostcalls.WasiCalls(self.engine)
         self._ticker = _Ticker(self.engine)
 
     def ensure_ticking(self) -> None:
@@ -92,6 +93,7 @@ class EngineHandle(Closeable):
 
     def _release(self) -> None:
         self._ticker.stop()
+        self.wasi_calls.close()
         self.linker.close()
         self.engine.close()
 
