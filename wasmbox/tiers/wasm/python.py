@@ -15,8 +15,26 @@ random, typing, fractions, heapq, bisect, ...) and the pure-Python packages list
 ModuleNotFoundError that says so. **C extensions are not supported in this tier** (a wheel
 with compiled code cannot load in WASI): run such tasks in the container tier.
 
-Known limit: a blocking WASI call cannot be interrupted by the epoch deadline. The guest's
-``time.sleep`` sleeps in short slices so the deadline still applies to it.
+Known limit (issue 11, class 5): a blocking WASI call cannot be interrupted here. The epoch
+deadline only stops wasm code; a task blocked in ``wasi:io/poll`` (``time.sleep``'s original,
+reachable through ``time.sleep.__globals__``, or ``select.select``) holds its host thread
+until the wait ends, and only then is stopped as TIMEOUT. The core-module tier shadows
+``poll_oneoff``; this one cannot, with wasmtime-py 50:
+
+* the component Linker can shadow an import only by redefining its whole instance, and a
+  Python function cannot call the definition it replaces;
+* a shadow ``wasi:io/poll`` must define its own ``pollable`` resource, and then wasmtime's
+  ``wasi:io/streams`` (whose ``subscribe`` returns wasmtime's pollable) no longer type-checks:
+  instantiation fails ("resource type mismatch"), and streams cannot be reimplemented in
+  Python without reimplementing the filesystem that hands them out;
+* the C API's async calls (which could be dropped at the deadline) abort the process: the
+  WASI p2 clock needs a Tokio reactor that only a Rust embedder can provide.
+
+What is done: the run ends TIMEOUT as soon as the wait ends, its wall time is charged in
+``run_s``, and ``metrics.extra["held_past_deadline_s"]`` reports how long the host was held
+past the deadline. The way to a real bound is a shim component, composed around the
+interpreter at build time, that clamps ``monotonic-clock.subscribe-*`` to a host-provided
+``remaining()`` (tracked in issue 11's note).
 """
 
 from __future__ import annotations

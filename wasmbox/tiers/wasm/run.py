@@ -185,6 +185,10 @@ def settle(
         else:
             outcome.status = Status.OUTPUT_REJECTED
         outcome.exit_code = None
+    if deadline.expired:
+        # How long the host thread was held after the deadline: a tick for wasm code, the
+        # rest of the wait for a blocking call nothing could interrupt (see python.py).
+        outcome.extra["held_past_deadline_s"] = time.monotonic() - deadline.at
     if plan.fuel is not None:
         outcome.fuel_consumed = plan.fuel - store.get_fuel()
     close_store(store)
