@@ -8,10 +8,11 @@ the run's deadline (relative and absolute clocks, realtime and monotonic), then 
 as TIMEOUT; fd subscriptions are ready at once (a guest's fds are files). The layout and
 errno cases below pin the implementation to the WASI preview 1 ABI.
 
-Python tasks (a WASI p2 component) cannot be bounded this way with wasmtime-py 50; see the
-"Known limit" in `wasmbox.tiers.wasm.python`. For them the tests pin what does hold: the
-run ends TIMEOUT, and the hold past the deadline is reported. The strict xfail states the
-gap and fails (XPASS) once it is closed.
+Python tasks (a WASI p2 component) cannot be shadowed that way with wasmtime-py 50 (see
+`wasmbox.tiers.wasm.python`): their interpreter is composed with a clock shim that clamps
+every clock subscription to the host's ``remaining()`` (`wasmbox.tiers.wasm.clock_shim`).
+The guest-side sleep slicing is bypassed on purpose below (the original ``time.sleep`` via
+``__globals__``, ``select.select`` loaded past the import refusal).
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from wasmbox.models import TierName
 from wasmbox.tiers.wasm import WasmTier
 from wasmbox.tiers.wasm.python import PythonRuntime
 
-# Unguarded, a test below blocks its thread for up to an hour: fail it instead.
-pytestmark = pytest.mark.timeout(120, method="thread")
+# Unguarded, a test below blocks its thread for up to an hour: fail it instead (generous:
+# building and compiling the Python interpreter on a loaded machine counts too).
+pytestmark = pytest.mark.timeout(900, method="thread")
 
 # A WASI command that calls poll_oneoff on subscriptions it builds at 1024 and exits with
 # a code the test reads: the errno, or 100 + 10 * nevents + the first event's type.
@@ -161,23 +163,24 @@ def py_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
 
 
 @pytest.mark.parametrize("source", [_ORIGINAL_SLEEP, _SELECT], ids=["sleep-globals", "select"])
-def test_python_blocking_wait_past_the_deadline_ends_timeout(
-    py_sandbox: Sandbox, source: str
-) -> None:
-    task = Task.python(source.format(seconds=3), tier=TierName.WASM, resources={"timeout": 1})
+def test_python_blocking_wait_is_cut_at_the_deadline(py_sandbox: Sandbox, source: str) -> None:
+    # Without the clock shim the host thread is held the full 6 s.
+    task = Task.python(source.format(seconds=6), tier=TierName.WASM, resources={"timeout": 1})
     r = py_sandbox.run(task)
     assert r.tier is TierName.WASM
     assert r.status is Status.TIMEOUT, (r.reason, r.stderr[-300:])
     assert r.output is None
-    assert r.metrics.run_s >= 0.9  # the hold is charged as wall time
-    assert r.metrics.extra["held_past_deadline_s"] > 1  # reported: the wait outlasted it
+    # A behaviour bound (6 s unguarded), not a benchmark. run_s, not wall_s: the first run
+    # of a session also pays for compiling the interpreter, before its deadline starts.
+    assert 0.9 <= r.metrics.run_s < 4.5  # cut at the deadline, and charged as wall time
+    assert r.metrics.extra["held_past_deadline_s"] < 2
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="wasmtime-py 50 cannot interrupt a WASI p2 poll "
-                          "(see wasmbox.tiers.wasm.python, Known limit)")
-def test_python_blocking_wait_is_cut_at_the_deadline(py_sandbox: Sandbox) -> None:
-    task = Task.python(_ORIGINAL_SLEEP.format(seconds=4), tier=TierName.WASM,
-                       resources={"timeout": 1})
-    r = py_sandbox.run(task)
-    assert r.metrics.wall_s < 2.5
+@pytest.mark.parametrize("mode", ["sleep", "monotonic-select"])
+def test_python_wait_the_deadline_allows_is_waited_in_full(py_sandbox: Sandbox, mode: str) -> None:
+    waits = {"sleep": "time.sleep(0.2)", "monotonic-select": "time.sleep(0.1); time.sleep(0.1)"}
+    source = (f"import time\ndef main(_):\n    t = time.monotonic()\n    {waits[mode]}\n"
+              "    return time.monotonic() - t\n")
+    r = py_sandbox.run(Task.python(source, tier=TierName.WASM, resources={"timeout": 30}))
+    assert r.status is Status.COMPLETED, r.reason
+    assert isinstance(r.output, float) and r.output >= 0.2  # by the guest's clock

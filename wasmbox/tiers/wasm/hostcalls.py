@@ -288,6 +288,32 @@ def _wait_ns(run: RunHost, clock_id: int, timeout: int, flags: int) -> int | Non
     return None
 
 
+_U64_MAX = (1 << 64) - 1
+
+
+def remaining_ns(store: wasmtime.StoreContext) -> int:
+    """Nanoseconds left before the calling store's deadline (the clock shim's ``remaining``).
+
+    Once the deadline has passed, also stops the run as TIMEOUT (as `poll_oneoff` does).
+    Never raises: an unknown store gets 0, so it can wait for nothing.
+    """
+    try:
+        context = store._context()
+        run = _RUNS.get(_key(context))
+        if run is None:
+            return 0
+        left = run.deadline.remaining()
+        if left is None:
+            return _U64_MAX
+        if left <= 0:
+            run.watchdog.tripped = DEADLINE_REASON
+            ffi.wasmtime_context_set_epoch_deadline(context, 0)
+            return 0
+        return min(_U64_MAX, int(left * 1e9))
+    except Exception:
+        return 0
+
+
 def _sleep_until_due(run: RunHost, caller: wasmtime.Caller, wait_s: float) -> None:
     """Sleep `wait_s`, or until the deadline if that comes first; then stop the guest."""
     due = time.monotonic() + wait_s
