@@ -59,7 +59,8 @@ def test_scan_gives_up_on_oversized_source() -> None:
 
 @pytest.fixture(scope="module")
 def auto_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    cache = tmp_path_factory.mktemp("python-cache")
+    cache = tmp_path_factory.getbasetemp() / "adversarial-python-cache"  # shared, built once
+    cache.mkdir(exist_ok=True)
     with WasmTier(cache) as tier:
         report = PythonRuntime(cache, lambda f: tier._engine_for(f)[0]).availability()
         if not report.ok:

@@ -1,5 +1,11 @@
 """Compiled-module cache: validated once, compiled once, pre-linked once.
 
+A module the cache has not seen is validated and compiled in a worker process
+(`compile_worker`) bounded in memory, CPU and wall time by the task's timeout: a hostile
+module can make compilation cost seconds and hundreds of MiB. Cache hits never leave the
+process. The cost of a compile is kept with the module and reported once, in the metrics of
+the run that paid for it (``extra["compile_s"]``).
+
 On disk, ``<dir>/<sha256>-<flavour>.cwasm`` holds wasmtime's serialized code, keyed by the
 module's hash, the wasmtime version and the engine flags (a `.cwasm` is only valid for exactly
 those). In memory, the `InstancePre` of the most recently used modules is kept, so a run only
@@ -10,20 +16,36 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import wasmtime
 
-from wasmbox.errors import ModuleRejected, PolicyViolation
-from wasmbox.tiers.wasm.engine import EngineHandle, first_line
+from wasmbox.errors import HostFailure, ModuleRejected, PolicyViolation
+from wasmbox.models import GiB
+from wasmbox.tiers.wasm import compile_worker
+from wasmbox.tiers.wasm.engine import EngineHandle, Flavour, first_line
 from wasmbox.tiers.wasm.run import write_atomic
 
 MAX_MODULE_BYTES = 256 * 1024 * 1024
 _MEMORY_ENTRIES = 64
+# The compile worker's bounds. Address space, not RSS: wasmtime's compile of a 3 MB
+# one-function module peaks near 750 MiB resident; the interpreter and its libraries need
+# a few hundred MiB of address space more.
+COMPILE_ADDRESS_SPACE = 2 * GiB
+# Wall time beyond the task's timeout for the worker to start (an interpreter and wasmtime),
+# and the budget when the task has no timeout at all.
+COMPILE_START_SECONDS = 1.0
+COMPILE_MIN_SECONDS = 1.0
+COMPILE_UNBOUNDED_SECONDS = 60.0
 
 
 def default_cache_dir() -> Path:
@@ -44,6 +66,7 @@ class Prepared:
     pre: wasmtime.InstancePre | None  # None when the module cannot be linked (see link_error)
     module: wasmtime.Module
     link_error: str | None = None
+    compile_s: float = 0.0  # what compiling it cost (0 when it came from the disk cache)
 
 
 class ModuleCache:
@@ -55,11 +78,19 @@ class ModuleCache:
         self._lock = threading.Lock()
         self._prepared: OrderedDict[str, Prepared] = OrderedDict()
         self._digests: dict[tuple[str, int, int, int], str] = {}
+        self._unclaimed: dict[str, float] = {}
 
-    def load_path(self, path: Path, pin: str | None) -> Prepared:
+    def claim_compile_s(self, digest: str) -> float:
+        """The compile cost of `digest` if no run has reported it yet, else 0.0."""
+        with self._lock:
+            return self._unclaimed.pop(digest, 0.0)
+
+    def load_path(self, path: Path, pin: str | None, timeout: float | None = None) -> Prepared:
         """The prepared module for a file; hashes are memoised by (path, inode, size, mtime).
 
         A pinned module is always hashed again, so a file swapped in place is caught.
+        `timeout` is the task's: a compile (cache miss) may take that long, plus the
+        worker's start-up.
         """
         try:
             st = os.stat(path)
@@ -77,11 +108,11 @@ class ModuleCache:
             data = path.read_bytes()
         except OSError as exc:
             raise ModuleRejected(f"cannot read module {path}: {exc.strerror}") from exc
-        prepared = self.load_bytes(data, pin)
+        prepared = self.load_bytes(data, pin, timeout)
         self._digests[stamp] = prepared.sha256
         return prepared
 
-    def load_bytes(self, data: bytes, pin: str | None) -> Prepared:
+    def load_bytes(self, data: bytes, pin: str | None, timeout: float | None = None) -> Prepared:
         """The prepared module for raw bytes; raises `ModuleRejected` if they are not valid."""
         if len(data) > MAX_MODULE_BYTES:
             raise ModuleRejected(f"module is over {MAX_MODULE_BYTES} bytes")
@@ -93,24 +124,26 @@ class ModuleCache:
             if found is not None:
                 self._prepared.move_to_end(digest)
                 return found
-        prepared = self._prepare(digest, data)
+        prepared = self._prepare(digest, data, timeout)
         with self._lock:
             self._prepared[digest] = prepared
+            if prepared.compile_s:
+                self._unclaimed[digest] = prepared.compile_s
             while len(self._prepared) > _MEMORY_ENTRIES:
                 self._prepared.popitem(last=False)
         return prepared
 
-    def _prepare(self, digest: str, data: bytes) -> Prepared:
+    def _prepare(self, digest: str, data: bytes, timeout: float | None) -> Prepared:
         engine = self._handle.engine
         module = self._from_disk(digest)
+        compile_s = 0.0
         if module is None:
+            compiled, compile_s = compile_in_worker(self._handle.flavour, data, timeout)
             try:
-                wasmtime.Module.validate(engine, data)
-                module = wasmtime.Module(engine, data)
+                module = wasmtime.Module.deserialize(engine, compiled)
             except wasmtime.WasmtimeError as exc:
-                reason = first_line(str(exc))
-                raise ModuleRejected(f"not a valid WebAssembly module: {reason}") from exc
-            self._to_disk(digest, module)
+                raise HostFailure(f"the compile worker's output does not load: {exc}") from exc
+            self._to_disk(digest, compiled)
         imports = frozenset(f"{i.module}.{i.name}" for i in module.imports)
         exports = {e.name for e in module.exports}
         if "_start" not in exports:
@@ -119,8 +152,8 @@ class ModuleCache:
             pre = self._handle.linker.instantiate_pre(module)
         except wasmtime.WasmtimeError as exc:
             # Kept, not raised: the policy's import check names the culprit more precisely.
-            return Prepared(digest, imports, None, module, first_line(str(exc)))
-        return Prepared(sha256=digest, imports=imports, pre=pre, module=module)
+            return Prepared(digest, imports, None, module, first_line(str(exc)), compile_s)
+        return Prepared(digest, imports, pre, module, compile_s=compile_s)
 
     def _path(self, digest: str) -> Path | None:
         if self._dir is None:
@@ -137,13 +170,13 @@ class ModuleCache:
             path.unlink(missing_ok=True)  # stale or corrupt: recompile
             return None
 
-    def _to_disk(self, digest: str, module: wasmtime.Module) -> None:
+    def _to_disk(self, digest: str, compiled: bytes) -> None:
         path = self._path(digest)
         if path is None:
             return
         # The cache is an optimisation: a read-only home must not fail the run.
         with contextlib.suppress(OSError):
-            write_atomic(path, module.serialize())
+            write_atomic(path, compiled)
 
     def clear(self) -> None:
         """Drop the in-memory entries (the disk cache stays)."""
@@ -154,6 +187,51 @@ class ModuleCache:
                 prepared.module.close()
             self._prepared.clear()
             self._digests.clear()
+            self._unclaimed.clear()
+
+
+def compile_budget(timeout: float | None) -> float:
+    """Wall seconds a compile may take for a task with `timeout`."""
+    if timeout is None:
+        return COMPILE_UNBOUNDED_SECONDS
+    return max(timeout, COMPILE_MIN_SECONDS) + COMPILE_START_SECONDS
+
+
+def compile_in_worker(
+    flavour: Flavour, data: bytes, timeout: float | None,
+    address_space: int = COMPILE_ADDRESS_SPACE,
+) -> tuple[bytes, float]:
+    """Validate and compile `data` in a bounded worker process: (serialized code, seconds).
+
+    Raises `ModuleRejected` for an invalid module and for one whose compilation exceeds the
+    budget (`compile_budget` of wall time, as much CPU time, `address_space` bytes); the
+    worker is killed, never left behind.
+    """
+    seconds = compile_budget(timeout)
+    argv = [sys.executable, "-I", compile_worker.__file__, str(int(flavour.fuel)),
+            str(flavour.stack), str(address_space), str(math.ceil(seconds))]
+    t0 = time.perf_counter()
+    try:
+        done = subprocess.run(argv, input=data, capture_output=True, timeout=seconds,
+                              check=False)
+    except subprocess.TimeoutExpired as exc:  # run() has killed and reaped the worker
+        raise ModuleRejected(
+            f"compiling the module took longer than its {seconds:g} s budget "
+            "(the task's timeout)") from exc
+    except OSError as exc:
+        raise HostFailure(f"cannot start the compile worker: {exc}") from exc
+    elapsed = time.perf_counter() - t0
+    if done.returncode == 0:
+        return done.stdout, elapsed
+    detail = first_line(done.stderr.decode("utf-8", "replace") or "no output")
+    if done.returncode == compile_worker.EXIT_INVALID:
+        raise ModuleRejected(f"not a valid WebAssembly module: {detail}")
+    if done.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
+        raise ModuleRejected(f"compiling the module used more than {math.ceil(seconds)} s "
+                             "of CPU time")
+    # An allocation refused under RLIMIT_AS aborts the worker (or raises MemoryError).
+    raise ModuleRejected(f"compiling the module failed within {address_space} bytes of "
+                         f"address space (worker exit {done.returncode}: {detail})")
 
 
 def check_imports(prepared: Prepared, allowed: frozenset[str]) -> wasmtime.InstancePre:

@@ -23,6 +23,7 @@ from wasmbox.errors import ConfigError
 from wasmbox.lifecycle import Closeable
 from wasmbox.models import KiB, MiB
 from wasmbox.tiers.wasm import hostcalls
+from wasmbox.tiers.wasm.compile_worker import FEATURES_KEY, engine_config
 
 WASMTIME_VERSION = version("wasmtime")
 TICK_SECONDS = 0.005
@@ -46,30 +47,6 @@ class Flavour:
                 f"-{FEATURES_KEY}")
 
 
-# Proposals that would let a module escape or multiply the per-store memory cap are off:
-# several memories each grow to the cap (N times the limit), and GC objects and exceptions
-# (which wasmtime allocates on the GC heap) live outside linear memory, unseen by the memory
-# cap and the monitor. Threads bring shared memories. A module using any of these is refused
-# at validation (`ModuleRejected`). Part of every cache key: compiled code depends on them.
-FEATURES_KEY = "mm0-gc0-exn0-fref0-thr0"
-
-
-def engine_config(flavour: Flavour) -> wasmtime.Config:
-    """The engine flags for `flavour`; the compile worker builds exactly the same Config."""
-    config = wasmtime.Config()
-    config.consume_fuel = flavour.fuel
-    config.epoch_interruption = True
-    config.max_wasm_stack = flavour.stack
-    config.cranelift_opt_level = "speed"
-    config.wasm_multi_memory = False
-    config.wasm_gc = False
-    config.wasm_function_references = False
-    config.wasm_exceptions = False
-    config.wasm_threads = False
-    config.gc_support = False
-    return config
-
-
 class EngineHandle(Closeable):
     """An Engine, its WASI linker and its epoch ticker."""
 
@@ -80,10 +57,11 @@ class EngineHandle(Closeable):
                 f"got {flavour.stack}"
             )
         self.flavour = flavour
-        self.engine = wasmtime.Engine(engine_config(flavour))
+        self.engine = wasmtime.Engine(engine_config(flavour.fuel, flavour.stack))
         self.linker = wasmtime.Linker(self.engine)
         self.linker.define_wasi()
         hostcalls.define(self.linker)
+        self.wasi_calls = hostcalls.WasiCalls(self.engine)
         self._ticker = _Ticker(self.engine)
 
     def ensure_ticking(self) -> None:
@@ -92,6 +70,7 @@ class EngineHandle(Closeable):
 
     def _release(self) -> None:
         self._ticker.stop()
+        self.wasi_calls.close()
         self.linker.close()
         self.engine.close()
 

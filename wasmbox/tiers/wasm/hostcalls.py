@@ -7,6 +7,14 @@ subscriptions from guest memory, waits for the earliest clock but never past the
 deadline, and writes the events back in the WASI preview 1 layout. A wait cut short by the
 deadline trips the run's watchdog, so the run ends TIMEOUT (clock waits are wall time).
 
+Open files are the host process's file descriptors: a guest opening files forever used to
+exhaust them (EMFILE in every other thread of the host). ``path_open`` (the only WASI
+preview 1 call that makes a new fd) is shadowed to refuse with EMFILE once the run holds
+`MAX_OPEN_FILES`, and ``fd_close`` / ``fd_renumber`` to count the fds given back. The real
+calls still do the work: wasmtime's WASI needs its caller to export the guest's memory, so
+the shadows call them through a tiny per-store module (`_TRAMPOLINE`) that imports the
+guest's memory and re-exports it, instantiated on the run's first ``path_open``.
+
 The Linker is shared by every store of an engine, so each call finds its run in a registry
 keyed by the store's context address: `register` in `arm`, `unregister` before the store
 is closed.
@@ -35,7 +43,9 @@ DEADLINE_REASON = "wall-clock deadline passed"
 # WASI preview 1 errno values and layout.
 ERRNO_SUCCESS = 0
 ERRNO_FAULT = 21
+ERRNO_MFILE = 33
 ERRNO_INVAL = 28
+ERRNO_IO = 29
 CLOCK_REALTIME = 0
 CLOCK_MONOTONIC = 1
 EVENTTYPE_CLOCK = 0
@@ -49,6 +59,27 @@ EVENT_SIZE = 32
 _SUBSCRIPTION = struct.Struct("<QB7xI4xQQH6x")
 _EVENT = struct.Struct("<QHB5xQH6x")  # userdata, error, type, nbytes, flags
 _LONGEST_SLEEP = 3600.0  # one host sleep; longer waits (no deadline) loop
+MAX_OPEN_FILES = 256  # per run, beyond stdio and the preopens
+# Instances a run needs beyond the guest's own: the trampoline.
+EXTRA_INSTANCES = 1
+
+_PATH_OPEN = ["i32", "i32", "i32", "i32", "i32", "i64", "i64", "i32", "i32"]
+_TRAMPOLINE = """
+(module
+  (import "wasmbox" "memory" (memory 0))
+  (import "wasi_snapshot_preview1" "path_open"
+    (func $path_open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_close" (func $fd_close (param i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_renumber"
+    (func $fd_renumber (param i32 i32) (result i32)))
+  (export "memory" (memory 0))
+  (func (export "path_open") (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)
+    (call $path_open (local.get 0) (local.get 1) (local.get 2) (local.get 3) (local.get 4)
+                     (local.get 5) (local.get 6) (local.get 7) (local.get 8)))
+  (func (export "fd_close") (param i32) (result i32) (call $fd_close (local.get 0)))
+  (func (export "fd_renumber") (param i32 i32) (result i32)
+    (call $fd_renumber (local.get 0) (local.get 1))))
+"""
 
 
 @dataclass
@@ -59,6 +90,47 @@ class RunHost:
     watchdog: Watchdog
     # Where the guest's monotonic clock starts, on the host's (see `run.wasi_config`).
     monotonic_origin_ns: int
+    wasi: WasiCalls
+    open_files: int = 0
+    open_files_peak: int = 0
+    refused_opens: int = 0
+    _real: dict[str, wasmtime.Func] | None = None
+
+    def real(self, caller: wasmtime.Caller) -> dict[str, wasmtime.Func]:
+        """wasmtime's own WASI calls, callable with the guest's memory as theirs."""
+        if self._real is None:
+            self._real = self.wasi.trampoline(caller)
+        return self._real
+
+
+class WasiCalls:
+    """Per engine: wasmtime's unshadowed WASI and the trampoline module that reaches it."""
+
+    def __init__(self, engine: wasmtime.Engine) -> None:
+        self.linker = wasmtime.Linker(engine)
+        self.linker.define_wasi()
+        self.module = wasmtime.Module(engine, wasmtime.wat2wasm(_TRAMPOLINE))
+
+    def trampoline(self, caller: wasmtime.Caller) -> dict[str, wasmtime.Func]:
+        """Instantiate the trampoline in the caller's store, over the caller's memory."""
+        memory = caller.get("memory")
+        if not isinstance(memory, wasmtime.Memory):
+            raise wasmtime.WasmtimeError("the guest exports no memory")
+        imports: list[wasmtime.AsExtern] = [memory]
+        for name in ("path_open", "fd_close", "fd_renumber"):
+            imports.append(self.linker.get(caller, WASI, name))
+        exports = wasmtime.Instance(caller, self.module, imports).exports(caller)
+        found = {}
+        for name in ("path_open", "fd_close", "fd_renumber"):
+            func = exports[name]
+            assert isinstance(func, wasmtime.Func)
+            found[name] = func
+        return found
+
+    def close(self) -> None:
+        """Release the linker and module."""
+        self.module.close()
+        self.linker.close()
 
 
 _RUNS: dict[int, RunHost] = {}
@@ -83,16 +155,104 @@ def unregister(store: wasmtime.Store) -> None:
 
 def define(linker: wasmtime.Linker) -> None:
     """Shadow wasmtime's WASI calls in `linker` (which already has ``define_wasi``)."""
-    i32 = wasmtime.ValType.i32()
+    i32, i64 = wasmtime.ValType.i32(), wasmtime.ValType.i64()
     linker.allow_shadowing = True
     linker.define_func(WASI, "poll_oneoff", wasmtime.FuncType([i32] * 4, [i32]),
                        poll_oneoff, access_caller=True)
+    open_params = [i64 if t == "i64" else i32 for t in _PATH_OPEN]
+    linker.define_func(WASI, "path_open", wasmtime.FuncType(open_params, [i32]),
+                       path_open, access_caller=True)
+    linker.define_func(WASI, "fd_close", wasmtime.FuncType([i32], [i32]),
+                       fd_close, access_caller=True)
+    linker.define_func(WASI, "fd_renumber", wasmtime.FuncType([i32, i32], [i32]),
+                       fd_renumber, access_caller=True)
     linker.allow_shadowing = False
+
+
+def path_open(caller: wasmtime.Caller, *args: int) -> int:
+    """WASI ``path_open``, refused with EMFILE once the run holds `MAX_OPEN_FILES`."""
+    run = _RUNS.get(_key(caller._context()))
+    if run is None:
+        return ERRNO_FAULT
+    if run.open_files >= MAX_OPEN_FILES:
+        run.refused_opens += 1
+        return ERRNO_MFILE
+    errno = _call(run, caller, "path_open", *args)
+    if errno == ERRNO_SUCCESS:
+        run.open_files += 1
+        run.open_files_peak = max(run.open_files_peak, run.open_files)
+    return errno
+
+
+def _call(run: RunHost, caller: wasmtime.Caller, name: str, *args: int) -> int:
+    """wasmtime's own `name`, as an errno whatever happens.
+
+    Called through the raw, unchecked entry point: `Func.__call__` re-reads the function's
+    type and converts every argument, which cost ~0.25 ms a call here. The trampoline's
+    signatures are ours and fixed (`_PATH_OPEN`; all else i32).
+
+    An exception must not leave a host call: wasmtime-py hands it to whichever thread next
+    sees a trap (a process-wide slot), which may be another run's. The nested call fails
+    only when the run is being stopped (deadline, fuel, watchdog), and that stop lands at
+    the guest's next check anyway.
+    """
+    try:
+        func = run.real(caller)[name]
+        raw = (ffi.wasmtime_val_raw_t * max(1, len(args)))()
+        kinds = _PATH_OPEN if name == "path_open" else ["i32"] * len(args)
+        for i, (value, kind) in enumerate(zip(args, kinds, strict=True)):
+            if kind == "i64":
+                raw[i].i64 = value
+            else:
+                raw[i].i32 = value
+        trap = ctypes.POINTER(ffi.wasm_trap_t)()
+        error = ffi.wasmtime_func_call_unchecked(
+            caller._context(), ctypes.byref(func._func), raw, len(raw), ctypes.byref(trap))
+        if error:
+            ffi.wasmtime_error_delete(error)
+            return ERRNO_IO
+        if trap:
+            ffi.wasm_trap_delete(trap)
+            return ERRNO_IO
+        return int(raw[0].i32)
+    except Exception:
+        return ERRNO_IO
+
+
+def fd_close(caller: wasmtime.Caller, fd: int) -> int:
+    """WASI ``fd_close``; a closed fd is one more the run may open."""
+    run = _RUNS.get(_key(caller._context()))
+    if run is None:
+        return ERRNO_FAULT
+    errno = _call(run, caller, "fd_close", fd)
+    if errno == ERRNO_SUCCESS:
+        run.open_files = max(0, run.open_files - 1)
+    return errno
+
+
+def fd_renumber(caller: wasmtime.Caller, fd: int, to: int) -> int:
+    """WASI ``fd_renumber``: `to`'s old file is closed, `fd` lives on as `to`."""
+    run = _RUNS.get(_key(caller._context()))
+    if run is None:
+        return ERRNO_FAULT
+    errno = _call(run, caller, "fd_renumber", fd, to)
+    if errno == ERRNO_SUCCESS:
+        run.open_files = max(0, run.open_files - 1)
+    return errno
 
 
 def poll_oneoff(caller: wasmtime.Caller, in_ptr: int, out_ptr: int, nsubs: int,
                 nevents_ptr: int) -> int:
-    """WASI ``poll_oneoff``, bounded by the run's deadline. Returns a WASI errno."""
+    """WASI ``poll_oneoff``, bounded by the run's deadline. Returns a WASI errno, never
+    raises (see `_call` for why)."""
+    try:
+        return _poll_oneoff(caller, in_ptr, out_ptr, nsubs, nevents_ptr)
+    except Exception:
+        return ERRNO_IO
+
+
+def _poll_oneoff(caller: wasmtime.Caller, in_ptr: int, out_ptr: int, nsubs: int,
+                 nevents_ptr: int) -> int:
     run = _RUNS.get(_key(caller._context()))
     memory = caller.get("memory")
     if run is None or not isinstance(memory, wasmtime.Memory):
@@ -147,6 +307,32 @@ def _wait_ns(run: RunHost, clock_id: int, timeout: int, flags: int) -> int | Non
     if clock_id == CLOCK_MONOTONIC:
         return timeout - (time.monotonic_ns() - run.monotonic_origin_ns)
     return None
+
+
+_U64_MAX = (1 << 64) - 1
+
+
+def remaining_ns(store: wasmtime.StoreContext) -> int:
+    """Nanoseconds left before the calling store's deadline (the clock shim's ``remaining``).
+
+    Once the deadline has passed, also stops the run as TIMEOUT (as `poll_oneoff` does).
+    Never raises: an unknown store gets 0, so it can wait for nothing.
+    """
+    try:
+        context = store._context()
+        run = _RUNS.get(_key(context))
+        if run is None:
+            return 0
+        left = run.deadline.remaining()
+        if left is None:
+            return _U64_MAX
+        if left <= 0:
+            run.watchdog.tripped = DEADLINE_REASON
+            ffi.wasmtime_context_set_epoch_deadline(context, 0)
+            return 0
+        return min(_U64_MAX, int(left * 1e9))
+    except Exception:
+        return 0
 
 
 def _sleep_until_due(run: RunHost, caller: wasmtime.Caller, wait_s: float) -> None:

@@ -16,8 +16,24 @@ random, typing, fractions, heapq, bisect, ...) and the pure-Python packages list
 ModuleNotFoundError that says so. **C extensions are not supported in this tier** (a wheel
 with compiled code cannot load in WASI): run such tasks in the container tier.
 
-Known limit: a blocking WASI call cannot be interrupted by the epoch deadline. The guest's
-``time.sleep`` sleeps in short slices so the deadline still applies to it.
+Blocking calls (issue 11, class 5): the epoch deadline only stops wasm code, and a task
+blocked in ``wasi:io/poll`` (``time.sleep``'s original, reachable through
+``time.sleep.__globals__``, or ``select.select``) used to hold its host thread for the whole
+wait. The core-module tier shadows ``poll_oneoff``; here that is not possible with
+wasmtime-py 50:
+
+* the component Linker can shadow an import only by redefining its whole instance, and a
+  Python function cannot call the definition it replaces;
+* a shadow ``wasi:io/poll`` must define its own ``pollable`` resource, and then wasmtime's
+  ``wasi:io/streams`` (whose ``subscribe`` returns wasmtime's pollable) no longer type-checks
+  ("resource type mismatch");
+* the C API's async calls (which could be dropped at the deadline) abort the process: the
+  WASI p2 clock needs a Tokio reactor that only a Rust embedder can provide.
+
+So the bound is built into the interpreter instead: `clock_shim` composes a shim in front of
+its monotonic clock that clamps every clock subscription to the host's ``remaining()``; see
+there. ``metrics.extra["held_past_deadline_s"]`` reports how long any run held the host past
+its deadline.
 """
 
 from __future__ import annotations
@@ -49,7 +65,7 @@ from wasmbox.monitor import Monitor
 from wasmbox.policy import Plan, apply
 from wasmbox.runner import RUNNER_NAME, runner_dir, runner_source
 from wasmbox.tiers.base import Availability, Outcome
-from wasmbox.tiers.wasm import python_app
+from wasmbox.tiers.wasm import clock_shim, python_app
 from wasmbox.tiers.wasm.engine import WASMTIME_VERSION, EngineHandle, Flavour, first_line
 from wasmbox.tiers.wasm.run import (
     arm,
@@ -92,8 +108,10 @@ _BUILD_SCRIPT = (
 
 
 def app_key() -> str:
-    """Names the component: componentize-py version plus a hash of every guest-side source."""
+    """Names the component: componentize-py version, a hash of every guest-side source, and
+    the clock shim composed into it."""
     digest = hashlib.sha256(f"componentize-py {COMPONENTIZE_PY}\n".encode())
+    digest.update(clock_shim.shim_key().encode())
     for path in sorted(APP_DIR.glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     digest.update(RUNNER_NAME.encode() + b"\0" + runner_source() + b"\0")  # built in too
@@ -101,7 +119,10 @@ def app_key() -> str:
 
 
 def build_component(out: Path) -> None:
-    """Build the interpreter component into `out` (atomically); raises `HostFailure`."""
+    """Build the interpreter component into `out` (atomically); raises `HostFailure`.
+
+    componentize-py builds it; `clock_shim.compose` then bounds its clock by the deadline.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".build-", dir=out.parent) as tmp:
         wit = Path(tmp) / "world.wit"
@@ -119,7 +140,9 @@ def build_component(out: Path) -> None:
         if done.returncode != 0 or not target.exists():
             tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise HostFailure(f"componentize-py failed ({done.returncode}): {tail}")
-        os.replace(target, out)
+        composed = Path(tmp) / "composed.wasm"
+        clock_shim.compose(target, composed)
+        os.replace(composed, out)
 
 
 @dataclass(frozen=True)
@@ -261,6 +284,7 @@ class PythonRuntime(Closeable):
             raise HostFailure(f"the Python interpreter cannot be compiled: {exc}") from exc
         linker = component.Linker(handle.engine)
         linker.add_wasip2()
+        clock_shim.define(linker)
         return _Interpreter(handle, comp, linker)
 
     def _scratch_dir(self) -> Path:

@@ -84,7 +84,7 @@ def arm(
     the guest's monotonic clock. `min_instances` is the runtime's own need (a component
     instantiates several core modules); the guest itself can never create instances.
     """
-    instances = max(plan.instances, min_instances)
+    instances = max(plan.instances, min_instances) + hostcalls.EXTRA_INSTANCES
     store.set_limits(
         memory_size=plan.memory,
         table_elements=plan.table_elements,
@@ -97,13 +97,21 @@ def arm(
     watch = RunWatch(plan, workspace, deadline, monitor, store)
     watchdog = Watchdog(watch)
     watchdog.attach(store)
-    hostcalls.register(store, hostcalls.RunHost(deadline, watchdog, clock_origin_ns))
+    hostcalls.register(store, hostcalls.RunHost(deadline, watchdog, clock_origin_ns,
+                                                 handle.wasi_calls))
     handle.ensure_ticking()
     return watchdog, watch
 
 
 def close_store(store: wasmtime.Store) -> None:
-    """Drop a run's Store and everything it holds (its guest's open files included)."""
+    """Drop a run's Store and everything it holds (its guest's open files included).
+
+    Idempotent: `settle` closes the store early, the tier's ``finally`` again.
+    """
+    try:
+        store._context()
+    except ValueError:
+        return  # already closed
     try:
         hostcalls.unregister(store)
     finally:
@@ -163,7 +171,11 @@ def settle(
     deadline: Deadline,
     monitor: Monitor,
 ) -> None:
-    """Finish an outcome: a watchdog stop wins over what the guest reported; fuel; stdio."""
+    """Finish an outcome: a watchdog stop wins over what the guest reported; fuel; stdio.
+
+    Closes `store` before reading the streams: whatever files the guest still holds are
+    given back to the host first.
+    """
     if watchdog.tripped is not None:
         outcome.reason = watchdog.tripped
         if deadline.expired:
@@ -173,8 +185,13 @@ def settle(
         else:
             outcome.status = Status.OUTPUT_REJECTED
         outcome.exit_code = None
+    if deadline.expired:
+        # How long the host thread was held after the deadline: a tick for wasm code, the
+        # rest of the wait for a blocking call nothing could interrupt (see python.py).
+        outcome.extra["held_past_deadline_s"] = time.monotonic() - deadline.at
     if plan.fuel is not None:
         outcome.fuel_consumed = plan.fuel - store.get_fuel()
+    close_store(store)
     outcome.stdout, outcome.stdout_truncated = workspace.read_stream(
         workspace.stdout_path, plan.stdout_bytes
     )

@@ -16,7 +16,7 @@ from wasmbox.models import MiB, Status, TaskKind, TierName
 from wasmbox.monitor import Monitor
 from wasmbox.policy import Plan
 from wasmbox.tiers.base import Availability, Outcome
-from wasmbox.tiers.wasm.cache import ModuleCache, check_imports, default_cache_dir
+from wasmbox.tiers.wasm.cache import ModuleCache, Prepared, check_imports, default_cache_dir
 from wasmbox.tiers.wasm.engine import (
     WASMTIME_VERSION,
     EngineHandle,
@@ -77,16 +77,18 @@ class WasmTier(Closeable):
         else:
             self._prepared(plan)
 
-    def _prepared(self, plan: Plan) -> tuple[EngineHandle, wasmtime.InstancePre]:
+    def _prepared(
+        self, plan: Plan
+    ) -> tuple[EngineHandle, ModuleCache, Prepared, wasmtime.InstancePre]:
         self._ensure_open()
         handle, cache = self._engine_for(Flavour(fuel=plan.fuel is not None, stack=plan.stack))
         task = plan.task
         if task.module is not None:
-            prepared = cache.load_path(task.module, task.sha256)
+            prepared = cache.load_path(task.module, task.sha256, plan.timeout)
         else:
             assert task.module_bytes is not None  # guaranteed by Task validation
-            prepared = cache.load_bytes(task.module_bytes, task.sha256)
-        return handle, check_imports(prepared, plan.allowed_imports)
+            prepared = cache.load_bytes(task.module_bytes, task.sha256, plan.timeout)
+        return handle, cache, prepared, check_imports(prepared, plan.allowed_imports)
 
     def run(
         self, plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monitor
@@ -95,12 +97,15 @@ class WasmTier(Closeable):
         if plan.task.kind is TaskKind.PYTHON:
             return self._python_runtime().run(plan, workspace, deadline, monitor)
         t0 = time.perf_counter()
-        handle, pre = self._prepared(plan)
+        handle, cache, prepared, pre = self._prepared(plan)
         store = wasmtime.Store(handle.engine)
         try:
-            return _execute(plan, workspace, deadline, monitor, handle, pre, store, t0)
+            outcome = _execute(plan, workspace, deadline, monitor, handle, pre, store, t0)
         finally:
             close_store(store)
+        # Compiling happened in `prepare`, before the deadline: reported by the first run.
+        outcome.extra["compile_s"] = cache.claim_compile_s(prepared.sha256)
+        return outcome
 
     def _python_runtime(self) -> PythonRuntime:
         runtime = self._python
