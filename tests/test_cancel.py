@@ -96,3 +96,16 @@ def test_cancel_stops_a_container_task() -> None:
         helper.join()
         assert result.status is Status.CANCELLED, result
         assert time.monotonic() - t0 < PROMPT + 5  # container start-up is part of it
+
+
+def test_cancel_wakes_a_guest_blocked_in_a_host_sleep(
+    make_sandbox: Callable[..., Sandbox], guests: dict[str, Path]
+) -> None:
+    with make_sandbox(POLICY) as sb:
+        task = Task.wasm(guests["sleep_long"], args=["rel", "20000"], resources=LONG)
+        helper = _cancel_soon(sb, task.id)
+        t0 = time.monotonic()
+        result = sb.run(task)
+        helper.join()
+        assert result.status is Status.CANCELLED, result
+        assert time.monotonic() - t0 < PROMPT  # not the guest's 20 s sleep

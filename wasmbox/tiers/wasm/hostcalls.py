@@ -342,7 +342,7 @@ def _sleep_until_due(run: RunHost, caller: wasmtime.Caller, wait_s: float) -> No
         left = due - time.monotonic()
         remaining = run.deadline.remaining()
         if remaining is not None and remaining < left:
-            time.sleep(remaining)
+            run.deadline.sleep(remaining)  # a cancel wakes it at once
             # The guest must not go on as if its clock fired: the watchdog's reason makes the
             # run TIMEOUT whatever the guest does next, and a zero epoch deadline stops it at
             # its very next function entry or loop.
@@ -351,4 +351,4 @@ def _sleep_until_due(run: RunHost, caller: wasmtime.Caller, wait_s: float) -> No
             return
         if left <= 0:
             return
-        time.sleep(min(left, _LONGEST_SLEEP))
+        run.deadline.sleep(min(left, _LONGEST_SLEEP))  # cut short by a cancel: loop again
