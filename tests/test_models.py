@@ -125,7 +125,6 @@ def test_an_unreadable_python_path_is_a_typed_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize("fields", [
     {"source": "x = '\ud800'"},
     {"source": "x = 1", "entry": "\udc80"},
-    {"source": "x = 1", "args": ("\ud800",)},
     {"source": "x = 1", "env": {"A": "\ud800"}},
     {"source": "x = 1", "env": {"\ud800": "a"}},
 ])
@@ -138,3 +137,10 @@ def test_text_that_is_not_valid_unicode_is_input_rejected(fields: dict[str, Any]
 def test_a_command_argv_that_is_not_valid_unicode_is_input_rejected() -> None:
     with pytest.raises(InputRejected, match="not valid Unicode"):
         Task.command(["/bin/echo", "\udcff"])
+
+
+def test_argv_text_that_is_not_valid_unicode_is_input_rejected() -> None:
+    with pytest.raises(InputRejected, match="not valid Unicode"):
+        Task.wasm(b"\0asm\x01\0\0\0", args=("\ud800",))
+    with pytest.raises(InputRejected, match="not valid Unicode"):
+        Task.command(["echo", "\ud800"])

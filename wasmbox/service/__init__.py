@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     """``wasmbox serve`` (``--host --port --config --db``); returns the exit code."""
     parser = argparse.ArgumentParser(prog="wasmbox serve", description="Run the task service.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--config", type=Path, help="service config TOML (tokens, policies)")
     parser.add_argument("--db", type=Path, help="task journal (SQLite); overrides the config")
     args = parser.parse_args(argv)
@@ -58,5 +58,5 @@ def main(argv: list[str] | None = None) -> int:
         serve(args.host, args.port, args.config, args.db)
     except ConfigError as exc:
         print(f"wasmbox serve: {exc}", file=sys.stderr)
-        return 2
+        return 3  # a host error, as in `wasmbox run` (2 is a usage error)
     return 0
