@@ -11,6 +11,7 @@ from typing import TypeVar
 from wasmbox.errors import PolicyViolation
 from wasmbox.models import (
     ISOLATION_ORDER,
+    Endpoint,
     OutputPolicy,
     Policy,
     Task,
@@ -26,6 +27,16 @@ _TIERS_FOR_KIND: dict[TaskKind, tuple[TierName, ...]] = {
     TaskKind.PYTHON: ISOLATION_ORDER,
     TaskKind.COMMAND: (TierName.CONTAINER, TierName.VM),
 }
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkPlan:
+    """What one networked task may reach: exactly these endpoints, and DNS when `resolver`
+    is set (an ``(ip, port)`` the task's resolv.conf names)."""
+
+    endpoints: tuple[Endpoint, ...]
+    allowed_ports: tuple[int, ...]  # for endpoints without a port; empty: every port
+    resolver: tuple[str, int] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,10 +63,11 @@ class Plan:
     args: tuple[str, ...]
     env: dict[str, str]
     allowed_imports: frozenset[str]
-    network: bool
+    network: NetworkPlan | None  # None: no network at all (only lo)
     readonly_mounts: dict[str, Path]
     writable_mounts: dict[str, Path]
     warnings: tuple[str, ...] = ()  # requests lowered to the policy's maxima, one line each
+    capabilities: frozenset[str] = frozenset()  # granted (container tier only)
 
     def on_tier(self, tier: TierName) -> Plan:
         """The same plan for another tier (escalation); the policy is checked again."""
@@ -72,8 +84,12 @@ def apply(policy: Policy, task: Task) -> Plan:
     """
     tier = _resolve_tier(policy, task)
     limits, req = policy.limits, task.resources
-    if task.network and not policy.network.enabled:
-        raise PolicyViolation("network.enabled", "the task asks for network access")
+    network = _network_plan(policy, task)
+    capabilities = frozenset(task.capabilities)
+    denied = sorted(capabilities - policy.capabilities)
+    if denied:
+        raise PolicyViolation("capabilities", f"the task asks for {denied[0]}, which the "
+                              "policy does not grant")
     if policy.wasi.require_sha256 and task.kind is TaskKind.WASM and task.sha256 is None:
         raise PolicyViolation("wasi.require_sha256", "the module must be pinned by sha256")
     env = _effective_env(policy, task)
@@ -112,11 +128,53 @@ def apply(policy: Policy, task: Task) -> Plan:
         args=args,
         env=env,
         allowed_imports=policy.wasi.allowed_imports,
-        network=task.network,
+        network=network,
+        capabilities=capabilities,
         readonly_mounts=dict(policy.filesystem.readonly),
         writable_mounts=dict(policy.filesystem.writable),
         warnings=clamp_warnings(policy, task),
     )
+
+
+def _network_plan(policy: Policy, task: Task) -> NetworkPlan | None:
+    """The endpoints a task gets: all the policy allows (``network=True``) or the subset
+    it lists, each of which must lie within an allowed endpoint."""
+    if task.network is False or task.network == ():
+        return None
+    net = policy.network
+    if not net.outbound:
+        # The rule keeps its historical name (`enabled` is `outbound`'s deprecated alias).
+        raise PolicyViolation("network.enabled", "the task asks for network access and the "
+                              "policy's [network] outbound is false")
+    endpoints = net.allowed_endpoints
+    if not isinstance(task.network, bool):
+        endpoints = tuple(Endpoint.parse(text) for text in task.network)
+        for ep in endpoints:
+            if not any(allowed.covers(ep, net.allowed_ports) for allowed in
+                       net.allowed_endpoints):
+                raise PolicyViolation("network.allowed_endpoints", f"the task asks for "
+                                      f"{ep.text}, which no allowed endpoint covers")
+    return NetworkPlan(endpoints, net.allowed_ports, _resolver(net.resolver) if net.dns else None)
+
+
+def _resolver(configured: str | None) -> tuple[str, int]:
+    """The one resolver DNS goes to: the policy's, else the host's first nameserver."""
+    text = configured
+    if text is None:
+        try:
+            with open("/etc/resolv.conf", encoding="utf-8", errors="replace") as f:
+                lines = f.read(64 * 1024).splitlines()
+        except OSError:
+            lines = []
+        found = [ln.split()[1] for ln in lines if ln.split()[:1] == ["nameserver"]
+                 and len(ln.split()) > 1]
+        if not found:
+            raise PolicyViolation("network.dns", "dns is on but no resolver is set and the "
+                                  "host's /etc/resolv.conf names no nameserver")
+        text = found[0] if ":" not in found[0] else f"[{found[0]}]"
+    ep = Endpoint.parse(text)
+    assert ep.network is not None  # validated by NetworkPolicy
+    return ep.network.split("/")[0], ep.port or 53
 
 
 def clamp(request: N | None, maximum: N) -> N:

@@ -19,7 +19,8 @@ from wasmbox.tiers.container.seccomp import seccomp_profile
 GUEST_UID = 65534
 GUEST_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
 ROOTFS_PREFIX = "wasmbox-rootfs-"
-CODE_MOUNT = "/.wasmbox"  # runner + task source (Python tasks), or the pooled spec
+CODE_MOUNT = "/.wasmbox"
+RESOLV_CONF = "/etc/resolv.conf"  # runner + task source (Python tasks), or the pooled spec
 _HOST_DIRS = ("usr", "bin", "lib", "lib32", "lib64", "libx32", "sbin")
 _HOST_ETC = ("ld.so.cache", "alternatives", "localtime")
 _MOUNTPOINTS = ("proc", "dev", "tmp", "task", CODE_MOUNT.lstrip("/"))
@@ -71,6 +72,7 @@ class Shape:
     # Under gVisor the task's processes live in gVisor's kernel: the host cgroup holds the
     # sentry and gofer threads instead, so the task's limit is set inside (RLIMIT_NPROC).
     gvisor: bool = False
+    capabilities: tuple[str, ...] = ()  # granted by the policy (sorted)
 
     @classmethod
     def of(cls, plan: Plan) -> Shape:
@@ -86,6 +88,7 @@ class Shape:
             fsize=fsize,
             readonly_mounts=tuple(sorted((g, str(h)) for g, h in plan.readonly_mounts.items())),
             writable_mounts=tuple(sorted((g, str(h)) for g, h in plan.writable_mounts.items())),
+            capabilities=tuple(sorted(plan.capabilities)),
         )
 
 
@@ -166,8 +169,14 @@ def make_config(
     env: dict[str, str],
     cgroups: CgroupLayout,
     cgroup_path: str,
+    netns: str | None = None,
+    resolv_conf: str | None = None,
 ) -> dict[str, Any]:
     """The config.json of one container.
+
+    `netns` is a network namespace to join (a networked task's, see `network.TaskNetwork`);
+    without it the container gets a fresh one with only ``lo``. `resolv_conf` is a host
+    file bound read-only over /etc/resolv.conf.
 
     What /proc/self/mountinfo still tells a crun/runc task: a bind mount shows its source's
     path inside the source filesystem, which no OCI runtime rewrites. Here that is the
@@ -195,6 +204,14 @@ def make_config(
     for guest, host in shape.writable_mounts:
         skeleton.ensure_mountpoint(guest, os.path.isdir(host))
         mounts.append(_bind(host, guest, writable=True))
+    if resolv_conf is not None:
+        skeleton.ensure_mountpoint(RESOLV_CONF, False)
+        mounts.append(_bind(resolv_conf, RESOLV_CONF, writable=False))
+    namespaces: list[dict[str, str]] = [
+        {"type": t} for t in ("pid", "network", "ipc", "uts", "mount", "cgroup")]
+    if netns is not None:
+        namespaces[1]["path"] = netns
+    caps = list(shape.capabilities)
     return {
         "ociVersion": "1.0.2",
         "process": {
@@ -203,7 +220,10 @@ def make_config(
             "args": args,
             "env": _environment(env),
             "cwd": "/task",
-            "capabilities": {k: [] for k in
+            # Exactly the granted set; ambient so that the (non-root) task's exec keeps it.
+            # Inheritable too: the kernel keeps an ambient capability only while it is
+            # both permitted and inheritable.
+            "capabilities": {k: list(caps) for k in
                              ("bounding", "effective", "inheritable", "permitted", "ambient")},
             "rlimits": _rlimits(shape),
             "noNewPrivileges": True,
@@ -215,8 +235,7 @@ def make_config(
         "linux": {
             "cgroupsPath": cgroup_path,
             "resources": _resources(shape, cgroups),
-            "namespaces": [{"type": t} for t in
-                           ("pid", "network", "ipc", "uts", "mount", "cgroup")],
+            "namespaces": namespaces,
             "seccomp": seccomp_profile(gvisor=shape.gvisor),
             "maskedPaths": list(MASKED_PATHS),
             "readonlyPaths": list(READONLY_PATHS),
