@@ -167,13 +167,11 @@ class TaskNetwork:
         pasta, self._pasta = self._pasta, None
         if pasta is not None:
             try:
+                # pasta keeps no state worth flushing: SIGKILL, and a blocking wait (the
+                # timed wait of subprocess polls in sleeps of up to 50 ms).
                 if pasta.poll() is None:
-                    pasta.send_signal(signal.SIGTERM)
-                    try:
-                        pasta.wait(1.0)
-                    except subprocess.TimeoutExpired:
-                        pasta.kill()
-                        pasta.wait()
+                    pasta.kill()
+                pasta.wait()
             finally:
                 reaper.release(pasta.pid)
         self._unbind()
