@@ -516,6 +516,23 @@ class FilesystemPolicy(_Model):
 
     readonly: dict[str, Path] = Field(default_factory=dict)
     writable: dict[str, Path] = Field(default_factory=dict)
+    # Guest paths inside a mount above that the task must not see (masked in containers;
+    # the wasm and VM tiers decline plans with any).
+    hidden: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _hidden_inside_a_mount(self) -> Self:
+        mounts = [*self.readonly, *self.writable]
+        for path in self.hidden:
+            if (not isinstance(path, str) or not path.startswith("/") or ".." in path.split("/")
+                    or "\0" in path or len(path) > 4096):
+                raise ValueError(f"hidden path {path!r} must be an absolute path without '..'")
+            inside = [m for m in mounts if path != m and
+                      path.startswith(m.rstrip("/") + "/")]
+            if not inside:
+                raise ValueError(f"hidden path {path!r} lies inside no mount of "
+                                 "[filesystem] readonly/writable (it would hide nothing)")
+        return self
 
     @model_validator(mode="after")
     def _mounts_are_sane(self) -> Self:

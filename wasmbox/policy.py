@@ -68,6 +68,7 @@ class Plan:
     writable_mounts: dict[str, Path]
     warnings: tuple[str, ...] = ()  # requests lowered to the policy's maxima, one line each
     capabilities: frozenset[str] = frozenset()  # granted (container tier only)
+    hidden_paths: tuple[str, ...] = ()  # guest paths masked inside the mounts
 
     def on_tier(self, tier: TierName) -> Plan:
         """The same plan for another tier (escalation); the policy is checked again."""
@@ -130,6 +131,7 @@ def apply(policy: Policy, task: Task) -> Plan:
         allowed_imports=policy.wasi.allowed_imports,
         network=network,
         capabilities=capabilities,
+        hidden_paths=tuple(policy.filesystem.hidden),
         readonly_mounts=dict(policy.filesystem.readonly),
         writable_mounts=dict(policy.filesystem.writable),
         warnings=clamp_warnings(policy, task),

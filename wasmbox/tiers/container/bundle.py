@@ -73,6 +73,7 @@ class Shape:
     # sentry and gofer threads instead, so the task's limit is set inside (RLIMIT_NPROC).
     gvisor: bool = False
     capabilities: tuple[str, ...] = ()  # granted by the policy (sorted)
+    hidden: tuple[str, ...] = ()  # policy paths masked inside the mounts
 
     @classmethod
     def of(cls, plan: Plan) -> Shape:
@@ -89,6 +90,7 @@ class Shape:
             readonly_mounts=tuple(sorted((g, str(h)) for g, h in plan.readonly_mounts.items())),
             writable_mounts=tuple(sorted((g, str(h)) for g, h in plan.writable_mounts.items())),
             capabilities=tuple(sorted(plan.capabilities)),
+            hidden=tuple(sorted(plan.hidden_paths)),
         )
 
 
@@ -237,7 +239,9 @@ def make_config(
             "resources": _resources(shape, cgroups),
             "namespaces": namespaces,
             "seccomp": seccomp_profile(gvisor=shape.gvisor),
-            "maskedPaths": list(MASKED_PATHS),
+            # The policy's hidden paths are masked like /proc's: an empty read-only tmpfs
+            # over a directory, /dev/null over a file (mounts are made before the masks).
+            "maskedPaths": [*MASKED_PATHS, *shape.hidden],
             "readonlyPaths": list(READONLY_PATHS),
             "rootfsPropagation": "private",
         },

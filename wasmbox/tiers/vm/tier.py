@@ -80,6 +80,8 @@ class VmTier(Closeable):
             return "the VM tier gives guests no network"
         if plan.capabilities:
             return "the VM tier cannot grant capabilities"
+        if plan.hidden_paths:
+            return "the VM tier cannot mask hidden paths (it grants no extra mounts)"
         if plan.readonly_mounts or plan.writable_mounts:
             return "the VM tier cannot grant extra mounts"
         return None
@@ -96,6 +98,8 @@ class VmTier(Closeable):
             raise PolicyViolation("network.enabled", "the VM tier gives guests no network")
         if plan.capabilities:
             raise PolicyViolation("capabilities", "the VM tier cannot grant capabilities")
+        if plan.hidden_paths:
+            raise PolicyViolation("filesystem.hidden", "the VM tier cannot mask hidden paths")
         if plan.readonly_mounts or plan.writable_mounts:
             raise PolicyViolation("filesystem", "the VM tier cannot grant extra mounts")
         assets, _ = self._setup()

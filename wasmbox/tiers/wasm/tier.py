@@ -76,7 +76,8 @@ class WasmTier(Closeable):
     def prepare(self, plan: Plan) -> None:
         """Validate, compile (or load from cache) and pre-link the plan's code.
 
-        Raises `TierUnavailable` for a plan this tier cannot serve (network, capabilities).
+        Raises `TierUnavailable` for a plan this tier cannot serve (network, capabilities,
+        hidden paths).
         """
         declined = _declined(plan)
         if declined is not None:
@@ -247,4 +248,7 @@ def _declined(plan: Plan) -> str | None:
         return "the wasm tier has no network (WASI sockets are not linked)"
     if plan.capabilities:
         return "the wasm tier cannot grant capabilities"
+    if plan.hidden_paths:
+        return (f"the wasm tier cannot hide {plan.hidden_paths[0]}: a WASI preopen cannot "
+                "mask a path inside it")
     return None
