@@ -284,3 +284,24 @@ def test_capabilities_are_validated_and_granted_only_within_the_policy() -> None
     with pytest.raises(PolicyViolation, match="CAP_SYS_ADMIN") as info:
         apply(policy, Task.command(["true"], capabilities=["CAP_SYS_ADMIN"]))
     assert info.value.rule == "capabilities"
+
+
+# `disk` joins the clamp tables above. The hypothesis test's policies set no [limits] disk
+# (unbounded: the request applies as is), and its requests stay above every output cap
+# drawn there, so the other fields' expectations hold; disk's own clamping is tested here
+# and in tests/container/test_disk.py.
+_NO_DISK_CAP = 2**62
+CLAMPS["disk"] = (lambda p: p.limits.disk if p.limits.disk is not None else _NO_DISK_CAP,
+                  lambda plan: plan.disk if plan.disk is not None else _NO_DISK_CAP)
+FIELD_VALUES["disk"] = st.integers(min_value=2**41, max_value=2**42)
+
+
+@given(maximum=sizes, request=st.none() | sizes)
+def test_disk_is_clamped_and_caps_tmp_and_outputs(maximum: int, request: int | None) -> None:
+    policy = Policy(limits=Limits(disk=maximum))
+    plan = apply(policy, Task.command(["true"], resources=Resources(disk=request)))
+    expected = maximum if request is None else min(request, maximum)
+    assert plan.disk == expected
+    assert plan.tmpfs == min(Limits().tmpfs, expected)
+    assert plan.output.max_total_bytes == min(OutputPolicy().max_total_bytes, expected)
+    assert plan.output.max_file_bytes <= plan.output.max_total_bytes

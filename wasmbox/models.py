@@ -128,6 +128,7 @@ class Resources(_Model):
     stdout_bytes: Bytes | None = None
     cpus: Annotated[float, Field(gt=0)] | None = None
     pids: Annotated[int, Field(gt=0)] | None = None
+    disk: Bytes | None = None  # bytes the task may write: outputs, and /tmp, each at most
 
     if TYPE_CHECKING:  # what callers may pass: sizes and durations as strings too
 
@@ -141,6 +142,7 @@ class Resources(_Model):
             stdout_bytes: int | str | None = None,
             cpus: float | None = None,
             pids: int | None = None,
+            disk: int | str | None = None,
         ) -> None: ...
 
 
@@ -365,6 +367,9 @@ class Limits(_Model):
     cpus: Annotated[float, Field(gt=0)] = 1.0
     pids: Annotated[int, Field(gt=0)] = 64
     tmpfs: Bytes = 64 * MiB
+    # Bytes a task may write (its outputs, and its /tmp, are each held to it on every tier);
+    # None: only the output caps and tmpfs size apply.
+    disk: Bytes | None = None
 
 
 class TimeoutPolicy(_Model):

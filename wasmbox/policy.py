@@ -69,6 +69,7 @@ class Plan:
     warnings: tuple[str, ...] = ()  # requests lowered to the policy's maxima, one line each
     capabilities: frozenset[str] = frozenset()  # granted (container tier only)
     hidden_paths: tuple[str, ...] = ()  # guest paths masked inside the mounts
+    disk: int | None = None  # bytes the task may write (outputs and /tmp are each held to it)
 
     def on_tier(self, tier: TierName) -> Plan:
         """The same plan for another tier (escalation); the policy is checked again."""
@@ -103,11 +104,13 @@ def apply(policy: Policy, task: Task) -> Plan:
             "limits.args_bytes", f"args and env take {size} bytes, over {limits.args_bytes}"
         )
     output = policy.output
-    if req.output_bytes is not None and req.output_bytes < output.max_total_bytes:
-        output = output.model_copy(update={
-            "max_total_bytes": req.output_bytes,
-            "max_file_bytes": min(output.max_file_bytes, req.output_bytes),
-        })
+    disk = clamp_optional(req.disk, limits.disk)
+    for cap in (req.output_bytes, disk):
+        if cap is not None and cap < output.max_total_bytes:
+            output = output.model_copy(update={
+                "max_total_bytes": cap,
+                "max_file_bytes": min(output.max_file_bytes, cap),
+            })
     return Plan(
         task=task,
         policy=policy,
@@ -124,7 +127,7 @@ def apply(policy: Policy, task: Task) -> Plan:
         instances=limits.instances,
         cpus=clamp(req.cpus, limits.cpus),
         pids=clamp(req.pids, limits.pids),
-        tmpfs=limits.tmpfs,
+        tmpfs=limits.tmpfs if disk is None else min(limits.tmpfs, disk),
         output=output,
         args=args,
         env=env,
@@ -132,6 +135,7 @@ def apply(policy: Policy, task: Task) -> Plan:
         network=network,
         capabilities=capabilities,
         hidden_paths=tuple(policy.filesystem.hidden),
+        disk=disk,
         readonly_mounts=dict(policy.filesystem.readonly),
         writable_mounts=dict(policy.filesystem.writable),
         warnings=clamp_warnings(policy, task),
@@ -242,6 +246,7 @@ _CAPS: tuple[tuple[str, str, str], ...] = (
     ("cpus", "limits", "cpus"),
     ("pids", "limits", "pids"),
     ("output_bytes", "output", "max_total_bytes"),
+    ("disk", "limits", "disk"),
 )
 
 
@@ -260,7 +265,7 @@ def clamp_warnings(policy: Policy, task: Task) -> tuple[str, ...]:
 def _show(field: str, value: float) -> str:
     if field == "timeout":
         return f"{value:g}s"
-    if field in ("memory", "stdout_bytes", "output_bytes"):
+    if field in ("memory", "stdout_bytes", "output_bytes", "disk"):
         for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
             if value >= size:
                 return f"{value / size:g}{unit}"
