@@ -7,6 +7,7 @@ preopens) silently showing it anyway instead of declining the plan.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -50,8 +51,13 @@ def policy(data: Path) -> Policy:
 
 
 @pytest.mark.container
-def test_hidden_paths_are_masked_in_containers(container_ready: None, data: Path) -> None:
-    with Sandbox(policy(data), tiers={TierName.CONTAINER: ContainerTier}) as sb:
+@pytest.mark.parametrize("runtime", [None, "gvisor"])
+def test_hidden_paths_are_masked_in_containers(container_ready: None, data: Path,
+                                               runtime: str | None) -> None:
+    if runtime == "gvisor" and shutil.which("runsc") is None:
+        pytest.skip("gVisor's runsc is not installed")
+    with Sandbox(policy(data),
+                 tiers={TierName.CONTAINER: lambda: ContainerTier(runtime=runtime)}) as sb:
         r = sb.run(Task.python(LOOK, tier="container"))
     assert r.status is Status.COMPLETED, r.stderr
     out = r.output

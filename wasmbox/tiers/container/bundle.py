@@ -206,6 +206,8 @@ def make_config(
     for guest, host in shape.writable_mounts:
         skeleton.ensure_mountpoint(guest, os.path.isdir(host))
         mounts.append(_bind(host, guest, writable=True))
+    if shape.gvisor:
+        mounts += _hidden_mounts(shape)
     if resolv_conf is not None:
         skeleton.ensure_mountpoint(RESOLV_CONF, False)
         mounts.append(_bind(resolv_conf, RESOLV_CONF, writable=False))
@@ -246,6 +248,28 @@ def make_config(
             "rootfsPropagation": "private",
         },
     }
+
+
+def _hidden_mounts(shape: Shape) -> list[dict[str, Any]]:
+    """Explicit masks for the policy's hidden paths (runsc applies maskedPaths to /proc
+    only): an empty read-only tmpfs over a directory, /dev/null over anything else."""
+    mounts: list[dict[str, Any]] = []
+    sources = sorted([*shape.readonly_mounts, *shape.writable_mounts],
+                     key=lambda m: len(m[0]), reverse=True)
+    for hidden in shape.hidden:
+        for guest, host in sources:
+            if hidden.startswith(guest.rstrip("/") + "/"):
+                target = host + hidden[len(guest.rstrip("/")):]
+                break
+        else:
+            continue  # validated at load: every hidden path lies inside a mount
+        if os.path.isdir(target):
+            mounts.append({"destination": hidden, "type": "tmpfs", "source": "tmpfs",
+                           "options": ["ro", "nosuid", "nodev", "noexec", "size=4k",
+                                       "mode=755"]})
+        elif os.path.lexists(target):
+            mounts.append(_bind("/dev/null", hidden, writable=False))
+    return mounts
 
 
 def write_config(bundle_dir: str, config: dict[str, Any]) -> None:
