@@ -7,12 +7,13 @@ or a grant that silently does nothing. Only CAP_NET_BIND_SERVICE is exercised: b
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 
 import pytest
 
 from wasmbox import Policy, Sandbox, Status, Task
-from wasmbox.errors import PolicyViolation
+from wasmbox.errors import PolicyViolation, TierUnavailable
 from wasmbox.models import TierName
 from wasmbox.tiers.container import ContainerTier
 
@@ -76,3 +77,13 @@ def test_the_wasm_tier_declines_capabilities(granting: Sandbox) -> None:
     assert r.tier is TierName.CONTAINER and r.escalated_from is TierName.WASM
     assert "capabilities" in (r.escalation_reason or "")
     assert r.output == "bound"
+
+
+def test_gvisor_declines_capabilities(container_ready: None) -> None:
+    # runsc leaves a non-root task's effective set empty: a grant there would do nothing.
+    if shutil.which("runsc") is None:
+        pytest.skip("gVisor's runsc is not installed")
+    policy = Policy(capabilities=frozenset({"CAP_NET_BIND_SERVICE"}))
+    tiers = {TierName.CONTAINER: lambda: ContainerTier(runtime="gvisor")}
+    with Sandbox(policy, tiers=tiers) as sb, pytest.raises(TierUnavailable, match="gVisor"):
+        sb.run(Task.command(["true"], capabilities=["CAP_NET_BIND_SERVICE"]))

@@ -121,8 +121,13 @@ class ContainerTier(Closeable):
         """Why this tier cannot take `plan`, or None."""
         if plan.task.kind not in (TaskKind.COMMAND, TaskKind.PYTHON):
             return f"the container tier cannot run {plan.task.kind} tasks"
+        gvisor = choose_runtime(plan.task.runtime or self.default_runtime).name == "runsc"
+        if plan.capabilities and gvisor:
+            # Measured: runsc leaves the non-root task's permitted/effective sets empty
+            # (only bounding and inheritable carry the grant), so it would do nothing.
+            return "gVisor does not raise capabilities for the task: they need crun or runc"
         if plan.network is not None:
-            if choose_runtime(plan.task.runtime or self.default_runtime).name == "runsc":
+            if gvisor:
                 return "gVisor runs with --network=none here: networked tasks need crun or runc"
             return network.missing_tools() or network.unsupported(plan.network)
         return None
