@@ -12,15 +12,19 @@ import os
 import shutil
 import socket
 import struct
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from wasmbox import Policy, Sandbox, Status, Task
 from wasmbox.errors import PolicyViolation
 from wasmbox.models import NetworkPolicy, Resources, TierName
-from wasmbox.tiers.container import ContainerTier
+from wasmbox.tiers.container import ContainerTier, network
 
 pytestmark = pytest.mark.container
 
@@ -269,3 +273,34 @@ def test_the_wasm_tier_declines_network_plans(net_ready: None, server: Server) -
     assert r.tier is TierName.CONTAINER and r.escalated_from is TierName.WASM
     assert "no network" in (r.escalation_reason or "")
     assert r.output["ok"] == "pong"  # type: ignore[index]
+
+
+CRASHING_OWNER = """
+import os, sys
+from wasmbox.models import Endpoint
+from wasmbox.policy import NetworkPlan
+from wasmbox.tiers.container.network import TaskNetwork
+net = TaskNetwork(NetworkPlan((Endpoint.parse("127.0.0.1:9"),), (), None), sys.argv[1])
+print(net.name, flush=True)
+os.kill(os.getpid(), 9)
+"""
+
+
+def test_a_dead_owners_pasta_is_swept(net_ready: None, tmp_path: Path) -> None:
+    # The owner dies without cleaning up: its pasta outlives it until the next tier's sweep.
+    proc = subprocess.run([sys.executable, "-c", CRASHING_OWNER, str(tmp_path / "pasta.log")],
+                          capture_output=True, text=True, timeout=60, check=False)
+    name = proc.stdout.strip()
+    assert name.startswith("wbx-"), proc.stderr
+    orphans = [pid for pid, cmd in network.pasta_processes() if name in cmd]
+    assert orphans, "the crashed owner's pasta should still run before the sweep"
+    tier = ContainerTier()
+    try:
+        assert tier.availability().ok  # the first use of a runtime sweeps dead owners' traces
+        gone = time.monotonic() + 10
+        while any(name in cmd for _, cmd in network.pasta_processes()):
+            assert time.monotonic() < gone, "pasta of a dead owner was not swept"
+            time.sleep(0.05)
+        assert not any(name in path for path in network.bound_namespaces())
+    finally:
+        tier.close()

@@ -217,6 +217,8 @@ def sweep(dead: Callable[[str], bool]) -> None:
         if names and all(dead(n) for n in names):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)  # re-parented to us (the subreaper): reap it
 
 
 def pasta_argv(plan: NetworkPlan, netns: str, pid_file: str) -> list[str]:
