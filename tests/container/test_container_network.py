@@ -238,12 +238,21 @@ def test_dns_on_goes_to_the_one_resolver(net_ready: None, resolver: Resolver) ->
 
 
 def test_counters_count_the_traffic(net_ready: None, server: Server) -> None:
+    from prometheus_client import REGISTRY
+
+    def exported(direction: str) -> float:
+        return REGISTRY.get_sample_value(
+            "wasmbox_net_bytes_total", {"tier": "container", "direction": direction}) or 0.0
+
+    before = exported("rx"), exported("tx")
     with sandbox(allowed_endpoints=[f"127.0.0.1:{server.port}"]) as sb:
         r = sb.run(Task.python(CONNECT, input={"host": "127.0.0.1", "port": server.port},
                                tier="container", network=True))
     assert r.output["ok"] == "pong"  # type: ignore[index]
     assert r.metrics.net_rx_bytes is not None and r.metrics.net_rx_bytes > 0
     assert r.metrics.net_tx_bytes is not None and r.metrics.net_tx_bytes > 0
+    assert exported("rx") == before[0] + r.metrics.net_rx_bytes
+    assert exported("tx") == before[1] + r.metrics.net_tx_bytes
 
 
 def test_nothing_is_left_behind(net_ready: None, server: Server) -> None:
