@@ -7,6 +7,7 @@ Sizes accept integers (bytes) or strings such as ``"64M"``/``"64MiB"`` (binary) 
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import re
 import shlex
 import tomllib
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Self
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -126,6 +128,7 @@ class Resources(_Model):
     stdout_bytes: Bytes | None = None
     cpus: Annotated[float, Field(gt=0)] | None = None
     pids: Annotated[int, Field(gt=0)] | None = None
+    disk: Bytes | None = None  # bytes the task may write: outputs, and /tmp, each at most
 
     if TYPE_CHECKING:  # what callers may pass: sizes and durations as strings too
 
@@ -139,6 +142,7 @@ class Resources(_Model):
             stdout_bytes: int | str | None = None,
             cpus: float | None = None,
             pids: int | None = None,
+            disk: int | str | None = None,
         ) -> None: ...
 
 
@@ -161,7 +165,9 @@ class Task(_Model):
     tier: TierName = TierName.AUTO
     runtime: str | None = None
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
-    network: bool = False
+    # True: every endpoint the policy allows; a list: only these (each within the policy).
+    network: bool | tuple[str, ...] = False
+    capabilities: tuple[str, ...] = ()  # e.g. "CAP_NET_BIND_SERVICE"; within the policy's
 
     @model_validator(mode="after")
     def _code_matches_kind(self) -> Self:
@@ -171,6 +177,13 @@ class Task(_Model):
             raise ValueError("a python task needs source")
         if self.kind is TaskKind.COMMAND and not self.argv:
             raise ValueError("a command task needs a non-empty argv")
+        if not isinstance(self.network, bool):
+            if len(self.network) > _MAX_ENDPOINTS:
+                raise ValueError(f"network: at most {_MAX_ENDPOINTS} endpoints")
+            for text in self.network:
+                Endpoint.parse(text)
+        for cap in self.capabilities:
+            check_capability(cap)
         env = [f"{name}={value}" for name, value in self.env.items()]
         for text in (self.source or "", self.entry, *self.args, *self.argv, *env):
             try:
@@ -195,7 +208,8 @@ class Task(_Model):
         output_schema: dict[str, Any] | None = None,
         resources: Resources | None = None,
         tier: TierName | str = TierName.AUTO,
-        network: bool = False,
+        network: bool | Sequence[str] = False,
+        capabilities: Sequence[str] = (),
         id: str | None = None,
     ) -> Task:
         """A WASI command module, given as a path or as bytes; `args` become its argv[1:]."""
@@ -206,7 +220,8 @@ class Task(_Model):
         return cls._build(
             kind=TaskKind.WASM, **code, input=input, args=tuple(_strings(args, "args")),
             env=env, sha256=sha256, input_schema=input_schema, output_schema=output_schema,
-            resources=resources, tier=tier, network=network, id=id,
+            resources=resources, tier=tier, network=_network(network),
+            capabilities=tuple(_strings(capabilities, "capabilities")), id=id,
         )
 
     @classmethod
@@ -223,7 +238,8 @@ class Task(_Model):
         resources: Resources | None = None,
         tier: TierName | str = TierName.AUTO,
         runtime: str | None = None,
-        network: bool = False,
+        network: bool | Sequence[str] = False,
+        capabilities: Sequence[str] = (),
         id: str | None = None,
     ) -> Task:
         """Python source text, or a `Path` to a ``.py`` file; ``main(input)`` is called if defined.
@@ -242,7 +258,8 @@ class Task(_Model):
         return cls._build(
             kind=TaskKind.PYTHON, source=source, input=input, entry=entry, env=env,
             input_schema=input_schema, output_schema=output_schema, resources=resources,
-            tier=tier, runtime=runtime, network=network, id=id,
+            tier=tier, runtime=runtime, network=_network(network),
+            capabilities=tuple(_strings(capabilities, "capabilities")), id=id,
         )
 
     @classmethod
@@ -257,7 +274,8 @@ class Task(_Model):
         resources: Resources | None = None,
         tier: TierName | str = TierName.CONTAINER,
         runtime: str | None = None,
-        network: bool = False,
+        network: bool | Sequence[str] = False,
+        capabilities: Sequence[str] = (),
         id: str | None = None,
     ) -> Task:
         """A native program for the container and VM tiers, as an argv list.
@@ -273,7 +291,8 @@ class Task(_Model):
         return cls._build(
             kind=TaskKind.COMMAND, argv=tuple(_strings(argv, "argv")), input=input, env=env,
             input_schema=input_schema, output_schema=output_schema, resources=resources,
-            tier=tier, runtime=runtime, network=network, id=id,
+            tier=tier, runtime=runtime, network=_network(network),
+            capabilities=tuple(_strings(capabilities, "capabilities")), id=id,
         )
 
     @classmethod
@@ -283,6 +302,30 @@ class Task(_Model):
             return cls(**given)
         except ValidationError as exc:
             raise InvalidTask(f"invalid task: {_describe(exc)}") from None
+
+
+def _network(value: bool | Sequence[str]) -> bool | tuple[str, ...]:
+    return value if isinstance(value, bool) else tuple(_strings(value, "network"))
+
+
+# Linux capabilities (capability.h, 6.x); a name outside this list is a typo.
+CAPABILITIES: frozenset[str] = frozenset("CAP_" + n for n in (
+    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
+    "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW",
+    "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT",
+    "SYS_ADMIN", "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD",
+    "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG",
+    "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE",
+))
+
+
+def check_capability(name: str) -> str:
+    """`name` if it is a Linux capability spelled ``CAP_*``; raises ValueError otherwise."""
+    if name not in CAPABILITIES:
+        near = difflib.get_close_matches(str(name).upper(), sorted(CAPABILITIES), n=1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        raise ValueError(f"{name!r} is not a capability name like CAP_NET_BIND_SERVICE{hint}")
+    return name
 
 
 def _strings(values: Sequence[str], what: str) -> list[str]:
@@ -324,6 +367,9 @@ class Limits(_Model):
     cpus: Annotated[float, Field(gt=0)] = 1.0
     pids: Annotated[int, Field(gt=0)] = 64
     tmpfs: Bytes = 64 * MiB
+    # Bytes a task may write (its outputs, and its /tmp, are each held to it on every tier);
+    # None: only the output caps and tmpfs size apply.
+    disk: Bytes | None = None
 
 
 class TimeoutPolicy(_Model):
@@ -333,10 +379,141 @@ class TimeoutPolicy(_Model):
     kill_grace: Seconds = 0.5
 
 
-class NetworkPolicy(_Model):
-    """Network access. Off by default; the wasm tier never has a network at all."""
+_HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}$)(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*\.?$", re.IGNORECASE
+)
+_MAX_ENDPOINTS = 256
 
-    enabled: bool = False
+
+class Endpoint(_Model):
+    """One parsed network endpoint: an address or network (``ip``/``cidr``) or a DNS ``name``,
+    with a ``port`` (None: the policy's ``allowed_ports`` apply)."""
+
+    text: str  # as written
+    network: str | None = None  # an IPv4/IPv6 network ("192.0.2.1/32" for one address)
+    name: str | None = None  # a DNS name (always with a port)
+    port: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        """Parse ``"host:port"``, ``"ip"``, ``"cidr"``, ``"name:port"`` or ``"[v6]:port"``;
+        raises ValueError saying what is wrong."""
+        if not isinstance(text, str) or not text or len(text) > 300 or text != text.strip():
+            raise ValueError(f"endpoint {text!r} is not a host, ip, cidr or name:port")
+        host, port = text, None
+        if text.startswith("["):
+            end = text.find("]")
+            rest = text[end + 1:] if end > 0 else "?"
+            if end < 0 or (rest and not rest.startswith(":")):
+                raise ValueError(f"endpoint {text!r}: an IPv6 address in brackets is "
+                                 "'[addr]' or '[addr]:port'")
+            host, port = text[1:end], _port(rest[1:], text) if rest else None
+            ipaddress.IPv6Address(_v6(host, text))
+        elif text.count(":") == 1:
+            host, _, raw = text.partition(":")
+            port = _port(raw, text)
+        if "/" in host:
+            try:
+                net = ipaddress.ip_network(host, strict=True)
+            except ValueError as exc:
+                raise ValueError(f"endpoint {text!r}: not a network ({exc})") from None
+            return cls(text=text, network=str(net), port=port)
+        try:
+            addr = ipaddress.ip_address(host)
+        except ValueError:
+            if ":" in host or not _HOSTNAME_RE.match(host) or host.replace(".", "").isdigit():
+                raise ValueError(f"endpoint {text!r} is not an ip, a cidr or a DNS name") from None
+            if port is None:
+                raise ValueError(f"endpoint {text!r} names a host without a port "
+                                 "(write 'name:port')") from None
+            return cls(text=text, name=host.lower().rstrip("."), port=port)
+        return cls(text=text, network=str(ipaddress.ip_network(addr)), port=port)
+
+    def covers(self, other: Endpoint, ports: tuple[int, ...]) -> bool:
+        """Whether every address and port `other` names is inside this endpoint (with
+        `ports` for a portless one; none listed means every port)."""
+        if self.port is not None:
+            port_ok = other.port == self.port
+        else:  # this endpoint takes the policy's allowed_ports (none listed: every port)
+            port_ok = not ports or other.port is None or other.port in ports
+        if not port_ok:
+            return False
+        if self.name is not None or other.name is not None:
+            return self.name == other.name
+        assert self.network is not None and other.network is not None
+        mine, theirs = ipaddress.ip_network(self.network), ipaddress.ip_network(other.network)
+        return mine.version == theirs.version and theirs.subnet_of(mine)  # type: ignore[arg-type]
+
+
+def _port(raw: str, text: str) -> int:
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise ValueError(f"endpoint {text!r}: the port must be 1..65535")
+    return int(raw)
+
+
+def _v6(host: str, text: str) -> str:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        raise ValueError(f"endpoint {text!r}: {host!r} is not an IPv6 address") from None
+    return host
+
+
+def parse_endpoints(values: Any) -> Any:
+    """Endpoint strings to `Endpoint`s (validators); other values pass through."""
+    if isinstance(values, str):
+        raise ValueError("allowed_endpoints must be a list of strings")
+    if isinstance(values, list | tuple) and len(values) > _MAX_ENDPOINTS:
+        raise ValueError(f"at most {_MAX_ENDPOINTS} endpoints")
+    if isinstance(values, list | tuple):
+        return tuple(Endpoint.parse(v) if isinstance(v, str) else v for v in values)
+    return values
+
+
+Port = Annotated[int, Field(gt=0, lt=65536)]
+
+
+class NetworkPolicy(_Model):
+    """Network access (container tier). Off by default; the wasm tier never has a network.
+
+    ``outbound`` is the switch; ``allowed_endpoints`` is exactly what a task may reach
+    (``"host:port"``, ``"ip"``, ``"cidr"``, ``"name:port"``, ``"[v6]:port"``);
+    ``allowed_ports`` applies to endpoints that name no port (none listed: every port);
+    ``dns`` lets the task resolve names through one ``resolver`` (``"ip"`` or ``"ip:port"``,
+    default the host's first nameserver). ``enabled`` is the deprecated name of ``outbound``.
+    """
+
+    outbound: bool = False
+    allowed_endpoints: Annotated[tuple[Endpoint, ...], BeforeValidator(parse_endpoints)] = ()
+    allowed_ports: tuple[Port, ...] = ()
+    dns: bool = False
+    resolver: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_enabled(cls, data: Any) -> Any:
+        # `[network] enabled` predates `outbound`; it means the same switch.
+        if isinstance(data, dict) and "enabled" in data:
+            data = dict(data)
+            enabled = data.pop("enabled")
+            if "outbound" in data and data["outbound"] != enabled:
+                raise ValueError("enabled (deprecated) and outbound disagree; keep outbound")
+            data["outbound"] = enabled
+        return data
+
+    @model_validator(mode="after")
+    def _resolver_is_an_address(self) -> Self:
+        if self.resolver is not None:
+            ep = Endpoint.parse(self.resolver)
+            if ep.network is None or "/" in self.resolver or (
+                    ipaddress.ip_network(ep.network).num_addresses != 1):
+                raise ValueError(f"resolver {self.resolver!r} must be 'ip' or 'ip:port'")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """Deprecated name of `outbound`."""
+        return self.outbound
 
 
 class FilesystemPolicy(_Model):
@@ -344,6 +521,23 @@ class FilesystemPolicy(_Model):
 
     readonly: dict[str, Path] = Field(default_factory=dict)
     writable: dict[str, Path] = Field(default_factory=dict)
+    # Guest paths inside a mount above that the task must not see (masked in containers;
+    # the wasm and VM tiers decline plans with any).
+    hidden: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _hidden_inside_a_mount(self) -> Self:
+        mounts = [*self.readonly, *self.writable]
+        for path in self.hidden:
+            if (not isinstance(path, str) or not path.startswith("/") or ".." in path.split("/")
+                    or "\0" in path or len(path) > 4096):
+                raise ValueError(f"hidden path {path!r} must be an absolute path without '..'")
+            inside = [m for m in mounts if path != m and
+                      path.startswith(m.rstrip("/") + "/")]
+            if not inside:
+                raise ValueError(f"hidden path {path!r} lies inside no mount of "
+                                 "[filesystem] readonly/writable (it would hide nothing)")
+        return self
 
     @model_validator(mode="after")
     def _mounts_are_sane(self) -> Self:
@@ -457,6 +651,8 @@ class Policy(_Model):
     allowed_tiers: frozenset[TierName] = frozenset(ISOLATION_ORDER)
     min_isolation: TierName = TierName.WASM
     allow_unbounded: bool = False
+    # Capabilities a task may be granted (container tier), e.g. ["CAP_NET_BIND_SERVICE"].
+    capabilities: frozenset[Annotated[str, AfterValidator(check_capability)]] = frozenset()
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -547,6 +743,8 @@ class Metrics(_Model):
     stderr_bytes: int = 0
     output_bytes: int = 0
     output_files: int = 0
+    net_rx_bytes: int | None = None  # networked container tasks: the namespace's counters
+    net_tx_bytes: int | None = None
     extra: dict[str, float] = Field(default_factory=dict)
 
 

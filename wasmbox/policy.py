@@ -11,6 +11,7 @@ from typing import TypeVar
 from wasmbox.errors import PolicyViolation
 from wasmbox.models import (
     ISOLATION_ORDER,
+    Endpoint,
     OutputPolicy,
     Policy,
     Task,
@@ -26,6 +27,16 @@ _TIERS_FOR_KIND: dict[TaskKind, tuple[TierName, ...]] = {
     TaskKind.PYTHON: ISOLATION_ORDER,
     TaskKind.COMMAND: (TierName.CONTAINER, TierName.VM),
 }
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkPlan:
+    """What one networked task may reach: exactly these endpoints, and DNS when `resolver`
+    is set (an ``(ip, port)`` the task's resolv.conf names)."""
+
+    endpoints: tuple[Endpoint, ...]
+    allowed_ports: tuple[int, ...]  # for endpoints without a port; empty: every port
+    resolver: tuple[str, int] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,10 +63,13 @@ class Plan:
     args: tuple[str, ...]
     env: dict[str, str]
     allowed_imports: frozenset[str]
-    network: bool
+    network: NetworkPlan | None  # None: no network at all (only lo)
     readonly_mounts: dict[str, Path]
     writable_mounts: dict[str, Path]
     warnings: tuple[str, ...] = ()  # requests lowered to the policy's maxima, one line each
+    capabilities: frozenset[str] = frozenset()  # granted (container tier only)
+    hidden_paths: tuple[str, ...] = ()  # guest paths masked inside the mounts
+    disk: int | None = None  # bytes the task may write (outputs and /tmp are each held to it)
 
     def on_tier(self, tier: TierName) -> Plan:
         """The same plan for another tier (escalation); the policy is checked again."""
@@ -72,8 +86,12 @@ def apply(policy: Policy, task: Task) -> Plan:
     """
     tier = _resolve_tier(policy, task)
     limits, req = policy.limits, task.resources
-    if task.network and not policy.network.enabled:
-        raise PolicyViolation("network.enabled", "the task asks for network access")
+    network = _network_plan(policy, task)
+    capabilities = frozenset(task.capabilities)
+    denied = sorted(capabilities - policy.capabilities)
+    if denied:
+        raise PolicyViolation("capabilities", f"the task asks for {denied[0]}, which the "
+                              "policy does not grant")
     if policy.wasi.require_sha256 and task.kind is TaskKind.WASM and task.sha256 is None:
         raise PolicyViolation("wasi.require_sha256", "the module must be pinned by sha256")
     env = _effective_env(policy, task)
@@ -86,11 +104,13 @@ def apply(policy: Policy, task: Task) -> Plan:
             "limits.args_bytes", f"args and env take {size} bytes, over {limits.args_bytes}"
         )
     output = policy.output
-    if req.output_bytes is not None and req.output_bytes < output.max_total_bytes:
-        output = output.model_copy(update={
-            "max_total_bytes": req.output_bytes,
-            "max_file_bytes": min(output.max_file_bytes, req.output_bytes),
-        })
+    disk = clamp_optional(req.disk, limits.disk)
+    for cap in (req.output_bytes, disk):
+        if cap is not None and cap < output.max_total_bytes:
+            output = output.model_copy(update={
+                "max_total_bytes": cap,
+                "max_file_bytes": min(output.max_file_bytes, cap),
+            })
     return Plan(
         task=task,
         policy=policy,
@@ -107,16 +127,60 @@ def apply(policy: Policy, task: Task) -> Plan:
         instances=limits.instances,
         cpus=clamp(req.cpus, limits.cpus),
         pids=clamp(req.pids, limits.pids),
-        tmpfs=limits.tmpfs,
+        tmpfs=limits.tmpfs if disk is None else min(limits.tmpfs, disk),
         output=output,
         args=args,
         env=env,
         allowed_imports=policy.wasi.allowed_imports,
-        network=task.network,
+        network=network,
+        capabilities=capabilities,
+        hidden_paths=tuple(policy.filesystem.hidden),
+        disk=disk,
         readonly_mounts=dict(policy.filesystem.readonly),
         writable_mounts=dict(policy.filesystem.writable),
         warnings=clamp_warnings(policy, task),
     )
+
+
+def _network_plan(policy: Policy, task: Task) -> NetworkPlan | None:
+    """The endpoints a task gets: all the policy allows (``network=True``) or the subset
+    it lists, each of which must lie within an allowed endpoint."""
+    if task.network is False or task.network == ():
+        return None
+    net = policy.network
+    if not net.outbound:
+        # The rule keeps its historical name (`enabled` is `outbound`'s deprecated alias).
+        raise PolicyViolation("network.enabled", "the task asks for network access and the "
+                              "policy's [network] outbound is false")
+    endpoints = net.allowed_endpoints
+    if not isinstance(task.network, bool):
+        endpoints = tuple(Endpoint.parse(text) for text in task.network)
+        for ep in endpoints:
+            if not any(allowed.covers(ep, net.allowed_ports) for allowed in
+                       net.allowed_endpoints):
+                raise PolicyViolation("network.allowed_endpoints", f"the task asks for "
+                                      f"{ep.text}, which no allowed endpoint covers")
+    return NetworkPlan(endpoints, net.allowed_ports, _resolver(net.resolver) if net.dns else None)
+
+
+def _resolver(configured: str | None) -> tuple[str, int]:
+    """The one resolver DNS goes to: the policy's, else the host's first nameserver."""
+    text = configured
+    if text is None:
+        try:
+            with open("/etc/resolv.conf", encoding="utf-8", errors="replace") as f:
+                lines = f.read(64 * 1024).splitlines()
+        except OSError:
+            lines = []
+        found = [ln.split()[1] for ln in lines if ln.split()[:1] == ["nameserver"]
+                 and len(ln.split()) > 1]
+        if not found:
+            raise PolicyViolation("network.dns", "dns is on but no resolver is set and the "
+                                  "host's /etc/resolv.conf names no nameserver")
+        text = found[0] if ":" not in found[0] else f"[{found[0]}]"
+    ep = Endpoint.parse(text)
+    assert ep.network is not None  # validated by NetworkPolicy
+    return ep.network.split("/")[0], ep.port or 53
 
 
 def clamp(request: N | None, maximum: N) -> N:
@@ -182,6 +246,7 @@ _CAPS: tuple[tuple[str, str, str], ...] = (
     ("cpus", "limits", "cpus"),
     ("pids", "limits", "pids"),
     ("output_bytes", "output", "max_total_bytes"),
+    ("disk", "limits", "disk"),
 )
 
 
@@ -200,7 +265,7 @@ def clamp_warnings(policy: Policy, task: Task) -> tuple[str, ...]:
 def _show(field: str, value: float) -> str:
     if field == "timeout":
         return f"{value:g}s"
-    if field in ("memory", "stdout_bytes", "output_bytes"):
+    if field in ("memory", "stdout_bytes", "output_bytes", "disk"):
         for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
             if value >= size:
                 return f"{value / size:g}{unit}"

@@ -434,6 +434,8 @@ def _assemble(
         stderr_bytes=len(outcome.stderr),
         output_bytes=collected.total_bytes,
         output_files=len(collected.files),
+        net_rx_bytes=_count(outcome.extra.pop("net_rx_bytes", None)),
+        net_tx_bytes=_count(outcome.extra.pop("net_tx_bytes", None)),
         extra=outcome.extra,
     )
     return Result.model_construct(
@@ -477,3 +479,7 @@ class _Cancel:
             self._thrown = True
             if self._deadline is not None:
                 self._deadline.cancel()
+
+
+def _count(value: float | None) -> int | None:
+    return None if value is None else int(value)

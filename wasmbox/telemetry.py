@@ -24,6 +24,10 @@ RUN_SECONDS = Histogram(
 RUNNING = Gauge("wasmbox_running_tasks", "Tasks running now", ["tier"])
 LIVE_SANDBOXES = Gauge("wasmbox_live_sandboxes", "Open Sandbox objects")
 ANOMALIES = Counter("wasmbox_anomalies", "Anomaly events by rule", ["rule", "killed"])
+NET_BYTES = Counter(
+    "wasmbox_net_bytes", "Bytes networked tasks received (rx) and sent (tx)",
+    ["tier", "direction"],
+)
 POOL_REQUESTS = Counter(
     "wasmbox_pool_requests", "Pool acquisitions by tier and result", ["tier", "result"]
 )
@@ -37,6 +41,10 @@ def record(result: Result) -> None:
     RUN_SECONDS.labels(result.tier.value).observe(result.metrics.wall_s)
     for event in result.events:
         ANOMALIES.labels(event.rule.value, str(event.killed).lower()).inc()
+    for direction, count in (("rx", result.metrics.net_rx_bytes),
+                             ("tx", result.metrics.net_tx_bytes)):
+        if count:
+            NET_BYTES.labels(result.tier.value, direction).inc(count)
     if log.isEnabledFor(logging.INFO):
         log.info(
             "run %s %s on %s in %.3f ms",

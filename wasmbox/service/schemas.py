@@ -30,6 +30,7 @@ class ResourcesRequest(BaseModel):
     stdout_bytes: PositiveInt | None = None
     cpus: PositiveFloat | None = None
     pids: PositiveInt | None = None
+    disk: PositiveInt | None = Field(default=None, description="bytes")
 
 
 class _TaskFields(BaseModel):

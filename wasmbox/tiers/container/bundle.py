@@ -19,7 +19,8 @@ from wasmbox.tiers.container.seccomp import seccomp_profile
 GUEST_UID = 65534
 GUEST_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
 ROOTFS_PREFIX = "wasmbox-rootfs-"
-CODE_MOUNT = "/.wasmbox"  # runner + task source (Python tasks), or the pooled spec
+CODE_MOUNT = "/.wasmbox"
+RESOLV_CONF = "/etc/resolv.conf"  # runner + task source (Python tasks), or the pooled spec
 _HOST_DIRS = ("usr", "bin", "lib", "lib32", "lib64", "libx32", "sbin")
 _HOST_ETC = ("ld.so.cache", "alternatives", "localtime")
 _MOUNTPOINTS = ("proc", "dev", "tmp", "task", CODE_MOUNT.lstrip("/"))
@@ -71,6 +72,8 @@ class Shape:
     # Under gVisor the task's processes live in gVisor's kernel: the host cgroup holds the
     # sentry and gofer threads instead, so the task's limit is set inside (RLIMIT_NPROC).
     gvisor: bool = False
+    capabilities: tuple[str, ...] = ()  # granted by the policy (sorted)
+    hidden: tuple[str, ...] = ()  # policy paths masked inside the mounts
 
     @classmethod
     def of(cls, plan: Plan) -> Shape:
@@ -86,6 +89,8 @@ class Shape:
             fsize=fsize,
             readonly_mounts=tuple(sorted((g, str(h)) for g, h in plan.readonly_mounts.items())),
             writable_mounts=tuple(sorted((g, str(h)) for g, h in plan.writable_mounts.items())),
+            capabilities=tuple(sorted(plan.capabilities)),
+            hidden=tuple(sorted(plan.hidden_paths)),
         )
 
 
@@ -166,8 +171,14 @@ def make_config(
     env: dict[str, str],
     cgroups: CgroupLayout,
     cgroup_path: str,
+    netns: str | None = None,
+    resolv_conf: str | None = None,
 ) -> dict[str, Any]:
     """The config.json of one container.
+
+    `netns` is a network namespace to join (a networked task's, see `network.TaskNetwork`);
+    without it the container gets a fresh one with only ``lo``. `resolv_conf` is a host
+    file bound read-only over /etc/resolv.conf.
 
     What /proc/self/mountinfo still tells a crun/runc task: a bind mount shows its source's
     path inside the source filesystem, which no OCI runtime rewrites. Here that is the
@@ -195,6 +206,16 @@ def make_config(
     for guest, host in shape.writable_mounts:
         skeleton.ensure_mountpoint(guest, os.path.isdir(host))
         mounts.append(_bind(host, guest, writable=True))
+    if shape.gvisor:
+        mounts += _hidden_mounts(shape)
+    if resolv_conf is not None:
+        skeleton.ensure_mountpoint(RESOLV_CONF, False)
+        mounts.append(_bind(resolv_conf, RESOLV_CONF, writable=False))
+    namespaces: list[dict[str, str]] = [
+        {"type": t} for t in ("pid", "network", "ipc", "uts", "mount", "cgroup")]
+    if netns is not None:
+        namespaces[1]["path"] = netns
+    caps = list(shape.capabilities)
     return {
         "ociVersion": "1.0.2",
         "process": {
@@ -203,7 +224,10 @@ def make_config(
             "args": args,
             "env": _environment(env),
             "cwd": "/task",
-            "capabilities": {k: [] for k in
+            # Exactly the granted set; ambient so that the (non-root) task's exec keeps it.
+            # Inheritable too: the kernel keeps an ambient capability only while it is
+            # both permitted and inheritable.
+            "capabilities": {k: list(caps) for k in
                              ("bounding", "effective", "inheritable", "permitted", "ambient")},
             "rlimits": _rlimits(shape),
             "noNewPrivileges": True,
@@ -215,14 +239,37 @@ def make_config(
         "linux": {
             "cgroupsPath": cgroup_path,
             "resources": _resources(shape, cgroups),
-            "namespaces": [{"type": t} for t in
-                           ("pid", "network", "ipc", "uts", "mount", "cgroup")],
+            "namespaces": namespaces,
             "seccomp": seccomp_profile(gvisor=shape.gvisor),
-            "maskedPaths": list(MASKED_PATHS),
+            # The policy's hidden paths are masked like /proc's: an empty read-only tmpfs
+            # over a directory, /dev/null over a file (mounts are made before the masks).
+            "maskedPaths": [*MASKED_PATHS, *shape.hidden],
             "readonlyPaths": list(READONLY_PATHS),
             "rootfsPropagation": "private",
         },
     }
+
+
+def _hidden_mounts(shape: Shape) -> list[dict[str, Any]]:
+    """Explicit masks for the policy's hidden paths (runsc applies maskedPaths to /proc
+    only): an empty read-only tmpfs over a directory, /dev/null over anything else."""
+    mounts: list[dict[str, Any]] = []
+    sources = sorted([*shape.readonly_mounts, *shape.writable_mounts],
+                     key=lambda m: len(m[0]), reverse=True)
+    for hidden in shape.hidden:
+        for guest, host in sources:
+            if hidden.startswith(guest.rstrip("/") + "/"):
+                target = host + hidden[len(guest.rstrip("/")):]
+                break
+        else:
+            continue  # validated at load: every hidden path lies inside a mount
+        if os.path.isdir(target):
+            mounts.append({"destination": hidden, "type": "tmpfs", "source": "tmpfs",
+                           "options": ["ro", "nosuid", "nodev", "noexec", "size=4k",
+                                       "mode=755"]})
+        elif os.path.lexists(target):
+            mounts.append(_bind("/dev/null", hidden, writable=False))
+    return mounts
 
 
 def write_config(bundle_dir: str, config: dict[str, Any]) -> None:

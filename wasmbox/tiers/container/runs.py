@@ -24,6 +24,7 @@ from wasmbox.tiers.container.bundle import (
 )
 from wasmbox.tiers.container.cgroups import PARENT, CgroupLayout
 from wasmbox.tiers.container.instance import Ended, ExecFailed, Instance, new_container_id
+from wasmbox.tiers.container.network import TaskNetwork
 from wasmbox.tiers.container.pool import Pooled, spec_script
 from wasmbox.tiers.container.runtime import Runtime
 from wasmbox.workspace import Workspace
@@ -96,6 +97,24 @@ class Watch:
 
 def run_cold(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monitor,
              runtime: Runtime, skeleton: RootSkeleton, shape: Shape, t0: float) -> Outcome:
+    """Create and start a container now; a networked plan gets its own namespace, pasta and
+    egress filter first, all released after the container is gone."""
+    if plan.network is None:
+        return _run_cold(plan, workspace, deadline, monitor, runtime, skeleton, shape, t0, None)
+    try:
+        net = TaskNetwork(plan.network, workspace.path + "/pasta.log")
+    except OSError as exc:
+        raise HostFailure(f"cannot set up the task's network: {exc}") from exc
+    try:
+        return _run_cold(plan, workspace, deadline, monitor, runtime, skeleton, shape, t0, net)
+    finally:
+        with shielded():
+            net.close()
+
+
+def _run_cold(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monitor,
+              runtime: Runtime, skeleton: RootSkeleton, shape: Shape, t0: float,
+              net: TaskNetwork | None) -> Outcome:
     bundle = workspace.path + "/bundle"  # host-only: beside task/, removed with the workspace
     code = bundle + "/code"
     cid = new_container_id()
@@ -105,9 +124,17 @@ def run_cold(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Moni
         os.makedirs(code)
         args = guest_argv(plan, code)
         os.chown(workspace.output_dir, GUEST_UID, GUEST_UID)
+        resolv = None
+        text = net.resolv_conf() if net is not None else None
+        if text is not None:
+            resolv = bundle + "/resolv.conf"
+            with open(resolv, "w", encoding="ascii") as f:
+                f.write(text)
+            os.chmod(resolv, 0o444)
         config = make_config(
             shape=shape, skeleton=skeleton, args=args, env=plan.env, cgroups=runtime.cgroups,
             paths=Paths(workspace.task_dir, workspace.output_dir, code), cgroup_path=cgroup_path,
+            netns=net.path if net is not None else None, resolv_conf=resolv,
         )
         instance.write_config(config)
     except OSError as exc:
@@ -130,6 +157,9 @@ def run_cold(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Moni
         ended = instance.wait(deadline, plan.kill_grace, watch)
         t2 = time.perf_counter()
         metrics = {**watch.last_metrics, **runtime.cgroups.metrics(cgroup_path)}
+        if net is not None:
+            rx, tx = net.counters()
+            metrics.update(net_rx_bytes=float(rx), net_tx_bytes=float(tx))
     except ExecFailed:
         return _exec_failed(plan, workspace, t0)
     finally:

@@ -15,7 +15,7 @@ from wasmbox.models import TaskKind, TierName
 from wasmbox.monitor import Monitor
 from wasmbox.policy import Plan
 from wasmbox.tiers.base import Availability, Outcome
-from wasmbox.tiers.container import reaper
+from wasmbox.tiers.container import network, reaper
 from wasmbox.tiers.container.bundle import (
     ROOTFS_PREFIX,
     Paths,
@@ -109,6 +109,8 @@ class ContainerTier(Closeable):
         found += [f"dir {root}/{n}" for n in os.listdir(root)
                   if n.startswith((POOL_PREFIX, ROOTFS_PREFIX, PROBE_PREFIX))
                   and f"{root}/{n}" != own]
+        found += [f"netns {path}" for path in network.bound_namespaces()]
+        found += [f"pasta {pid}: {cmd}" for pid, cmd in network.pasta_processes()]
         if pid is not None:
             found = [trace for trace in found if f"-{pid}-" in trace]
         return found
@@ -116,11 +118,18 @@ class ContainerTier(Closeable):
     # --- running --------------------------------------------------------------------------
 
     def unsuitable(self, plan: Plan) -> str | None:
-        """Why this tier cannot take `plan`, or None (containers have no network)."""
-        if plan.network:
-            return "containers have no network (only lo)"
+        """Why this tier cannot take `plan`, or None."""
         if plan.task.kind not in (TaskKind.COMMAND, TaskKind.PYTHON):
             return f"the container tier cannot run {plan.task.kind} tasks"
+        gvisor = choose_runtime(plan.task.runtime or self.default_runtime).name == "runsc"
+        if plan.capabilities and gvisor:
+            # Measured: runsc leaves the non-root task's permitted/effective sets empty
+            # (only bounding and inheritable carry the grant), so it would do nothing.
+            return "gVisor does not raise capabilities for the task: they need crun or runc"
+        if plan.network is not None:
+            if gvisor:
+                return "gVisor runs with --network=none here: networked tasks need crun or runc"
+            return network.missing_tools() or network.unsupported(plan.network)
         return None
 
     def prepare(self, plan: Plan) -> None:
@@ -147,7 +156,8 @@ class ContainerTier(Closeable):
         skeleton = self._root_skeleton()
         shape = _for_runtime(runtime, Shape.of(plan))
         pooled = None
-        if self.pool_size > 0 and runtime.name != "runsc":
+        # A networked task's namespace, pasta and filter are its own: never pooled.
+        if self.pool_size > 0 and runtime.name != "runsc" and plan.network is None:
             pooled = self._pool(runtime, shape, skeleton).take(shape)
         if pooled is not None:
             return run_pooled(plan, workspace, deadline, monitor, pooled, t0)
@@ -157,7 +167,7 @@ class ContainerTier(Closeable):
         """Start the pool for `plan`'s shape now (None without pooling); it fills behind."""
         runtime = self._runtime(plan.task.runtime or self.default_runtime)
         skeleton = self._root_skeleton()
-        if self.pool_size <= 0 or runtime.name == "runsc":
+        if self.pool_size <= 0 or runtime.name == "runsc" or plan.network is not None:
             return None
         return self._pool(runtime, _for_runtime(runtime, Shape.of(plan)), skeleton)
 
@@ -233,6 +243,7 @@ def _sweep(runtime: Runtime) -> None:
         for name in os.listdir(root):
             if name.startswith((POOL_PREFIX, ROOTFS_PREFIX, PROBE_PREFIX)) and dead(name):
                 remove_tree(f"{root}/{name}")
+    network.sweep(dead)
 
 
 def _for_runtime(runtime: Runtime, shape: Shape) -> Shape:

@@ -76,8 +76,12 @@ class VmTier(Closeable):
         """Why guests here cannot take `plan` (network, extra mounts, its kind), or None."""
         if plan.task.kind not in (TaskKind.COMMAND, TaskKind.PYTHON):
             return f"the VM tier cannot run {plan.task.kind} tasks"
-        if plan.network:
+        if plan.network is not None:
             return "the VM tier gives guests no network"
+        if plan.capabilities:
+            return "the VM tier cannot grant capabilities"
+        if plan.hidden_paths:
+            return "the VM tier cannot mask hidden paths (it grants no extra mounts)"
         if plan.readonly_mounts or plan.writable_mounts:
             return "the VM tier cannot grant extra mounts"
         return None
@@ -90,8 +94,12 @@ class VmTier(Closeable):
         """
         if plan.task.kind not in (TaskKind.COMMAND, TaskKind.PYTHON):
             raise TierUnavailable(str(self.name), f"the VM tier cannot run {plan.task.kind} tasks")
-        if plan.network:
+        if plan.network is not None:
             raise PolicyViolation("network.enabled", "the VM tier gives guests no network")
+        if plan.capabilities:
+            raise PolicyViolation("capabilities", "the VM tier cannot grant capabilities")
+        if plan.hidden_paths:
+            raise PolicyViolation("filesystem.hidden", "the VM tier cannot mask hidden paths")
         if plan.readonly_mounts or plan.writable_mounts:
             raise PolicyViolation("filesystem", "the VM tier cannot grant extra mounts")
         assets, _ = self._setup()

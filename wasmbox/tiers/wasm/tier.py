@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import wasmtime
 
-from wasmbox.errors import HostFailure
+from wasmbox.errors import HostFailure, TierUnavailable
 from wasmbox.lifecycle import Closeable, Deadline
 from wasmbox.models import MiB, Status, TaskKind, TierName
 from wasmbox.monitor import Monitor
@@ -59,8 +59,11 @@ class WasmTier(Closeable):
         """Why this tier should not take the plan under ``tier="auto"``, or None.
 
         Python source importing a module the wasm interpreter lacks (a C extension, say)
-        belongs in a heavier tier.
+        belongs in a heavier tier, and so does a plan with network access or capabilities.
         """
+        declined = _declined(plan)
+        if declined is not None:
+            return declined
         if plan.task.kind is not TaskKind.PYTHON:
             return None
         runtime = self._python_runtime()
@@ -71,7 +74,14 @@ class WasmTier(Closeable):
         return runtime.unsuitable(plan)
 
     def prepare(self, plan: Plan) -> None:
-        """Validate, compile (or load from cache) and pre-link the plan's code."""
+        """Validate, compile (or load from cache) and pre-link the plan's code.
+
+        Raises `TierUnavailable` for a plan this tier cannot serve (network, capabilities,
+        hidden paths).
+        """
+        declined = _declined(plan)
+        if declined is not None:
+            raise TierUnavailable(str(self.name), declined)
         if plan.task.kind is TaskKind.PYTHON:
             self._python_runtime().prepare(Flavour(fuel=plan.fuel is not None, stack=plan.stack))
         else:
@@ -235,3 +245,15 @@ def _at_memory_cap(outcome: Outcome, plan: Plan) -> bool:
     return peak is not None and peak + margin > plan.memory
 
 
+
+
+def _declined(plan: Plan) -> str | None:
+    """What a plan asks for that WASI cannot give: never a silent no-op."""
+    if plan.network is not None:
+        return "the wasm tier has no network (WASI sockets are not linked)"
+    if plan.capabilities:
+        return "the wasm tier cannot grant capabilities"
+    if plan.hidden_paths:
+        return (f"the wasm tier cannot hide {plan.hidden_paths[0]}: a WASI preopen cannot "
+                "mask a path inside it")
+    return None
