@@ -29,6 +29,7 @@ from wasmbox.policy import Plan
 from wasmbox.tiers.vm.cpio import CpioWriter
 
 READY = "WASMBOX-READY"
+ARMED = "WASMBOX-ARMED"  # printed once the host's entropy is credited; a task may follow
 EXIT = "WASMBOX-EXIT"
 TASK_UID = 1000
 PYTHON_MOUNTPOINTS = ("/task", "/dev", "/proc", "/tmp", "/wasmbox", "/bin")
@@ -100,6 +101,20 @@ if [ ! -f /job/job.sh ]; then
   [ -n "$port" ] || poweroff -f
   echo WASMBOX-READY > /dev/ttyS0
   exec 3<"$port"
+  # A template is snapshotted here, so every guest restored from it shares its RNG state:
+  # the host's first line is fresh entropy, credited and reseeded before any task exists.
+  # Without it no task runs (fail closed).
+  seed=""
+  while [ -z "$seed" ]; do read -r seed <&3 || sleep 0.05; done
+  set -- $seed
+  # Assets built without a C compiler lack the helper; the host never snapshots those.
+  if [ -x /bin/wbx-seed ]; then
+    /bin/wbx-seed "$1" || { echo WASMBOX-NOSEED > /dev/ttyS0; poweroff -f; }
+  fi
+  date -s "@$2" > /dev/null 2>&1
+  set --
+  seed=""
+  echo WASMBOX-ARMED > /dev/ttyS0
   size=""
   while [ -z "$size" ]; do read -r size <&3 || sleep 0.05; done
   head -c "$size" <&3 | tar -x -f - -C /
@@ -136,6 +151,43 @@ tar -c -f "$OUT_DISK" -C /ship output streams 2>/dev/null || flags="$flags ship"
 sync
 echo "WASMBOX-EXIT $NONCE $code peak=${peak:-0} cpu_us=${cpu:-0}$flags" > /dev/ttyS0
 poweroff -f
+"""
+
+
+SEED_HELPER = r"""
+/* wbx-seed HEX: credit 64 bytes of host entropy to the guest RNG and force a reseed, so a
+   guest restored from a snapshot stops sharing its random stream with its siblings. */
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/random.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+static int nibble(char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    return -1;
+}
+
+int main(int argc, char **argv) {
+    struct { int entropy_count; int buf_size; unsigned char buf[64]; } info;
+    if (argc != 2 || strlen(argv[1]) != 2 * sizeof info.buf) return 2;
+    for (size_t i = 0; i < sizeof info.buf; i++) {
+        int hi = nibble(argv[1][2 * i]), lo = nibble(argv[1][2 * i + 1]);
+        if (hi < 0 || lo < 0) return 2;
+        info.buf[i] = (unsigned char)(hi << 4 | lo);
+    }
+    memset(argv[1], 0, strlen(argv[1]));
+    info.entropy_count = 8 * (int)sizeof info.buf;
+    info.buf_size = (int)sizeof info.buf;
+    int fd = open("/dev/urandom", O_WRONLY);
+    if (fd < 0 || ioctl(fd, RNDADDENTROPY, &info) < 0) return 1;
+    memset(&info, 0, sizeof info);
+    /* ENODATA: the RNG was not ready yet, and the credit above just seeded it. */
+    if (ioctl(fd, RNDRESEEDCRNG) < 0 && errno != ENODATA) return 1;
+    return 0;
+}
 """
 
 
