@@ -63,7 +63,8 @@ def take_snapshot(directory: Path, shape: Shape, start: Callable[[Path, RamFile]
     snapshot = Snapshot(directory, shape)
     directory.mkdir(mode=0o700)
     try:
-        template = start(directory / "template", RamFile(snapshot.ram, shared=True))
+        # A short name: the sockets inside must fit AF_UNIX's 108 bytes.
+        template = start(directory / "t", RamFile(snapshot.ram, shared=True))
         try:
             if not template.wait_booted(timeout):
                 raise SnapshotError("the template guest did not boot: "
