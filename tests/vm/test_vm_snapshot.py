@@ -20,6 +20,7 @@ from wasmbox.models import Resources, Status, TierName
 from wasmbox.policy import apply
 from wasmbox.tiers.vm.assets import AssetReport
 from wasmbox.tiers.vm.janitor import PREFIX, reclaim
+from wasmbox.tiers.vm.machine import arming_line
 from wasmbox.tiers.vm.tier import VmTier
 from wasmbox.workspace import workspace_root
 
@@ -99,6 +100,15 @@ def test_two_restored_guests_never_share_random_output(
     a, b = first.stdout.split("\n", 1), second.stdout.split("\n", 1)
     assert a[0] == b[0] == "256"
     assert a[1] != b[1]
+
+
+def test_every_guest_is_armed_with_its_own_entropy() -> None:
+    # The guest's own interrupt timings differ too, so the comparison above cannot see
+    # repeated host entropy: this checks what the host sends.
+    lines = [arming_line().split() for _ in range(2)]
+    assert all(len(bytes.fromhex(seed.decode())) == 64 for seed, _ in lines)
+    assert lines[0][0] != lines[1][0]
+    assert abs(int(lines[0][1]) - time.time()) < 5
 
 
 def _our_run_dirs(before: set[Path]) -> set[Path]:

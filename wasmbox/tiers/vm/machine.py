@@ -147,7 +147,7 @@ class Machine(Closeable):
 
         Raises `HostFailure` when QEMU never connected the task channel.
         """
-        line = b"%s %d\n" % (secrets.token_hex(64).encode(), int(time.time()))
+        line = arming_line()
         with self._arm_lock:
             self._listener.settimeout(5.0)
             try:
@@ -281,6 +281,11 @@ class Machine(Closeable):
             stderr.close()
         if self.dir.exists():
             remove_tree(self.dir)
+
+
+def arming_line() -> bytes:
+    """What arms a guest: 64 fresh random bytes (hex) for its RNG and the host's time."""
+    return b"%s %d\n" % (secrets.token_hex(64).encode(), int(time.time()))
 
 
 def _parse_exit(line: str, nonce: str) -> ExitLine | None:
