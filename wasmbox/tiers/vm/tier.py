@@ -60,6 +60,7 @@ class VmTier(Closeable):
         self._snapshot_lock = threading.Lock()
         self._snapshots: dict[Shape, Snapshot] = {}
         self._snapshot_failures: dict[Shape, str] = {}
+        self._templates: set[Shape] = set()  # shapes whose template is booting
         self._boot_timeout = boot_timeout
         self._assets_dir = assets_dir
         self._extra_cmdline = extra_cmdline
@@ -146,8 +147,7 @@ class VmTier(Closeable):
         assets, run_dir = self._setup()
         shape = self._shape(plan, assets)
         pool = self._pool
-        # A pool that restores makes a machine in a fraction of a cold boot: worth awaiting.
-        refill = _left(deadline, REFILL_WAIT) if shape in self.snapshots else 0.0
+        refill = _left(deadline, self._refill_wait(shape))
         machine = (pool.take_ready(shape, _left(deadline, self._boot_timeout), refill)
                    if pool else None)
         if machine is None and deadline.expired:
@@ -199,6 +199,17 @@ class VmTier(Closeable):
             sizes=guest_sizes(plan, python),
         )
 
+    def _refill_wait(self, shape: Shape) -> float:
+        """How long a task awaits the pool's next machine rather than booting its own."""
+        with self._snapshot_lock:
+            if shape in self._snapshots:
+                # A restore takes a fraction of a cold boot: worth awaiting.
+                return REFILL_WAIT
+            if shape in self._templates:
+                # The template is booting: a second boot beside it would slow both down.
+                return 3 * self._boot_estimate + REFILL_WAIT
+        return 0.0
+
     def _pooled_machine(self, shape: Shape) -> Machine:
         """A machine for the pool (the refill thread): restored when the shape has a
         snapshot, else booted; a failed restore is recorded and never fails the pool."""
@@ -223,6 +234,7 @@ class VmTier(Closeable):
             if reason != "on":
                 self._snapshot_failures[shape] = reason
                 return None
+            self._templates.add(shape)
         with self._lock:
             self._counter += 1
             directory = run_dir / f"s{self._counter}"
@@ -233,9 +245,11 @@ class VmTier(Closeable):
                 self._boot_timeout)
         except HostFailure as exc:
             with self._snapshot_lock:
+                self._templates.discard(shape)
                 self._snapshot_failures[shape] = f"no snapshot: {exc}"
             return None
         with self._snapshot_lock:
+            self._templates.discard(shape)
             if self.closed:
                 evicted = [snapshot]
             else:
@@ -337,6 +351,8 @@ class VmTier(Closeable):
         outcome.extra["guest_memory_mib"] = float(machine.shape.memory_mib)
         outcome.extra["kvm"] = 1.0 if self._kvm else 0.0
         outcome.extra["restored"] = 1.0 if machine.restored else 0.0
+        if machine.ready_at is not None:  # boot or restore: QEMU start until it took tasks
+            outcome.extra["machine_ready_s"] = machine.ready_at - machine.started
         rss = machine.rss_bytes()
         if rss is not None:
             outcome.extra["qemu_rss_bytes"] = float(rss)
