@@ -7,8 +7,9 @@
   ``linux-image-cloud-amd64`` depends on, fetched with ``apt-get download`` and unpacked with
   ``dpkg -x`` (never installed on the host);
 - ``initramfs.cpio``: busybox, the virtio modules in dependency order (computed here from each
-  module's ``.modinfo``: there is no depmod), the generated ``/init`` and ``wbx-seed`` (a static
-  entropy helper built with the host's C compiler; without one, snapshots stay off);
+  module's ``.modinfo``: there is no depmod), the generated ``/init``, and two static helpers
+  built with the host's C compiler: ``wbx-seed`` credits host entropy (without it, snapshots
+  stay off) and ``wbx-run`` starts the task in one exec (without it, busybox tools do);
 - ``python.ext4``: a read-only image of the host's python3 and its stdlib (``mkfs.ext4 -d``).
 """
 
@@ -32,7 +33,13 @@ from pathlib import Path
 
 from wasmbox.errors import HostFailure
 from wasmbox.tiers.vm.cpio import CpioWriter
-from wasmbox.tiers.vm.guest import INIT_SCRIPT, PRESTART, PYTHON_MOUNTPOINTS, SEED_HELPER
+from wasmbox.tiers.vm.guest import (
+    INIT_SCRIPT,
+    PRESTART,
+    PYTHON_MOUNTPOINTS,
+    RUN_HELPER,
+    SEED_HELPER,
+)
 
 FORMAT = 5  # bump when the layout of any asset changes
 META_PACKAGE = "linux-image-cloud-amd64"
@@ -287,21 +294,24 @@ def _build_initramfs(root: Path) -> tuple[list[str], bool]:
     cpio.directory("job/py")
     cpio.file("job/py/prestart.py", PRESTART.encode(), 0o644)
     cpio.file("init", INIT_SCRIPT.encode(), 0o755)
-    helper = _build_seed_helper(root)
-    if helper is not None:
-        cpio.file("bin/wbx-seed", helper, 0o700)
+    seed = _build_helper(root, "wbx-seed", SEED_HELPER)
+    if seed is not None:
+        cpio.file("bin/wbx-seed", seed, 0o700)
+    run = _build_helper(root, "wbx-run", RUN_HELPER)
+    if run is not None:
+        cpio.file("bin/wbx-run", run, 0o700)
     _atomic_write(root / "initramfs.cpio", cpio.finish())
-    return order, helper is not None
+    return order, seed is not None
 
 
-def _build_seed_helper(root: Path) -> bytes | None:
-    """`SEED_HELPER` as a static binary, or None without a C compiler or a static libc."""
+def _build_helper(root: Path, name: str, code: str) -> bytes | None:
+    """A guest helper as a static binary, or None without a C compiler or a static libc."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None
-    with tempfile.TemporaryDirectory(dir=root, prefix="seed-") as tmp:
-        source, binary = Path(tmp) / "wbx-seed.c", Path(tmp) / "wbx-seed"
-        source.write_text(SEED_HELPER)
+    with tempfile.TemporaryDirectory(dir=root, prefix="helper-") as tmp:
+        source, binary = Path(tmp) / f"{name}.c", Path(tmp) / name
+        source.write_text(code)
         try:
             subprocess.run([cc, "-static", "-Os", "-s", "-o", str(binary), str(source)],
                            check=True, capture_output=True, timeout=120)
@@ -377,6 +387,7 @@ def _recipe() -> str:
     h.update(INIT_SCRIPT.encode())
     h.update(PRESTART.encode())
     h.update(SEED_HELPER.encode())
+    h.update(RUN_HELPER.encode())
     h.update(b"cc" if shutil.which("cc") or shutil.which("gcc") else b"no-cc")
     h.update(_fingerprint_text(BUSYBOX).encode())
     return h.hexdigest()[:16]

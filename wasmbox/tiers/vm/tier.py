@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from wasmbox.errors import HostFailure, PolicyViolation, TierUnavailable
+from wasmbox.errors import HostFailure, PolicyViolation, SandboxClosed, TierUnavailable
 from wasmbox.lifecycle import Closeable, Deadline, shielded
 from wasmbox.models import Status, TaskKind, TierName
 from wasmbox.monitor import Monitor, Sample
@@ -219,6 +219,8 @@ class VmTier(Closeable):
                 return restore(snapshot, lambda ram, fd: self._start(
                     shape, ram=ram, incoming_fd=fd), min(RESTORE_TIMEOUT, self._boot_timeout))
             except HostFailure as exc:
+                if self.closed:
+                    raise
                 self._drop_snapshot(shape, f"restore failed: {exc}")
         return self._boot_machine(shape, arm=True)
 
@@ -288,7 +290,9 @@ class VmTier(Closeable):
                arm: bool = False, ram: RamFile | None = None, incoming_fd: int | None = None,
                monitor: bool = False) -> Machine:
         assets, run_dir = self._assets, self._run_dir
-        assert assets is not None and run_dir is not None and self._kvm is not None
+        if run_dir is None:
+            raise SandboxClosed("the VM tier is closed")
+        assert assets is not None and self._kvm is not None
         if directory is None:
             with self._lock:
                 self._counter += 1
@@ -388,7 +392,9 @@ class VmTier(Closeable):
             pool, self._pool = self._pool, None
             run_dir, self._run_dir = self._run_dir, None
         if run_dir is not None:
-            kill_machines(run_dir)  # a template booting in the refill thread stops waiting
+            # A template booting in the refill thread would hold up `pool.close()`.
+            for snapshot_dir in run_dir.glob("s*"):
+                kill_machines(snapshot_dir)
         if pool is not None:
             pool.close()
         with self._snapshot_lock:
