@@ -133,6 +133,8 @@ def _snapshot_rows(policy: Policy, true: Task, reps: int, sequential: int, tasks
     tier = VmTier(pool_size=1)  # the default configuration
     with Sandbox(policy, tiers={TierName.VM: lambda: tier}) as sb:
         tier.prepare(apply(policy, true))
+        tier.wait_warm(WARM_TIMEOUT)
+        check(sb.run(true))  # a shape's first guest boots; the pool makes the template next
         if not tier.wait_warm(WARM_TIMEOUT) or not tier.snapshots:
             reason = "; ".join(tier.snapshot_failures.values()) or "the pool never warmed"
             return (missing(snapshot.id, snapshot.label, "VM", reason),

@@ -40,10 +40,17 @@ def restoring(vm_assets: AssetReport) -> Iterator[tuple[Sandbox, VmTier]]:
     """A sandbox whose VM pool restores every guest from one template snapshot."""
     tier = VmTier(pool_size=1)
     with Sandbox(Policy(), tiers={TierName.VM: lambda: tier}) as sandbox:
-        tier.prepare(apply(sandbox.policy, TRUE))
-        assert tier.wait_warm(WARM_TIMEOUT), tier.snapshot_failures
-        assert tier.snapshots, tier.snapshot_failures
+        _make_template(sandbox, tier)
         yield sandbox, tier
+
+
+def _make_template(sandbox: Sandbox, tier: VmTier) -> None:
+    """Use up the shape's first (booted) guest: the pool makes the template next."""
+    tier.prepare(apply(sandbox.policy, TRUE))
+    assert tier.wait_warm(WARM_TIMEOUT)
+    assert sandbox.run(TRUE).status is Status.COMPLETED
+    assert tier.wait_warm(WARM_TIMEOUT), tier.snapshot_failures
+    assert tier.snapshots, tier.snapshot_failures
 
 
 def _run_restored(sandbox: Sandbox, tier: VmTier, task: Task) -> Result:
@@ -122,8 +129,7 @@ def test_corrupt_snapshot_falls_back_to_booting_and_leaks_nothing(
     before = set(Path(workspace_root()).glob(f"{PREFIX}{os.getpid()}-*"))
     tier = VmTier(pool_size=1)
     with Sandbox(Policy(), tiers={TierName.VM: lambda: tier}) as sandbox:
-        tier.prepare(apply(sandbox.policy, TRUE))
-        assert tier.wait_warm(WARM_TIMEOUT)
+        _make_template(sandbox, tier)
         [(shape, snapshot)] = tier.snapshots.items()
         snapshot.state.write_bytes(b"not a QEMU migration stream" * 100)
         [run_dir] = _our_run_dirs(before)
@@ -147,11 +153,16 @@ def test_corrupt_snapshot_falls_back_to_booting_and_leaks_nothing(
 
 _OWNER = """
 import sys, time
-from wasmbox import Policy, Task
+from wasmbox import Policy, Sandbox, Task
+from wasmbox.models import TierName
 from wasmbox.policy import apply
 from wasmbox.tiers.vm.tier import VmTier
 tier = VmTier(pool_size=1)
-tier.prepare(apply(Policy(), Task.command(["true"], tier="vm")))
+sandbox = Sandbox(Policy(), tiers={TierName.VM: lambda: tier})
+task = Task.command(["true"], tier="vm")
+tier.prepare(apply(Policy(), task))
+tier.wait_warm(60.0)
+sandbox.run(task)  # the first guest boots; the pool makes the template for the next
 ok = tier.wait_warm(60.0)
 print(ok, *[s.directory for s in tier.snapshots.values()], flush=True)
 print(tier.snapshot_failures, flush=True)  # read by the test when there is no snapshot
@@ -190,4 +201,8 @@ def test_janitor_reclaims_the_snapshot_of_a_dead_owner(
     assert run_dir.parent == tmp_path
     assert reclaim(tmp_path) == [run_dir]
     assert not snapshot.exists() and not run_dir.exists()
+    for _ in range(200):  # SIGKILLed QEMUs take a moment to exit
+        if not processes_naming({run_dir}):
+            break
+        time.sleep(0.05)
     assert processes_naming({run_dir}) == []

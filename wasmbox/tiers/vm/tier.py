@@ -60,7 +60,7 @@ class VmTier(Closeable):
         self._snapshot_lock = threading.Lock()
         self._snapshots: dict[Shape, Snapshot] = {}
         self._snapshot_failures: dict[Shape, str] = {}
-        self._templates: set[Shape] = set()  # shapes whose template is booting
+        self._booted_first: set[Shape] = set()
         self._boot_timeout = boot_timeout
         self._assets_dir = assets_dir
         self._extra_cmdline = extra_cmdline
@@ -200,15 +200,10 @@ class VmTier(Closeable):
         )
 
     def _refill_wait(self, shape: Shape) -> float:
-        """How long a task awaits the pool's next machine rather than booting its own."""
+        """How long a task awaits the pool's next machine rather than booting its own: a
+        restore takes a fraction of a cold boot, so it is worth awaiting."""
         with self._snapshot_lock:
-            if shape in self._snapshots:
-                # A restore takes a fraction of a cold boot: worth awaiting.
-                return REFILL_WAIT
-            if shape in self._templates:
-                # The template is booting: a second boot beside it would slow both down.
-                return 3 * self._boot_estimate + REFILL_WAIT
-        return 0.0
+            return REFILL_WAIT if shape in self._snapshots else 0.0
 
     def _pooled_machine(self, shape: Shape) -> Machine:
         """A machine for the pool (the refill thread): restored when the shape has a
@@ -236,7 +231,11 @@ class VmTier(Closeable):
             if reason != "on":
                 self._snapshot_failures[shape] = reason
                 return None
-            self._templates.add(shape)
+            if shape not in self._booted_first:
+                # The shape's first machine boots, so a task can have it as soon as before;
+                # the template follows, while that task runs.
+                self._booted_first.add(shape)
+                return None
         with self._lock:
             self._counter += 1
             directory = run_dir / f"s{self._counter}"
@@ -247,11 +246,9 @@ class VmTier(Closeable):
                 self._boot_timeout)
         except HostFailure as exc:
             with self._snapshot_lock:
-                self._templates.discard(shape)
                 self._snapshot_failures[shape] = f"no snapshot: {exc}"
             return None
         with self._snapshot_lock:
-            self._templates.discard(shape)
             if self.closed:
                 evicted = [snapshot]
             else:
