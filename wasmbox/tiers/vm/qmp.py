@@ -1,7 +1,8 @@
 """A minimal QMP client: the few monitor commands snapshots need, every wait bounded.
 
-Only the commands QEMU 7.2 documents are used (``qmp_capabilities``, ``getfd``,
-``migrate-set-capabilities``, ``migrate``, ``migrate-incoming``, ``query-migrate``, ``quit``).
+Only commands QEMU 7.2 documents are used (``qmp_capabilities``, ``getfd``,
+``migrate-set-capabilities``, ``migrate``, ``migrate-incoming``, ``query-migrate``,
+``query-status``).
 Replies are read line by line with a size cap; asynchronous events are skipped.
 """
 

@@ -101,6 +101,8 @@ def restore(snapshot: Snapshot, start: Callable[[RamFile, int], Machine],
         try:
             monitor.execute("migrate-set-capabilities", capabilities=_IGNORE_SHARED)
             monitor.execute("migrate-incoming", uri=f"fd:{fd}")
+            # Nothing may reach the guest's devices before its state is loaded and running.
+            _await_running(monitor, end)
         finally:
             monitor.close()
         machine.arm()
@@ -111,6 +113,16 @@ def restore(snapshot: Snapshot, start: Callable[[RamFile, int], Machine],
         machine.close()
         raise
     return machine
+
+
+def _await_running(monitor: Qmp, end: float) -> None:
+    while True:
+        status = (monitor.execute("query-status") or {}).get("status")
+        if status == "running":
+            return
+        if status != "inmigrate" or time.monotonic() >= end:
+            raise SnapshotError(f"the restored guest is {status}, not running")
+        time.sleep(0.002)
 
 
 def _save(template: Machine, state: Path) -> None:
