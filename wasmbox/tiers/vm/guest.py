@@ -5,9 +5,13 @@ the guest does everything task-independent: modules, cgroup, tmpfs mounts sized 
 kernel argument and, for Python shapes, a pre-started interpreter waiting on a fifo. A task
 then arrives as a *bundle* (``job/job.sh``, the ``task/`` directory, ``job/py/`` for Python),
 either appended to the initramfs as a cpio (cold boot) or sent as a length-prefixed tar over
-the virtio-serial port (a pre-booted guest). The task runs as uid 1000 in a cgroup
-(memory.max, pids.max, cpu.max; cgroup.kill when its time is up), then the guest writes
-``output/`` and ``streams/`` as a tar to the raw output disk and prints one framed line
+the virtio-serial port (a pre-booted or restored guest). A guest waiting on the port first
+reads one line from the host, fresh entropy and the time: `SEED_HELPER` credits the entropy
+(``RNDADDENTROPY``, then ``RNDRESEEDCRNG``) and the guest prints ``WASMBOX-ARMED``. Snapshot
+templates are saved before that line, so every restored guest reseeds before any task. The
+task runs as uid 1000 in a cgroup (memory.max, pids.max, cpu.max; cgroup.kill when its time
+is up), then the guest writes ``output/`` and ``streams/`` as a tar to the raw output disk and
+prints one framed line
 ``WASMBOX-EXIT <nonce> <code> peak=<bytes> cpu_us=<n> [timeout] [oom] [ship]`` on the serial
 console. The nonce sits in a root-only file and the console is root-only, so the task cannot
 forge that line.
