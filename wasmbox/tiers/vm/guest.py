@@ -154,6 +154,9 @@ while read -r k v; do [ "$k" = usage_usec ] && cpu=$v; done < $CG/task/cpu.stat
 tar -c -f "$OUT_DISK" -C /ship output streams 2>/dev/null || flags="$flags ship"
 sync
 echo "WASMBOX-EXIT $NONCE $code peak=${peak:-0} cpu_us=${cpu:-0}$flags" > /dev/ttyS0
+# The line may still sit in the UART's buffer, and a forced poweroff does not wait for it:
+# stty sets the (unchanged) mode with TCSETSW, which returns once the output has drained.
+stty -F /dev/ttyS0 -echo 2>/dev/null
 poweroff -f
 """
 
