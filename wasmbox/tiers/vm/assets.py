@@ -7,7 +7,9 @@
   ``linux-image-cloud-amd64`` depends on, fetched with ``apt-get download`` and unpacked with
   ``dpkg -x`` (never installed on the host);
 - ``initramfs.cpio``: busybox, the virtio modules in dependency order (computed here from each
-  module's ``.modinfo``: there is no depmod) and the generated ``/init``;
+  module's ``.modinfo``: there is no depmod), the generated ``/init``, and two static helpers
+  built with the host's C compiler: ``wbx-seed`` credits host entropy (without it, snapshots
+  stay off) and ``wbx-run`` starts the task in one exec (without it, busybox tools do);
 - ``python.ext4``: a read-only image of the host's python3 and its stdlib (``mkfs.ext4 -d``).
 """
 
@@ -31,9 +33,15 @@ from pathlib import Path
 
 from wasmbox.errors import HostFailure
 from wasmbox.tiers.vm.cpio import CpioWriter
-from wasmbox.tiers.vm.guest import INIT_SCRIPT, PRESTART, PYTHON_MOUNTPOINTS
+from wasmbox.tiers.vm.guest import (
+    INIT_SCRIPT,
+    PRESTART,
+    PYTHON_MOUNTPOINTS,
+    RUN_HELPER,
+    SEED_HELPER,
+)
 
-FORMAT = 4  # bump when the layout of any asset changes
+FORMAT = 5  # bump when the layout of any asset changes
 META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX = Path("/bin/busybox")
 HOST_PYTHON = Path("/usr/bin/python3")
@@ -60,6 +68,7 @@ class Assets:
     python_image: Path | None
     kernel_version: str
     modules: tuple[str, ...]
+    seed_helper: bool = False  # the initramfs can reseed a restored guest's RNG
 
 
 @dataclass
@@ -105,7 +114,7 @@ def prepare_assets(force: bool = False, root: Path | None = None) -> AssetReport
     recipe = _recipe()
     if manifest.get("recipe") != recipe or not _verified(root, manifest, ("initramfs.cpio",),
                                                          full=True):
-        manifest["modules"] = _build_initramfs(root)
+        manifest["modules"], manifest["seed_helper"] = _build_initramfs(root)
         manifest["recipe"] = recipe
         built.append("initramfs")
     if HOST_PYTHON.exists() and (
@@ -266,7 +275,7 @@ def _module_index(root: Path) -> dict[str, bytes]:
     return index
 
 
-def _build_initramfs(root: Path) -> list[str]:
+def _build_initramfs(root: Path) -> tuple[list[str], bool]:
     index = _module_index(root)
     order = module_order(WANTED_MODULES, index)
     cpio = CpioWriter()
@@ -285,8 +294,30 @@ def _build_initramfs(root: Path) -> list[str]:
     cpio.directory("job/py")
     cpio.file("job/py/prestart.py", PRESTART.encode(), 0o644)
     cpio.file("init", INIT_SCRIPT.encode(), 0o755)
+    seed = _build_helper(root, "wbx-seed", SEED_HELPER)
+    if seed is not None:
+        cpio.file("bin/wbx-seed", seed, 0o700)
+    run = _build_helper(root, "wbx-run", RUN_HELPER)
+    if run is not None:
+        cpio.file("bin/wbx-run", run, 0o700)
     _atomic_write(root / "initramfs.cpio", cpio.finish())
-    return order
+    return order, seed is not None
+
+
+def _build_helper(root: Path, name: str, code: str) -> bytes | None:
+    """A guest helper as a static binary, or None without a C compiler or a static libc."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    with tempfile.TemporaryDirectory(dir=root, prefix="helper-") as tmp:
+        source, binary = Path(tmp) / f"{name}.c", Path(tmp) / name
+        source.write_text(code)
+        try:
+            subprocess.run([cc, "-static", "-Os", "-s", "-o", str(binary), str(source)],
+                           check=True, capture_output=True, timeout=120)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return binary.read_bytes()
 
 
 # --- python image -------------------------------------------------------------------------
@@ -355,6 +386,9 @@ def _recipe() -> str:
     h = hashlib.sha256(f"{FORMAT}:{WANTED_MODULES}".encode())
     h.update(INIT_SCRIPT.encode())
     h.update(PRESTART.encode())
+    h.update(SEED_HELPER.encode())
+    h.update(RUN_HELPER.encode())
+    h.update(b"cc" if shutil.which("cc") or shutil.which("gcc") else b"no-cc")
     h.update(_fingerprint_text(BUSYBOX).encode())
     return h.hexdigest()[:16]
 
@@ -408,6 +442,7 @@ def _assets(root: Path, manifest: dict[str, object]) -> Assets:
         python_image=python if has_python else None,
         kernel_version=str(manifest.get("kernel_version", "?")),
         modules=tuple(modules) if isinstance(modules, list) else (),
+        seed_helper=manifest.get("seed_helper") is True,
     )
 
 

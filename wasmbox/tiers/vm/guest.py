@@ -5,9 +5,13 @@ the guest does everything task-independent: modules, cgroup, tmpfs mounts sized 
 kernel argument and, for Python shapes, a pre-started interpreter waiting on a fifo. A task
 then arrives as a *bundle* (``job/job.sh``, the ``task/`` directory, ``job/py/`` for Python),
 either appended to the initramfs as a cpio (cold boot) or sent as a length-prefixed tar over
-the virtio-serial port (a pre-booted guest). The task runs as uid 1000 in a cgroup
-(memory.max, pids.max, cpu.max; cgroup.kill when its time is up), then the guest writes
-``output/`` and ``streams/`` as a tar to the raw output disk and prints one framed line
+the virtio-serial port (a pre-booted or restored guest). A guest waiting on the port first
+reads one line from the host, fresh entropy and the time: `SEED_HELPER` credits the entropy
+(``RNDADDENTROPY``, then ``RNDRESEEDCRNG``) and the guest prints ``WASMBOX-ARMED``. Snapshot
+templates are saved before that line, so every restored guest reseeds before any task. The
+task runs as uid 1000 in a cgroup (memory.max, pids.max, cpu.max; cgroup.kill when its time
+is up), then the guest writes ``output/`` and ``streams/`` as a tar to the raw output disk and
+prints one framed line
 ``WASMBOX-EXIT <nonce> <code> peak=<bytes> cpu_us=<n> [timeout] [oom] [ship]`` on the serial
 console. The nonce sits in a root-only file and the console is root-only, so the task cannot
 forge that line.
@@ -29,6 +33,7 @@ from wasmbox.runner import runner_source
 from wasmbox.tiers.vm.cpio import CpioWriter
 
 READY = "WASMBOX-READY"
+ARMED = "WASMBOX-ARMED"  # printed once the host's entropy is credited; a task may follow
 EXIT = "WASMBOX-EXIT"
 TASK_UID = 1000
 PYTHON_MOUNTPOINTS = ("/task", "/dev", "/proc", "/tmp", "/wasmbox", "/bin")
@@ -99,6 +104,20 @@ if [ ! -f /job/job.sh ]; then
   [ -n "$port" ] || poweroff -f
   echo WASMBOX-READY > /dev/ttyS0
   exec 3<"$port"
+  # A template is snapshotted here, so every guest restored from it shares its RNG state:
+  # the host's first line is fresh entropy, credited and reseeded before any task exists.
+  # Without it no task runs (fail closed).
+  seed=""
+  while [ -z "$seed" ]; do read -r seed <&3 || sleep 0.05; done
+  set -- $seed
+  # Assets built without a C compiler lack the helper; the host never snapshots those.
+  if [ -x /bin/wbx-seed ]; then
+    /bin/wbx-seed "$1" || { echo WASMBOX-NOSEED > /dev/ttyS0; poweroff -f; }
+  fi
+  date -s "@$2" > /dev/null 2>&1
+  set --
+  seed=""
+  echo WASMBOX-ARMED > /dev/ttyS0
   size=""
   while [ -z "$size" ]; do read -r size <&3 || sleep 0.05; done
   head -c "$size" <&3 | tar -x -f - -C /
@@ -134,7 +153,81 @@ while read -r k v; do [ "$k" = usage_usec ] && cpu=$v; done < $CG/task/cpu.stat
 tar -c -f "$OUT_DISK" -C /ship output streams 2>/dev/null || flags="$flags ship"
 sync
 echo "WASMBOX-EXIT $NONCE $code peak=${peak:-0} cpu_us=${cpu:-0}$flags" > /dev/ttyS0
+# The line may still sit in the UART's buffer, and a forced poweroff does not wait for it:
+# stty sets the (unchanged) mode with TCSETSW, which returns once the output has drained.
+stty -F /dev/ttyS0 -echo 2>/dev/null
 poweroff -f
+"""
+
+
+SEED_HELPER = r"""
+/* wbx-seed HEX: credit 64 bytes of host entropy to the guest RNG and force a reseed, so a
+   guest restored from a snapshot stops sharing its random stream with its siblings. */
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/random.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+static int nibble(char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    return -1;
+}
+
+int main(int argc, char **argv) {
+    struct { int entropy_count; int buf_size; unsigned char buf[64]; } info;
+    if (argc != 2 || strlen(argv[1]) != 2 * sizeof info.buf) return 2;
+    for (size_t i = 0; i < sizeof info.buf; i++) {
+        int hi = nibble(argv[1][2 * i]), lo = nibble(argv[1][2 * i + 1]);
+        if (hi < 0 || lo < 0) return 2;
+        info.buf[i] = (unsigned char)(hi << 4 | lo);
+    }
+    memset(argv[1], 0, strlen(argv[1]));
+    info.entropy_count = 8 * (int)sizeof info.buf;
+    info.buf_size = (int)sizeof info.buf;
+    int fd = open("/dev/urandom", O_WRONLY);
+    if (fd < 0 || ioctl(fd, RNDADDENTROPY, &info) < 0) return 1;
+    memset(&info, 0, sizeof info);
+    /* ENODATA: the RNG was not ready yet, and the credit above just seeded it. */
+    if (ioctl(fd, RNDRESEEDCRNG) < 0 && errno != ENODATA) return 1;
+    return 0;
+}
+"""
+
+
+RUN_HELPER = r"""
+/* wbx-run UID GID NAME=VALUE... -- PROG ARGS: exec PROG as UID:GID, no supplementary groups,
+   with only the given environment. One exec where env + start-stop-daemon + sh took three
+   (and a /proc scan): under TCG every exec of a new guest costs translation time. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <grp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+int main(int argc, char **argv) {
+    if (argc < 5) return 125;
+    uid_t uid = (uid_t)strtoul(argv[1], NULL, 10);
+    gid_t gid = (gid_t)strtoul(argv[2], NULL, 10);
+    if (uid == 0 || gid == 0 || clearenv() != 0) return 125;
+    int i = 3;
+    for (; i < argc && strcmp(argv[i], "--") != 0; i++)
+        if (putenv(argv[i]) != 0) return 125;
+    if (i + 1 >= argc) return 125;
+    if (setgroups(0, NULL) || setresgid(gid, gid, gid) || setresuid(uid, uid, uid)) {
+        perror("wbx-run");
+        return 125;
+    }
+    if (getuid() != uid || geteuid() != uid || getegid() != gid) return 125;
+    execvp(argv[i + 1], argv + i + 1);
+    int err = errno;
+    fprintf(stderr, "sh: %s: %s\n", argv[i + 1], err == ENOENT ? "not found" : strerror(err));
+    return err == ENOENT ? 127 : 126;
+}
 """
 
 
@@ -232,6 +325,7 @@ def job_script(plan: Plan, nonce: str, timeout: float) -> str:
     timeout = max(timeout, 0.05)
     argv = " ".join(shlex.quote(a) for a in plan.args)
     body = f"{spawn} -x /bin/busybox -- sh -c 'exec \"$@\"' sh {argv}"
+    fast = f"/bin/wbx-run {TASK_UID} {TASK_UID} {env_words} -- {argv}"
     lines = {
         "NONCE": nonce,
         "TIMEOUT": f"{timeout:.2f}",
@@ -242,7 +336,9 @@ def job_script(plan: Plan, nonce: str, timeout: float) -> str:
     }
     out = [f"{k}={shlex.quote(v)}" for k, v in lines.items()]
     if not python:  # a Python task runs in the interpreter the guest pre-started
-        out.append(f"task() {{ exec env -i {env_words} {body}; }}")
+        # wbx-run when the assets have it (built with a C compiler), else busybox's tools.
+        out.append(f"task() {{ [ -x /bin/wbx-run ] && exec {fast}; "
+                   f"exec env -i {env_words} {body}; }}")
     return "\n".join(out) + "\n"
 
 

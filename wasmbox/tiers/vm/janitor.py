@@ -51,8 +51,9 @@ def reclaim(root: Path | None = None) -> list[Path]:
 
 
 def kill_machines(run_dir: Path) -> None:
-    """SIGKILL every QEMU recorded under `run_dir` that still belongs to it."""
-    for pid_file in run_dir.glob(f"*/{PID_FILE}"):
+    """SIGKILL every QEMU recorded under `run_dir` (a snapshot's template one level deeper)
+    that still belongs to it."""
+    for pid_file in [*run_dir.glob(f"*/{PID_FILE}"), *run_dir.glob(f"*/*/{PID_FILE}")]:
         try:
             pid = int(pid_file.read_text().strip())
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()

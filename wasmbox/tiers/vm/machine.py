@@ -1,8 +1,11 @@
 """One QEMU guest: launch, wait for the ready marker, hand over a task, read its exit line.
 
-The serial console is parsed for exactly two framed lines (`guest.READY`, `guest.EXIT` with
-the task's nonce); nothing else on it is trusted. A `Machine` owns its process, socket and
-files and removes them all in `close()`.
+The serial console is parsed for exactly three framed lines (`guest.READY`, `guest.ARMED`,
+`guest.EXIT` with the task's nonce); nothing else on it is trusted. A guest that waits for its
+task on the virtio-serial port is *armed* first: the host sends fresh entropy (and the time),
+the guest credits it and says ARMED. A guest is booted, or restored from a snapshot
+(``-incoming``, the RAM file mapped private so siblings share its untouched pages). A
+`Machine` owns its process, sockets and files and removes them all in `close()`.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -22,7 +26,7 @@ from pathlib import Path
 from wasmbox.errors import HostFailure
 from wasmbox.lifecycle import Closeable
 from wasmbox.tiers.vm.assets import Assets
-from wasmbox.tiers.vm.guest import EXIT, READY
+from wasmbox.tiers.vm.guest import ARMED, EXIT, READY
 from wasmbox.tiers.vm.janitor import PID_FILE
 from wasmbox.workspace import remove_tree
 
@@ -30,6 +34,9 @@ QEMU = "qemu-system-x86_64"
 CMDLINE = "quiet console=ttyS0 panic=-1"
 MIN_GUEST_MIB = 128
 GUEST_OVERHEAD_MIB = 96  # kernel, init and page cache beside the task's own cgroup limit
+# TCG's translation cache: QEMU sizes it from host RAM (up to 1 GiB, filled as code runs);
+# a guest that boots busybox and runs one task fits in far less, and a full cache is flushed.
+TB_SIZE_MIB = 32
 _SERIAL_KEEP = 16384
 
 
@@ -42,6 +49,15 @@ class Shape:
     output_bytes: int
     python: bool
     sizes: str  # the ``wbx=`` kernel argument (guest tmpfs sizes)
+
+
+@dataclass(frozen=True)
+class RamFile:
+    """Guest RAM backed by a file: written through by a template (`shared`), else mapped
+    private, so a restored guest's writes stay its own."""
+
+    path: Path
+    shared: bool
 
 
 @dataclass
@@ -62,12 +78,23 @@ class Machine(Closeable):
     """A running QEMU process in its own directory under the tier's run directory."""
 
     def __init__(self, directory: Path, assets: Assets, shape: Shape, *, kvm: bool,
-                 initrd: Path | None = None, extra_cmdline: str = "") -> None:
+                 initrd: Path | None = None, extra_cmdline: str = "", arm: bool = False,
+                 ram: RamFile | None = None, incoming_fd: int | None = None,
+                 monitor: bool = False) -> None:
+        """Start QEMU. With `arm`, the guest is armed as soon as it is ready (pooled boots);
+        with `incoming_fd`, QEMU waits for ``migrate-incoming`` on its monitor (a restore).
+
+        Raises `HostFailure` when QEMU cannot be started.
+        """
         self.dir = directory
         self.shape = shape
+        self.restored = incoming_fd is not None
         self.started = time.monotonic()
         self.ready_at: float | None = None
+        self._arm_on_ready = arm
+        self._arm_lock = threading.Lock()
         self._ready = threading.Event()
+        self._booted = threading.Event()
         self._exited = threading.Event()
         self._nonce: str | None = None
         self._exit: ExitLine | None = None
@@ -82,11 +109,14 @@ class Machine(Closeable):
             self._listener.bind(str(self.dir / "task.sock"))
             self._listener.listen(1)
             argv = qemu_argv(self.dir, assets, shape, kvm=kvm,
-                             initrd=initrd or assets.initramfs, extra_cmdline=extra_cmdline)
+                             initrd=initrd or assets.initramfs, extra_cmdline=extra_cmdline,
+                             ram=ram, monitor=monitor or incoming_fd is not None,
+                             incoming=incoming_fd is not None)
             self._stderr = open(self.dir / "qemu.stderr", "wb")  # noqa: SIM115 (closed in _release)
             self.process = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderr,
                 start_new_session=True,
+                pass_fds=() if incoming_fd is None else (incoming_fd,),
             )
             (self.dir / PID_FILE).write_text(str(self.process.pid))
             self._reader = threading.Thread(target=self._read_serial, daemon=True,
@@ -99,8 +129,37 @@ class Machine(Closeable):
             self.close()
             raise
 
+    @property
+    def monitor_path(self) -> Path:
+        """The QMP socket (only a template or a restore has one)."""
+        return self.dir / "qmp.sock"
+
+    def wait_booted(self, timeout: float) -> bool:
+        """True once the guest printed READY (a template is snapshotted then)."""
+        end = time.monotonic() + timeout
+        while not self._booted.wait(min(0.05, max(0.0, end - time.monotonic()))):
+            if self._exited.is_set() or time.monotonic() >= end:
+                return self._booted.is_set()
+        return True
+
+    def arm(self) -> None:
+        """Send the guest its entropy and the time; it says ARMED once they are credited.
+
+        Raises `HostFailure` when QEMU never connected the task channel.
+        """
+        line = arming_line()
+        with self._arm_lock:
+            self._listener.settimeout(5.0)
+            try:
+                if self._conn is None:
+                    self._conn, _ = self._listener.accept()
+                self._conn.sendall(line)
+            except OSError as exc:
+                raise HostFailure(f"cannot arm the guest: {exc}") from exc
+
     def wait_ready(self, timeout: float) -> bool:
-        """True once the guest printed the ready marker; False on timeout or early death."""
+        """True once the guest can take a task (READY, or ARMED for an armed guest); False on
+        timeout or early death."""
         end = time.monotonic() + timeout
         while not self._ready.wait(min(0.05, max(0.0, end - time.monotonic()))):
             if self._exited.is_set() or time.monotonic() >= end:
@@ -110,14 +169,15 @@ class Machine(Closeable):
     def send(self, payload: bytes, nonce: str, timeout: float) -> None:
         """Hand a task bundle to a waiting guest over the virtio-serial socket."""
         self._nonce = nonce
-        self._listener.settimeout(max(timeout, 0.01))
-        try:
-            if self._conn is None:
-                self._conn, _ = self._listener.accept()
-            self._conn.settimeout(max(timeout, 0.01))
-            self._conn.sendall(payload)
-        except OSError as exc:
-            raise HostFailure(f"cannot hand the task to the guest: {exc}") from exc
+        with self._arm_lock:
+            self._listener.settimeout(max(timeout, 0.01))
+            try:
+                if self._conn is None:
+                    self._conn, _ = self._listener.accept()
+                self._conn.settimeout(max(timeout, 0.01))
+                self._conn.sendall(payload)
+            except OSError as exc:
+                raise HostFailure(f"cannot hand the task to the guest: {exc}") from exc
 
     def expect(self, nonce: str) -> None:
         """Set the nonce of the task that was built into the initramfs (cold boot)."""
@@ -180,7 +240,18 @@ class Machine(Closeable):
         del self._serial[:-_SERIAL_KEEP]
         line = raw.decode(errors="replace").strip()
         # A kernel message may share the line: look for the frame, not the line start.
-        if line.endswith(READY) and not self._ready.is_set():
+        if line.endswith(READY) and not self._booted.is_set():
+            self._booted.set()
+            if self._arm_on_ready:
+                try:
+                    self.arm()
+                except HostFailure:
+                    with contextlib.suppress(ProcessLookupError):  # never armed: unusable
+                        os.killpg(self.process.pid, signal.SIGKILL)
+            else:
+                self.ready_at = time.monotonic()
+                self._ready.set()
+        elif line.endswith(ARMED) and not self._ready.is_set():
             self.ready_at = time.monotonic()
             self._ready.set()
         elif EXIT + " " in line and self._nonce is not None:
@@ -212,6 +283,11 @@ class Machine(Closeable):
             remove_tree(self.dir)
 
 
+def arming_line() -> bytes:
+    """What arms a guest: 64 fresh random bytes (hex) for its RNG and the host's time."""
+    return b"%s %d\n" % (secrets.token_hex(64).encode(), int(time.time()))
+
+
 def _parse_exit(line: str, nonce: str) -> ExitLine | None:
     words = line.split()
     if len(words) < 3 or words[1] != nonce:
@@ -230,11 +306,23 @@ def _parse_exit(line: str, nonce: str) -> ExitLine | None:
 
 
 def qemu_argv(directory: Path, assets: Assets, shape: Shape, *, kvm: bool, initrd: Path,
-              extra_cmdline: str = "") -> list[str]:
-    """The QEMU command line of one guest (q35: ``-M microvm`` hangs on some TCG boots)."""
-    accel = ["-enable-kvm", "-cpu", "host"] if kvm else ["-accel", "tcg"]
+              extra_cmdline: str = "", ram: RamFile | None = None, monitor: bool = False,
+              incoming: bool = False) -> list[str]:
+    """The QEMU command line of one guest (q35: ``-M microvm`` hangs on some TCG boots).
+
+    A template and its restores differ only in paths, the RAM file's sharing and
+    ``-incoming``: the devices must match for the saved state to load.
+    """
+    accel = ["-enable-kvm", "-cpu", "host"] if kvm else ["-accel", f"tcg,tb-size={TB_SIZE_MIB}"]
+    memory = ["-m", str(shape.memory_mib)]
+    if ram is not None:
+        memory += [
+            "-object", f"memory-backend-file,id=ram0,size={shape.memory_mib}M,"
+            f"mem-path={ram.path},share={'on' if ram.shared else 'off'}",
+            "-machine", "memory-backend=ram0",
+        ]
     argv = [
-        QEMU, "-M", "q35", *accel, "-m", str(shape.memory_mib), "-smp", str(shape.vcpus),
+        QEMU, "-M", "q35", *accel, *memory, "-smp", str(shape.vcpus),
         "-nodefaults", "-no-user-config", "-nic", "none", "-no-reboot", "-display", "none",
         "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         "-kernel", str(assets.kernel), "-initrd", str(initrd),
@@ -251,6 +339,10 @@ def qemu_argv(directory: Path, assets: Assets, shape: Shape, *, kvm: bool, initr
             "-drive", f"file={assets.python_image},format=raw,if=none,id=py,readonly=on",
             "-device", "virtio-blk-pci,drive=py,serial=wbxpy",
         ]
+    if monitor:
+        argv += ["-qmp", f"unix:{directory / 'qmp.sock'},server=on,wait=off"]
+    if incoming:
+        argv += ["-incoming", "defer"]
     pdeath = shutil.which("setpriv")
     # The guest dies with the thread that started it, even when the host process is killed.
     return [pdeath, "--pdeathsig", "KILL", "--", *argv] if pdeath else argv

@@ -22,8 +22,16 @@ class MachinePool(Pool[Shape, Machine]):
     def __init__(self, size: int, boot: Callable[[Shape], Machine]) -> None:
         super().__init__(TierName.VM.value, size, boot, Machine.close, usable=_alive)
 
-    def take_ready(self, shape: Shape, wait: float) -> Machine | None:
-        """A machine of `shape` that is ready within `wait` seconds, or None (boot one cold)."""
+    def take_ready(self, shape: Shape, wait: float, refill_wait: float = 0.0) -> Machine | None:
+        """A machine of `shape` that is ready within `wait` seconds, or None (boot one cold).
+
+        With `refill_wait`, an empty pool is given that long to finish the machine it is
+        making (a restore takes a fraction of a cold boot, so waiting for it wins).
+        """
+        end = time.monotonic() + refill_wait
+        self.warm(shape)
+        while self.idle == 0 and not self.closed and time.monotonic() < end:
+            time.sleep(0.003)
         machine = self.take(shape)
         if machine is None:
             return None

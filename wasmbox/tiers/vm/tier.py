@@ -1,8 +1,11 @@
 """The VM tier: each task runs in its own QEMU guest (KVM when it really works, else TCG).
 
-A guest is never reused: a pooled machine is booted ahead, waits on its virtio-serial port
-for one task, and is destroyed afterwards. Without a warm machine the task is appended to the
-initramfs as a cpio and the guest is booted cold.
+A guest is never reused: a pooled machine waits on its virtio-serial port for one task and is
+destroyed afterwards. The pool makes its machines by restoring a snapshot of a template guest
+of the shape (see `snapshot`), and by booting when there is no snapshot (Python shapes, no
+entropy helper, or a snapshot that failed: the reason is kept in `snapshot_failures`).
+Without a warm machine the task is appended to the initramfs as a cpio and the guest is
+booted cold.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from wasmbox.errors import HostFailure, PolicyViolation, TierUnavailable
+from wasmbox.errors import HostFailure, PolicyViolation, SandboxClosed, TierUnavailable
 from wasmbox.lifecycle import Closeable, Deadline, shielded
 from wasmbox.models import Status, TaskKind, TierName
 from wasmbox.monitor import Monitor, Sample
@@ -27,25 +30,37 @@ from wasmbox.tiers.vm.machine import (
     QEMU,
     ExitLine,
     Machine,
+    RamFile,
     Shape,
     guest_memory_mib,
     probe_kvm,
 )
 from wasmbox.tiers.vm.pool import MachinePool
+from wasmbox.tiers.vm.snapshot import Snapshot, restore, take_snapshot
 from wasmbox.workspace import Workspace, remove_tree
 
 BOOT_TIMEOUT = 20.0  # a TCG boot takes 1.3-1.7 s here; far past that the boot has hung
 SHIP_MARGIN = 0.3  # seconds the guest keeps back from the deadline to ship its outputs
+RESTORE_TIMEOUT = 10.0  # a TCG restore takes ~0.2 s here; far past that it has failed
+REFILL_WAIT = 2.0  # how long a task awaits a restore in progress rather than booting cold
+MAX_SNAPSHOTS = 2  # shapes with a saved template (each holds up to its guest RAM in a file)
 
 
 class VmTier(Closeable):
-    """Runs command and Python tasks in throwaway QEMU guests; `pool_size` keeps some warm."""
+    """Runs command and Python tasks in throwaway QEMU guests; `pool_size` keeps some warm,
+    restored from per-shape snapshots unless `snapshots` is False."""
 
     name = TierName.VM
 
     def __init__(self, pool_size: int = 1, *, boot_timeout: float = BOOT_TIMEOUT,
-                 assets_dir: Path | None = None, extra_cmdline: str = "") -> None:
+                 assets_dir: Path | None = None, extra_cmdline: str = "",
+                 snapshots: bool = True) -> None:
         self._pool_size = pool_size
+        self._use_snapshots = snapshots
+        self._snapshot_lock = threading.Lock()
+        self._snapshots: dict[Shape, Snapshot] = {}
+        self._snapshot_failures: dict[Shape, str] = {}
+        self._booted_first: set[Shape] = set()
         self._boot_timeout = boot_timeout
         self._assets_dir = assets_dir
         self._extra_cmdline = extra_cmdline
@@ -70,6 +85,7 @@ class VmTier(Closeable):
                    "python": "yes" if assets.python_image else "no"}
         if self._kvm is not None:
             details["accel"] = "kvm" if self._kvm else "tcg"
+        details["snapshots"] = self._snapshot_note(assets)
         return Availability(self.name, True, "QEMU guests", details)
 
     def unsuitable(self, plan: Plan) -> str | None:
@@ -114,6 +130,18 @@ class VmTier(Closeable):
         """The guests booted ahead (None before the first task, or with `pool_size=0`)."""
         return self._pool
 
+    @property
+    def snapshots(self) -> dict[Shape, Snapshot]:
+        """The saved templates, by shape (a copy)."""
+        with self._snapshot_lock:
+            return dict(self._snapshots)
+
+    @property
+    def snapshot_failures(self) -> dict[Shape, str]:
+        """Why a shape's pool boots instead of restoring, by shape (a copy)."""
+        with self._snapshot_lock:
+            return dict(self._snapshot_failures)
+
     def wait_warm(self, timeout: float) -> bool:
         """Block until a pooled guest is ready (True) or `timeout` passes; for benchmarks."""
         pool = self._pool
@@ -127,7 +155,9 @@ class VmTier(Closeable):
         assets, run_dir = self._setup()
         shape = self._shape(plan, assets)
         pool = self._pool
-        machine = pool.take_ready(shape, _left(deadline, self._boot_timeout)) if pool else None
+        refill = _left(deadline, self._refill_wait(shape))
+        machine = (pool.take_ready(shape, _left(deadline, self._boot_timeout), refill)
+                   if pool else None)
         if machine is None and deadline.expired:
             return _timeout("the deadline passed while the guest booted", t0)
         try:
@@ -162,7 +192,7 @@ class VmTier(Closeable):
                 root = self._assets_dir or cache_dir()
                 self._kvm = probe_kvm(self._assets, self._run_dir, root / "kvm-probe.json")
                 if self._pool_size > 0:
-                    self._pool = MachinePool(self._pool_size, self._boot_machine)
+                    self._pool = MachinePool(self._pool_size, self._pooled_machine)
             return self._assets, self._run_dir
 
     def _shape(self, plan: Plan, assets: Assets) -> Shape:
@@ -177,14 +207,104 @@ class VmTier(Closeable):
             sizes=guest_sizes(plan, python),
         )
 
-    def _boot_machine(self, shape: Shape, initrd: Path | None = None) -> Machine:
+    def _refill_wait(self, shape: Shape) -> float:
+        """How long a task awaits the pool's next machine rather than booting its own: a
+        restore takes a fraction of a cold boot, so it is worth awaiting."""
+        with self._snapshot_lock:
+            return REFILL_WAIT if shape in self._snapshots else 0.0
+
+    def _pooled_machine(self, shape: Shape) -> Machine:
+        """A machine for the pool (the refill thread): restored when the shape has a
+        snapshot, else booted; a failed restore is recorded and never fails the pool."""
+        snapshot = self._snapshot_for(shape)
+        if snapshot is not None:
+            try:
+                return restore(snapshot, lambda ram, fd: self._start(
+                    shape, ram=ram, incoming_fd=fd), min(RESTORE_TIMEOUT, self._boot_timeout))
+            except HostFailure as exc:
+                if self.closed:
+                    raise
+                self._drop_snapshot(shape, f"restore failed: {exc}")
+        return self._boot_machine(shape, arm=True)
+
+    def _snapshot_for(self, shape: Shape) -> Snapshot | None:
         assets, run_dir = self._assets, self._run_dir
-        assert assets is not None and run_dir is not None and self._kvm is not None
+        assert assets is not None and run_dir is not None
+        with self._snapshot_lock:
+            if not self._use_snapshots or shape in self._snapshot_failures:
+                return None
+            if shape in self._snapshots:
+                return self._snapshots[shape]
+            reason = self._snapshot_note(assets, shape)
+            if reason != "on":
+                self._snapshot_failures[shape] = reason
+                return None
+            if shape not in self._booted_first:
+                # The shape's first machine boots, so a task can have it as soon as before;
+                # the template follows, while that task runs.
+                self._booted_first.add(shape)
+                return None
         with self._lock:
             self._counter += 1
-            directory = run_dir / f"m{self._counter}"
+            directory = run_dir / f"s{self._counter}"
+        try:
+            snapshot = take_snapshot(
+                directory, shape, lambda d, ram: self._start(shape, directory=d, ram=ram,
+                                                             monitor=True),
+                self._boot_timeout)
+        except HostFailure as exc:
+            with self._snapshot_lock:
+                self._snapshot_failures[shape] = f"no snapshot: {exc}"
+            return None
+        with self._snapshot_lock:
+            if self.closed:
+                evicted = [snapshot]
+            else:
+                self._snapshots[shape] = snapshot
+                evicted = [self._snapshots.pop(s) for s in list(self._snapshots)
+                           [:-MAX_SNAPSHOTS]]
+        for old in evicted:
+            old.discard()
+        return None if self.closed else snapshot
+
+    def _drop_snapshot(self, shape: Shape, reason: str) -> None:
+        with self._snapshot_lock:
+            snapshot = self._snapshots.pop(shape, None)
+            self._snapshot_failures[shape] = reason
+        if snapshot is not None:
+            snapshot.discard()
+
+    def _snapshot_note(self, assets: Assets, shape: Shape | None = None) -> str:
+        """"on", or why guests of `shape` (any shape, when None) are not restored."""
+        if not self._use_snapshots:
+            return "off (disabled for this tier)"
+        if not assets.seed_helper:
+            return ("off: the initramfs has no entropy helper (no C compiler when the assets "
+                    f"were built); install one and run `{PREPARE_COMMAND}`")
+        if shape is not None and shape.python:
+            # The pre-started interpreter's hash seed and `random` state would be shared by
+            # every guest restored from one template.
+            return "off for Python shapes: a pre-started interpreter's seeds would be shared"
+        return "on"
+
+    def _boot_machine(self, shape: Shape, initrd: Path | None = None, *,
+                      arm: bool = False) -> Machine:
+        return self._start(shape, initrd=initrd, arm=arm)
+
+    def _start(self, shape: Shape, *, directory: Path | None = None, initrd: Path | None = None,
+               arm: bool = False, ram: RamFile | None = None, incoming_fd: int | None = None,
+               monitor: bool = False) -> Machine:
+        assets, run_dir = self._assets, self._run_dir
+        if run_dir is None:
+            raise SandboxClosed("the VM tier is closed")
+        assert assets is not None and self._kvm is not None
+        if directory is None:
+            with self._lock:
+                self._counter += 1
+                directory = run_dir / f"m{self._counter}"
         return Machine(directory, assets, shape, kvm=self._kvm, initrd=initrd,
-                       extra_cmdline=self._extra_cmdline)
+                       extra_cmdline=self._extra_cmdline, arm=arm, ram=ram,
+                       incoming_fd=incoming_fd, monitor=monitor)
 
     def _boot_cold(self, plan: Plan, workspace: Workspace, deadline: Deadline, shape: Shape,
                    run_dir: Path) -> tuple[Machine | None, Bundle]:
@@ -239,6 +359,9 @@ class VmTier(Closeable):
         outcome.run_s = time.monotonic() - t0 - startup
         outcome.extra["guest_memory_mib"] = float(machine.shape.memory_mib)
         outcome.extra["kvm"] = 1.0 if self._kvm else 0.0
+        outcome.extra["restored"] = 1.0 if machine.restored else 0.0
+        if machine.ready_at is not None:  # boot or restore: QEMU start until it took tasks
+            outcome.extra["machine_ready_s"] = machine.ready_at - machine.started
         rss = machine.rss_bytes()
         if rss is not None:
             outcome.extra["qemu_rss_bytes"] = float(rss)
@@ -273,8 +396,16 @@ class VmTier(Closeable):
         with self._lock:
             pool, self._pool = self._pool, None
             run_dir, self._run_dir = self._run_dir, None
+        if run_dir is not None:
+            # A template booting in the refill thread would hold up `pool.close()`.
+            for snapshot_dir in run_dir.glob("s*"):
+                kill_machines(snapshot_dir)
         if pool is not None:
             pool.close()
+        with self._snapshot_lock:
+            snapshots, self._snapshots = list(self._snapshots.values()), {}
+        for snapshot in snapshots:
+            snapshot.discard()
         if run_dir is not None:
             kill_machines(run_dir)
             remove_tree(run_dir)
