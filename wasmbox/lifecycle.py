@@ -87,6 +87,13 @@ class Deadline:
         self.at = min(self.at, time.monotonic())
         self._woken.set()
 
+    def restart(self, seconds: float | None) -> None:
+        """Start the clock again with `seconds` from now (a tier whose guest needed a boot
+        first: the boot has its own bound, the run gets its whole timeout); no-op once
+        cancelled."""
+        if not self.cancelled:
+            self.at = math.inf if seconds is None else time.monotonic() + seconds
+
     def sleep(self, seconds: float) -> bool:
         """Wait up to `seconds`, never past the deadline; True when cut short by `cancel`."""
         left = self.remaining()

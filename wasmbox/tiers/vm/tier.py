@@ -154,21 +154,25 @@ class VmTier(Closeable):
         self.prepare(plan)
         assets, run_dir = self._setup()
         shape = self._shape(plan, assets)
+        if deadline.cancelled:
+            return _timeout("cancelled before the guest was ready", t0)
         pool = self._pool
-        refill = _left(deadline, self._refill_wait(shape))
-        machine = (pool.take_ready(shape, _left(deadline, self._boot_timeout), refill)
+        # Getting a guest (pooled, restored or booted) has its own bound, the boot timeout:
+        # it does not eat the task's run timeout, which starts once a guest is ready.
+        machine = (pool.take_ready(shape, self._boot_timeout, self._refill_wait(shape))
                    if pool else None)
-        if machine is None and deadline.expired:
-            return _timeout("the deadline passed while the guest booted", t0)
         try:
+            if deadline.cancelled:
+                return _timeout("cancelled before the guest was ready", t0)
             if machine is not None:
+                deadline.restart(plan.timeout)
                 bundle = make_bundle(plan, workspace.task_dir, self._guest_timeout(deadline, 0))
                 machine.send(bundle.as_tar(), bundle.nonce, _left(deadline, 5.0))
                 startup = time.monotonic() - t0
             else:
                 machine, bundle = self._boot_cold(plan, workspace, deadline, shape, run_dir)
                 if machine is None:
-                    return _timeout("the deadline passed while the guest booted", t0)
+                    return _timeout("cancelled while the guest booted", t0)
                 startup = time.monotonic() - t0
             return self._finish(plan, workspace, deadline, monitor, machine, bundle, t0,
                                 startup)
@@ -311,8 +315,10 @@ class VmTier(Closeable):
         """Boot with the task appended to the initramfs; one retry if the boot hangs."""
         assets = self._assets
         assert assets is not None
+        # The guest's own timer starts when the task does, after the boot.
         bundle = make_bundle(plan, workspace.task_dir,
-                             self._guest_timeout(deadline, self._boot_estimate))
+                             3600.0 if plan.timeout is None
+                             else max(0.05, plan.timeout - SHIP_MARGIN))
         with self._lock:
             self._counter += 1
             initrd = run_dir / f"initrd-{self._counter}"
@@ -325,18 +331,19 @@ class VmTier(Closeable):
                 machine = self._boot_machine(shape, initrd)
                 try:
                     machine.expect(bundle.nonce)
-                    ready = machine.wait_ready(_left(deadline, self._boot_timeout))
+                    ready = machine.wait_ready(self._boot_timeout)
                 except BaseException:
                     machine.close()
                     raise
                 if ready:
                     if machine.ready_at is not None:
                         self._boot_estimate = machine.ready_at - machine.started
+                    deadline.restart(plan.timeout)  # the run's clock starts now
                     return machine, bundle
                 hung = machine.alive
                 reason = machine.qemu_errors() or machine.serial_tail()
                 machine.close()
-                if deadline.expired:
+                if deadline.cancelled:
                     return None, bundle
                 if not hung:
                     raise HostFailure(f"the guest died while booting: {reason[-500:]}")
@@ -354,7 +361,8 @@ class VmTier(Closeable):
                 machine: Machine, bundle: Bundle, t0: float, startup: float) -> Outcome:
         grace = max(plan.kill_grace, 1.0)
         left = deadline.remaining()
-        line, anomaly = _wait(machine, monitor, 3600.0 if left is None else left + grace)
+        line, anomaly = _wait(machine, monitor, 3600.0 if left is None else left + grace,
+                              deadline)
         outcome = Outcome(status=Status.COMPLETED, startup_s=startup)
         outcome.run_s = time.monotonic() - t0 - startup
         outcome.extra["guest_memory_mib"] = float(machine.shape.memory_mib)
@@ -411,15 +419,21 @@ class VmTier(Closeable):
             remove_tree(run_dir)
 
 
-def _wait(machine: Machine, monitor: Monitor, timeout: float) -> tuple[ExitLine | None, str | None]:
-    """Wait for the exit line, sampling QEMU for the monitor; (line, anomaly reason)."""
+def _wait(machine: Machine, monitor: Monitor, timeout: float,
+          deadline: Deadline) -> tuple[ExitLine | None, str | None]:
+    """Wait for the exit line, sampling QEMU for the monitor; (line, anomaly reason).
+
+    A cancelled run stops the guest at once (within a step, at most 100 ms)."""
     end = time.monotonic() + timeout
-    step = monitor.policy.interval if monitor.policy.enabled else timeout
+    step = min(monitor.policy.interval if monitor.policy.enabled else timeout, 0.1)
     while True:
         left = end - time.monotonic()
         line = machine.wait_exit(min(step, max(left, 0.0)))
         if line is not None or left <= 0 or not machine.alive:
             return line, None
+        if deadline.cancelled:
+            machine.stop()
+            return None, None
         if monitor.due():
             # From outside the guest only QEMU itself is visible: its CPU time is the task's
             # plus the guest kernel's; its RSS is not the task's memory, so none is reported.
