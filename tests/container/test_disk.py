@@ -8,7 +8,6 @@ silently honoured; a disk-full run leaving anything behind.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
 import pytest
 
@@ -61,35 +60,3 @@ def test_wasm_outputs_past_the_disk_cap_are_rejected() -> None:
         r = sb.run(Task.python(source, tier="wasm"))
     assert r.status is Status.OUTPUT_REJECTED, (r.status, r.reason)
     assert str(2 * MiB) in (r.reason or "")
-
-
-@pytest.fixture(scope="module")
-def vm_sandbox() -> Iterator[Sandbox]:
-    from wasmbox.tiers.vm import VmTier
-
-    tier = VmTier(pool_size=0)
-    try:
-        available = tier.availability()
-    finally:
-        tier.close()
-    if not available.ok:
-        pytest.skip(f"the VM tier is unavailable: {available.reason}")
-    policy = POLICY.model_copy(update={"min_isolation": TierName.VM})
-    with Sandbox(policy, tiers={TierName.VM: lambda: VmTier(pool_size=0)}) as sb:
-        yield sb
-
-
-@pytest.mark.vm
-def test_vm_tmp_past_the_disk_cap_is_enospc(vm_sandbox: Sandbox) -> None:
-    # busybox's head reports a failed write as "I/O error": the size kept tells the cap.
-    fill = "head -c 3145728 /dev/zero > /tmp/fill; rc=$?; wc -c < /tmp/fill; exit $rc"
-    r = vm_sandbox.run(Task.command(["/bin/sh", "-c", fill], tier="vm"))
-    assert r.status is Status.FAILED, (r.status, r.stderr)
-    assert int(r.stdout.split()[0]) <= 2 * MiB
-
-
-@pytest.mark.vm
-def test_vm_outputs_past_the_disk_cap_are_rejected(vm_sandbox: Sandbox) -> None:
-    r = vm_sandbox.run(Task.command(FILL_OUTPUT, tier="vm"))
-    assert r.status is Status.OUTPUT_REJECTED, (r.status, r.reason)
-    assert r.files == {}
