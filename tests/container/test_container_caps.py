@@ -87,20 +87,3 @@ def test_gvisor_declines_capabilities(container_ready: None) -> None:
     tiers = {TierName.CONTAINER: lambda: ContainerTier(runtime="gvisor")}
     with Sandbox(policy, tiers=tiers) as sb, pytest.raises(TierUnavailable, match="gVisor"):
         sb.run(Task.command(["true"], capabilities=["CAP_NET_BIND_SERVICE"]))
-
-
-@pytest.mark.vm
-def test_the_vm_tier_declines_capabilities() -> None:
-    from wasmbox.tiers.vm import VmTier
-
-    tier = VmTier(pool_size=0)
-    try:
-        available = tier.availability()
-    finally:
-        tier.close()
-    if not available.ok:
-        pytest.skip(f"the VM tier is unavailable: {available.reason}")
-    policy = Policy(capabilities=frozenset({"CAP_NET_BIND_SERVICE"}))
-    with (Sandbox(policy, tiers={TierName.VM: lambda: VmTier(pool_size=0)}) as sb,
-          pytest.raises(PolicyViolation, match="cannot grant capabilities")):
-        sb.run(Task.command(["true"], tier="vm", capabilities=["CAP_NET_BIND_SERVICE"]))
