@@ -100,8 +100,8 @@ def test_boot_hang_is_bounded_by_the_boot_timeout(vm_assets: AssetReport) -> Non
     tier = VmTier(pool_size=0, boot_timeout=2.0, extra_cmdline="rdinit=/bin/cat")
     policy = Policy(limits=Limits(memory="128MiB"))
     t0 = time.monotonic()
-    with Sandbox(policy, tiers={TierName.VM: lambda: tier}) as sandbox:
-        with pytest.raises(HostFailure, match="hung twice while booting"):
-            sandbox.run(command("true", resources=Resources(timeout=3)))
+    with (Sandbox(policy, tiers={TierName.VM: lambda: tier}) as sandbox,
+          pytest.raises(HostFailure, match="hung twice while booting")):
+        sandbox.run(command("true", resources=Resources(timeout=3)))
     assert time.monotonic() - t0 < 15  # a hang would run forever
 
