@@ -156,6 +156,27 @@ def test_list_bounds_its_parameters(idle_client: TestClient, params: dict[str, A
     assert response.status_code == 422
 
 
+def test_tasks_path_allows_get_and_post(idle_client: TestClient) -> None:
+    response = idle_client.delete("/v1/tasks", headers=auth(ALICE))
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, POST"
+    upload = idle_client.get("/v1/tasks/upload/x", headers=auth(ALICE))
+    assert upload.status_code in (404, 405)
+
+
+@pytest.mark.parametrize(("method", "path"), [("get", "/v1/tasks"), ("get", "/v1/tasks/x"),
+                                              ("post", "/v1/tasks")])
+def test_unknown_query_parameters_are_422(
+    idle_client: TestClient, wasm_b64: dict[str, str], method: str, path: str
+) -> None:
+    body = {"kind": "wasm", "module_b64": wasm_b64["hello"]}
+    kwargs: dict[str, Any] = {"json": body} if method == "post" else {}
+    response = idle_client.request(method.upper(), path, params={"wiat": 10},
+                                   headers=auth(ALICE), **kwargs)
+    assert response.status_code == 422, response.text
+    assert "wiat" in response.text
+
+
 def test_submit_and_wait_returns_the_final_result_with_200(
     client: TestClient, wasm_b64: dict[str, str]
 ) -> None:

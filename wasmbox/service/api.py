@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
@@ -18,6 +19,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
 
 from wasmbox.errors import InputRejected, ModuleRejected, PolicyViolation, SandboxError
@@ -140,6 +143,20 @@ def create_app(
                       for e in exc.errors()]
             return _ascii_json(422, {"detail": jsonable_encoder(errors)})
 
+    async def not_allowed(request: Request, exc: Exception) -> Response:
+        # Starlette's 405 names only the methods of the first route that matched the path;
+        # /v1/tasks has two (GET lists, POST submits). Routes of the same path template as
+        # that first one are the path's operations in the OpenAPI spec.
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code != 405:
+            return await http_exception_handler(request, exc)
+        routes = [r for r in app.router.routes if isinstance(r, Route)
+                  and r.matches({**request.scope, "method": "\0"})[0] is Match.PARTIAL]
+        first = routes[0].path if routes else None
+        methods = {m for r in routes if r.path == first for m in r.methods or ()}
+        return _ascii_json(405, {"detail": exc.detail}, {"Allow": ", ".join(sorted(methods))})
+
+    app.add_exception_handler(StarletteHTTPException, not_allowed)
     for error in (InputRejected, ModuleRejected, PolicyViolation):
         app.add_exception_handler(error, refused)
     app.add_exception_handler(RequestValidationError, invalid)
@@ -158,6 +175,19 @@ def create_app(
         return name
 
     Token = Annotated[str, Depends(token)]
+
+    def only_query(*names: str) -> Any:
+        """A dependency refusing query parameters other than `names` (a typo such as
+        ``?wiat=10`` is a 422, not silently a request without it)."""
+        def check(request: Request) -> None:
+            unknown = sorted(set(request.query_params) - set(names))
+            if unknown:
+                raise RequestValidationError([{
+                    "type": "extra_forbidden", "loc": ("query", unknown[0]),
+                    "msg": f"unknown query parameter (known: {', '.join(names) or 'none'})",
+                    "input": request.query_params.get(unknown[0]),
+                }])
+        return Depends(check)
     St = Annotated[_State, Depends(state)]
 
     def submit(
@@ -206,7 +236,8 @@ def create_app(
         ge=0, le=3600, description="seconds to wait for the final result (at most the "
         "service's max_wait)")]
 
-    @app.post("/v1/tasks", status_code=202, response_model=TaskView, responses={
+    @app.post("/v1/tasks", status_code=202, response_model=TaskView,
+              dependencies=[only_query("wait")], responses={
         **_ERRORS, 200: {"model": TaskView, "description": "final within `wait` seconds"},
         202: {"description": "accepted; not final (yet)"}})
     async def submit_json(
@@ -223,7 +254,8 @@ def create_app(
             response.status_code = 200
         return TaskView.of(record)
 
-    @app.get("/v1/tasks", responses=_ERRORS, response_model=TaskList)
+    @app.get("/v1/tasks", responses=_ERRORS, response_model=TaskList,
+             dependencies=[only_query("state", "limit", "cursor")])
     def list_tasks(
         name: Token,
         st: St,
@@ -257,7 +289,8 @@ def create_app(
                                resources=ResourcesRequest(timeout=timeout))
         return submit(st, name, body, module)
 
-    @app.get("/v1/tasks/{task_id}", responses=_ERRORS, response_model=TaskView)
+    @app.get("/v1/tasks/{task_id}", responses=_ERRORS, response_model=TaskView,
+             dependencies=[only_query("wait")])
     async def get_task(
         task_id: str,
         name: Token,
@@ -320,10 +353,10 @@ def create_app(
     return app
 
 
-def _ascii_json(status: int, content: Any) -> Response:
+def _ascii_json(status: int, content: Any, headers: dict[str, str] | None = None) -> Response:
     """A JSON response that renders whatever text a client sent (lone surrogates escaped)."""
     body = json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
-    return Response(body, status_code=status, media_type="application/json")
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
 def _safe_name(name: str) -> bool:
