@@ -51,7 +51,9 @@ def test_sigkill_mid_run_loses_no_accepted_task(
     services.append(ServiceProcess(config, tmp_path / "service.log"))
     with httpx.Client(base_url=services[1].url, timeout=30) as client:
         views = {task_id: wait_final(client, task_id) for task_id in [slow, *quick]}
-    assert views[slow]["result"]["status"] == "timeout"
+    # Its run again ends at one of its limits: the 3 s timeout, or on a fast machine the
+    # policy's fuel budget first (which one is the machine's speed, not the recovery's doing).
+    assert views[slow]["result"]["status"] in ("timeout", "out_of_fuel")
     assert views[slow]["attempts"] == 2
     assert [views[q]["result"]["status"] for q in quick] == ["completed"] * 5
 
