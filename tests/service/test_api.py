@@ -139,10 +139,10 @@ def test_metrics_count_results_by_status_and_tier(
     view = submit(client, {"kind": "wasm", "module_b64": wasm_b64["hello"]})
     wait_final(client, str(view["id"]))
     text = client.get("/metrics").text
-    assert 'wasmbox_tasks_finished_total{status="completed",tier="wasm"} 1.0' in text
-    assert "wasmbox_task_latency_seconds_count" in text
-    assert "wasmbox_queue_depth" in text
-    assert "wasmbox_running_tasks" in text
+    assert 'wasmbox_service_tasks_finished_total{status="completed",tier="wasm"} 1.0' in text
+    assert "wasmbox_service_task_latency_seconds_count" in text
+    assert "wasmbox_service_queue_depth" in text
+    assert "wasmbox_service_running_tasks" in text
 
 
 def test_the_result_view_carries_every_result_field() -> None:

@@ -7,18 +7,43 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
+import secrets
 import sys
+import tempfile
 from pathlib import Path
 
 from wasmbox.errors import ConfigError
 from wasmbox.service.api import create_app
 from wasmbox.service.config import Backend, ServiceConfig, TokenConfig
 
-__all__ = ["Backend", "ServiceConfig", "TokenConfig", "create_app", "main", "serve"]
+__all__ = ["Backend", "ServiceConfig", "TokenConfig", "create_app", "dev_config", "main", "serve"]
 
 # uvicorn's own grace for open connections (long-polls included) before the app shuts down.
 _CONNECTION_GRACE_S = 5
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names only this machine (``localhost`` or a loopback address)."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def dev_config(db: Path) -> tuple[ServiceConfig, str]:
+    """A try-it-out configuration: the default policy and one fresh random token ``dev``.
+
+    Returns the configuration and the token's secret.
+    """
+    secret = secrets.token_urlsafe(32)
+    config = ServiceConfig.from_dict(
+        {"service": {"db": str(db)}, "tokens": {"dev": {"secret": secret}}}
+    )
+    return config, secret
 
 
 def serve(
@@ -26,13 +51,29 @@ def serve(
     port: int = 8000,
     config_path: str | Path | None = None,
     db: str | Path | None = None,
+    *,
+    dev: bool = False,
 ) -> None:
     """Run the service until SIGINT/SIGTERM; running tasks finish (within the grace period).
 
-    Raises `ConfigError` for a bad configuration file.
+    With `dev`, ignore `config_path`: run the default policy with one generated token, printed
+    once on stdout, journaling to `db` or a temporary file; only a loopback `host` is allowed.
+    Raises `ConfigError` for a bad configuration file or a non-loopback host in dev mode.
     """
     import uvicorn
 
+    if dev:
+        if not is_loopback(host):
+            raise ConfigError(f"--dev serves only on a loopback address, not {host!r}: "
+                              "write a config with real tokens to listen on the network")
+        with tempfile.TemporaryDirectory(prefix="wasmbox-dev-") as scratch:
+            config, secret = dev_config(Path(db) if db is not None else Path(scratch) / "dev.db")
+            print(f"wasmbox serve --dev: http://{host}:{port}/docs  token: {secret}", flush=True)
+            uvicorn.run(
+                create_app(config), host=host, port=port, log_level="info",
+                timeout_graceful_shutdown=_CONNECTION_GRACE_S,
+            )
+        return
     config = ServiceConfig.from_toml(config_path) if config_path else ServiceConfig()
     if db is not None:
         settings = config.service.model_copy(update={"db": Path(db)})
@@ -46,16 +87,25 @@ def serve(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``wasmbox serve`` (``--host --port --config --db``); returns the exit code."""
+    """``wasmbox serve`` (``--host --port --config --db --dev``); returns the exit code."""
     parser = argparse.ArgumentParser(prog="wasmbox serve", description="Run the task service.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--config", type=Path, help="service config TOML (tokens, policies)")
     parser.add_argument("--db", type=Path, help="task journal (SQLite); overrides the config")
+    parser.add_argument(
+        "--dev", action="store_true",
+        help="try it out: the default policy and a generated token, printed once "
+             "(loopback hosts only; the journal is temporary unless --db is given)",
+    )
     args = parser.parse_args(argv)
+    if args.dev and args.config is not None:
+        parser.error("--dev makes its own configuration: leave out --config")
+    if args.dev and not is_loopback(args.host):
+        parser.error(f"--dev serves only on a loopback address, not {args.host!r}")
     logging.basicConfig(level=logging.INFO)
     try:
-        serve(args.host, args.port, args.config, args.db)
+        serve(args.host, args.port, args.config, args.db, dev=args.dev)
     except ConfigError as exc:
         print(f"wasmbox serve: {exc}", file=sys.stderr)
         return 3  # a host error, as in `wasmbox run` (2 is a usage error)

@@ -1,4 +1,5 @@
-"""The HTTP API: submit, poll / long-poll, fetch files, cancel; auth, quotas, body limits."""
+"""The HTTP API: submit (and wait), list, poll / long-poll, fetch files, cancel; auth,
+quotas, body limits; metrics and offline API docs."""
 
 import asyncio
 import json
@@ -10,10 +11,17 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
+from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
 
 from wasmbox.errors import InputRejected, ModuleRejected, PolicyViolation, SandboxError
 from wasmbox.models import Policy
@@ -23,15 +31,21 @@ from wasmbox.service.dispatcher import Dispatcher, QuotaExceeded, Runner, make_r
 from wasmbox.service.limits import BodyLimit
 from wasmbox.service.metrics import CONTENT_TYPE, ServiceMetrics
 from wasmbox.service.schemas import (
+    AnyTaskRequest,
     PolicyList,
     Problem,
-    PythonTaskRequest,
     ResourcesRequest,
+    TaskList,
     TaskRequest,
     TaskView,
     WasmTaskRequest,
 )
-from wasmbox.service.store import FINAL, Record, TaskStore
+from wasmbox.service.store import FINAL, Record, State, TaskStore
+
+# Page sizes of GET /v1/tasks.
+DEFAULT_PAGE, MAX_PAGE = 20, 100
+# The Swagger UI assets, served from the installed package (never from a CDN).
+_DOCS_ASSETS = "/docs/assets"
 
 _bearer = HTTPBearer(auto_error=False, description="a token from the service config")
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -105,7 +119,10 @@ def create_app(
         version="1",
         description="Run untrusted tasks in wasmbox sandboxes over HTTP.",
         lifespan=lifespan,
+        docs_url=None,  # served below from local assets
+        redoc_url=None,  # ReDoc would come from a CDN
     )
+    app.mount(_DOCS_ASSETS, StaticFiles(directory=swagger_ui_path), name="docs-assets")
     app.add_middleware(BodyLimit, max_bytes=config.service.max_body_bytes)
 
     # Wherever a request handler meets bad input or a forbidden request, the client hears it
@@ -126,6 +143,20 @@ def create_app(
                       for e in exc.errors()]
             return _ascii_json(422, {"detail": jsonable_encoder(errors)})
 
+    async def not_allowed(request: Request, exc: Exception) -> Response:
+        # Starlette's 405 names only the methods of the first route that matched the path;
+        # /v1/tasks has two (GET lists, POST submits). Routes of the same path template as
+        # that first one are the path's operations in the OpenAPI spec.
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code != 405:
+            return await http_exception_handler(request, exc)
+        routes = [r for r in app.router.routes if isinstance(r, Route)
+                  and r.matches({**request.scope, "method": "\0"})[0] is Match.PARTIAL]
+        first = routes[0].path if routes else None
+        methods = {m for r in routes if r.path == first for m in r.methods or ()}
+        return _ascii_json(405, {"detail": exc.detail}, {"Allow": ", ".join(sorted(methods))})
+
+    app.add_exception_handler(StarletteHTTPException, not_allowed)
     for error in (InputRejected, ModuleRejected, PolicyViolation):
         app.add_exception_handler(error, refused)
     app.add_exception_handler(RequestValidationError, invalid)
@@ -144,11 +175,23 @@ def create_app(
         return name
 
     Token = Annotated[str, Depends(token)]
+
+    def only_query(*names: str) -> Any:
+        """A dependency refusing query parameters other than `names` (a typo such as
+        ``?wiat=10`` is a 422, not silently a request without it)."""
+        def check(request: Request) -> None:
+            unknown = sorted(set(request.query_params) - set(names))
+            if unknown:
+                raise RequestValidationError([{
+                    "type": "extra_forbidden", "loc": ("query", unknown[0]),
+                    "msg": f"unknown query parameter (known: {', '.join(names) or 'none'})",
+                    "input": request.query_params.get(unknown[0]),
+                }])
+        return Depends(check)
     St = Annotated[_State, Depends(state)]
 
     def submit(
-        st: _State, name: str, request: WasmTaskRequest | PythonTaskRequest,
-        module: bytes | None,
+        st: _State, name: str, request: AnyTaskRequest, module: bytes | None,
     ) -> TaskView:
         allowed = config.tokens[name].policies
         policy = request.policy or allowed[0]
@@ -173,10 +216,57 @@ def create_app(
             raise HTTPException(404, "no such task")
         return record
 
-    @app.post("/v1/tasks", status_code=202, responses=_ERRORS, response_model=TaskView)
-    def submit_json(body: TaskRequest, name: Token, st: St) -> TaskView:
-        """Submit a task (module as base64, or Python source); it is journaled before 202."""
-        return submit(st, name, body, None)
+    async def until_final(st: _State, name: str, record: Record, wait: float) -> Record:
+        """The task's record once it is final, or after `wait` (at most ``max_wait``) seconds."""
+        timeout = min(wait, config.service.max_wait)
+        if record.state in FINAL or timeout <= 0:
+            return record
+        event = st.waiters.register(record.id)
+        try:
+            record = owned(st, name, record.id)  # it may have finished before we registered
+            if record.state not in FINAL:
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), timeout)
+                record = owned(st, name, record.id)
+        finally:
+            st.waiters.discard(record.id, event)
+        return record
+
+    Wait = Annotated[float, Query(
+        ge=0, le=3600, description="seconds to wait for the final result (at most the "
+        "service's max_wait)")]
+
+    @app.post("/v1/tasks", status_code=202, response_model=TaskView,
+              dependencies=[only_query("wait")], responses={
+        **_ERRORS, 200: {"model": TaskView, "description": "final within `wait` seconds"},
+        202: {"description": "accepted; not final (yet)"}})
+    async def submit_json(
+        body: TaskRequest, name: Token, st: St, response: Response, wait: Wait = 0,
+    ) -> TaskView:
+        """Submit a task (a module as base64, Python source, or a command's argv); it is
+        journaled before the answer. With `wait`, answer 200 with the final view if it ends
+        within that many seconds, else 202 with the view as it is then."""
+        view = await run_in_threadpool(submit, st, name, body, None)
+        if wait <= 0:
+            return view
+        record = await until_final(st, name, owned(st, name, view.id), wait)
+        if record.state in FINAL:
+            response.status_code = 200
+        return TaskView.of(record)
+
+    @app.get("/v1/tasks", responses=_ERRORS, response_model=TaskList,
+             dependencies=[only_query("state", "limit", "cursor")])
+    def list_tasks(
+        name: Token,
+        st: St,
+        state: Annotated[State | None, Query(description="only tasks in this state")] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="page size")] = DEFAULT_PAGE,
+        cursor: Annotated[int | None, Query(
+            ge=1, le=2**63 - 1, description="`next_cursor` of the previous page")] = None,
+    ) -> TaskList:
+        """The caller's own tasks, newest first, a page at a time."""
+        records, next_cursor = st.dispatcher.store.page(name, state, limit, cursor)
+        return TaskList(tasks=[TaskView.of(r) for r in records], next_cursor=next_cursor)
 
     @app.post("/v1/tasks/upload", status_code=202, responses=_ERRORS, response_model=TaskView)
     def submit_upload(
@@ -199,28 +289,16 @@ def create_app(
                                resources=ResourcesRequest(timeout=timeout))
         return submit(st, name, body, module)
 
-    @app.get("/v1/tasks/{task_id}", responses=_ERRORS, response_model=TaskView)
+    @app.get("/v1/tasks/{task_id}", responses=_ERRORS, response_model=TaskView,
+             dependencies=[only_query("wait")])
     async def get_task(
         task_id: str,
         name: Token,
         st: St,
-        wait: Annotated[float, Query(ge=0, le=3600, description="long-poll seconds")] = 0,
+        wait: Wait = 0,
     ) -> TaskView:
         """A task's state and result; with `wait`, block until it is final or time is up."""
-        record = owned(st, name, task_id)
-        timeout = min(wait, config.service.max_wait)
-        if record.state in FINAL or timeout <= 0:
-            return TaskView.of(record)
-        event = st.waiters.register(task_id)
-        try:
-            record = owned(st, name, task_id)  # it may have finished before we registered
-            if record.state not in FINAL:
-                with suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), timeout)
-                record = owned(st, name, task_id)
-        finally:
-            st.waiters.discard(task_id, event)
-        return TaskView.of(record)
+        return TaskView.of(await until_final(st, name, owned(st, name, task_id), wait))
 
     @app.get(
         "/v1/tasks/{task_id}/files/{file_name:path}",
@@ -250,6 +328,17 @@ def create_app(
         """The policies this token may name; the first is its default."""
         return PolicyList(policies=list(config.tokens[name].policies))
 
+    @app.get("/docs", include_in_schema=False)
+    def docs(request: Request) -> HTMLResponse:
+        """Swagger UI, entirely from this service (works offline)."""
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}", title=f"{app.title} - API docs",
+            swagger_js_url=f"{root}{_DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{_DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{_DOCS_ASSETS}/favicon-32x32.png",
+        )
+
     @app.get("/healthz")
     def health() -> dict[str, str]:
         """Liveness."""
@@ -264,10 +353,10 @@ def create_app(
     return app
 
 
-def _ascii_json(status: int, content: Any) -> Response:
+def _ascii_json(status: int, content: Any, headers: dict[str, str] | None = None) -> Response:
     """A JSON response that renders whatever text a client sent (lone surrogates escaped)."""
     body = json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
-    return Response(body, status_code=status, media_type="application/json")
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
 def _safe_name(name: str) -> bool:

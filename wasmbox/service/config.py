@@ -8,6 +8,7 @@ max_body_bytes = "8MiB"          # larger requests get 413
 max_wait = 30                    # longest long-poll, seconds
 shutdown_grace = 30              # how long a shutdown waits for running tasks
 db = "wasmbox-service.db"        # relative to this file
+retention = "7d"                 # finished tasks and their files are deleted after this
 
 [policies.default]               # inline policy fields ...
 timeouts.run = "5s"
@@ -36,10 +37,32 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from wasmbox.errors import ConfigError
-from wasmbox.models import Bytes, MiB, Policy, Seconds
+from wasmbox.models import Bytes, MiB, Policy, Seconds, parse_duration
+
+DAY = 86400.0
+
+
+def _parse_age(value: Any) -> Any:
+    """A duration as the library reads it, plus days: ``"7d"``."""
+    if isinstance(value, str) and value.strip().lower().endswith("d"):
+        days = value.strip()[:-1].strip()
+        if not days.replace(".", "", 1).isdigit() or len(days) > 15:
+            raise ValueError(f"not a duration: {value!r} (try '7d', '12h' or '30m')")
+        return float(days) * DAY
+    return parse_duration(value)
+
+
+Age = Annotated[float, Field(gt=0), BeforeValidator(_parse_age)]
 
 
 class Backend(StrEnum):
@@ -88,6 +111,7 @@ class ServiceSettings(_Model):
     max_wait: Seconds = 30.0
     shutdown_grace: Seconds = 30.0
     db: Path = Path("wasmbox-service.db")
+    retention: Age = 7 * DAY
 
     @model_validator(mode="after")
     def _backend_has_scheduler(self) -> Self:

@@ -36,6 +36,8 @@ log = logging.getLogger("wasmbox.service")
 
 # A task started this many times without finishing (the service died each time) is rejected.
 MAX_ATTEMPTS = 3
+# The retention sweep runs every quarter of the retention, within these bounds (seconds).
+SWEEP_MIN_S, SWEEP_MAX_S = 0.1, 600.0
 
 
 class QuotaExceeded(Exception):
@@ -170,6 +172,7 @@ class Dispatcher(Closeable):
         self._admission = threading.Lock()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._sweeper: threading.Thread | None = None
         self._running = 0
         self._running_lock = threading.Lock()
         metrics.queue_depth.set_function(lambda: len(self._queued))
@@ -187,7 +190,28 @@ class Dispatcher(Closeable):
             thread = threading.Thread(target=self._work, name=f"wasmbox-service-{i}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="wasmbox-service-sweep",
+                                         daemon=True)
+        self._sweeper.start()
         return len(recovered)
+
+    def sweep(self) -> int:
+        """Delete the tasks (and files) that finished more than ``retention`` ago; returns how
+        many. Charges still inside a token's quota window are kept for its budget."""
+        now = time.time()
+        window = max((t.window for t in self.config.tokens.values()), default=0.0)
+        return self.store.purge(now - self.config.service.retention, now - window)
+
+    def _sweep_loop(self) -> None:
+        period = min(max(self.config.service.retention / 4, SWEEP_MIN_S), SWEEP_MAX_S)
+        while not self._stopping.wait(period):
+            try:
+                deleted = self.sweep()
+            except Exception:  # the next sweep tries again
+                log.exception("retention sweep failed")
+            else:
+                if deleted:
+                    log.info("retention: deleted %d finished tasks", deleted)
 
     def submit(self, token: str, policy_name: str, task: Task) -> Record:
         """Check the task, the policy and the token's quotas, journal the task, queue it.
@@ -340,6 +364,8 @@ class Dispatcher(Closeable):
         deadline = time.monotonic() + self.config.service.shutdown_grace
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        if self._sweeper is not None:
+            self._sweeper.join(max(0.0, deadline - time.monotonic()))
         if any(t.is_alive() for t in self._threads):
             log.warning("shutdown grace ended with tasks running; they run again at next start")
             return  # closing sandboxes under running tasks could crash the runtime

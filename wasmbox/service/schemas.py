@@ -6,9 +6,20 @@ import base64
 import binascii
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, field_validator
 
-from wasmbox.models import Event, Metrics, Resources, Result, Status, Task, TaskKind, TierName
+from wasmbox.models import (
+    Event,
+    Metrics,
+    Resources,
+    Result,
+    Status,
+    Task,
+    TaskKind,
+    TierName,
+    parse_duration,
+    parse_size,
+)
 from wasmbox.service.store import Record, State
 
 Name = Annotated[str, Field(min_length=1, max_length=128)]
@@ -17,20 +28,45 @@ Name = Annotated[str, Field(min_length=1, max_length=128)]
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 
+# The library's size and duration strings, spelled for OpenAPI (ECMA regex, ASCII digits; the
+# short length keeps float() of the digits finite). Parsed by the library's own parsers.
+_SIZE_PATTERN = r"^[ ]*[0-9]{1,15}([.][0-9]{1,6})?[ ]*([kKmMgGtT]([iI]?[bB])?)?[ ]*$"
+_DURATION_PATTERN = r"^[ ]*[0-9]{1,15}([.][0-9]{1,6})?[ ]*([uUmM]?[sS]|µ[sS]|[mMhH])?[ ]*$"
+
+
+def _positive(parse: Any) -> Any:
+    def check(value: Any) -> Any:
+        number = parse(value)
+        if number <= 0:
+            raise ValueError(f"must be greater than 0, got {value!r}")
+        return number
+    return check
+
+
+SizeText = Annotated[str, Field(max_length=40, pattern=_SIZE_PATTERN,
+                                examples=["64M", "64MiB", "64MB"])]
+DurationText = Annotated[str, Field(max_length=40, pattern=_DURATION_PATTERN,
+                                    examples=["2s", "250ms", "1m"])]
+Size = Annotated[PositiveInt | SizeText, AfterValidator(_positive(parse_size)),
+                 Field(description="bytes, or a size such as '64M', '64MiB', '64MB'")]
+Duration = Annotated[PositiveFloat | DurationText, AfterValidator(_positive(parse_duration)),
+                     Field(description="seconds, or a duration such as '2s', '250ms', '1m'")]
+
 
 class ResourcesRequest(BaseModel):
-    """What a task requests (bytes and seconds as numbers); the policy clamps every field."""
+    """What a task requests, as in the library: sizes and durations as numbers (bytes,
+    seconds) or strings (``"64M"``, ``"2s"``); the policy clamps every field."""
 
     model_config = ConfigDict(extra="forbid")
 
     fuel: PositiveInt | None = None
-    memory: PositiveInt | None = Field(default=None, description="bytes")
-    timeout: PositiveFloat | None = Field(default=None, description="seconds")
-    output_bytes: PositiveInt | None = None
-    stdout_bytes: PositiveInt | None = None
+    memory: Size | None = None
+    timeout: Duration | None = None
+    output_bytes: Size | None = None
+    stdout_bytes: Size | None = None
     cpus: PositiveFloat | None = None
     pids: PositiveInt | None = None
-    disk: PositiveInt | None = Field(default=None, description="bytes")
+    disk: Size | None = None
 
 
 class _TaskFields(BaseModel):
@@ -86,7 +122,25 @@ class PythonTaskRequest(_TaskFields):
         return Task.python(self.source, entry=self.entry, **self._common())
 
 
-TaskRequest = Annotated[WasmTaskRequest | PythonTaskRequest, Field(discriminator="kind")]
+class CommandTaskRequest(_TaskFields):
+    """A native program (an argv list) for the container and VM tiers."""
+
+    kind: Literal["command"]
+    argv: list[Annotated[str, Field(max_length=65536)]] = Field(
+        min_length=1, max_length=256, description="the program and its arguments (not split)")
+    tier: TierName = TierName.CONTAINER
+    args: list[str] = Field(default_factory=list, max_length=0,
+                            description="unused: a command's arguments are in argv")
+
+    def to_task(self, module: bytes | None = None) -> Task:
+        """The library `Task`."""
+        common = self._common()
+        del common["args"]
+        return Task(kind=TaskKind.COMMAND, argv=tuple(self.argv), **common)
+
+
+AnyTaskRequest = WasmTaskRequest | PythonTaskRequest | CommandTaskRequest
+TaskRequest = Annotated[AnyTaskRequest, Field(discriminator="kind")]
 
 
 class ResultView(BaseModel):
@@ -146,6 +200,14 @@ class TaskView(BaseModel):
             result=None if record.result is None
             else ResultView.of(record.result, record.file_sizes),
         )
+
+
+class TaskList(BaseModel):
+    """One page of the caller's tasks, newest first; pass `next_cursor` as `cursor` for the
+    next page (null: this is the last one)."""
+
+    tasks: list[TaskView]
+    next_cursor: int | None = None
 
 
 class PolicyList(BaseModel):

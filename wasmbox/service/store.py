@@ -6,7 +6,10 @@ States: ``queued`` -> ``running`` -> ``finished`` (a `Result`, possibly CANCELLE
 
 Quota accounting: a task holds a *reservation* (its largest possible charge) while it is
 queued or running; when it ends the reservation is replaced by its *charge*, which rejected
-runs pay too. Everything stored is checked to read back, so no task's row can break a reader.
+runs pay too. Retention (`purge`) deletes finished tasks and their files; the charges of
+those still inside a quota window move to a small ``charges`` table, so deleting a task never
+gives its budget back early. Everything stored is checked to read back, so no task's row
+can break a reader.
 """
 
 from __future__ import annotations
@@ -59,6 +62,12 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_by_token_state ON tasks (token, state);
 CREATE INDEX IF NOT EXISTS tasks_by_token_finish ON tasks (token, finished_at);
+CREATE TABLE IF NOT EXISTS charges (
+    token TEXT NOT NULL,
+    finished_at REAL NOT NULL,
+    charge REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS charges_by_token ON charges (token, finished_at);
 CREATE TABLE IF NOT EXISTS files (
     task_id TEXT NOT NULL,
     name TEXT NOT NULL,
@@ -264,14 +273,66 @@ class TaskStore(Closeable):
         return int(count)
 
     def charges(self, token: str, since: float) -> list[tuple[float, float]]:
-        """(finished_at, charge) of the token's runs that ended after `since`, oldest first."""
+        """(finished_at, charge) of the token's runs that ended after `since`, oldest first
+        (purged tasks included)."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT finished_at, coalesce(cpu_s, 0) FROM tasks"
-                " WHERE token = ? AND finished_at > ? ORDER BY finished_at",
-                (token, since),
+                " WHERE token = ? AND finished_at > ?"
+                " UNION ALL SELECT finished_at, charge FROM charges"
+                " WHERE token = ? AND finished_at > ? ORDER BY 1",
+                (token, since, token, since),
             ).fetchall()
         return [(float(at), float(charge)) for at, charge in rows]
+
+    def page(
+        self, token: str, state: State | None, limit: int, cursor: int | None
+    ) -> tuple[list[Record], int | None]:
+        """Up to `limit` of the token's tasks, newest first, after `cursor` (a position from
+        a previous page); returns them and the cursor of the next page (None: no more)."""
+        query = "SELECT rowid, id FROM tasks WHERE token = ?"
+        params: list[object] = [token]
+        if state is not None:
+            query += " AND state = ?"
+            params.append(state)
+        if cursor is not None:
+            query += " AND rowid < ?"
+            params.append(cursor)
+        query += " ORDER BY rowid DESC LIMIT ?"
+        params.append(limit + 1)
+        with self._lock:
+            rows = self._db.execute(query, params).fetchall()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        records = [r for r in (self.get(task_id) for _, task_id in rows) if r is not None]
+        return records, (int(rows[-1][0]) if more else None)
+
+    def purge(self, finished_before: float, keep_charges_after: float) -> int:
+        """Delete final tasks that ended before `finished_before`, and their files; their
+        charges that ended after `keep_charges_after` are kept for quota accounting, older
+        kept charges are dropped. Returns how many tasks were deleted."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                old = "state IN (?, ?) AND finished_at < ?"
+                params = (State.FINISHED, State.REJECTED, finished_before)
+                self._db.execute(
+                    "INSERT INTO charges (token, finished_at, charge) SELECT token, finished_at,"
+                    f" coalesce(cpu_s, 0) FROM tasks WHERE {old} AND finished_at > ?",
+                    (*params, keep_charges_after),
+                )
+                self._db.execute(
+                    f"DELETE FROM files WHERE task_id IN (SELECT id FROM tasks WHERE {old})",
+                    params,
+                )
+                deleted = self._db.execute(f"DELETE FROM tasks WHERE {old}", params).rowcount
+                self._db.execute("DELETE FROM charges WHERE finished_at <= ?",
+                                 (keep_charges_after,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return int(deleted)
 
     def reserved(self, token: str) -> float:
         """Seconds of the token's budget held by its queued and running tasks."""
