@@ -28,7 +28,8 @@ def test_input_is_staged_read_only(tmp_path: Path) -> None:
 
 def test_oversized_input_is_rejected_before_anything_is_created(tmp_path: Path) -> None:
     policy = Policy(limits=Limits(input_bytes=16))
-    with pytest.raises(InputRejected, match="over the 16 cap"):
+    with pytest.raises(InputRejected,
+                       match=r"over the 16 cap \(the policy.s \[limits\] input_bytes\)"):
         workspace(tmp_path, policy, input={"data": "x" * 100})
     assert list(tmp_path.iterdir()) == []
 

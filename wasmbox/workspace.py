@@ -114,13 +114,16 @@ def encode_input(plan: Plan) -> bytes:
     try:
         data = json.dumps(task.input, allow_nan=False, separators=(",", ":")).encode()
     except RecursionError:
-        raise InputRejected(f"input nests deeper than {depth} levels") from None
+        raise InputRejected(f"input nests deeper than {depth} levels "
+                            "(the policy's [limits] input_depth)") from None
     except (TypeError, ValueError) as exc:
         raise InputRejected(f"input is not JSON: {exc}") from exc
     if len(data) > plan.input_bytes:
-        raise InputRejected(f"input is {len(data)} bytes, over the {plan.input_bytes} cap")
+        raise InputRejected(f"input is {len(data)} bytes, over the {plan.input_bytes} cap "
+                            "(the policy's [limits] input_bytes)")
     if json_too_deep(data, depth):
-        raise InputRejected(f"input nests deeper than {depth} levels")
+        raise InputRejected(f"input nests deeper than {depth} levels "
+                            "(the policy's [limits] input_depth)")
     if task.input_schema is not None:
         validate(task.input_schema, task.input, what="input")
     return data
