@@ -53,7 +53,7 @@ from wasmbox.sandbox import _assemble, _collect  # noqa: E402
 from wasmbox.tiers.base import Outcome  # noqa: E402
 from wasmbox.tiers.wasm import WasmTier  # noqa: E402
 from wasmbox.tiers.wasm.run import arm, close_store, settle, wasi_config  # noqa: E402
-from wasmbox.tiers.wasm.tier import _memories  # noqa: E402
+from wasmbox.tiers.wasm.tier import _export, _memories  # noqa: E402
 from wasmbox.workspace import Workspace, remove_tree  # noqa: E402
 
 PHASES = ("plan", "prepare", "workspace", "wasi config", "arm", "instantiate", "guest _start",
@@ -73,7 +73,7 @@ def walk(sb: Sandbox, tier: WasmTier, task: Task) -> dict[str, float]:
 
     plan = apply(sb.policy, task)
     mark("plan")
-    handle, _cache, _prepared, pre = tier._prepared(plan)
+    handle, _cache, prepared, pre = tier._prepared(plan)
     mark("prepare")
     deadline, monitor = Deadline(plan.timeout), Monitor(plan.policy.monitor)
     workspace = Workspace(plan)
@@ -85,9 +85,9 @@ def walk(sb: Sandbox, tier: WasmTier, task: Task) -> dict[str, float]:
     watchdog, watch = arm(store, plan, workspace, deadline, monitor, handle, clock_origin)
     mark("arm")
     instance = pre.instantiate(store)
-    exports = instance.exports(store)
-    watch.memories = _memories(exports)
-    start = exports["_start"]
+    watch.memories = _memories(_export(store, instance, n) for n in prepared.memory_exports)
+    start = _export(store, instance, "_start")
+    assert isinstance(start, wasmtime.Func)
     mark("instantiate")
     outcome = Outcome(status=Status.COMPLETED, exit_code=0)
     try:
