@@ -52,8 +52,9 @@ from wasmbox.policy import apply  # noqa: E402
 from wasmbox.sandbox import _assemble, _collect  # noqa: E402
 from wasmbox.tiers.base import Outcome  # noqa: E402
 from wasmbox.tiers.wasm import WasmTier  # noqa: E402
-from wasmbox.tiers.wasm.run import arm, settle, wasi_config  # noqa: E402
-from wasmbox.workspace import Workspace, _clear_dir  # noqa: E402
+from wasmbox.tiers.wasm.run import arm, close_store, settle, wasi_config  # noqa: E402
+from wasmbox.tiers.wasm.tier import _export, _memories  # noqa: E402
+from wasmbox.workspace import Workspace, remove_tree  # noqa: E402
 
 PHASES = ("plan", "prepare", "workspace", "wasi config", "arm", "instantiate", "guest _start",
           "settle", "store drop", "collect", "cleanup", "result")
@@ -72,21 +73,21 @@ def walk(sb: Sandbox, tier: WasmTier, task: Task) -> dict[str, float]:
 
     plan = apply(sb.policy, task)
     mark("plan")
-    handle, pre = tier._prepared(plan)
+    handle, _cache, prepared, pre = tier._prepared(plan)
     mark("prepare")
     deadline, monitor = Deadline(plan.timeout), Monitor(plan.policy.monitor)
     workspace = Workspace(plan)
     mark("workspace")
     store = wasmtime.Store(handle.engine)
-    store.set_wasi(wasi_config(plan, workspace, ["hello.wasm"]))
+    wasi, clock_origin = wasi_config(plan, workspace, ["hello.wasm"])
+    store.set_wasi(wasi)
     mark("wasi config")
-    watchdog, watch = arm(store, plan, workspace, deadline, monitor, handle)
+    watchdog, watch = arm(store, plan, workspace, deadline, monitor, handle, clock_origin)
     mark("arm")
     instance = pre.instantiate(store)
-    exports = instance.exports(store)
-    memory = exports.get("memory")
-    watch.memory = memory if isinstance(memory, wasmtime.Memory) else None
-    start = exports["_start"]
+    watch.memories = _memories(_export(store, instance, n) for n in prepared.memory_exports)
+    start = _export(store, instance, "_start")
+    assert isinstance(start, wasmtime.Func)
     mark("instantiate")
     outcome = Outcome(status=Status.COMPLETED, exit_code=0)
     try:
@@ -94,11 +95,10 @@ def walk(sb: Sandbox, tier: WasmTier, task: Task) -> dict[str, float]:
     except wasmtime.ExitTrap as exc:
         outcome.exit_code = exc.code
     mark("guest _start")
-    if watch.memory is not None:
-        outcome.peak_memory_bytes = watch.memory.data_len(store)
+    outcome.peak_memory_bytes = watch.memory_bytes()
     settle(outcome, plan, store, workspace, watchdog, deadline, monitor)
     mark("settle")
-    store.close()
+    close_store(store)  # settle dropped it already: idempotent, as in the tier's finally
     mark("store drop")
     collected = _collect(plan, workspace, outcome)
     mark("collect")
@@ -199,7 +199,7 @@ class Raw:
         t = [time.perf_counter()]
         if self.reuse_dir:
             path = self.task_dir
-            _clear_dir(path + "/task/output")
+            _clear(path + "/task/output")
         else:
             path = self._make(f"{self.root}/w{time.perf_counter_ns()}")
         t.append(time.perf_counter())
@@ -248,8 +248,7 @@ class Raw:
             raise RuntimeError(f"hello went wrong: {stdout!r} {result!r}")
         t.append(time.perf_counter())
         if not self.reuse_dir:
-            _clear_dir(path)
-            os.rmdir(path)
+            remove_tree(path)
         t.append(time.perf_counter())
         return dict(zip(RAW_PHASES, (b - a for a, b in itertools.pairwise(t)), strict=True))
 
@@ -257,9 +256,14 @@ class Raw:
         if self.fds is not None:
             for fd in self.fds:
                 os.close(fd)
-        _clear_dir(self.root)
-        os.rmdir(self.root)
+        remove_tree(self.root)
         self.engine.close()
+
+
+def _clear(path: str) -> None:
+    """Empty the directory at `path`, keeping it."""
+    for name in os.listdir(path):
+        remove_tree(os.path.join(path, name))
 
 
 def _pooling(config: wasmtime.Config, memory: int) -> None:

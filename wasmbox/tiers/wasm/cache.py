@@ -67,6 +67,9 @@ class Prepared:
     module: wasmtime.Module
     link_error: str | None = None
     compile_s: float = 0.0  # what compiling it cost (0 when it came from the disk cache)
+    # Names of the module's memory exports: a run looks up just these and `_start`, not
+    # every export (wrapping each costs a few microseconds per run).
+    memory_exports: tuple[str, ...] = ()
 
 
 class ModuleCache:
@@ -145,15 +148,18 @@ class ModuleCache:
                 raise HostFailure(f"the compile worker's output does not load: {exc}") from exc
             self._to_disk(digest, compiled)
         imports = frozenset(f"{i.module}.{i.name}" for i in module.imports)
-        exports = {e.name for e in module.exports}
-        if "_start" not in exports:
+        exports = {e.name: e.type for e in module.exports}
+        if not isinstance(exports.get("_start"), wasmtime.FuncType):
             raise ModuleRejected("the module exports no _start: only WASI commands can run")
+        memories = tuple(n for n, t in exports.items() if isinstance(t, wasmtime.MemoryType))
         try:
             pre = self._handle.linker.instantiate_pre(module)
         except wasmtime.WasmtimeError as exc:
             # Kept, not raised: the policy's import check names the culprit more precisely.
-            return Prepared(digest, imports, None, module, first_line(str(exc)), compile_s)
-        return Prepared(digest, imports, pre, module, compile_s=compile_s)
+            return Prepared(digest, imports, None, module, first_line(str(exc)), compile_s,
+                            memories)
+        return Prepared(digest, imports, pre, module, compile_s=compile_s,
+                        memory_exports=memories)
 
     def _path(self, digest: str) -> Path | None:
         if self._dir is None:

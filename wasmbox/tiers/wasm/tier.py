@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import wasmtime
+from wasmtime import _ffi as ffi
+from wasmtime._extern import wrap_extern
 
 from wasmbox.errors import HostFailure, TierUnavailable
 from wasmbox.lifecycle import Closeable, Deadline
@@ -110,7 +113,8 @@ class WasmTier(Closeable):
         handle, cache, prepared, pre = self._prepared(plan)
         store = wasmtime.Store(handle.engine)
         try:
-            outcome = _execute(plan, workspace, deadline, monitor, handle, pre, store, t0)
+            outcome = _execute(plan, workspace, deadline, monitor, handle, prepared, pre, store,
+                               t0)
         finally:
             close_store(store)
         # Compiling happened in `prepare`, before the deadline: reported by the first run.
@@ -160,6 +164,7 @@ def _execute(
     deadline: Deadline,
     monitor: Monitor,
     handle: EngineHandle,
+    prepared: Prepared,
     pre: wasmtime.InstancePre,
     store: wasmtime.Store,
     t0: float,
@@ -173,10 +178,11 @@ def _execute(
     instance = None
     try:
         instance = pre.instantiate(store)
-        exports = instance.exports(store)
-        watch.memories = _memories(exports)
-        start = exports["_start"]
-        assert isinstance(start, wasmtime.Func)
+        watch.memories = _memories(
+            _export(store, instance, name) for name in prepared.memory_exports
+        )
+        start = _export(store, instance, "_start")
+        assert isinstance(start, wasmtime.Func)  # the cache admits only a function _start
         t1 = time.perf_counter()
         cpu0 = time.thread_time()
         try:
@@ -206,11 +212,24 @@ def _execute(
     return outcome
 
 
-def _memories(exports: Mapping[str, wasmtime.AsExtern]) -> list[wasmtime.Memory]:
+def _export(
+    store: wasmtime.Store, instance: wasmtime.Instance, name: str
+) -> wasmtime.AsExtern | None:
+    """One export by name, without wrapping every other export as `Instance.exports` does."""
+    item = ffi.wasmtime_extern_t()
+    raw = name.encode()
+    if not ffi.wasmtime_instance_export_get(
+        store._context(), ctypes.byref(instance._instance), raw, len(raw), ctypes.byref(item)
+    ):
+        return None
+    return wrap_extern(item)
+
+
+def _memories(exports: Iterable[wasmtime.AsExtern | None]) -> list[wasmtime.Memory]:
     # Each memory once, however many names export it: identity is the raw handle's fields
     # (store id and the two private indices; the struct's padding bytes are not stable).
     found: dict[tuple[int, int, int], wasmtime.Memory] = {}
-    for item in exports.values():
+    for item in exports:
         if isinstance(item, wasmtime.Memory):
             raw = item._memory
             key = (raw._anon_1.store_id, getattr(raw._anon_1, "__private1"),
