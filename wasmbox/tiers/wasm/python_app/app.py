@@ -8,7 +8,9 @@ Only the input and the result cross the boundary, as strings, not files: each WA
 operation costs tens of microseconds here, more than the rest of a small task.
 
 Everything imported at the top of this file is snapshotted into the component when it is
-built; nothing else of the standard library exists at run time.
+built (the hot set: already initialised when a task starts). The rest of the standard library
+is the interpreter's own, mounted read-only by the host at ``/python`` (where it was at build
+time) and first on ``sys.path``: it is imported on demand, fresh in each instance.
 """
 
 # ruff: noqa: F401  (imports below exist to be snapshotted, not used)
@@ -69,8 +71,9 @@ from runner import run_task  # type: ignore[import-not-found]  # wasmbox/runner,
 # task: the host denies sockets anyway, this makes the refusal immediate and explicit.
 _REFUSED = frozenset({"_socket", "socket", "select", "selectors", "ssl", "_ssl",
                       "ctypes", "_ctypes", "subprocess", "_posixsubprocess", "multiprocessing"})
-_HINT = ("only the pre-loaded standard library and the policy's python.packages can be "
-         "imported in the wasm tier; C extensions and other modules need the container tier")
+_HINT = ("only the standard library and the policy's python.packages can be imported in "
+         "the wasm tier, without sockets, subprocesses or ctypes; C extensions and other "
+         "modules need the container tier")
 
 
 class _Refuse(importlib.abc.MetaPathFinder):
