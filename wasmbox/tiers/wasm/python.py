@@ -10,11 +10,13 @@ mounts), a fresh instance of the snapshot, and one call
 ``run(source, filename, entry, input, paths)``: no task state survives.
 
 What a task can import: the standard library modules pre-loaded in the snapshot (json, re,
-math, hashlib, datetime, decimal, collections, itertools, dataclasses, functools, statistics,
-random, typing, fractions, heapq, bisect, ...) and the pure-Python packages listed in
-``policy.python.packages``, mounted read-only under ``/python/N``. Anything else fails with a
-ModuleNotFoundError that says so. **C extensions are not supported in this tier** (a wheel
-with compiled code cannot load in WASI): run such tasks in the container tier.
+math, hashlib, datetime, dataclasses, pathlib, logging, argparse, tomllib, ...: already
+initialised), the rest of the interpreter's own standard library (`unpack_stdlib`, mounted
+read-only at ``/python`` and imported on demand; `REFUSED_STDLIB` lists what cannot import and
+why), and the pure-Python packages listed in ``policy.python.packages``, mounted read-only under
+``/python/N``. Anything else fails with a ModuleNotFoundError that says so. **C extensions are
+not supported in this tier** (a wheel with compiled code cannot load in WASI): run such tasks
+in the container tier.
 
 Blocking calls (issue 11, class 5): the epoch deadline only stops wasm code, and a task
 blocked in ``wasi:io/poll`` (``time.sleep``'s original, reachable through

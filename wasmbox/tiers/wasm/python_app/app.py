@@ -16,6 +16,7 @@ time) and first on ``sys.path``: it is imported on demand, fresh in each instanc
 # ruff: noqa: F401  (imports below exist to be snapshotted, not used)
 from __future__ import annotations
 
+import argparse
 import ast
 import base64
 import binascii
@@ -30,12 +31,16 @@ import dataclasses
 import datetime
 import decimal
 import difflib
+import email.message
 import enum
+import fnmatch
 import fractions
 import functools
+import glob
 import hashlib
 import heapq
 import hmac
+import html
 import importlib
 import importlib.abc
 import importlib.machinery
@@ -44,22 +49,28 @@ import io
 import itertools
 import json
 import linecache
+import logging
 import math
 import operator
+import pathlib
 import pickle
 import pprint
 import random
 import re
+import shlex
 import statistics
 import string
 import struct
 import sys
+import tempfile
 import textwrap
 import time
+import tomllib
 import traceback
 import types
 import typing
 import unicodedata
+import urllib.parse
 import uuid
 import zipimport
 from collections.abc import Sequence
