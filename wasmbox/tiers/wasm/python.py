@@ -188,8 +188,8 @@ REFUSED_STDLIB = frozenset({
     # refused by the guest
     "socket", "select", "selectors", "ssl", "ctypes", "subprocess", "multiprocessing",
     # import a refused module
-    "ftplib", "imaplib", "poplib", "smtplib", "socketserver", "mailbox", "pdb", "doctest",
-    "ensurepip", "venv", "webbrowser", "antigravity", "pty",
+    "asyncio", "ftplib", "imaplib", "poplib", "smtplib", "socketserver", "mailbox", "pdb",
+    "doctest", "ensurepip", "venv", "webbrowser", "antigravity", "pty",
     # need a C module the WASI build lacks (_bz2, _lzma, _curses, termios, _tkinter)
     "bz2", "lzma", "curses", "tty", "tkinter", "turtle", "turtledemo", "idlelib",
 })
