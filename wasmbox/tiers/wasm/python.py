@@ -62,6 +62,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import wasmtime
+import zstandard
 from wasmtime import component
 
 from wasmbox.errors import ConfigError, HostFailure
@@ -163,18 +164,15 @@ def unpack_stdlib(target: Path) -> None:
 
     componentize-py carries it as a zstd-compressed tar inside its extension module (the
     exact files its interpreter was built with); it is found by its content, decompressed
-    with the ``zstd`` tool (bounded in size), and unpacked without links or special files,
+    with `zstandard` (bounded in size), and unpacked without links or special files,
     read-only. Raises `HostFailure` when it cannot be found.
     """
     spec = importlib.util.find_spec("componentize_py")
     if spec is None or spec.origin is None:
         raise HostFailure("componentize-py is not installed")
-    zstd = shutil.which("zstd")
-    if zstd is None:
-        raise HostFailure("the zstd tool is needed to unpack the Python standard library")
     data = b"".join(p.read_bytes() for p in sorted(Path(spec.origin).parent.glob("*.so")))
     for match in re.finditer(re.escape(_ZSTD_MAGIC), data):
-        tar = _decompress(zstd, data[match.start():])
+        tar = _decompress(data[match.start():])
         if tar is not None and _is_stdlib(tar):
             _extract(tar, target)
             return
@@ -206,35 +204,21 @@ def stdlib_modules(stdlib: Path) -> frozenset[str]:
     return frozenset(names - REFUSED_STDLIB)
 
 
-def _decompress(zstd: str, data: bytes) -> bytes | None:
-    # One frame's worth: zstd stops at the first frame that does not decode, and the
-    # output is bounded so a stray magic number cannot make the host read without end.
-    try:
-        proc = subprocess.Popen([zstd, "-d", "-c", "-q"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    except OSError as exc:
-        raise HostFailure(f"zstd cannot run: {exc}") from exc
+def _decompress(data: bytes) -> bytes | None:
+    """One zstd frame from the start of `data`, or None when it is not one (a stray magic
+    number). The output is bounded, so no input can make the host inflate without end."""
     out = io.BytesIO()
-    feeder = threading.Thread(target=_feed, args=(proc, data[:_MAX_STDLIB_BYTES]), daemon=True)
-    feeder.start()
     try:
-        assert proc.stdout is not None
-        while chunk := proc.stdout.read(1 << 20):
-            out.write(chunk)
-            if out.tell() > _MAX_STDLIB_BYTES:
-                return None
-    finally:
-        proc.kill()
-        proc.wait()
-        feeder.join()
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            io.BytesIO(data[:_MAX_STDLIB_BYTES]), read_across_frames=False)
+        with reader:
+            while chunk := reader.read(1 << 20):
+                out.write(chunk)
+                if out.tell() > _MAX_STDLIB_BYTES:
+                    return None
+    except zstandard.ZstdError:
+        pass  # the bytes after the frame are not another frame: what decoded is the frame
     return out.getvalue() if out.tell() >= 512 else None
-
-
-def _feed(proc: subprocess.Popen[bytes], data: bytes) -> None:
-    with contextlib.suppress(OSError, ValueError):
-        assert proc.stdin is not None
-        proc.stdin.write(data)
-        proc.stdin.close()
 
 
 def _is_stdlib(tar: bytes) -> bool:
