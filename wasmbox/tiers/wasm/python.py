@@ -10,11 +10,13 @@ mounts), a fresh instance of the snapshot, and one call
 ``run(source, filename, entry, input, paths)``: no task state survives.
 
 What a task can import: the standard library modules pre-loaded in the snapshot (json, re,
-math, hashlib, datetime, decimal, collections, itertools, dataclasses, functools, statistics,
-random, typing, fractions, heapq, bisect, ...) and the pure-Python packages listed in
-``policy.python.packages``, mounted read-only under ``/python/N``. Anything else fails with a
-ModuleNotFoundError that says so. **C extensions are not supported in this tier** (a wheel
-with compiled code cannot load in WASI): run such tasks in the container tier.
+math, hashlib, datetime, dataclasses, pathlib, logging, argparse, tomllib, ...: already
+initialised), the rest of the interpreter's own standard library (`unpack_stdlib`, mounted
+read-only at ``/python`` and imported on demand; `REFUSED_STDLIB` lists what cannot import and
+why), and the pure-Python packages listed in ``policy.python.packages``, mounted read-only under
+``/python/N``. Anything else fails with a ModuleNotFoundError that says so. **C extensions are
+not supported in this tier** (a wheel with compiled code cannot load in WASI): run such tasks
+in the container tier.
 
 Blocking calls (issue 11, class 5): the epoch deadline only stops wasm code, and a task
 blocked in ``wasi:io/poll`` (``time.sleep``'s original, reachable through
@@ -41,11 +43,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib.util
+import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -56,6 +62,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import wasmtime
+import zstandard
 from wasmtime import component
 
 from wasmbox.errors import ConfigError, HostFailure
@@ -81,6 +88,13 @@ from wasmbox.workspace import RESULT_FILE, Workspace
 COMPONENTIZE_PY = "0.25.1"
 APP_DIR = Path(python_app.__file__).parent
 PACKAGES_ROOT = "/python"
+# The standard library is mounted read-only where componentize-py had it at build time, so
+# the `__path__` of every snapshotted package (``/python/json``, ...) is valid at run time too.
+STDLIB_ROOT = "/python"
+STDLIB_KEY = f"python-stdlib-{COMPONENTIZE_PY}"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_STDLIB_MARKERS = frozenset({"os.py", "encodings/__init__.py", "pathlib/__init__.py"})
+_MAX_STDLIB_BYTES = 64 << 20
 BUILD_TIMEOUT = 300.0
 TASK_FILENAME = "<task>"
 # The snapshot instantiates a handful of core modules (interpreter, libc, adapters): the
@@ -145,8 +159,98 @@ def build_component(out: Path) -> None:
         os.replace(composed, out)
 
 
+def unpack_stdlib(target: Path) -> None:
+    """Unpack the CPython-for-WASI standard library componentize-py embeds into `target`.
+
+    componentize-py carries it as a zstd-compressed tar inside its extension module (the
+    exact files its interpreter was built with); it is found by its content, decompressed
+    with `zstandard` (bounded in size), and unpacked without links or special files,
+    read-only. Raises `HostFailure` when it cannot be found.
+    """
+    spec = importlib.util.find_spec("componentize_py")
+    if spec is None or spec.origin is None:
+        raise HostFailure("componentize-py is not installed")
+    data = b"".join(p.read_bytes() for p in sorted(Path(spec.origin).parent.glob("*.so")))
+    for match in re.finditer(re.escape(_ZSTD_MAGIC), data):
+        tar = _decompress(data[match.start():])
+        if tar is not None and _is_stdlib(tar):
+            _extract(tar, target)
+            return
+    raise HostFailure("the standard library is not inside the installed componentize-py")
+
+
+# Top-level modules of the mounted standard library that cannot import in this tier:
+# the guest refuses sockets, subprocesses and ctypes (python_app.app._REFUSED), some modules
+# import one of those, and some need a C module CPython-for-WASI does not build.
+REFUSED_STDLIB = frozenset({
+    # refused by the guest
+    "socket", "select", "selectors", "ssl", "ctypes", "subprocess", "multiprocessing",
+    # import a refused module
+    "asyncio", "ftplib", "imaplib", "poplib", "smtplib", "socketserver", "mailbox", "pdb",
+    "doctest", "ensurepip", "venv", "webbrowser", "antigravity", "pty",
+    # need a C module the WASI build lacks (_bz2, _lzma, _curses, termios, _tkinter)
+    "bz2", "lzma", "curses", "tty", "tkinter", "turtle", "turtledemo", "idlelib",
+})
+
+
+def stdlib_modules(stdlib: Path) -> frozenset[str]:
+    """Top-level module names of an unpacked standard library (minus `REFUSED_STDLIB`)."""
+    names: set[str] = set()
+    for entry in stdlib.iterdir():
+        if entry.suffix == ".py" and entry.stem.isidentifier():
+            names.add(entry.stem)
+        elif entry.is_dir() and entry.name.isidentifier() and (entry / "__init__.py").exists():
+            names.add(entry.name)
+    return frozenset(names - REFUSED_STDLIB)
+
+
+def _decompress(data: bytes) -> bytes | None:
+    """One zstd frame from the start of `data`, or None when it is not one (a stray magic
+    number). The output is bounded, so no input can make the host inflate without end."""
+    out = io.BytesIO()
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            io.BytesIO(data[:_MAX_STDLIB_BYTES]), read_across_frames=False)
+        with reader:
+            while chunk := reader.read(1 << 20):
+                out.write(chunk)
+                if out.tell() > _MAX_STDLIB_BYTES:
+                    return None
+    except zstandard.ZstdError:
+        pass  # the bytes after the frame are not another frame: what decoded is the frame
+    return out.getvalue() if out.tell() >= 512 else None
+
+
+def _is_stdlib(tar: bytes) -> bool:
+    if tar[257:262] != b"ustar":
+        return False
+    try:
+        with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+            return set(tf.getnames()) >= _STDLIB_MARKERS
+    except (tarfile.TarError, OSError):
+        return False
+
+
+def _extract(tar: bytes, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".stdlib-", dir=target.parent))
+    try:
+        with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+            members = [m for m in tf.getmembers()
+                       if (m.isfile() or m.isdir()) and not m.name.startswith("config-")]
+            tf.extractall(tmp, members=members, filter="data")
+        for root, _dirs, files in os.walk(tmp):  # the guest's mount is read-only anyway
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o444)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 @dataclass(frozen=True)
 class _Interpreter:
+
     handle: EngineHandle
     component: component.Component
     linker: component.Linker
@@ -164,6 +268,7 @@ class PythonRuntime(Closeable):
         self._interpreters: dict[Flavour, _Interpreter] = {}
         self._wheels: dict[Path, Path] = {}
         self._modules: frozenset[str] | None = None
+        self._stdlib: Path | None = None
         self._lock = threading.Lock()
 
     def availability(self) -> Availability:
@@ -191,6 +296,17 @@ class PythonRuntime(Closeable):
                 self._interpreters[flavour] = found
         return found
 
+    def _stdlib_dir(self) -> Path:
+        """The interpreter's own standard library, unpacked once into the cache, read-only."""
+        if self._stdlib is None:
+            directory = self._cache_dir if self._cache_dir is not None else self._scratch_dir()
+            target = directory / STDLIB_KEY
+            with _file_lock(directory / f"{STDLIB_KEY}.lock"):
+                if not target.exists():
+                    unpack_stdlib(target)
+            self._stdlib = target
+        return self._stdlib
+
     def unsuitable(self, plan: Plan) -> str | None:
         """Why this interpreter cannot run the plan's source (an import it lacks), or None.
 
@@ -208,7 +324,8 @@ class PythonRuntime(Closeable):
         return f"the wasm Python interpreter lacks {', '.join(missing)}"
 
     def modules(self, plan: Plan) -> frozenset[str]:
-        """Top-level modules the interpreter can import, asked of the interpreter itself once."""
+        """Top-level modules the interpreter can import: what it reports itself (asked once)
+        and the modules of its mounted standard library."""
         if self._modules is None:
             listing = self._cache_path(f"{app_key()}.modules.json")
             try:
@@ -217,6 +334,7 @@ class PythonRuntime(Closeable):
                 self._modules = self._probe_modules(plan)
                 with contextlib.suppress(OSError):
                     write_atomic(listing, json.dumps(sorted(self._modules)).encode())
+            self._modules |= stdlib_modules(self._stdlib_dir())
         return self._modules
 
     def _probe_modules(self, plan: Plan) -> frozenset[str]:
@@ -254,6 +372,8 @@ class PythonRuntime(Closeable):
         # interpreter (seconds, once per cache) is the host's cost, not the task's.
         interp = self.prepare(Flavour(fuel=plan.fuel is not None, stack=plan.stack))
         paths, mounts = self._packages(plan)
+        mounts[STDLIB_ROOT] = self._stdlib_dir()  # read-only, like every extra mount
+        paths.insert(0, STDLIB_ROOT)
         with open(workspace.input_path, encoding="utf-8") as f:
             payload = f.read()
         store = wasmtime.Store(interp.handle.engine)
@@ -282,6 +402,7 @@ class PythonRuntime(Closeable):
                         write_atomic(compiled, comp.serialize())
         except wasmtime.WasmtimeError as exc:
             raise HostFailure(f"the Python interpreter cannot be compiled: {exc}") from exc
+        self._stdlib_dir()
         linker = component.Linker(handle.engine)
         linker.add_wasip2()
         clock_shim.define(linker)

@@ -8,12 +8,15 @@ Only the input and the result cross the boundary, as strings, not files: each WA
 operation costs tens of microseconds here, more than the rest of a small task.
 
 Everything imported at the top of this file is snapshotted into the component when it is
-built; nothing else of the standard library exists at run time.
+built (the hot set: already initialised when a task starts). The rest of the standard library
+is the interpreter's own, mounted read-only by the host at ``/python`` (where it was at build
+time) and first on ``sys.path``: it is imported on demand, fresh in each instance.
 """
 
 # ruff: noqa: F401  (imports below exist to be snapshotted, not used)
 from __future__ import annotations
 
+import argparse
 import ast
 import base64
 import binascii
@@ -28,12 +31,16 @@ import dataclasses
 import datetime
 import decimal
 import difflib
+import email.message
 import enum
+import fnmatch
 import fractions
 import functools
+import glob
 import hashlib
 import heapq
 import hmac
+import html
 import importlib
 import importlib.abc
 import importlib.machinery
@@ -42,22 +49,28 @@ import io
 import itertools
 import json
 import linecache
+import logging
 import math
 import operator
+import pathlib
 import pickle
 import pprint
 import random
 import re
+import shlex
 import statistics
 import string
 import struct
 import sys
+import tempfile
 import textwrap
 import time
+import tomllib
 import traceback
 import types
 import typing
 import unicodedata
+import urllib.parse
 import uuid
 import zipimport
 from collections.abc import Sequence
@@ -69,8 +82,9 @@ from runner import run_task  # type: ignore[import-not-found]  # wasmbox/runner,
 # task: the host denies sockets anyway, this makes the refusal immediate and explicit.
 _REFUSED = frozenset({"_socket", "socket", "select", "selectors", "ssl", "_ssl",
                       "ctypes", "_ctypes", "subprocess", "_posixsubprocess", "multiprocessing"})
-_HINT = ("only the pre-loaded standard library and the policy's python.packages can be "
-         "imported in the wasm tier; C extensions and other modules need the container tier")
+_HINT = ("only the standard library and the policy's python.packages can be imported in "
+         "the wasm tier, without sockets, subprocesses or ctypes; C extensions and other "
+         "modules need the container tier")
 
 
 class _Refuse(importlib.abc.MetaPathFinder):
