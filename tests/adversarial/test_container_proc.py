@@ -11,13 +11,11 @@ Those files read empty and those directories are empty in a container; gVisor se
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 import pytest
 
 from tests.container import conftest as container_fixtures
 from wasmbox import Sandbox, Status, Task
-from wasmbox.tiers.container import ContainerTier
 
 pytestmark = pytest.mark.container
 
@@ -25,6 +23,7 @@ container_ready = container_fixtures.container_ready
 native = container_fixtures.native
 csb = container_fixtures.csb
 make_csb = container_fixtures.make_csb
+gvisor = container_fixtures.gvisor
 
 HOST_FILES = (
     "/proc/cmdline", "/proc/config.gz", "/proc/version", "/proc/sys/kernel/random/boot_id",
@@ -77,16 +76,8 @@ def test_system_wide_counters_tools_need_stay_readable(csb: Sandbox) -> None:
     assert (r.status, r.stdout.strip()) == (Status.COMPLETED, "1"), r.stderr
 
 
-def test_gvisor_proc_is_not_the_hosts(make_csb: Callable[..., Sandbox]) -> None:
-    tier = ContainerTier()
-    available = tier.runtime_availability("gvisor")
-    if not available.ok:
-        tier.close()
-        if "not installed" in available.reason:
-            pytest.skip(available.reason)
-        pytest.fail(available.reason)
-    sb = make_csb(tier)
-    r = sb.run(Task.command(["/bin/sh", "-c", "cat /proc/cmdline /proc/version 2>/dev/null"],
+def test_gvisor_proc_is_not_the_hosts(gvisor: Sandbox) -> None:
+    r = gvisor.run(Task.command(["/bin/sh", "-c", "cat /proc/cmdline /proc/version 2>/dev/null"],
                             runtime="gvisor"))
     assert r.status is Status.COMPLETED, r.stderr
     for path in ("/proc/cmdline", "/proc/version"):

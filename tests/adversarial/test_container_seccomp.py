@@ -33,6 +33,7 @@ container_ready = container_fixtures.container_ready
 native = container_fixtures.native
 csb = container_fixtures.csb
 make_csb = container_fixtures.make_csb
+gvisor = container_fixtures.gvisor
 
 PROBE = "/opt/guests/syscall_probe"
 CLONE_NEWUSER = 0x10000000
@@ -174,17 +175,6 @@ def test_runc_denies_new_syscalls_too(make_csb: Callable[..., Sandbox]) -> None:
     assert r.exit_code == errno.EPERM, r.stdout
 
 
-@pytest.fixture
-def gvisor(make_csb: Callable[..., Sandbox]) -> Sandbox:
-    """A sandbox whose tasks can run under gVisor (skipped only when runsc is missing)."""
-    tier = ContainerTier()
-    available = tier.runtime_availability("gvisor")
-    if not available.ok:
-        tier.close()
-        if "not installed" in available.reason:
-            pytest.skip(available.reason)
-        pytest.fail(available.reason)
-    return make_csb(tier)
 
 
 @pytest.mark.parametrize(("name", "args"), [

@@ -10,21 +10,19 @@ MEMORY_EXCEEDED with the usage the cgroup showed during the run, not a bare FAIL
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import psutil
 import pytest
 
 from tests.container import conftest as container_fixtures
 from wasmbox import Sandbox, Status, Task
 from wasmbox.models import MiB, Resources
-from wasmbox.tiers.container import ContainerTier
 
 pytestmark = pytest.mark.container
 
 container_ready = container_fixtures.container_ready
 native = container_fixtures.native
 make_csb = container_fixtures.make_csb
+gvisor = container_fixtures.gvisor
 
 # Forks `n` children that wait; counts the forks the kernel refused.
 FORK_N = (
@@ -48,17 +46,6 @@ FORK_N = (
 )
 
 
-@pytest.fixture
-def gvisor(make_csb: Callable[..., Sandbox]) -> Sandbox:
-    """A sandbox whose tasks can run under gVisor (skipped only when runsc is missing)."""
-    tier = ContainerTier()
-    available = tier.runtime_availability("gvisor")
-    if not available.ok:
-        tier.close()
-        if "not installed" in available.reason:
-            pytest.skip(available.reason)
-        pytest.fail(available.reason)
-    return make_csb(tier)
 
 
 def test_gvisor_stops_forks_at_the_task_process_limit(gvisor: Sandbox) -> None:

@@ -74,3 +74,16 @@ def make_csb(container_ready: None, native: Path) -> Iterator[Callable[..., Sand
     yield make
     for sb in made:
         sb.close()
+
+
+@pytest.fixture
+def gvisor(make_csb: Callable[..., Sandbox]) -> Sandbox:
+    """A sandbox whose tasks can run under gVisor (skipped only when runsc is missing)."""
+    tier = ContainerTier()
+    available = tier.runtime_availability("gvisor")
+    if not available.ok:
+        tier.close()
+        if "not installed" in available.reason:
+            pytest.skip(available.reason)
+        pytest.fail(available.reason)
+    return make_csb(tier)
