@@ -8,9 +8,21 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from wasmbox import ConfigError, Policy, Resources, Task, TierName
+from wasmbox import (
+    AnomalyRule,
+    ConfigError,
+    Event,
+    Metrics,
+    Policy,
+    Resources,
+    Result,
+    Status,
+    Task,
+    TierName,
+)
 from wasmbox.errors import InputRejected
 from wasmbox.models import MiB, parse_duration, parse_size
+from wasmbox.service.schemas import ResultView
 
 
 @pytest.mark.parametrize(
@@ -144,3 +156,26 @@ def test_argv_text_that_is_not_valid_unicode_is_input_rejected() -> None:
         Task.wasm(b"\0asm\x01\0\0\0", args=("\ud800",))
     with pytest.raises(InputRejected, match="not valid Unicode"):
         Task.command(["echo", "\ud800"])
+
+
+def _a_result_with_every_field_set() -> Result:
+    return Result(
+        task_id="t", run_id="r", tier=TierName.CONTAINER, status=Status.ANOMALY, exit_code=3,
+        trap="trap", reason="why", output={"k": [1]}, files={"a.txt": b"abc"}, stdout="o",
+        stderr="e", stdout_truncated=True, stderr_truncated=True, metrics=Metrics(run_s=1.5),
+        events=(Event(rule=AnomalyRule.OUTPUT_FLOOD, message="m", at_s=0.5, killed=True),),
+        escalated_from=TierName.WASM, escalation_reason="needs a network", warnings=("w",),
+    )
+
+
+def test_every_result_field_is_in_the_api_result_view() -> None:
+    result = _a_result_with_every_field_set()
+    unset = [name for name in Result.model_fields
+             if getattr(result, name) == Result.model_fields[name].get_default(
+                 call_default_factory=True)]
+    assert unset == [], "set every Result field here so the view is checked for each"
+    view = ResultView.of(result, {"a.txt": 3})
+    assert list(ResultView.model_fields) == list(Result.model_fields)
+    shown = view.model_dump(mode="json")
+    assert shown.pop("files") == {"a.txt": 3}
+    assert shown == result.model_dump(mode="json", exclude={"files"})

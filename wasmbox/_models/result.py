@@ -5,6 +5,8 @@ Public through `wasmbox` and `wasmbox.models`; import from there.
 
 from __future__ import annotations
 
+from typing import Generic, TypeVar
+
 from pydantic import Field, JsonValue
 
 from wasmbox._models.kinds import AnomalyRule, Status, TierName
@@ -39,8 +41,13 @@ class Event(Frozen):
     killed: bool = False
 
 
-class Result(Frozen):
-    """The typed outcome of a run. Guest faults are statuses here, never exceptions."""
+FileT = TypeVar("FileT")
+
+
+class ResultShape(Frozen, Generic[FileT]):
+    """Internal: the fields of a `Result`, with ``files`` mapping each output file to a
+    `FileT` — its bytes in `Result`, its size in the HTTP API's ``ResultView``. Every view
+    of a result derives from this, so a field added here shows everywhere."""
 
     task_id: str
     run_id: str
@@ -50,7 +57,7 @@ class Result(Frozen):
     trap: str | None = None
     reason: str | None = None
     output: JsonValue = None
-    files: dict[str, bytes] = Field(default_factory=dict, repr=False)
+    files: dict[str, FileT] = Field(default_factory=dict, repr=False)
     stdout: str = ""
     stderr: str = ""
     stdout_truncated: bool = False
@@ -60,6 +67,10 @@ class Result(Frozen):
     escalated_from: TierName | None = None  # set when ``auto`` had to use a heavier tier
     escalation_reason: str | None = None
     warnings: tuple[str, ...] = ()  # one line each: requests the policy lowered, and why
+
+
+class Result(ResultShape[bytes]):
+    """The typed outcome of a run. Guest faults are statuses here, never exceptions."""
 
     @property
     def ok(self) -> bool:

@@ -8,12 +8,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, field_validator
 
+from wasmbox._models.result import ResultShape
 from wasmbox.models import (
-    Event,
-    Metrics,
     Resources,
     Result,
-    Status,
     Task,
     TaskKind,
     TierName,
@@ -143,27 +141,12 @@ AnyTaskRequest = WasmTaskRequest | PythonTaskRequest | CommandTaskRequest
 TaskRequest = Annotated[AnyTaskRequest, Field(discriminator="kind")]
 
 
-class ResultView(BaseModel):
+# Derived from the fields of `Result` (not a copy of them), so every field a result gains is
+# shown by the API too.
+class ResultView(ResultShape[int]):
     """A `Result` with output files listed by name and size (fetch each from /files/)."""
 
-    task_id: str
-    run_id: str
-    tier: TierName
-    status: Status
-    exit_code: int | None = None
-    trap: str | None = None
-    reason: str | None = None
-    output: JsonValue = None
-    files: dict[str, int] = Field(default_factory=dict)
-    stdout: str = ""
-    stderr: str = ""
-    stdout_truncated: bool = False
-    stderr_truncated: bool = False
-    metrics: Metrics = Metrics()
-    events: tuple[Event, ...] = ()
-    escalated_from: TierName | None = None
-    escalation_reason: str | None = None
-    warnings: tuple[str, ...] = ()
+    model_config = ConfigDict(frozen=False, extra="ignore")
 
     @classmethod
     def of(cls, result: Result, sizes: dict[str, int]) -> ResultView:
