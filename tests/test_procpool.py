@@ -254,16 +254,16 @@ class _Planted:
 def _pipe_worker() -> tuple[Any, Any]:
     import multiprocessing
 
-    from wasmbox.procpool import _Worker
+    from wasmbox._procpool_worker import Worker
 
     parent, child = multiprocessing.Pipe()
-    return _Worker(None, parent), child  # type: ignore[arg-type]  # only the pipe is used
+    return Worker(None, parent), child  # type: ignore[arg-type]  # only the pipe is used
 
 
 def _frame(replies: list[tuple[str, bytes, dict[str, bytes]]]) -> bytes:
-    from wasmbox.procpool import _encode_frame
+    from wasmbox._procpool_wire import encode_frame
 
-    return _encode_frame(replies)
+    return encode_frame(replies)
 
 
 def test_a_worker_reply_is_parsed_never_unpickled(tmp_path: Path) -> None:
@@ -275,15 +275,15 @@ def test_a_worker_reply_is_parsed_never_unpickled(tmp_path: Path) -> None:
 
 
 def test_a_reply_larger_than_the_policy_allows_is_refused() -> None:
-    from wasmbox.procpool import _encode_result
+    from wasmbox._procpool_wire import encode_result
 
     result = Result(task_id="t", run_id="r", tier=TierName.WASM, status=Status.COMPLETED,
                     stdout="x" * 5000)
     worker, child = _pipe_worker()
-    child.send_bytes(_frame([_encode_result(result)]))
+    child.send_bytes(_frame([encode_result(result)]))
     assert worker.receive(1, 4096) is None  # the pool then stops that worker
     worker, child = _pipe_worker()
-    child.send_bytes(_frame([_encode_result(result)]))
+    child.send_bytes(_frame([encode_result(result)]))
     assert worker.receive(1, 1 << 20) == [result]
 
 
@@ -313,7 +313,7 @@ def test_an_error_reply_rebuilds_only_wasmbox_errors(name: str) -> None:
 
 def test_every_public_error_travels_with_its_class_and_fields() -> None:
     import wasmbox.errors as errors
-    from wasmbox.procpool import _encode_error
+    from wasmbox._procpool_wire import encode_error
 
     samples: list[Exception] = [
         errors.SandboxError("root"), errors.ConfigError("bad config"),
@@ -323,7 +323,7 @@ def test_every_public_error_travels_with_its_class_and_fields() -> None:
         errors.HostFailure("disk full"), ValueError("a bug"),
     ]
     worker, child = _pipe_worker()
-    child.send_bytes(_frame([_encode_error(exc) for exc in samples]))
+    child.send_bytes(_frame([encode_error(exc) for exc in samples]))
     back = worker.receive(len(samples), 1 << 20)
     assert back is not None
     for sent, got in zip(samples[:-1], back, strict=False):
@@ -333,12 +333,12 @@ def test_every_public_error_travels_with_its_class_and_fields() -> None:
 
 
 def test_a_result_with_text_json_cannot_carry_still_comes_back_whole() -> None:
-    from wasmbox.procpool import _encode_result
+    from wasmbox._procpool_wire import encode_result
 
     result = Result(task_id="t", run_id="r", tier=TierName.WASM, status=Status.COMPLETED,
                     output={"s": "\ud800"}, files={"b.bin": b"\xff\x00"})
     worker, child = _pipe_worker()
-    child.send_bytes(_frame([_encode_result(result)]))
+    child.send_bytes(_frame([encode_result(result)]))
     assert worker.receive(1, 1 << 20) == [result]
 
 
