@@ -16,27 +16,29 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pydantic import ValidationError
-
-from wasmbox.errors import InputRejected, ModuleRejected, SandboxError
-from wasmbox.models import (
-    Policy,
-    Resources,
-    Result,
-    Status,
-    Task,
-    TierName,
-    parse_duration,
-    parse_size,
+from wasmbox._cli_common import (
+    EXIT_GUEST_FAULT,
+    EXIT_HOST_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
 )
-from wasmbox.sandbox import Sandbox
+from wasmbox._cli_run import WASM_MAGIC, write_files
+from wasmbox._cli_run import run as _run
+from wasmbox._cli_tools import bench as _bench
+from wasmbox._cli_tools import doctor as _doctor
+from wasmbox._cli_tools import python_build as _python_build
+from wasmbox._cli_tools import python_status as _python_status
+from wasmbox._cli_tools import serve as _serve
+from wasmbox._cli_tools import vm_assets as _vm_assets
+from wasmbox.errors import SandboxError
+from wasmbox.models import TierName, parse_duration, parse_size
 
-EXIT_OK, EXIT_GUEST_FAULT, EXIT_USAGE, EXIT_HOST_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-WASM_MAGIC = b"\0asm"
-
-
-class UsageError(Exception):
-    """The command line itself is wrong (exit 2)."""
+__all__ = [
+    "EXIT_GUEST_FAULT", "EXIT_HOST_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE",
+    "WASM_MAGIC", "UsageError", "main", "write_files",
+]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,216 +227,6 @@ def _parser(as_json: bool = False) -> argparse.ArgumentParser:
     assets.add_argument("--force", action="store_true", help="rebuild even if up to date")
     assets.set_defaults(handler=_vm_assets)
     return parser
-
-
-def _run(args: argparse.Namespace) -> int:
-    policy = Policy.from_toml(args.policy) if args.policy else Policy()
-    try:
-        resources = Resources(fuel=args.fuel, memory=args.memory, timeout=args.timeout)
-    except ValidationError as exc:
-        raise UsageError(f"run: {_first_error(exc)}") from None
-    payload = _load_input(args)
-    common: dict[str, Any] = {"input": payload, "resources": resources, "tier": TierName(args.tier)}
-    task = _task(args, common)
-    with Sandbox(policy) as sandbox:
-        result = sandbox.run(task)
-    if args.output is not None:
-        write_files(result, args.output)
-    if args.json:
-        print(result.model_dump_json(indent=2, exclude={"files"}))
-    else:
-        _print_summary(result, args.output)
-    return EXIT_OK if result.status is Status.COMPLETED else EXIT_GUEST_FAULT
-
-
-def _task(args: argparse.Namespace, common: dict[str, Any]) -> Task:
-    if args.command:
-        if args.arg:
-            raise UsageError("run: --arg is for wasm modules; put a command's arguments "
-                             "after '--'")
-        if common["tier"] is TierName.AUTO:
-            common["tier"] = TierName.CONTAINER
-        return Task.command(args.command, **common)
-    code: Path = args.code
-    if code.suffix == ".py":
-        if args.arg:
-            raise UsageError("run: --arg is not supported for Python tasks; pass data "
-                             "through --input / --input-json")
-        if not _python_state()["built"] and sys.stderr.isatty():
-            print("wasmbox: first Python task: building the interpreter (~40 s, once; "
-                  "'wasmbox python build' does it ahead)", file=sys.stderr, flush=True)
-        return Task.python(code, **common)
-    try:
-        with code.open("rb") as handle:
-            magic = handle.read(len(WASM_MAGIC))
-    except OSError as exc:
-        raise ModuleRejected(f"cannot read {code}: {exc.strerror or exc}") from exc
-    if magic != WASM_MAGIC:
-        raise UsageError(f"run: {code} is neither a WebAssembly module (.wasm, starting with "
-                         "\\0asm) nor Python source (.py); for a native program use "
-                         "'wasmbox run -- CMD ARGS...'")
-    return Task.wasm(code, args=tuple(args.arg), **common)
-
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err.get("loc", ())) or "value"
-    return f"{where}: {err.get('msg', 'invalid')}"
-
-
-def _load_input(args: argparse.Namespace) -> Any:
-    try:
-        if args.input is not None:
-            return json.loads(args.input.read_text(encoding="utf-8"))
-        if args.input_json is not None:
-            return json.loads(args.input_json)
-    except (OSError, ValueError) as exc:
-        raise InputRejected(f"cannot read the input: {exc}") from exc
-    return None
-
-
-def write_files(result: Result, directory: Path) -> None:
-    """Write a result's output files under `directory`, refusing any path that leaves it."""
-    root = directory.resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    for rel, data in result.files.items():
-        target = (root / rel).resolve()
-        if not target.is_relative_to(root):
-            raise SandboxError(f"refusing to write {rel!r} outside {root}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-
-
-def _print_summary(result: Result, output: Path | None) -> None:
-    m = result.metrics
-    if result.stdout:
-        sys.stdout.write(result.stdout if result.stdout.endswith("\n") else result.stdout + "\n")
-    if result.stderr:
-        sys.stderr.write(result.stderr)
-    for warning in result.warnings:
-        print(f"wasmbox: warning: {warning}", file=sys.stderr)
-    line = f"status={result.status} tier={result.tier} exit_code={result.exit_code}"
-    if result.reason:
-        line += f" reason={result.reason!r}"
-    print(line, file=sys.stderr)
-    print(
-        f"wall={m.wall_s * 1e3:.2f}ms startup={m.startup_s * 1e3:.2f}ms run={m.run_s * 1e3:.2f}ms"
-        f" cleanup={m.cleanup_s * 1e3:.2f}ms fuel={m.fuel_consumed}"
-        f" peak_memory={m.peak_memory_bytes}",
-        file=sys.stderr,
-    )
-    if result.output is not None:
-        print("result.json:", json.dumps(result.output), file=sys.stderr)
-    if output is not None and result.files:
-        print(f"{len(result.files)} output file(s) written to {output}", file=sys.stderr)
-
-
-def _doctor(args: argparse.Namespace) -> int:
-    with Sandbox() as sandbox:
-        report = sandbox.doctor()
-    python = _python_state()
-    if args.json:
-        entries: list[dict[str, Any]] = [
-            {"tier": a.tier.value, "ok": a.ok, "reason": a.reason, "details": a.details}
-            for a in report
-        ]
-        for entry in entries:
-            if entry["tier"] == TierName.WASM.value:
-                entry["details"] = {**entry["details"], "python_interpreter": python}
-        print(json.dumps(entries, indent=2))
-    else:
-        for a in report:
-            mark = "ok " if a.ok else "NO "
-            details = " ".join(f"{k}={v}" for k, v in a.details.items())
-            print(f"{mark} {a.tier.value:<10} {a.reason} {details}".rstrip())
-        state = "built" if python["built"] else "not built yet ('wasmbox python build')"
-        print(f"    python interpreter: {state}: {python['path']}")
-    return EXIT_OK if report[0].ok else EXIT_HOST_ERROR
-
-
-def _python_state() -> dict[str, Any]:
-    from wasmbox.tiers.wasm.cache import default_cache_dir
-    from wasmbox.tiers.wasm.python import app_key
-
-    path = default_cache_dir() / f"{app_key()}.wasm"
-    return {"built": path.is_file(), "path": str(path)}
-
-
-def _python_status(args: argparse.Namespace) -> int:
-    state = _python_state()
-    if args.json:
-        print(json.dumps(state))
-    elif state["built"]:
-        print(f"built: {state['path']}")
-    else:
-        print(f"not built (the first Python task builds it, ~40 s; or run "
-              f"'wasmbox python build'): {state['path']}")
-    return EXIT_OK
-
-
-def _python_build(args: argparse.Namespace) -> int:
-    import time
-
-    state = _python_state()
-    verb = "compiling" if state["built"] else "building (first time only, ~40 s)"
-    print(f"wasmbox: {verb} the Python interpreter in {state['path']} ...", file=sys.stderr,
-          flush=True)
-    t0 = time.monotonic()
-    with Sandbox() as sandbox:  # one trivial task builds, compiles and caches it
-        result = sandbox.run(Task.python("def main(inp):\n    return inp", input={"ok": 1},
-                                         tier=TierName.WASM))
-    if result.status is not Status.COMPLETED:
-        print(f"wasmbox: the interpreter does not run: {result.status} {result.reason or ''}"
-              f"{result.stderr[-500:]}", file=sys.stderr)
-        return EXIT_HOST_ERROR
-    print(f"wasmbox: the Python interpreter is ready ({time.monotonic() - t0:.1f} s)",
-          file=sys.stderr)
-    return EXIT_OK
-
-
-def _bench(args: argparse.Namespace) -> int:
-    # The suite lives in the repository's benchmarks/ (it compiles guests and native
-    # baselines from guests/), so it runs from a checkout, not from an installed wheel.
-    root = _checkout()
-    if root is None:
-        print("wasmbox bench: the benchmark suite is not part of the installed package; it "
-              "needs a wasmbox source checkout (its benchmarks/ and guests/ directories). "
-              "Run `wasmbox bench` from the repository root of a checkout.", file=sys.stderr)
-        return EXIT_HOST_ERROR
-    sys.path.insert(0, str(root))
-    from benchmarks import suite
-
-    code: int = suite.main(args.bench_args, prog="wasmbox bench")
-    return code
-
-
-def _checkout() -> Path | None:
-    """The source checkout holding the benchmark suite: the current directory, else the one
-    this package is imported from (an editable install); None for an installed wheel."""
-    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        if (root / "benchmarks" / "suite.py").is_file():
-            return root
-    return None
-
-
-def _serve(args: argparse.Namespace) -> int:
-    try:
-        from wasmbox import service
-    except ImportError as exc:
-        print(f"wasmbox: the service needs the 'service' extra: {exc}", file=sys.stderr)
-        return EXIT_HOST_ERROR
-    return service.main(args.service_args)
-
-
-def _vm_assets(args: argparse.Namespace) -> int:
-    try:
-        from wasmbox.tiers.vm import assets
-    except ModuleNotFoundError:
-        print("wasmbox: the VM tier is not built in", file=sys.stderr)
-        return EXIT_HOST_ERROR
-    report = assets.prepare_assets(force=args.force)  # type: ignore[attr-defined,unused-ignore]
-    print(report)
-    return EXIT_OK
 
 
 if __name__ == "__main__":
