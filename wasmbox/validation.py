@@ -13,17 +13,15 @@ Both are hostile, so:
   fan-out), and ``uniqueItems`` is checked in linear time.
 
 Compiled validators are cached by the schema's canonical JSON, so checking a schema at
-submission and again at run time costs one compilation.
+submission and again at run time costs one compilation. The keywords and the budget live in
+`wasmbox._schema_keywords`.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import threading
-import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import jsonschema
@@ -31,25 +29,36 @@ import re2
 import referencing
 import referencing.exceptions
 import referencing.jsonschema
-from jsonschema.exceptions import SchemaError, ValidationError, best_match
+from jsonschema.exceptions import SchemaError, best_match
 from jsonschema.protocols import Validator
 
+from wasmbox._schema_keywords import (
+    FORMATS,
+    MAX_MESSAGE,
+    MAX_SECONDS,
+    MAX_STEPS,
+    OverBudget,
+    hardened,
+    regex,
+    short,
+    start_budget,
+)
 from wasmbox.errors import InputRejected
+
+__all__ = [
+    "CACHE_SIZE", "MAX_INSTANCE_DEPTH", "MAX_MESSAGE", "MAX_SCHEMA_BYTES", "MAX_SCHEMA_DEPTH",
+    "MAX_SCHEMA_NODES", "MAX_SECONDS", "MAX_STEPS", "REGISTRY", "compile_schema", "short",
+    "validate",
+]
 
 MAX_SCHEMA_BYTES = 256 * 1024  # canonical JSON of one schema
 MAX_SCHEMA_DEPTH = 64  # nested containers in a schema
 MAX_SCHEMA_NODES = 50_000  # values in a schema (checked before the size, without recursing)
 MAX_INSTANCE_DEPTH = 256  # a hard stop; callers bound JSON depth tighter (policy)
-MAX_STEPS = 1_000_000  # keyword evaluations per validation
-MAX_SECONDS = 5.0  # wall time per validation (a step through a $ref can cost 100 us;
-#                   a legitimate 20,000-item result takes ~1.5 s on a busy machine)
-MAX_MESSAGE = 300  # characters of a validation message kept in an error
 CACHE_SIZE = 256  # compiled validators kept
 
 _REF_KEYS = ("$ref", "$dynamicRef", "$recursiveRef")
 _LATEST: type[Validator] = jsonschema.Draft202012Validator
-
-Keyword = Callable[[Any, Any, Any, dict[str, Any]], Iterator[ValidationError] | None]
 
 
 def _retrieve(uri: str) -> referencing.Resource[Any]:
@@ -60,147 +69,6 @@ def _retrieve(uri: str) -> referencing.Resource[Any]:
 REGISTRY: referencing.Registry[Any] = referencing.Registry(
     retrieve=_retrieve,  # type: ignore[call-arg]
 )
-
-_RE2_OPTIONS = re2.Options()
-_RE2_OPTIONS.log_errors = False  # a refused pattern is our error to report, not stderr noise
-
-
-@functools.lru_cache(maxsize=1024)
-def _regex(pattern: str) -> Any:
-    """A client regex compiled by RE2 (linear-time matching); raises `re2.error`."""
-    return re2.compile(pattern, _RE2_OPTIONS)
-
-
-def _search(pattern: str, text: str) -> bool:
-    try:
-        return _regex(pattern).search(text) is not None
-    except UnicodeEncodeError:  # a lone surrogate (valid in JSON, not in UTF-8)
-        clean = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-        return _regex(pattern).search(clean) is not None
-
-
-def short(message: str, limit: int = MAX_MESSAGE) -> str:
-    """`message` cut to `limit` characters (messages quote hostile values)."""
-    return message if len(message) <= limit else message[: limit - 3] + "..."
-
-
-# --- keywords that would run client regexes on Python's backtracking engine ----------------
-
-
-def _pattern(validator: Any, patrn: Any, instance: Any,
-             schema: dict[str, Any]) -> Iterator[ValidationError]:
-    if validator.is_type(instance, "string") and not _search(patrn, instance):
-        yield ValidationError(f"{short(repr(instance), 80)} does not match {patrn!r}")
-
-
-def _pattern_properties(validator: Any, patterns: Any, instance: Any,
-                        schema: dict[str, Any]) -> Iterator[ValidationError]:
-    if not validator.is_type(instance, "object"):
-        return
-    for pattern, subschema in patterns.items():
-        for key, value in instance.items():
-            if _search(pattern, key):
-                yield from validator.descend(value, subschema, path=key, schema_path=pattern)
-
-
-def _additional_properties(validator: Any, extra: Any, instance: Any,
-                           schema: dict[str, Any]) -> Iterator[ValidationError]:
-    if not validator.is_type(instance, "object"):
-        return
-    properties = schema.get("properties", {})
-    patterns = list(schema.get("patternProperties", {}))
-    extras = [key for key in instance
-              if key not in properties and not any(_search(p, key) for p in patterns)]
-    if validator.is_type(extra, "object"):
-        for key in extras:
-            yield from validator.descend(instance[key], extra, path=key)
-    elif not extra and extras:
-        names = short(", ".join(repr(k) for k in sorted(extras)))
-        yield ValidationError(f"additional properties are not allowed ({names})")
-
-
-def _unique_items(validator: Any, unique: Any, instance: Any,
-                  schema: dict[str, Any]) -> Iterator[ValidationError]:
-    # jsonschema compares items pairwise (quadratic); a canonical key per item is linear.
-    if not unique or not validator.is_type(instance, "array"):
-        return
-    seen: set[object] = set()
-    for item in instance:
-        key = _canonical(item)
-        if key in seen:
-            yield ValidationError(f"{short(repr(instance), 80)} has non-unique elements")
-            return
-        seen.add(key)
-
-
-def _canonical(value: Any) -> object:
-    """A hashable key with JSON equality (1 == 1.0, true != 1); depth is bounded by callers."""
-    if isinstance(value, bool):
-        return ("b", value)
-    if isinstance(value, int | float):
-        return ("n", value)
-    if isinstance(value, str):
-        return ("s", value)
-    if isinstance(value, list):
-        return ("l", tuple(_canonical(v) for v in value))
-    if isinstance(value, dict):
-        return ("d", frozenset((k, _canonical(v)) for k, v in value.items()))
-    return ("z", None) if value is None else ("o", id(value))
-
-
-_OVERRIDES: dict[str, Keyword] = {
-    "pattern": _pattern,
-    "patternProperties": _pattern_properties,
-    "additionalProperties": _additional_properties,
-    "uniqueItems": _unique_items,
-}
-
-_FORMATS = jsonschema.FormatChecker(formats=())
-
-
-@_FORMATS.checks("regex", raises=re2.error)
-def _is_regex(instance: object) -> bool:
-    if isinstance(instance, str):
-        _regex(instance)
-    return True
-
-
-# --- the validation budget -----------------------------------------------------------------
-
-
-class _OverBudget(Exception):
-    pass
-
-
-class _Budget(threading.local):
-    steps = 0
-    until = float("inf")
-
-
-_STATE = _Budget()
-
-
-def _counted(keyword: Keyword) -> Keyword:
-    def counted(validator: Any, value: Any, instance: Any,
-                schema: dict[str, Any]) -> Iterator[ValidationError] | None:
-        steps = _STATE.steps = _STATE.steps + 1
-        if steps > MAX_STEPS or (steps & 63 == 0 and time.monotonic() > _STATE.until):
-            raise _OverBudget
-        return keyword(validator, value, instance, schema)
-
-    return counted
-
-
-@functools.cache
-def _hardened(base: type[Validator]) -> type[Validator]:
-    """`base` with RE2 regexes, linear uniqueItems and every keyword charged to the budget."""
-    keywords = {name: _counted(_OVERRIDES.get(name) or fn)
-                for name, fn in base.VALIDATORS.items() if fn is not None}
-    cls: type[Validator] = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
-        base, keywords, format_checker=_FORMATS,
-    )
-    return cls
-
 
 # --- compiling -----------------------------------------------------------------------------
 
@@ -229,9 +97,9 @@ def compile_schema(schema: object, *, what: str = "schema") -> Validator:
         if found is not None:
             _CACHE.move_to_end(key)
             return found
-    cls: Any = _hardened(_dialect(schema, what))
+    cls: Any = hardened(_dialect(schema, what))
     try:
-        cls.check_schema(schema, format_checker=_FORMATS)
+        cls.check_schema(schema, format_checker=FORMATS)
     except SchemaError as exc:
         raise InputRejected(f"{what} is not a valid JSON schema: {short(exc.message)}") from None
     validator: Validator = cls(schema, registry=REGISTRY)
@@ -295,7 +163,7 @@ def _scan(schema: object, what: str) -> tuple[list[str], bool]:
 
 def _compile_regex(pattern: str, what: str) -> None:
     try:
-        _regex(pattern)
+        regex(pattern)
     except re2.error as exc:
         detail = exc.args[0] if exc.args else exc
         if isinstance(detail, bytes):
@@ -347,10 +215,10 @@ def validate(schema: object, instance: object, *, what: str) -> None:
     """
     validator: Any = compile_schema(schema, what=f"the schema of {what}")
     _check_depth(instance, what)
-    _STATE.steps, _STATE.until = 0, time.monotonic() + MAX_SECONDS
+    start_budget()
     try:
         error = best_match(validator.iter_errors(instance))
-    except _OverBudget:
+    except OverBudget:
         raise InputRejected(f"checking {what} against its schema took more than {MAX_STEPS} "
                             f"steps or {MAX_SECONDS} s (a combinatorial schema?)") from None
     except RecursionError:
