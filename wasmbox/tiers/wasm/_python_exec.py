@@ -1,0 +1,154 @@
+"""Internal: one Python task in a fresh instance of the interpreter component (wasm tier).
+
+A fresh Store under the plan's limits, one instance of the snapshot and one call
+``run(source, filename, entry, input, paths)``; its verdict and any trap become the Outcome.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import wasmtime
+from wasmtime import component
+
+from wasmbox.errors import HostFailure
+from wasmbox.lifecycle import Deadline
+from wasmbox.models import Status
+from wasmbox.monitor import Monitor
+from wasmbox.policy import Plan
+from wasmbox.tiers.base import Outcome
+from wasmbox.tiers.wasm.engine import EngineHandle, first_line
+from wasmbox.tiers.wasm.run import arm, classify_trap, settle, wasi_config
+from wasmbox.workspace import RESULT_FILE, Workspace
+
+TASK_FILENAME = "<task>"
+# The snapshot instantiates a handful of core modules (interpreter, libc, adapters): the
+# task cannot create instances itself, so the runtime's own need is the floor.
+_MIN_INSTANCES = 32
+_REASON_CHARS = 500
+
+
+@dataclass(frozen=True)
+class Interpreter:
+    """A compiled interpreter component and the linker that instantiates it."""
+
+    handle: EngineHandle
+    component: component.Component
+    linker: component.Linker
+
+
+def execute(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monitor,
+             interp: Interpreter,
+             store: wasmtime.Store, payload: str, paths: list[str], mounts: dict[str, Path],
+             t0: float) -> Outcome:
+    """Run the plan's source in a fresh instance in `store`; guest faults are statuses."""
+    wasi, clock_origin = wasi_config(plan, workspace, ["python"], mounts)
+    store.set_wasi(wasi)
+    watchdog, _ = arm(store, plan, workspace, deadline, monitor, interp.handle, clock_origin,
+                      min_instances=_MIN_INSTANCES)
+
+    outcome = Outcome(status=Status.COMPLETED, exit_code=0)
+    verdict = None
+    instantiated = False
+    try:
+        instance = interp.linker.instantiate(store, interp.component)
+        instantiated = True
+        run = instance.get_func(store, "run")
+        if run is None:
+            raise HostFailure("the Python component exports no run function")
+        t1 = time.perf_counter()
+        cpu0 = time.thread_time()
+        outcome.startup_s = t1 - t0
+        try:
+            verdict = run(store, plan.task.source or "", TASK_FILENAME, plan.task.entry,
+                          payload, paths)
+        finally:
+            outcome.run_s = time.perf_counter() - t1
+            outcome.cpu_s = time.thread_time() - cpu0
+    except wasmtime.ExitTrap as exc:  # os._exit() inside the task
+        outcome.exit_code = exc.code
+        outcome.status = Status.COMPLETED if exc.code == 0 else Status.FAILED
+        outcome.reason = None if exc.code == 0 else f"the task exited with code {exc.code}"
+    except wasmtime.Trap as exc:
+        outcome.exit_code = None
+        outcome.status, outcome.trap = classify_trap(exc)
+        outcome.reason = first_line(exc.message)
+    except wasmtime.WasmtimeError as exc:
+        outcome.exit_code = None
+        if watchdog.tripped is None:
+            outcome.status, outcome.trap, outcome.reason = _classify_error(exc, instantiated, plan)
+
+    if verdict is not None:
+        _apply_verdict(outcome, verdict, plan, workspace)
+    settle(outcome, plan, store, workspace, watchdog, deadline, monitor)
+    return outcome
+
+
+def _apply_verdict(outcome: Outcome, verdict: component.Record, plan: Plan,
+                   workspace: Workspace) -> None:
+    code: int = verdict.code
+    value: str | None = verdict.value
+    error: str | None = verdict.error
+    outcome.exit_code = code
+    if code != 0:
+        outcome.status = Status.FAILED
+        outcome.reason = (error or f"exit code {code}")[:_REASON_CHARS]
+        if error is not None and error.startswith("MemoryError"):
+            outcome.status = Status.MEMORY_EXCEEDED
+            outcome.reason = f"MemoryError: the task reached its {plan.memory} byte memory cap"
+        return
+    if value is None:
+        return
+    data = value.encode()
+    cap = plan.output.max_file_bytes
+    if len(data) > cap:
+        outcome.status = Status.OUTPUT_REJECTED
+        outcome.reason = f"{RESULT_FILE} exceeds {cap} bytes"
+        return
+    _write_result(os.path.join(workspace.output_dir, RESULT_FILE), data)
+
+
+def _write_result(path: str, data: bytes) -> None:
+    # The guest may have left its own result.json (or a symlink, or a directory): the return
+    # value wins, as in runner.py, and is never written through a link.
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        shutil.rmtree(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+# Component calls report traps as errors whose last line names the cause.
+_TRAP_CAUSES = (
+    ("all fuel consumed", Status.OUT_OF_FUEL, "out_of_fuel"),
+    ("interrupt", Status.TIMEOUT, "interrupt"),
+    ("call stack exhausted", Status.CRASHED, "stack_overflow"),
+)
+
+
+def _classify_error(exc: wasmtime.WasmtimeError, instantiated: bool,
+                    plan: Plan) -> tuple[Status, str | None, str]:
+    message = first_line(str(exc))
+    if not instantiated:
+        if "memory" in message or "limit" in message:
+            return (Status.MEMORY_EXCEEDED, None,
+                    f"the interpreter needs more than {plan.memory} bytes")
+        raise HostFailure(f"the Python component cannot be instantiated: {message}") from exc
+    cause = _last_line(str(exc))
+    for needle, status, trap in _TRAP_CAUSES:
+        if needle in cause:
+            return status, trap, cause
+    return Status.CRASHED, None, cause
+
+
+def _last_line(text: str) -> str:
+    text = text.strip()
+    return text.splitlines()[-1].strip() if text else "unknown error"
