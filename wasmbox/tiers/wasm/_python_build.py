@@ -18,10 +18,10 @@ from pathlib import Path
 import wasmtime
 from wasmtime import component
 
+from wasmbox._fs import atomic_path, write_atomic
 from wasmbox.errors import HostFailure
 from wasmbox.runner import RUNNER_NAME, runner_dir, runner_source
 from wasmbox.tiers.wasm import clock_shim, python_app
-from wasmbox.tiers.wasm.run import write_atomic
 
 COMPONENTIZE_PY = "0.25.1"
 APP_DIR = Path(python_app.__file__).parent
@@ -65,9 +65,8 @@ def build_component(out: Path) -> None:
         if done.returncode != 0 or not target.exists():
             tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise HostFailure(f"componentize-py failed ({done.returncode}): {tail}")
-        composed = Path(tmp) / "composed.wasm"
-        clock_shim.compose(target, composed)
-        os.replace(composed, out)
+        with atomic_path(out) as composed:
+            clock_shim.compose(target, composed)
 
 
 def compiled_component(engine: wasmtime.Engine, directory: Path, flavour_key: str

@@ -6,13 +6,11 @@ read-only under ``/python/N`` and put on the task's ``sys.path``.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from wasmbox._fs import atomic_path
 from wasmbox.errors import ConfigError
 
 PACKAGES_ROOT = "/python"
@@ -55,13 +53,11 @@ def package_names(packages: Sequence[Path]) -> set[str]:
     return names
 
 
-def unzip_wheel(wheel: Path, root: Path, target: Path) -> None:
-    """Unpack `wheel` into `target` (atomically, under `root`); raises `ConfigError` for an
-    unsafe path, a C extension or a wheel that is not a zip."""
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+def unzip_wheel(wheel: Path, target: Path) -> None:
+    """Unpack `wheel` into `target` (atomically); raises `ConfigError` for an unsafe path,
+    a C extension or a wheel that is not a zip."""
     try:
-        with zipfile.ZipFile(wheel) as zf:
+        with atomic_path(target, directory=True) as tmp, zipfile.ZipFile(wheel) as zf:
             for name in zf.namelist():
                 if name.startswith("/") or ".." in Path(name).parts:
                     raise ConfigError(f"python.packages: {wheel} has an unsafe path {name!r}")
@@ -69,10 +65,5 @@ def unzip_wheel(wheel: Path, root: Path, target: Path) -> None:
                     raise ConfigError(f"python.packages: {wheel} contains a C extension "
                                       f"({name}); run it in the container tier")
             zf.extractall(tmp)
-        os.replace(tmp, target)
     except (OSError, zipfile.BadZipFile) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise ConfigError(f"python.packages: cannot unpack {wheel}: {exc}") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -11,13 +11,12 @@ import importlib.util
 import io
 import os
 import re
-import shutil
 import tarfile
-import tempfile
 from pathlib import Path
 
 import zstandard
 
+from wasmbox._fs import atomic_path
 from wasmbox.errors import HostFailure
 from wasmbox.tiers.wasm._python_build import COMPONENTIZE_PY
 
@@ -103,17 +102,10 @@ def _is_stdlib(tar: bytes) -> bool:
 
 
 def _extract(tar: bytes, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".stdlib-", dir=target.parent))
-    try:
-        with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
-            members = [m for m in tf.getmembers()
-                       if (m.isfile() or m.isdir()) and not m.name.startswith("config-")]
-            tf.extractall(tmp, members=members, filter="data")
+    with atomic_path(target, directory=True) as tmp, tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        members = [m for m in tf.getmembers()
+                   if (m.isfile() or m.isdir()) and not m.name.startswith("config-")]
+        tf.extractall(tmp, members=members, filter="data")
         for root, _dirs, files in os.walk(tmp):  # the guest's mount is read-only anyway
             for name in files:
                 os.chmod(os.path.join(root, name), 0o444)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -41,6 +41,8 @@ The pieces live in internal modules by concern: `_python_build` (building and ca
 component), `_python_stdlib` (its standard library), `_python_packages` (the policy's
 packages and wheels) and `_python_exec` (one run); this module is the runtime that ties them
 together and probes what a task can import.
+
+Internal: reached through the wasm tier (``Task.python(..., tier="wasm")``).
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ from pathlib import Path
 import wasmtime
 from wasmtime import component
 
+from wasmbox._fs import write_atomic
+from wasmbox._lazy import Lazy
 from wasmbox.errors import HostFailure
 from wasmbox.lifecycle import Closeable, Deadline
 from wasmbox.models import Policy, Resources, Status, Task, TierName
@@ -91,7 +95,7 @@ from wasmbox.tiers.wasm._python_stdlib import (
     unpack_stdlib,
 )
 from wasmbox.tiers.wasm.engine import WASMTIME_VERSION, EngineHandle, Flavour
-from wasmbox.tiers.wasm.run import close_store, write_atomic
+from wasmbox.tiers.wasm.run import close_store
 from wasmbox.tiers.wasm.source_scan import imported_modules
 from wasmbox.workspace import RESULT_FILE, Workspace
 
@@ -125,11 +129,12 @@ class PythonRuntime(Closeable):
     ) -> None:
         self._cache_dir = cache_dir
         self._engine_for = engine_for
-        self._scratch: Path | None = None  # our own dir when there is no disk cache
+        # Our own directory when there is no disk cache.
+        self._scratch = Lazy(lambda: Path(tempfile.mkdtemp(prefix="wasmbox-python-")))
         self._interpreters: dict[Flavour, Interpreter] = {}
         self._wheels: dict[Path, Path] = {}
-        self._modules: frozenset[str] | None = None
-        self._stdlib: Path | None = None
+        self._modules = Lazy(self._list_modules)
+        self._stdlib = Lazy(self._unpack_stdlib)
         self._lock = threading.Lock()
 
     def availability(self) -> Availability:
@@ -159,14 +164,15 @@ class PythonRuntime(Closeable):
 
     def _stdlib_dir(self) -> Path:
         """The interpreter's own standard library, unpacked once into the cache, read-only."""
-        if self._stdlib is None:
-            directory = self._cache_dir if self._cache_dir is not None else self._scratch_dir()
-            target = directory / STDLIB_KEY
-            with file_lock(directory / f"{STDLIB_KEY}.lock"):
-                if not target.exists():
-                    unpack_stdlib(target)
-            self._stdlib = target
-        return self._stdlib
+        return self._stdlib.get()
+
+    def _unpack_stdlib(self) -> Path:
+        directory = self._directory()
+        target = directory / STDLIB_KEY
+        with file_lock(directory / f"{STDLIB_KEY}.lock"):
+            if not target.exists():
+                unpack_stdlib(target)
+        return target
 
     def unsuitable(self, plan: Plan) -> str | None:
         """Why this interpreter cannot run the plan's source (an import it lacks), or None.
@@ -187,18 +193,19 @@ class PythonRuntime(Closeable):
     def modules(self, plan: Plan) -> frozenset[str]:
         """Top-level modules the interpreter can import: what it reports itself (asked once)
         and the modules of its mounted standard library."""
-        if self._modules is None:
-            listing = self._cache_path(f"{app_key()}.modules.json")
-            try:
-                self._modules = frozenset(json.loads(listing.read_text()))
-            except (OSError, ValueError):
-                self._modules = self._probe_modules(plan)
-                with contextlib.suppress(OSError):
-                    write_atomic(listing, json.dumps(sorted(self._modules)).encode())
-            self._modules |= stdlib_modules(self._stdlib_dir())
-        return self._modules
+        return self._modules.get()
 
-    def _probe_modules(self, plan: Plan) -> frozenset[str]:
+    def _list_modules(self) -> frozenset[str]:
+        listing = self._directory() / f"{app_key()}.modules.json"
+        try:
+            found = frozenset(json.loads(listing.read_text()))
+        except (OSError, ValueError):
+            found = self._probe_modules()
+            with contextlib.suppress(OSError):
+                write_atomic(listing, json.dumps(sorted(found)).encode())
+        return found | stdlib_modules(self._stdlib_dir())
+
+    def _probe_modules(self) -> frozenset[str]:
         probe = apply(Policy(), Task.python(_PROBE, resources=Resources(timeout=30)))
         with Workspace(probe) as workspace:
             outcome = self.run(probe, workspace, Deadline(30), Monitor(probe.policy.monitor))
@@ -209,8 +216,10 @@ class PythonRuntime(Closeable):
             with open(result, encoding="utf-8") as f:
                 return frozenset(json.load(f))
 
-    def _cache_path(self, name: str) -> Path:
-        return (self._cache_dir if self._cache_dir is not None else self._scratch_dir()) / name
+    def _directory(self) -> Path:
+        """Where the interpreter, its standard library and unpacked wheels are kept: the disk
+        cache, else a directory of our own (removed on close)."""
+        return self._cache_dir if self._cache_dir is not None else self._scratch.get()
 
     def run(
         self, plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monitor
@@ -234,19 +243,13 @@ class PythonRuntime(Closeable):
             close_store(store)
 
     def _load(self, flavour: Flavour) -> Interpreter:
-        directory = self._cache_dir if self._cache_dir is not None else self._scratch_dir()
         handle = self._engine_for(flavour)  # shared with modules: one engine, one ticker
-        comp = compiled_component(handle.engine, directory, flavour.key)
+        comp = compiled_component(handle.engine, self._directory(), flavour.key)
         self._stdlib_dir()
         linker = component.Linker(handle.engine)
         linker.add_wasip2()
         clock_shim.define(linker)
         return Interpreter(handle, comp, linker)
-
-    def _scratch_dir(self) -> Path:
-        if self._scratch is None:
-            self._scratch = Path(tempfile.mkdtemp(prefix="wasmbox-python-"))
-        return self._scratch
 
     def _unpacked(self, wheel: Path) -> Path:
         digest = hashlib.sha256(wheel.read_bytes()).hexdigest()[:24]
@@ -254,10 +257,9 @@ class PythonRuntime(Closeable):
             found = self._wheels.get(wheel)
             if found is not None and found.name == digest:
                 return found
-            root = (self._cache_dir or self._scratch_dir()) / "wheels"
-            target = root / digest
+            target = self._directory() / "wheels" / digest
             if not target.exists():
-                unzip_wheel(wheel, root, target)
+                unzip_wheel(wheel, target)
             self._wheels[wheel] = target
             return target
 
@@ -267,6 +269,7 @@ class PythonRuntime(Closeable):
                 interp.linker.close()
                 interp.component.close()  # engines belong to the WasmTier
             self._interpreters.clear()
-            if self._scratch is not None:
-                shutil.rmtree(self._scratch, ignore_errors=True)
-                self._scratch = None
+            self._stdlib.take()
+            scratch = self._scratch.take()
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
