@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
 import pickle
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +49,59 @@ def test_every_error_survives_a_pickle_round_trip(cls: type[wasmbox.SandboxError
     error = cls(*args)
     back = pickle.loads(pickle.dumps(error))
     assert type(back) is cls and str(back) == str(error) and vars(back) == vars(error)
+
+
+# Where users import from; every other module is internal: underscored, or its docstring
+# says "Internal" (guest code, which never runs on the host, is neither).
+PUBLIC_MODULES = {
+    "wasmbox", "wasmbox.__main__", "wasmbox.models", "wasmbox.errors", "wasmbox.pool",
+    "wasmbox.distributed", "wasmbox.service", "wasmbox.service.__main__", "wasmbox.tiers",
+    "wasmbox.tiers.base", "wasmbox.tiers.wasm", "wasmbox.tiers.container", "wasmbox.tiers.vm",
+}
+GUEST_MODULES = {
+    "wasmbox.runner.runner", "wasmbox.tiers.wasm.python_app", "wasmbox.tiers.wasm.python_app.app",
+}
+# Internal modules whose docstrings do not say so yet (each is being edited elsewhere; mark
+# one "Internal: ..." and drop it from here). Nothing may be added: a new internal module is
+# underscored or says so from the start.
+NOT_YET_MARKED = {
+    "wasmbox.lifecycle", "wasmbox.monitor", "wasmbox.policy", "wasmbox.runner",
+    "wasmbox.sandbox", "wasmbox.telemetry", "wasmbox.workspace",
+    "wasmbox.service.api", "wasmbox.service.config", "wasmbox.service.dispatcher",
+    "wasmbox.service.limits", "wasmbox.service.metrics", "wasmbox.service.schemas",
+    "wasmbox.service.store",
+    "wasmbox.tiers.container.bundle", "wasmbox.tiers.container.cgroups",
+    "wasmbox.tiers.container.instance", "wasmbox.tiers.container.network",
+    "wasmbox.tiers.container.pool", "wasmbox.tiers.container.reaper",
+    "wasmbox.tiers.container.runs", "wasmbox.tiers.container.runtime",
+    "wasmbox.tiers.container.seccomp", "wasmbox.tiers.container.tier",
+    "wasmbox.tiers.vm.assets", "wasmbox.tiers.vm.cpio", "wasmbox.tiers.vm.guest",
+    "wasmbox.tiers.vm.janitor", "wasmbox.tiers.vm.machine", "wasmbox.tiers.vm.pool",
+    "wasmbox.tiers.vm.qmp", "wasmbox.tiers.vm.snapshot", "wasmbox.tiers.vm.tier",
+    "wasmbox.tiers.wasm.cache", "wasmbox.tiers.wasm.clock_shim",
+    "wasmbox.tiers.wasm.compile_worker", "wasmbox.tiers.wasm.engine",
+    "wasmbox.tiers.wasm.hostcalls", "wasmbox.tiers.wasm.run", "wasmbox.tiers.wasm.source_scan",
+    "wasmbox.tiers.wasm.tier",
+}
+
+
+def _module_docstrings() -> dict[str, str]:
+    root = Path(wasmbox.__file__).parent
+    found = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        found[".".join(parts)] = ast.get_docstring(ast.parse(path.read_text("utf-8"))) or ""
+    return found
+
+
+def test_every_module_is_public_underscored_or_says_it_is_internal() -> None:
+    unmarked = {
+        name for name, doc in _module_docstrings().items()
+        if name not in PUBLIC_MODULES | GUEST_MODULES
+        and not any(part.startswith("_") and part != "__main__" for part in name.split("."))
+        and "Internal" not in doc
+    }
+    assert unmarked - NOT_YET_MARKED == set(), "underscore these or document them as internal"
+    assert NOT_YET_MARKED - unmarked == set(), "marked now: drop them from NOT_YET_MARKED"

@@ -4,6 +4,8 @@ Exit codes, distinct from the guest's own exit code (which ``--json`` reports as
 0 the task completed, 1 the task ended in any other status (failed, timeout, ...), 2 the command
 line was wrong (an unknown option, ``--memory lots``), 3 the host refused or failed (a bad policy
 file, rejected input, a tier that cannot run here), 130 interrupted.
+
+Internal: the command is the interface; programs use the library through `wasmbox`.
 """
 
 from __future__ import annotations

@@ -22,6 +22,8 @@ A worker that dies (killed, or a host crash inside it) loses the chunks it held.
 are re-run once, each on its own, on a fresh worker: a task that kills its worker again gets
 a `HostFailure` in its slot and the rest of the batch is unaffected. So a task runs at most
 twice, and only when its worker died before reporting it.
+
+Internal: reached through ``Sandbox.map(..., processes=N)``.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ Both are hostile, so:
 Compiled validators are cached by the schema's canonical JSON, so checking a schema at
 submission and again at run time costs one compilation. The keywords and the budget live in
 `wasmbox._schema_keywords`.
+
+Internal: the sandbox, the workspace and the service call it; users pass schemas to `Task`.
 """
 
 from __future__ import annotations
