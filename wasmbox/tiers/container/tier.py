@@ -13,6 +13,7 @@ from wasmbox.errors import HostFailure, SandboxError, TierUnavailable
 from wasmbox.lifecycle import Closeable, Deadline, process_alive, shielded
 from wasmbox.models import TaskKind, TierName
 from wasmbox.monitor import Monitor
+from wasmbox.packages import host_dirs
 from wasmbox.policy import Plan
 from wasmbox.tiers.base import Availability, Outcome
 from wasmbox.tiers.container import network, reaper
@@ -142,6 +143,8 @@ class ContainerTier(Closeable):
         why = self.unsuitable(plan)
         if why is not None:
             raise TierUnavailable(str(self.name), why)
+        if plan.task.kind is TaskKind.PYTHON:
+            host_dirs(plan.policy.python.packages)  # check (and unpack) them before the run
         self.prewarm(plan)
 
     def run(self, plan: Plan, workspace: Workspace, deadline: Deadline,

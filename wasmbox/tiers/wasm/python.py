@@ -55,7 +55,6 @@ import tarfile
 import tempfile
 import threading
 import time
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -69,6 +68,7 @@ from wasmbox.errors import ConfigError, HostFailure
 from wasmbox.lifecycle import Closeable, Deadline
 from wasmbox.models import Policy, Resources, Status, Task, TierName
 from wasmbox.monitor import Monitor
+from wasmbox.packages import unpack_wheel
 from wasmbox.policy import Plan, apply
 from wasmbox.runner import RUNNER_NAME, runner_dir, runner_source
 from wasmbox.tiers.base import Availability, Outcome
@@ -266,7 +266,6 @@ class PythonRuntime(Closeable):
         self._engine_for = engine_for
         self._scratch: Path | None = None  # our own dir when there is no disk cache
         self._interpreters: dict[Flavour, _Interpreter] = {}
-        self._wheels: dict[Path, Path] = {}
         self._modules: frozenset[str] | None = None
         self._stdlib: Path | None = None
         self._lock = threading.Lock()
@@ -434,17 +433,7 @@ class PythonRuntime(Closeable):
         return paths, mounts
 
     def _unpacked(self, wheel: Path) -> Path:
-        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()[:24]
-        with self._lock:
-            found = self._wheels.get(wheel)
-            if found is not None and found.name == digest:
-                return found
-            root = (self._cache_dir or self._scratch_dir()) / "wheels"
-            target = root / digest
-            if not target.exists():
-                _unzip(wheel, root, target)
-            self._wheels[wheel] = target
-            return target
+        return unpack_wheel(wheel, (self._cache_dir or self._scratch_dir()) / "wheels")
 
     def _release(self) -> None:
         with self._lock:
@@ -588,27 +577,6 @@ class _file_lock:
 
     def __exit__(self, *exc: object) -> None:
         os.close(self.fd)  # closing drops the lock
-
-
-def _unzip(wheel: Path, root: Path, target: Path) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    try:
-        with zipfile.ZipFile(wheel) as zf:
-            for name in zf.namelist():
-                if name.startswith("/") or ".." in Path(name).parts:
-                    raise ConfigError(f"python.packages: {wheel} has an unsafe path {name!r}")
-                if name.endswith((".so", ".pyd", ".dylib")):
-                    raise ConfigError(f"python.packages: {wheel} contains a C extension "
-                                      f"({name}); run it in the container tier")
-            zf.extractall(tmp)
-        os.replace(tmp, target)
-    except (OSError, zipfile.BadZipFile) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ConfigError(f"python.packages: cannot unpack {wheel}: {exc}") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _last_line(text: str) -> str:

@@ -1,0 +1,179 @@
+"""policy.python.packages in the container tier: C extensions (numpy) load, read-only, auto.
+
+numpy is installed once with ``pip install --target`` into ``build/packages/`` (kept between
+runs) for the container's ``python3``; the tests skip only when PyPI cannot be reached.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from wasmbox import Policy, Sandbox, Task
+from wasmbox.errors import ConfigError
+from wasmbox.models import PythonPolicy, Status, TierName
+from wasmbox.runner import PACKAGES_MOUNT
+from wasmbox.tiers.container import ContainerTier
+from wasmbox.tiers.wasm import WasmTier
+
+ROOT = Path(__file__).resolve().parents[2]
+GUEST_PYTHON = "/usr/bin/python3"  # what the container runs (the host's, bound read-only)
+NUMPY_TASK = """
+import numpy as np
+def main(inp):
+    a = np.arange(12, dtype=np.float64).reshape(3, 4)
+    return {"sum": float(a.sum()), "det": round(float(np.linalg.det(np.eye(3) * 2)), 6),
+            "file": np.__file__}
+"""
+
+
+def _guest_version() -> str:
+    out = subprocess.run([GUEST_PYTHON, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                         capture_output=True, text=True, check=True, timeout=30)
+    return out.stdout.strip()
+
+
+def _pip() -> list[str]:
+    """pip for the guest's python3: its own if it has one, else ours, told the target."""
+    if subprocess.run([GUEST_PYTHON, "-m", "pip", "--version"], capture_output=True,
+                      timeout=30).returncode == 0:
+        return [GUEST_PYTHON, "-m", "pip"]
+    return [sys.executable, "-m", "pip", "--python-version", _guest_version(),
+            "--only-binary=:all:", "--platform", "manylinux2014_x86_64"]
+
+
+@pytest.fixture(scope="session")
+def numpy_dir() -> Path:
+    """A ``pip install --target`` directory holding numpy for the guest's python3, cached
+    under build/packages/ (installed once; a finished install has a marker file)."""
+    if not os.path.exists(GUEST_PYTHON):
+        pytest.skip(f"{GUEST_PYTHON} is missing: the container tier has no python3")
+    target = ROOT / "build" / "packages" / f"numpy-py{_guest_version()}"
+    if (target / ".complete").exists():
+        return target
+    try:
+        urllib.request.urlopen("https://pypi.org/simple/numpy/", timeout=15).close()
+    except (urllib.error.URLError, OSError) as exc:
+        pytest.skip(f"the PyPI index is unreachable, cannot install numpy: {exc}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".numpy-", dir=target.parent))
+    try:
+        subprocess.run([*_pip(), "install", "--quiet", "--disable-pip-version-check",
+                        "--no-warn-script-location", "--target", str(tmp), "numpy"],
+                       check=True, timeout=600,
+                       env={**os.environ, "PIP_ROOT_USER_ACTION": "ignore"})
+        tmp.chmod(0o755)  # mkdtemp made it 0700; the guest (uid 65534) must enter it
+        (tmp / ".complete").touch()
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _policy(*packages: Path, tiers: frozenset[TierName] | None = None) -> Policy:
+    if tiers is None:
+        return Policy(python=PythonPolicy(packages=packages))
+    return Policy(python=PythonPolicy(packages=packages), allowed_tiers=tiers)
+
+
+@pytest.fixture
+def numpy_sandbox(container_ready: None, numpy_dir: Path) -> Iterator[Sandbox]:
+    with Sandbox(_policy(numpy_dir), tiers={TierName.CONTAINER: ContainerTier}) as sb:
+        yield sb
+
+
+def test_numpy_task_runs_in_the_container_tier(numpy_sandbox: Sandbox) -> None:
+    r = numpy_sandbox.run(Task.python(NUMPY_TASK, tier="container"))
+    assert r.status is Status.COMPLETED, (r.reason, r.stderr)
+    assert r.output == {"sum": 66.0, "det": 8.0, "file": f"{PACKAGES_MOUNT}/0/numpy/__init__.py"}
+
+
+def test_auto_sends_a_numpy_task_to_the_container_tier(
+    container_ready: None, numpy_dir: Path, tmp_path: Path
+) -> None:
+    tiers = {TierName.WASM: lambda: WasmTier(tmp_path), TierName.CONTAINER: ContainerTier}
+    with Sandbox(_policy(numpy_dir), tiers=tiers) as sb:  # type: ignore[dict-item]
+        r = sb.run(Task.python(NUMPY_TASK))
+    assert r.status is Status.COMPLETED, (r.reason, r.stderr)
+    assert (r.tier, r.escalated_from) == (TierName.CONTAINER, TierName.WASM)
+    assert r.escalation_reason is not None
+    assert "numpy" in r.escalation_reason and "C extensions" in r.escalation_reason
+
+
+def test_the_package_mount_is_read_only(numpy_sandbox: Sandbox, numpy_dir: Path) -> None:
+    source = f"""
+import os, numpy
+def main(inp):
+    tried = []
+    for path in (numpy.__file__, "{PACKAGES_MOUNT}/0/planted.py", "{PACKAGES_MOUNT}/0/numpy/x.py"):
+        try:
+            with open(path, "a") as f:
+                f.write("hacked = True\\n")
+            tried.append("written")
+        except OSError as exc:
+            tried.append(exc.errno)
+    try:
+        os.chmod(numpy.__file__, 0o777)
+        tried.append("chmod")
+    except OSError as exc:
+        tried.append(exc.errno)
+    return tried
+"""
+    before = (numpy_dir / "numpy" / "__init__.py").read_bytes()
+    r = numpy_sandbox.run(Task.python(source, tier="container"))
+    assert r.status is Status.COMPLETED, (r.reason, r.stderr)
+    assert "written" not in r.output and "chmod" not in r.output
+    assert (numpy_dir / "numpy" / "__init__.py").read_bytes() == before
+    assert not (numpy_dir / "planted.py").exists() and not (numpy_dir / "numpy/x.py").exists()
+
+
+def test_pure_packages_directory_and_wheel_in_order(
+    container_ready: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WASMBOX_CACHE_DIR", str(tmp_path / "cache"))  # where wheels unpack
+    first, second = tmp_path / "first", tmp_path / "second"
+    for d, word in ((first, "first"), (second, "second")):
+        d.mkdir()
+        d.chmod(0o755)
+        (d / "which.py").write_text(f"WORD = {word!r}\n")
+    (second / "only_second.py").write_text("X = 2\n")
+    wheel = tmp_path / "tiny-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("tiny/__init__.py", "VALUE = 7\n")
+        zf.writestr("tiny-1.0.dist-info/METADATA", "Name: tiny\nVersion: 1.0\n")
+    source = ("import which, only_second, tiny, sys\n"
+              "def main(inp):\n"
+              "    return [which.WORD, only_second.X, tiny.VALUE,\n"
+              "            [p for p in sys.path if p.startswith('/opt/')]]\n")
+    with Sandbox(_policy(first, second, wheel),
+                 tiers={TierName.CONTAINER: ContainerTier}) as sb:
+        r = sb.run(Task.python(source, tier="container"))
+    assert r.status is Status.COMPLETED, (r.reason, r.stderr)
+    assert r.output == ["first", 2, 7, [f"{PACKAGES_MOUNT}/{n}" for n in range(3)]]
+
+
+def test_a_command_task_sees_no_package_mount(container_ready: None, tmp_path: Path) -> None:
+    tmp_path.chmod(0o755)
+    (tmp_path / "helper.py").write_text("X = 1\n")
+    with Sandbox(_policy(tmp_path), tiers={TierName.CONTAINER: ContainerTier}) as sb:
+        r = sb.run(Task.command(["/bin/ls", PACKAGES_MOUNT], tier="container"))
+    assert r.status is Status.FAILED, r.stdout
+
+
+def test_a_missing_package_directory_is_a_config_error(
+    container_ready: None, tmp_path: Path
+) -> None:
+    with (Sandbox(_policy(tmp_path / "nope"), tiers={TierName.CONTAINER: ContainerTier}) as sb,
+          pytest.raises(ConfigError, match=r"not a directory or a \.whl")):
+        sb.run(Task.python("pass", tier="container"))
