@@ -6,6 +6,7 @@ runs) for the container's ``python3``; the tests skip only when PyPI cannot be r
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -111,31 +112,42 @@ def test_auto_sends_a_numpy_task_to_the_container_tier(
     assert "numpy" in r.escalation_reason and "C extensions" in r.escalation_reason
 
 
-def test_the_package_mount_is_read_only(numpy_sandbox: Sandbox, numpy_dir: Path) -> None:
+def test_the_package_mount_is_read_only(container_ready: None, tmp_path: Path) -> None:
+    """Even a package directory the guest's uid could write on the host (mode 0777) is
+    read-only in the sandbox: only the mount stops these writes."""
+    site = tmp_path / "site"
+    (site / "victim").mkdir(parents=True)
+    (site / "victim" / "__init__.py").write_text("SAFE = True\n")
+    for path in (site, site / "victim", site / "victim" / "__init__.py"):
+        path.chmod(0o777)
     source = f"""
-import os, numpy
+import os, victim
 def main(inp):
     tried = []
-    for path in (numpy.__file__, "{PACKAGES_MOUNT}/0/planted.py", "{PACKAGES_MOUNT}/0/numpy/x.py"):
+    for path in (victim.__file__, "{PACKAGES_MOUNT}/0/planted.py",
+                 "{PACKAGES_MOUNT}/0/victim/x.py"):
         try:
             with open(path, "a") as f:
                 f.write("hacked = True\\n")
             tried.append("written")
         except OSError as exc:
             tried.append(exc.errno)
-    try:
-        os.chmod(numpy.__file__, 0o777)
-        tried.append("chmod")
-    except OSError as exc:
-        tried.append(exc.errno)
+    for act in (lambda: os.chmod(victim.__file__, 0o700), lambda: os.remove(victim.__file__),
+                lambda: os.mkdir("{PACKAGES_MOUNT}/0/new")):
+        try:
+            act()
+            tried.append("changed")
+        except OSError as exc:
+            tried.append(exc.errno)
     return tried
 """
-    before = (numpy_dir / "numpy" / "__init__.py").read_bytes()
-    r = numpy_sandbox.run(Task.python(source, tier="container"))
+    with Sandbox(_policy(site), tiers={TierName.CONTAINER: ContainerTier}) as sb:
+        r = sb.run(Task.python(source, tier="container"))
     assert r.status is Status.COMPLETED, (r.reason, r.stderr)
-    assert "written" not in r.output and "chmod" not in r.output
-    assert (numpy_dir / "numpy" / "__init__.py").read_bytes() == before
-    assert not (numpy_dir / "planted.py").exists() and not (numpy_dir / "numpy/x.py").exists()
+    assert r.output == [errno.EROFS] * 6
+    assert (site / "victim" / "__init__.py").read_text() == "SAFE = True\n"
+    assert sorted(p.name for p in site.rglob("*")) == ["__init__.py", "victim"]
+    assert (site / "victim" / "__init__.py").stat().st_mode & 0o777 == 0o777
 
 
 def test_pure_packages_directory_and_wheel_in_order(
