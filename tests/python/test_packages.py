@@ -90,8 +90,10 @@ def test_auto_limited_to_wasm_explains_the_c_extension(tmp_path: Path) -> None:
     policy = _policy(_site(tmp_path), allowed_tiers=frozenset({TierName.WASM}))
     tiers = {TierName.WASM: lambda: WasmTier(tmp_path / "cache")}
     with (Sandbox(policy, tiers=tiers) as sb,  # type: ignore[arg-type]
-          pytest.raises(TierUnavailable, match=r"_cmod .* has C extensions")):
+          pytest.raises(TierUnavailable, match=r"_cmod .* has C extensions") as caught):
         sb.run(Task.python("import json\ndef f():\n    import _cmod\n"))
+    assert caught.value.declined_by_policy  # auto passed wasm over; the policy barred the rest
+    assert "allowed_tiers" in str(caught.value)
 
 
 def test_the_first_listed_entry_decides(tmp_path: Path) -> None:
