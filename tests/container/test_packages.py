@@ -189,3 +189,14 @@ def test_a_missing_package_directory_is_a_config_error(
     with (Sandbox(_policy(tmp_path / "nope"), tiers={TierName.CONTAINER: ContainerTier}) as sb,
           pytest.raises(ConfigError, match=r"not a directory or a \.whl")):
         sb.run(Task.python("pass", tier="container"))
+
+
+def test_pooled_containers_carry_the_package_mounts(
+    container_ready: None, numpy_dir: Path
+) -> None:
+    with Sandbox(_policy(numpy_dir),
+                 tiers={TierName.CONTAINER: lambda: ContainerTier(pool_size=1)}) as sb:
+        results = [sb.run(Task.python(NUMPY_TASK, tier="container")) for _ in range(2)]
+    for r in results:
+        assert r.status is Status.COMPLETED, (r.reason, r.stderr)
+        assert r.output["sum"] == 66.0
