@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import stat
 import tempfile
 import threading
 import zipfile
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from wasmbox.errors import ConfigError
@@ -45,6 +46,8 @@ MAX_WHEEL_MEMBERS = 100_000
 MAX_WHEEL_BYTES = 2 << 30  # uncompressed, as the wheel declares it (zipfile enforces it)
 _CACHE_SIZE = 256
 EXTENSION_SUFFIXES = (".so", ".pyd", ".dylib")
+_CPYTHON_TAG = re.compile(r"\.cpython-(\d{2,4})[a-z]*[-.]")
+GUEST_PYTHON = "/usr/bin/python3"  # the container's and VM's python3 (the host's, read-only)
 _CHUNK = 1 << 20
 
 
@@ -59,6 +62,9 @@ class PackageDir:
     source: Path  # as listed in the policy
     root: Path  # the directory (a wheel: its member names, relative to the unpack root)
     extensions: dict[str, tuple[str, ...]]
+    # CPython versions ("311") the extensions of each name are tagged for (``.cpython-311-``);
+    # untagged and ``abi3`` extensions add none.
+    cpython: dict[str, frozenset[str]] = field(default_factory=dict)
 
     def with_extensions(self, names: frozenset[str] | set[str]) -> dict[str, tuple[str, ...]]:
         """The names among `names` this entry provides that hold C extensions."""
@@ -130,6 +136,7 @@ def _scan(listed: Path, root: Path) -> PackageDir:
     """Walk `root` without recursion or following symlinks; bounded."""
     single = (root / "__init__.py").is_file()  # the directory is one package itself
     extensions: dict[str, list[str]] = {root.name: []} if single else {}
+    tags: dict[str, set[str]] = {}
     # (directory, depth, the top-level name it belongs to; None at the root of a path dir)
     stack: list[tuple[str, int, str | None]] = [(str(root), 0, root.name if single else None)]
     seen = 0
@@ -160,16 +167,27 @@ def _scan(listed: Path, root: Path) -> PackageDir:
                             raise ConfigError(f"python.packages: {entry.path} is nested over "
                                               f"{MAX_DEPTH} directories deep")
                         stack.append((entry.path, depth + 1, name))
-                    elif (name is not None and is_extension(entry.name)
-                          and len(extensions[name]) < 3):
-                        extensions[name].append(entry.path[len(prefix):])
+                    elif name is not None and is_extension(entry.name):
+                        _note(entry.path[len(prefix):], entry.name, extensions[name],
+                              tags.setdefault(name, set()))
         except OSError as exc:
             raise ConfigError(f"python.packages: cannot read {directory}: {exc}") from exc
-    return PackageDir(listed, root, {n: tuple(v) for n, v in extensions.items()})
+    return PackageDir(listed, root, {n: tuple(v) for n, v in extensions.items()},
+                      {n: frozenset(v) for n, v in tags.items() if v})
+
+
+def _note(path: str, name: str, found: list[str], tags: set[str]) -> None:
+    """Record one extension file: the first few paths, and every CPython tag."""
+    if len(found) < 3:
+        found.append(path)
+    tag = _CPYTHON_TAG.search(name)
+    if tag is not None:
+        tags.add(tag.group(1))
 
 
 def _describe_wheel(wheel: Path) -> PackageDir:
     extensions: dict[str, list[str]] = {}
+    tags: dict[str, set[str]] = {}
     for name in _wheel_members(wheel):
         parts = name.split("/")
         is_dir = len(parts) > 1
@@ -177,9 +195,10 @@ def _describe_wheel(wheel: Path) -> PackageDir:
         if top is None:
             continue
         found = extensions.setdefault(top, [])
-        if is_extension(parts[-1]) and len(found) < 3:
-            found.append(name)
-    return PackageDir(wheel, wheel, {n: tuple(v) for n, v in extensions.items()})
+        if is_extension(parts[-1]):
+            _note(name, parts[-1], found, tags.setdefault(top, set()))
+    return PackageDir(wheel, wheel, {n: tuple(v) for n, v in extensions.items()},
+                      {n: frozenset(v) for n, v in tags.items() if v})
 
 
 def _wheel_members(wheel: Path) -> list[str]:
@@ -309,6 +328,47 @@ def wasm_refusal(packages: tuple[Path, ...], imported: frozenset[str] | None) ->
                     "tier='auto')")
         remaining -= provided
     return None
+
+
+def guest_cpython() -> str | None:
+    """The CPython version tag ("311") of the sandbox's python3, from the name it links to
+    (``/usr/bin/python3 -> python3.11``); None when that cannot tell."""
+    match = re.fullmatch(r"python(\d)\.(\d+)", os.path.basename(os.path.realpath(GUEST_PYTHON)))
+    return None if match is None else match.group(1) + match.group(2)
+
+
+def abi_refusal(packages: tuple[Path, ...], imported: frozenset[str] | None,
+                guest: str | None) -> str | None:
+    """Why an imported listed package cannot load in the sandbox's python3 (CPython `guest`,
+    e.g. "311"): its C extensions are all tagged for another CPython. None when they fit, are
+    untagged (``abi3``), or nothing says."""
+    if not imported or guest is None:
+        return None
+    remaining = set(imported)
+    for package in packages:
+        described = describe(package)
+        provided = remaining & described.extensions.keys()
+        for name in sorted(provided):
+            built = described.cpython.get(name)
+            if built and guest not in built:
+                versions = ", ".join(f"{v[0]}.{v[1:]}" for v in sorted(built))
+                return (f"{name} (python.packages {package}) is built for CPython {versions}, "
+                        f"but the sandbox's python3 is {guest[0]}.{guest[1:]}: install it with "
+                        f"`{GUEST_PYTHON} -m pip install --target` (or pip's "
+                        f"--python-version {guest[0]}.{guest[1:]})")
+        remaining -= provided
+    return None
+
+
+def sandbox_dirs(packages: tuple[Path, ...], imported: frozenset[str] | None,
+                 wheel_dir: Path | None = None) -> tuple[str, ...]:
+    """For the container and VM tiers: `host_dirs`, after refusing (`ConfigError`) a package
+    the task imports whose C extensions are built for another CPython than `GUEST_PYTHON`."""
+    found = host_dirs(packages, wheel_dir)
+    refused = abi_refusal(packages, imported, guest_cpython())
+    if refused is not None:
+        raise ConfigError(f"python.packages: {refused}")
+    return found
 
 
 def clear_cache() -> None:

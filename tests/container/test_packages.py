@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from wasmbox import Policy, Sandbox, Task
+from wasmbox import packages as pk
 from wasmbox.errors import ConfigError
 from wasmbox.models import PythonPolicy, Status, TierName
 from wasmbox.runner import PACKAGES_MOUNT
@@ -200,3 +201,21 @@ def test_pooled_containers_carry_the_package_mounts(
     for r in results:
         assert r.status is Status.COMPLETED, (r.reason, r.stderr)
         assert r.output["sum"] == 66.0
+
+
+def test_a_package_built_for_another_cpython_is_a_config_error(
+    container_ready: None, tmp_path: Path
+) -> None:
+    guest = pk.guest_cpython()
+    if guest is None:
+        pytest.skip(f"cannot tell the CPython version of {GUEST_PYTHON}")
+    other = "399" if guest != "399" else "398"
+    site = tmp_path / "site"
+    (site / "fast").mkdir(parents=True)
+    (site / "fast" / "__init__.py").write_text("from fast._speed import go\n")
+    (site / "fast" / f"_speed.cpython-{other}-x86_64-linux-gnu.so").write_bytes(b"\x7fELF")
+    site.chmod(0o755)
+    with (Sandbox(_policy(site), tiers={TierName.CONTAINER: ContainerTier}) as sb,
+          pytest.raises(ConfigError, match=rf"built for CPython {other[0]}\.{other[1:]}, but "
+                                           rf"the sandbox's python3 is {guest[0]}\.{guest[1:]}")):
+        sb.run(Task.python("import fast\n", tier="container"))

@@ -139,3 +139,15 @@ def test_the_runner_rejects_a_dangling_path_option(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-I", str(runner_dir() / "runner.py"), PATH_OPTION],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 64 and "usage" in out.stderr
+
+
+def test_the_cpython_tag_check_accepts_matching_and_untagged_extensions(tmp_path: Path) -> None:
+    site = _site(tmp_path)  # fast: cpython-311; _cmod: cpython-311
+    (site / "stable").mkdir()
+    (site / "stable" / "_x.abi3.so").write_bytes(b"\x7fELF")
+    names = frozenset({"fast", "stable", "pure", "_cmod"})
+    assert pk.describe(site).cpython == {"fast": frozenset({"311"}), "_cmod": frozenset({"311"})}
+    assert pk.abi_refusal((site,), names, "311") is None
+    assert pk.abi_refusal((site,), frozenset({"stable", "pure"}), "312") is None
+    refused = pk.abi_refusal((site,), names, "312")
+    assert refused is not None and refused.startswith("_cmod ") and "CPython 3.11" in refused

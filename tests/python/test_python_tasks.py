@@ -172,5 +172,5 @@ def test_wheel_with_c_extension_is_refused(
         zf.writestr("fast/_speedups.cpython-311-x86_64-linux-gnu.so", b"\x7fELF")
     from wasmbox import TierUnavailable
 
-    with pytest.raises(TierUnavailable, match="C extensions.*tier='container'"):
+    with pytest.raises(TierUnavailable, match=r"C extensions.*tier='container'"):
         run(make_py_sandbox(_policy(wheel)), "import fast\n")
