@@ -170,7 +170,7 @@ def test_wheel_with_c_extension_is_refused(
     wheel = tmp_path / "fast-1.0-cp311-cp311-linux_x86_64.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr("fast/_speedups.cpython-311-x86_64-linux-gnu.so", b"\x7fELF")
-    from wasmbox import ConfigError
+    from wasmbox import TierUnavailable
 
-    with pytest.raises(ConfigError, match="C extension"):
+    with pytest.raises(TierUnavailable, match=r"C extensions.*tier='container'"):
         run(make_py_sandbox(_policy(wheel)), "import fast\n")

@@ -4,6 +4,10 @@
 copy its bytes into the sandbox and run it there, and the wasm tier builds it into the
 CPython component, whose app imports it. One file thus holds the one rule for running
 ``main(input)`` everywhere.
+
+Packages in the container and VM tiers: entry N of ``policy.python.packages`` is mounted
+read-only at ``f"{PACKAGES_MOUNT}/{N}"`` and the runner is given `package_args` (one
+``--path DIR`` each, in order) before its SOURCE_FILE; see ``runner.py``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,18 @@ from importlib import resources
 from pathlib import Path
 
 RUNNER_NAME = "runner.py"  # also the module name ``runner`` inside the wasm component
+PACKAGES_MOUNT = "/opt/wasmbox/packages"  # entry N of python.packages: PACKAGES_MOUNT/N
+PATH_OPTION = "--path"  # the runner's option putting one directory on sys.path
+
+
+def package_mounts(count: int) -> list[str]:
+    """The guest directories of the first `count` package entries, in order."""
+    return [f"{PACKAGES_MOUNT}/{n}" for n in range(count)]
+
+
+def package_args(count: int) -> list[str]:
+    """The runner arguments (before SOURCE_FILE) putting `count` package mounts on sys.path."""
+    return [arg for mount in package_mounts(count) for arg in (PATH_OPTION, mount)]
 
 
 @functools.cache

@@ -1,9 +1,20 @@
 """Guest-side runner for Python tasks: runs INSIDE the sandbox, never on the host.
 
 One copy serves every tier. The container and VM tiers run it as a script,
-``python3 runner.py SOURCE_FILE [ENTRY]``: it reads ``/task/input.json`` and writes the
-result to ``/task/output/result.json``. The wasm tier's component imports it as ``runner`` and
-calls `run_task`, passing the input and the result as strings.
+``python3 -I runner.py [--path DIR]... SOURCE_FILE [ENTRY]``: it reads ``/task/input.json``
+and writes the result to ``/task/output/result.json``.
+
+Packages (``policy.python.packages``), the convention shared by the container and VM tiers:
+entry N of the list is mounted read-only at ``/opt/wasmbox/packages/N``
+(``wasmbox.runner.PACKAGES_MOUNT``) and passed as ``--path /opt/wasmbox/packages/N``
+(``wasmbox.runner.package_args``), in list order. Not ``PYTHONPATH``: the runner runs under
+``-I``, which ignores it, and a task's own environment cannot then add to or reorder the
+path. The directories go on ``sys.path`` after the standard library and before any
+site-packages of the sandbox's ``python3``, so a listed package wins over one the image
+happens to ship, and none shadows the standard library (as in the wasm tier).
+
+The wasm tier's component imports it as ``runner`` and calls `run_task`, passing the input
+and the result as strings.
 
 The rule (`run_task`): a source that defines ENTRY (default ``main``) at top level runs as
 module ``__task__`` and ``ENTRY(input)`` is called; its return value is the result, as JSON.
@@ -27,6 +38,8 @@ import types
 
 INPUT = "/task/input.json"
 RESULT = "/task/output/result.json"
+PATH_OPTION = "--path"  # equals wasmbox.runner.PATH_OPTION (this file cannot import it)
+USAGE = "usage: runner.py [--path DIR]... SOURCE_FILE [ENTRY]"
 
 
 def run_task(source: str, filename: str, entry: str = "main",
@@ -81,11 +94,26 @@ def _run_registered(module: types.ModuleType, code: types.CodeType, entry: str |
             sys.modules[name] = previous
 
 
+def add_paths(paths: list[str]) -> None:
+    """Put package directories on ``sys.path`` after the standard library, before the first
+    site-packages (or dist-packages) entry, in order."""
+    at = next((i for i, p in enumerate(sys.path)
+               if p.rstrip("/").endswith(("site-packages", "dist-packages"))), len(sys.path))
+    sys.path[at:at] = [p for p in paths if p not in sys.path]
+
+
 def main(argv: list[str]) -> int:
     """Script entry: run SOURCE_FILE against the task's files; returns the exit code."""
-    if len(argv) < 2:
-        print("usage: runner.py SOURCE_FILE [ENTRY]", file=sys.stderr)
+    args = argv[1:]
+    paths: list[str] = []
+    while len(args) >= 2 and args[0] == PATH_OPTION:
+        paths.append(args[1])
+        args = args[2:]
+    if not args or args[0] == PATH_OPTION:
+        print(USAGE, file=sys.stderr)
         return 64
+    add_paths(paths)
+    argv = [argv[0], *args]
     with open(argv[1], encoding="utf-8") as f:
         source = f.read()
     try:

@@ -12,7 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from wasmbox.models import TaskKind
+from wasmbox.packages import host_dirs
 from wasmbox.policy import Plan
+from wasmbox.runner import package_mounts
 from wasmbox.tiers.container.cgroups import CgroupLayout
 from wasmbox.tiers.container.seccomp import seccomp_profile
 
@@ -74,6 +77,9 @@ class Shape:
     gvisor: bool = False
     capabilities: tuple[str, ...] = ()  # granted by the policy (sorted)
     hidden: tuple[str, ...] = ()  # policy paths masked inside the mounts
+    # Host directories of python.packages (Python tasks), bound read-only in order at
+    # wasmbox.runner.PACKAGES_MOUNT/N; wheels are unpacked ones.
+    packages: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, plan: Plan) -> Shape:
@@ -91,6 +97,8 @@ class Shape:
             writable_mounts=tuple(sorted((g, str(h)) for g, h in plan.writable_mounts.items())),
             capabilities=tuple(sorted(plan.capabilities)),
             hidden=tuple(sorted(plan.hidden_paths)),
+            packages=(host_dirs(plan.policy.python.packages)
+                      if plan.task.kind is TaskKind.PYTHON else ()),
         )
 
 
@@ -206,6 +214,9 @@ def make_config(
     for guest, host in shape.writable_mounts:
         skeleton.ensure_mountpoint(guest, os.path.isdir(host))
         mounts.append(_bind(host, guest, writable=True))
+    for guest, host in zip(package_mounts(len(shape.packages)), shape.packages, strict=True):
+        skeleton.ensure_mountpoint(guest, True)
+        mounts.append(_bind(host, guest, writable=False))
     if shape.gvisor:
         mounts += _hidden_mounts(shape)
     if resolv_conf is not None:

@@ -12,7 +12,7 @@ from wasmbox.lifecycle import Deadline, shielded
 from wasmbox.models import Status, TaskKind
 from wasmbox.monitor import Monitor, Sample
 from wasmbox.policy import Plan
-from wasmbox.runner import runner_source
+from wasmbox.runner import package_args, runner_source
 from wasmbox.tiers.base import Outcome
 from wasmbox.tiers.container.bundle import (
     CODE_MOUNT,
@@ -49,8 +49,8 @@ def guest_argv(plan: Plan, code_dir: str) -> list[str]:
         f.write(task.source)
     for name in ("runner.py", "task.py"):
         os.chmod(f"{code_dir}/{name}", 0o444)
-    return [GUEST_PYTHON, "-I", "-B", f"{CODE_MOUNT}/runner.py", f"{CODE_MOUNT}/task.py",
-            task.entry]
+    return [GUEST_PYTHON, "-I", "-B", f"{CODE_MOUNT}/runner.py",
+            *package_args(len(plan.policy.python.packages)), f"{CODE_MOUNT}/task.py", task.entry]
 
 
 class Watch:

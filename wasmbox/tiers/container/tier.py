@@ -13,6 +13,7 @@ from wasmbox.errors import HostFailure, SandboxError, TierUnavailable
 from wasmbox.lifecycle import Closeable, Deadline, process_alive, shielded
 from wasmbox.models import TaskKind, TierName
 from wasmbox.monitor import Monitor
+from wasmbox.packages import sandbox_dirs
 from wasmbox.policy import Plan
 from wasmbox.tiers.base import Availability, Outcome
 from wasmbox.tiers.container import network, reaper
@@ -28,6 +29,7 @@ from wasmbox.tiers.container.instance import ExecFailed, Instance, new_container
 from wasmbox.tiers.container.pool import POOL_PREFIX, ContainerPool
 from wasmbox.tiers.container.runs import STREAM_MODE, run_cold, run_pooled
 from wasmbox.tiers.container.runtime import STATE_ROOT, Runtime, choose_runtime
+from wasmbox.tiers.wasm.source_scan import imported_modules
 from wasmbox.workspace import Workspace, remove_tree, workspace_root
 
 PROBE_PREFIX = "wasmbox-probe-"
@@ -142,6 +144,8 @@ class ContainerTier(Closeable):
         why = self.unsuitable(plan)
         if why is not None:
             raise TierUnavailable(str(self.name), why)
+        if plan.task.kind is TaskKind.PYTHON:  # check (and unpack) packages before the run
+            sandbox_dirs(plan.policy.python.packages, imported_modules(plan.task.source or ""))
         self.prewarm(plan)
 
     def run(self, plan: Plan, workspace: Workspace, deadline: Deadline,

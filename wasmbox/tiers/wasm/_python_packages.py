@@ -6,11 +6,9 @@ read-only under ``/python/N`` and put on the task's ``sys.path``.
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from wasmbox._fs import atomic_path
 from wasmbox.errors import ConfigError
 
 PACKAGES_ROOT = "/python"
@@ -51,19 +49,3 @@ def package_names(packages: Sequence[Path]) -> set[str]:
         else:
             names.add(host.name.split("-")[0])  # a wheel: distribution name
     return names
-
-
-def unzip_wheel(wheel: Path, target: Path) -> None:
-    """Unpack `wheel` into `target` (atomically); raises `ConfigError` for an unsafe path,
-    a C extension or a wheel that is not a zip."""
-    try:
-        with atomic_path(target, directory=True) as tmp, zipfile.ZipFile(wheel) as zf:
-            for name in zf.namelist():
-                if name.startswith("/") or ".." in Path(name).parts:
-                    raise ConfigError(f"python.packages: {wheel} has an unsafe path {name!r}")
-                if name.endswith((".so", ".pyd", ".dylib")):
-                    raise ConfigError(f"python.packages: {wheel} contains a C extension "
-                                      f"({name}); run it in the container tier")
-            zf.extractall(tmp)
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise ConfigError(f"python.packages: cannot unpack {wheel}: {exc}") from exc

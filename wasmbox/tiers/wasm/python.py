@@ -48,7 +48,6 @@ Internal: reached through the wasm tier (``Task.python(..., tier="wasm")``).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -68,6 +67,7 @@ from wasmbox.errors import HostFailure
 from wasmbox.lifecycle import Closeable, Deadline
 from wasmbox.models import Policy, Resources, Status, Task, TierName
 from wasmbox.monitor import Monitor
+from wasmbox.packages import unpack_wheel
 from wasmbox.policy import Plan, apply
 from wasmbox.tiers.base import Availability, Outcome
 from wasmbox.tiers.wasm import clock_shim
@@ -85,7 +85,6 @@ from wasmbox.tiers.wasm._python_packages import (
     PACKAGES_ROOT,
     package_mounts,
     package_names,
-    unzip_wheel,
 )
 from wasmbox.tiers.wasm._python_stdlib import (
     REFUSED_STDLIB,
@@ -132,7 +131,6 @@ class PythonRuntime(Closeable):
         # Our own directory when there is no disk cache.
         self._scratch = Lazy(lambda: Path(tempfile.mkdtemp(prefix="wasmbox-python-")))
         self._interpreters: dict[Flavour, Interpreter] = {}
-        self._wheels: dict[Path, Path] = {}
         self._modules = Lazy(self._list_modules)
         self._stdlib = Lazy(self._unpack_stdlib)
         self._lock = threading.Lock()
@@ -252,16 +250,7 @@ class PythonRuntime(Closeable):
         return Interpreter(handle, comp, linker)
 
     def _unpacked(self, wheel: Path) -> Path:
-        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()[:24]
-        with self._lock:
-            found = self._wheels.get(wheel)
-            if found is not None and found.name == digest:
-                return found
-            target = self._directory() / "wheels" / digest
-            if not target.exists():
-                unzip_wheel(wheel, target)
-            self._wheels[wheel] = target
-            return target
+        return unpack_wheel(wheel, self._directory() / "wheels")
 
     def _release(self) -> None:
         with self._lock:

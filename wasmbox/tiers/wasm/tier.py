@@ -17,6 +17,7 @@ from wasmbox.errors import HostFailure, TierUnavailable
 from wasmbox.lifecycle import Closeable, Deadline
 from wasmbox.models import MiB, Status, TaskKind, TierName
 from wasmbox.monitor import Monitor
+from wasmbox.packages import wasm_refusal
 from wasmbox.policy import Plan
 from wasmbox.tiers.base import Availability, Outcome
 from wasmbox.tiers.wasm.cache import ModuleCache, Prepared, check_imports, default_cache_dir
@@ -28,6 +29,7 @@ from wasmbox.tiers.wasm.engine import (
     first_line,
 )
 from wasmbox.tiers.wasm.run import arm, classify_trap, close_store, settle, wasi_config
+from wasmbox.tiers.wasm.source_scan import imported_modules
 from wasmbox.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -69,6 +71,9 @@ class WasmTier(Closeable):
             return declined
         if plan.task.kind is not TaskKind.PYTHON:
             return None
+        refused = _package_refusal(plan)  # an imported package with C extensions
+        if refused is not None:
+            return refused
         runtime = self._python_runtime()
         available = runtime.availability()
         if not available.ok:
@@ -86,6 +91,9 @@ class WasmTier(Closeable):
         if declined is not None:
             raise TierUnavailable(str(self.name), declined)
         if plan.task.kind is TaskKind.PYTHON:
+            refused = _package_refusal(plan)
+            if refused is not None:
+                raise TierUnavailable(str(self.name), refused)
             self._python_runtime().prepare(Flavour(fuel=plan.fuel is not None, stack=plan.stack))
         else:
             self._prepared(plan)
@@ -276,3 +284,12 @@ def _declined(plan: Plan) -> str | None:
         return (f"the wasm tier cannot hide {plan.hidden_paths[0]}: a WASI preopen cannot "
                 "mask a path inside it")
     return None
+
+
+def _package_refusal(plan: Plan) -> str | None:
+    """Why the plan's Python source cannot run here because of a package it imports (one
+    with C extensions), or None; `ConfigError` for an unsafe package entry."""
+    packages = plan.policy.python.packages
+    if not packages:
+        return None
+    return wasm_refusal(packages, imported_modules(plan.task.source or ""))
