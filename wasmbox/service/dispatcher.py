@@ -12,11 +12,13 @@ reason and the queue moves on.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
@@ -64,15 +66,28 @@ def validate_module(data: bytes, max_bytes: int) -> None:
     """
     if len(data) > max_bytes:
         raise ModuleRejected(f"the module is {len(data)} bytes, over {max_bytes}")
+    digest = hashlib.sha256(data).digest()
+    with _engine_lock:
+        if digest in _valid:  # the same bytes validated before: the verdict cannot change
+            _valid.move_to_end(digest)
+            return
     try:
         wasmtime.Module.validate(_validation_engine(), data)
     except wasmtime.WasmtimeError as exc:
         lines = str(exc).strip().splitlines() or ["invalid"]
         raise ModuleRejected(f"not a valid WebAssembly module: {lines[0][:500]}") from None
+    with _engine_lock:
+        _valid[digest] = None
+        while len(_valid) > VALID_CACHE_SIZE:
+            _valid.popitem(last=False)
 
 
 _engine: wasmtime.Engine | None = None
 _engine_lock = threading.Lock()
+# SHA-256 digests of modules that validated (most recently used last); only valid ones are
+# remembered, so a hostile client cannot fill it with anything it could not already submit.
+VALID_CACHE_SIZE = 1024
+_valid: OrderedDict[bytes, None] = OrderedDict()
 
 
 def _validation_engine() -> wasmtime.Engine:
@@ -170,6 +185,8 @@ class Dispatcher(Closeable):
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._queued: set[str] = set()
         self._admission = threading.Lock()
+        # Per token: tasks admitted but not yet committed, and the seconds they reserve.
+        self._pending: dict[str, tuple[int, float]] = {}
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._sweeper: threading.Thread | None = None
@@ -200,10 +217,14 @@ class Dispatcher(Closeable):
         many. Charges still inside a token's quota window are kept for its budget."""
         now = time.time()
         window = max((t.window for t in self.config.tokens.values()), default=0.0)
-        return self.store.purge(now - self.config.service.retention, now - window)
+        settings = self.config.service
+        return self.store.purge(now - settings.retention, now - window,
+                                now - min(settings.module_retention, settings.retention))
 
     def _sweep_loop(self) -> None:
-        period = min(max(self.config.service.retention / 4, SWEEP_MIN_S), SWEEP_MAX_S)
+        settings = self.config.service
+        shortest = min(settings.retention, settings.module_retention)
+        period = min(max(shortest / 4, SWEEP_MIN_S), SWEEP_MAX_S)
         while not self._stopping.wait(period):
             try:
                 deleted = self.sweep()
@@ -232,26 +253,38 @@ class Dispatcher(Closeable):
                 compile_schema(schema, what=what)
         quota = self.config.tokens[token]
         need = max_charge(plan)
-        with self._admission:  # check-then-insert must not interleave between requests
-            if self.store.in_flight(token) >= quota.max_concurrent:
+        # Check-then-reserve is atomic (the admission lock); the journal write is not under
+        # it, so concurrent submissions share one commit. Until its row is committed, an
+        # admitted task counts as pending here.
+        with self._admission:
+            count, held = self._pending.get(token, (0, 0.0))
+            if self.store.in_flight(token) + count >= quota.max_concurrent:
                 raise QuotaExceeded(
                     f"{quota.max_concurrent} tasks are already queued or running", 1.0
                 )
             if quota.cpu_seconds is not None:
                 need = min(need, quota.cpu_seconds)
-                self._check_budget(token, need, quota.cpu_seconds, quota.window)
-            self.store.add(token, policy_name, task, 0.0 if math.isinf(need) else need)
+                self._check_budget(token, need, quota.cpu_seconds, quota.window, held)
+            reserve = 0.0 if math.isinf(need) else need
+            self._pending[token] = (count + 1, held + reserve)
+        try:
+            record = self.store.add(token, policy_name, task, reserve)
+        finally:
+            with self._admission:
+                count, held = self._pending.pop(token)
+                if count > 1:
+                    self._pending[token] = (count - 1, held - reserve)
         self.metrics.accepted.inc()
         self._enqueue(task.id)
-        record = self.store.get(task.id)
-        assert record is not None
         return record
 
-    def _check_budget(self, token: str, need: float, budget: float, window: float) -> None:
+    def _check_budget(
+        self, token: str, need: float, budget: float, window: float, pending: float
+    ) -> None:
         now = time.time()
         charges = self.store.charges(token, now - window)
         spent = sum(charge for _, charge in charges)
-        reserved = self.store.reserved(token)
+        reserved = self.store.reserved(token) + pending
         excess = spent + reserved + need - budget
         if excess <= 1e-9:
             return
