@@ -20,6 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Protocol
 
 import wasmtime
@@ -58,15 +59,16 @@ def max_charge(plan: Plan) -> float:
     return plan.timeout * max(1.0, plan.cpus) + plan.kill_grace
 
 
-def validate_module(data: bytes, max_bytes: int) -> None:
+def validate_module(data: bytes, max_bytes: int, digest: bytes | None = None) -> None:
     """Refuse bytes that are not a WebAssembly module, without compiling them.
 
     Raises `ModuleRejected`. Validation is linear in the size, which is bounded first; the
-    tier validates again (with its own engine's features) when it runs the task.
+    tier validates again (with its own engine's features) when it runs the task. Modules that
+    passed are remembered by SHA-256 (`digest`, if the caller has it already).
     """
     if len(data) > max_bytes:
         raise ModuleRejected(f"the module is {len(data)} bytes, over {max_bytes}")
-    digest = hashlib.sha256(data).digest()
+    digest = digest or hashlib.sha256(data).digest()
     with _engine_lock:
         if digest in _valid:  # the same bytes validated before: the verdict cannot change
             _valid.move_to_end(digest)
@@ -234,8 +236,25 @@ class Dispatcher(Closeable):
                 if deleted:
                     log.info("retention: deleted %d finished tasks", deleted)
 
-    def submit(self, token: str, policy_name: str, task: Task) -> Record:
-        """Check the task, the policy and the token's quotas, journal the task, queue it.
+    def submit(
+        self, token: str, policy_name: str, task: Task, module_sha256: str | None = None
+    ) -> Record:
+        """Check the task, the policy and the token's quotas, journal the task, queue it
+        (`module_sha256`: its module's digest, when it came from the journal by digest).
+        Returns its record once it is durable.
+
+        Raises `SandboxError` for a task the policy refuses or that is malformed (a module
+        that is not WebAssembly: `ModuleRejected`; text that cannot be stored:
+        `InputRejected`) and `QuotaExceeded`.
+        """
+        return self.submit_future(token, policy_name, task, module_sha256).result()
+
+    def submit_future(
+        self, token: str, policy_name: str, task: Task, module_sha256: str | None = None
+    ) -> Future[Record]:
+        """`submit` without waiting for the journal: checks and admission happen now (and
+        raise as `submit` does); the future gives the record once it is durable, by which
+        time the task is queued.
 
         Raises `SandboxError` for a task the policy refuses or that is malformed (a module
         that is not WebAssembly: `ModuleRejected`; text that cannot be stored:
@@ -244,7 +263,8 @@ class Dispatcher(Closeable):
         self._ensure_open()
         plan = apply(self.config.policies[policy_name], task)
         if task.kind is TaskKind.WASM and task.module_bytes is not None:
-            validate_module(task.module_bytes, self.config.service.max_body_bytes)
+            validate_module(task.module_bytes, self.config.service.max_body_bytes,
+                            None if module_sha256 is None else bytes.fromhex(module_sha256))
         # Client schemas are checked (and compiled, cached) now: a remote or file $ref, a
         # regex RE2 cannot run or an oversized schema is a 400, never a fetch on a worker.
         for what, schema in (("input_schema", task.input_schema),
@@ -267,16 +287,22 @@ class Dispatcher(Closeable):
                 self._check_budget(token, need, quota.cpu_seconds, quota.window, held)
             reserve = 0.0 if math.isinf(need) else need
             self._pending[token] = (count + 1, held + reserve)
-        try:
-            record = self.store.add(token, policy_name, task, reserve)
-        finally:
+
+        def journaled(committed: bool) -> None:  # on the journal's writer thread
             with self._admission:
                 count, held = self._pending.pop(token)
                 if count > 1:
                     self._pending[token] = (count - 1, held - reserve)
-        self.metrics.accepted.inc()
-        self._enqueue(task.id)
-        return record
+            if committed:
+                self.metrics.accepted.inc()
+                self._enqueue(task.id)
+
+        try:
+            return self.store.add_future(token, policy_name, task, reserve, module_sha256,
+                                         journaled)
+        except BaseException:
+            journaled(False)
+            raise
 
     def _check_budget(
         self, token: str, need: float, budget: float, window: float, pending: float

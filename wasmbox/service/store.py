@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import queue
 import sqlite3
 import threading
@@ -55,6 +56,7 @@ MAX_BATCH = 256
 # How long a write or read waits for another process holding the journal's lock.
 BUSY_TIMEOUT_S = 5.0
 T = TypeVar("T")
+log = logging.getLogger("wasmbox.service")
 UNSTORABLE = "the result could not be stored (nested too deep, or text that is not valid Unicode)"
 
 _SCHEMA = """
@@ -157,12 +159,23 @@ class TaskStore(Closeable):
 
     def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
         """Run `op` in the next committed batch; return its value once the batch is durable."""
+        return self._queue_write(op).result()
+
+    def _queue_write(
+        self, op: Callable[[sqlite3.Connection], T],
+        after: Callable[[bool], None] | None = None,
+    ) -> Future[T]:
+        """Queue `op` for the next batch; the future resolves once the batch is durable.
+
+        `after(committed)` runs on the writer thread once the batch's fate is known, before
+        the future resolves (True: `op` succeeded and its batch committed).
+        """
         future: Future[T] = Future()
         with self._gate:
             if self._closed:
                 raise sqlite3.ProgrammingError("the task journal is closed")
-            self._writes.put(_Write(op, future))
-        return future.result()
+            self._writes.put(_Write(op, future, after))
+        return future
 
     def _write_loop(self) -> None:
         stop = False
@@ -204,10 +217,12 @@ class TaskStore(Closeable):
                 if db.in_transaction:
                     db.execute("ROLLBACK")
             for write in batch:
+                _after(write, False)
                 write.future.set_exception(exc)
             return
         # Only now, after the commit's fsync, does any caller hear back.
-        for future, ok, value in outcomes:
+        for write, (future, ok, value) in zip(batch, outcomes, strict=True):
+            _after(write, ok)
             if ok:
                 future.set_result(value)
             else:
@@ -229,12 +244,24 @@ class TaskStore(Closeable):
 
     # -- writes -------------------------------------------------------------------------
 
-    def add(self, token: str, policy: str, task: Task, reserved_s: float = 0.0) -> Record:
-        """Journal a new queued task holding `reserved_s` of its token's budget.
+    def add(
+        self, token: str, policy: str, task: Task, reserved_s: float = 0.0,
+        module_sha256: str | None = None,
+    ) -> Record:
+        """Journal a new queued task holding `reserved_s` of its token's budget
+        (`module_sha256`: the digest of its module if known, computed here otherwise).
 
         Returns its record once it is durable; raises `InputRejected` for a task that cannot
         be journaled (text that is not valid Unicode, say).
         """
+        return self.add_future(token, policy, task, reserved_s, module_sha256).result()
+
+    def add_future(
+        self, token: str, policy: str, task: Task, reserved_s: float = 0.0,
+        module_sha256: str | None = None, after: Callable[[bool], None] | None = None,
+    ) -> Future[Record]:
+        """`add` without waiting: the future gives the record once it is durable; `after`
+        runs on the writer thread first (with True if it was committed)."""
         try:
             task_json = task.model_dump_json(exclude={"module_bytes"})
             task_json.encode("utf-8")
@@ -245,9 +272,16 @@ class TaskStore(Closeable):
             ) from exc
         now = time.time()
         module = task.module_bytes
-        digest = None if module is None else hashlib.sha256(module).hexdigest()
+        digest = None if module is None else (
+            module_sha256 or hashlib.sha256(module).hexdigest())
 
-        def insert(db: sqlite3.Connection) -> None:
+        record = Record(
+            id=task.id, token=token, policy=policy, state=State.QUEUED, cancel_requested=False,
+            attempts=0, result=None, error=None, submitted_at=now, started_at=None,
+            finished_at=None, file_sizes={}, charged_s=None, reserved_s=reserved_s,
+        )
+
+        def insert(db: sqlite3.Connection) -> Record:
             if digest is not None:  # stored once however many tasks run it
                 db.execute(
                     "INSERT INTO modules (sha256, data, last_used) VALUES (?, ?, ?)"
@@ -259,13 +293,9 @@ class TaskStore(Closeable):
                 " reserved_s, submitted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (task.id, token, policy, State.QUEUED, task_json, digest, reserved_s, now),
             )
+            return record
 
-        self._write(insert)
-        return Record(
-            id=task.id, token=token, policy=policy, state=State.QUEUED, cancel_requested=False,
-            attempts=0, result=None, error=None, submitted_at=now, started_at=None,
-            finished_at=None, file_sizes={}, charged_s=None, reserved_s=reserved_s,
-        )
+        return self._queue_write(insert, after)
 
     def claim(self, task_id: str) -> tuple[str, Task] | None:
         """Mark a queued task running and return (policy name, task); None if not queued."""
@@ -462,6 +492,14 @@ class TaskStore(Closeable):
             charged_s=row[11], reserved_s=row[12],
         )
 
+    def module(self, token: str, sha256: str) -> bytes | None:
+        """The module of SHA-256 `sha256` if `token` submitted it and it is still kept."""
+        row = self._reader().execute(
+            "SELECT data FROM modules WHERE sha256 = ? AND EXISTS (SELECT 1 FROM tasks"
+            " WHERE module_sha256 = ? AND token = ?)", (sha256, sha256, token),
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
     def file(self, task_id: str, name: str) -> bytes | None:
         """One output file of a finished task, by its exact name."""
         row = self._reader().execute(
@@ -536,6 +574,15 @@ class _Write(Generic[T]):
 
     op: Callable[[sqlite3.Connection], T]
     future: Future[T]
+    after: Callable[[bool], None] | None = None
+
+
+def _after(write: _Write[Any], committed: bool) -> None:
+    if write.after is not None:
+        try:
+            write.after(committed)
+        except Exception:  # the writer outlives any follow-up's failure
+            log.exception("a journal write's follow-up failed")
 
 
 def _storable(result: Result) -> tuple[Result, str]:
