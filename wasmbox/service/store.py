@@ -138,6 +138,7 @@ class TaskStore(Closeable):
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: an acknowledged task survives power loss too, not only a process crash.
         self._db.execute("PRAGMA synchronous=FULL")
+        self._synced = True
         self._db.executescript(_SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(tasks)")}
         if "reserved_s" not in columns:  # a journal written before reservations existed
@@ -157,13 +158,17 @@ class TaskStore(Closeable):
 
     # -- group commit -------------------------------------------------------------------
 
-    def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `op` in the next committed batch; return its value once the batch is durable."""
-        return self._queue_write(op).result()
+    def _write(self, op: Callable[[sqlite3.Connection], T], durable: bool = True) -> T:
+        """Run `op` in the next committed batch; return its value once the batch is durable.
+
+        `durable=False`: committed without the fsync when no other write of its batch needs
+        one (it survives the process being killed, not the machine losing power).
+        """
+        return self._queue_write(op, durable=durable).result()
 
     def _queue_write(
         self, op: Callable[[sqlite3.Connection], T],
-        after: Callable[[bool], None] | None = None,
+        after: Callable[[bool], None] | None = None, durable: bool = True,
     ) -> Future[T]:
         """Queue `op` for the next batch; the future resolves once the batch is durable.
 
@@ -174,7 +179,7 @@ class TaskStore(Closeable):
         with self._gate:
             if self._closed:
                 raise sqlite3.ProgrammingError("the task journal is closed")
-            self._writes.put(_Write(op, future, after))
+            self._writes.put(_Write(op, future, after, durable))
         return future
 
     def _write_loop(self) -> None:
@@ -199,6 +204,10 @@ class TaskStore(Closeable):
         db = self._db
         outcomes: list[tuple[Future[Any], bool, Any]] = []
         try:
+            synced = any(write.durable for write in batch)
+            if synced != self._synced:  # WAL: FULL fsyncs at each commit, NORMAL does not
+                db.execute(f"PRAGMA synchronous={'FULL' if synced else 'NORMAL'}")
+                self._synced = synced
             db.execute("BEGIN IMMEDIATE")
             for write in batch:
                 db.execute("SAVEPOINT one")
@@ -314,7 +323,9 @@ class TaskStore(Closeable):
             ).fetchone()
             return row
 
-        found = self._write(claim)
+        # Not fsynced on its own: a claim lost with the machine's power only undercounts the
+        # task's attempts by one; the next durable commit (its finish, say) covers it too.
+        found = self._write(claim, durable=False)
         if found is None:
             return None
         policy, task_json, module = found
@@ -575,6 +586,7 @@ class _Write(Generic[T]):
     op: Callable[[sqlite3.Connection], T]
     future: Future[T]
     after: Callable[[bool], None] | None = None
+    durable: bool = True
 
 
 def _after(write: _Write[Any], committed: bool) -> None:
