@@ -176,6 +176,9 @@ class TaskStore(Closeable):
         the future resolves (True: `op` succeeded and its batch committed).
         """
         future: Future[T] = Future()
+        # Running from the start: cancelling it (a client that went away while its
+        # submission was awaited) cannot stop the write or fail the writer's set_result.
+        future.set_running_or_notify_cancel()
         with self._gate:
             if self._closed:
                 raise sqlite3.ProgrammingError("the task journal is closed")
