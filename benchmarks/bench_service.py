@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import base64
 import hashlib
+import importlib.util
 import json
 import os
 import socket
@@ -32,14 +33,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import CORES, NoProgress, Progress, Row  # noqa: E402
+from benchmarks.common import CORES, NoProgress, Progress, Row, missing  # noqa: E402
 from benchmarks.report import print_rows, service_lines  # noqa: E402
 from guests.build import build  # noqa: E402
 
@@ -59,6 +59,13 @@ def measure(quick: bool, progress: Progress, workers: int = 2,
     the only way before module_sha256 existed, for before/after runs).
     """
     progress.show("service: starting the service")
+    absent = [name for name in ("httpx", "fastapi", "uvicorn")
+              if importlib.util.find_spec(name) is None]
+    if absent:
+        row = missing("service", "service over HTTP", None,
+                      f"not installed: {', '.join(absent)} (pip install 'wasmbox[service]')")
+        row.group = "service"
+        return [row]
     hello = build(ROOT / "build" / "guests", ["hello"])["hello"].read_bytes()
     n = tasks or (150 if quick else 1000)
     rows: list[Row] = []
@@ -115,6 +122,8 @@ def _row(form: str, level: int, body: dict[str, str], url: str, n: int, workers:
 
 async def _load(url: str, body: dict[str, str], form: str, level: int, n: int) -> list[float]:
     """Run `n` tasks from `level` concurrent clients; each task's submit-to-result seconds."""
+    import httpx
+
     latencies: list[float] = []
     remaining = iter(range(n))
     limits = httpx.Limits(max_connections=level, max_keepalive_connections=level)
@@ -130,7 +139,7 @@ async def _load(url: str, body: dict[str, str], form: str, level: int, n: int) -
     return latencies
 
 
-async def _task(client: httpx.AsyncClient, body: dict[str, str], form: str) -> float:
+async def _task(client: Any, body: dict[str, str], form: str) -> float:
     t0 = time.perf_counter()
     params = {"wait": 30} if form == "wait" else None
     response = await client.post("/v1/tasks", json=body, params=params)
@@ -186,6 +195,8 @@ def _free_port() -> int:
 
 
 def _wait_ready(url: str, server: subprocess.Popen[bytes]) -> None:
+    import httpx
+
     for _ in range(600):
         if server.poll() is not None:
             raise RuntimeError(f"service exited with {server.returncode}")
