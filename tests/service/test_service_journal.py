@@ -1,13 +1,15 @@
 """The group-committing journal: a write whose caller gave up still lands, and the writer
 thread serves the next one; one failing write is undone alone; closing commits what is
-queued."""
+queued; the read connections of threads that ended do not pile up."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from pathlib import Path
 
+import psutil
 import pytest
 
 from wasmbox import Task
@@ -71,3 +73,29 @@ def test_closing_commits_what_is_queued(tmp_path: Path, guests: dict[str, Path])
         reopened.close()
     with pytest.raises(sqlite3.ProgrammingError):
         store.add("alice", "default", hello(guests))
+
+
+def test_read_connections_of_ended_threads_are_closed(
+    tmp_path: Path, guests: dict[str, Path]
+) -> None:
+    store = TaskStore(tmp_path / "tasks.db")
+    try:
+        task = hello(guests)
+        store.add("alice", "default", task)
+        me = psutil.Process()
+
+        def read_once() -> None:
+            assert store.get(task.id) is not None
+
+        def short_lived_readers(count: int) -> None:
+            for _ in range(count):
+                thread = threading.Thread(target=read_once)
+                thread.start()
+                thread.join()
+
+        short_lived_readers(5)
+        before = me.num_fds()
+        short_lived_readers(60)  # a server's thread pool retiring and starting threads
+        assert me.num_fds() - before < 10
+    finally:
+        store.close()

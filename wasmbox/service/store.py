@@ -148,7 +148,7 @@ class TaskStore(Closeable):
         self._db.execute("CREATE INDEX IF NOT EXISTS tasks_by_module ON tasks (module_sha256)"
                          " WHERE module_sha256 IS NOT NULL")
         self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
+        self._readers: dict[threading.Thread, sqlite3.Connection] = {}
         self._gate = threading.Lock()  # orders queueing a write against closing
         self._closed = False
         self._writes: queue.SimpleQueue[_Write[Any] | None] = queue.SimpleQueue()
@@ -247,9 +247,13 @@ class TaskStore(Closeable):
             with self._gate:
                 if self._closed:
                     raise sqlite3.ProgrammingError("the task journal is closed")
+                # Threads come and go (the server's thread pool retires idle ones): the
+                # connections of those that ended are closed here, so they do not pile up.
+                for thread in [t for t in self._readers if not t.is_alive()]:
+                    self._readers.pop(thread).close()
                 db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None,
                                      timeout=BUSY_TIMEOUT_S)
-                self._readers.append(db)
+                self._readers[threading.current_thread()] = db
             db.execute("PRAGMA query_only=ON")
             self._local.db = db
         return db
@@ -578,7 +582,7 @@ class TaskStore(Closeable):
             self._writes.put(None)
         self._writer.join()
         self._db.close()
-        for db in self._readers:
+        for db in self._readers.values():
             db.close()
 
 
