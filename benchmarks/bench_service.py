@@ -1,139 +1,203 @@
-"""Service throughput and latency (wasm tier, hello) over loopback, and Dask scale-out 1 -> 2.
+"""Service throughput and latency over HTTP: WASI hello tasks from N concurrent clients.
 
-    python3 benchmarks/bench_service.py [--requests 200] [--concurrency 8] [--dask-tasks 8]
+A bounded asyncio load generator (httpx.AsyncClient) against a service it starts itself on
+127.0.0.1 (``python -m wasmbox.service``, thread back end, a fresh journal). For each
+concurrency level (8, 16, 32) and each form -- ``POST /v1/tasks`` then long-poll ``GET
+/v1/tasks/{id}?wait=``, and submit-and-wait ``POST /v1/tasks?wait=`` -- it reports tasks/s and
+the submit-to-result latency of every task (p50/p95/p99). The module goes by ``module_sha256``
+(sent once as base64 first); one more row sends the 169 KB module as base64 in every request.
 
-Needs the guests (``python3 guests/build.py --out build/guests``). Latency is from submit to
-the final result seen by a long-poll, so it includes the SQLite journal writes.
+    python3 benchmarks/bench_service.py [--quick] [--tasks 400] [--workers 2]
+    python3 -m benchmarks --tiers service
+
+Latency includes the journal's durable commits (a 202 is answered only after its row is
+committed). The load generator shares the machine's cores with the service.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
+import hashlib
+import importlib.util
 import json
 import os
-import statistics
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-GUESTS = ROOT / "build" / "guests"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import CORES, NoProgress, Progress, Row, missing  # noqa: E402
+from benchmarks.report import print_rows, service_lines  # noqa: E402
+from guests.build import build  # noqa: E402
+
+STEPS = 4
+HOST = "127.0.0.1"  # the only address the benchmark's service listens on
 SECRET = "bench-secret"
+LEVELS = (8, 16, 32)
+FORMS = {"poll": "submit + long-poll", "wait": "submit-and-wait (?wait=)"}
+REQUEST_TIMEOUT_S = 60.0  # one request; a whole cell is bounded by its task count times this
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=2, help="service worker threads")
-    parser.add_argument("--dask-tasks", type=int, default=8)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="wasmbox-bench-service-") as tmp:
-        os.environ.setdefault("WASMBOX_CACHE_DIR", str(Path(tmp) / "cache"))
-        bench_http(Path(tmp), args.requests, args.concurrency, args.workers)
-        bench_dask(args.dask_tasks)
-    return 0
+def measure(quick: bool, progress: Progress, workers: int = 2,
+            tasks: int | None = None, by: str = "sha256") -> list[Row]:
+    """One row per (form, concurrency level), plus base64-in-every-request at the lowest.
+
+    `by`: how the cells name the module, ``sha256`` or ``b64`` (every request carries it;
+    the only way before module_sha256 existed, for before/after runs).
+    """
+    progress.show("service: starting the service")
+    absent = [name for name in ("httpx", "fastapi", "uvicorn")
+              if importlib.util.find_spec(name) is None]
+    if absent:
+        row = missing("service", "service over HTTP", None,
+                      f"not installed: {', '.join(absent)} (pip install 'wasmbox[service]')")
+        row.group = "service"
+        return [row]
+    hello = build(ROOT / "build" / "guests", ["hello"])["hello"].read_bytes()
+    n = tasks or (150 if quick else 1000)
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="wasmbox-bench-service-") as tmp, \
+            _service(Path(tmp), workers, max(LEVELS) * 2) as (url, server):
+        load_before = os.getloadavg()[0]
+        by_b64 = {"kind": "wasm", "module_b64": base64.b64encode(hello).decode()}
+        by_ref = {"kind": "wasm", "module_sha256": hashlib.sha256(hello).hexdigest()}
+        asyncio.run(_load(url, by_b64, "poll", 4, 8))  # warm: journal the module, compile it
+        progress.step("service: submit + long-poll")
+        for form in FORMS:
+            if form == "wait":
+                progress.step("service: submit-and-wait")
+            for level in LEVELS:
+                body = by_ref if by == "sha256" else by_b64
+                rows.append(_row(form, level, body, url, n, workers, server))
+        progress.step("service: module as base64 in every request")
+        if by == "sha256":
+            b64 = _row("poll", LEVELS[0], by_b64, url, max(50, n // 4), workers, server)
+            b64.id, b64.label = "service:poll-b64", f"{b64.label}, module as base64 each time"
+            rows.append(b64)
+        rows[0].notes.insert(0, (
+            f"{n} hello tasks a cell (module by {'module_sha256' if by == 'sha256' else 'base64'}"
+            f"), service with {workers} worker "
+            f"threads, load generator and service on the same {CORES} cores; load average "
+            f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after (the machine is shared)"))
+    progress.step("service: done")
+    return rows
 
 
-def bench_http(tmp: Path, requests: int, concurrency: int, workers: int) -> None:
-    config = tmp / "service.toml"
-    config.write_text(
-        f'[service]\nworkers = {workers}\ndb = "{tmp / "tasks.db"}"\n'
-        f'[tokens.bench]\nsecret = "{SECRET}"\nmax_concurrent = {concurrency * 2}\n',
-        encoding="utf-8",
-    )
-    port = _free_port()
-    log = (tmp / "service.log").open("wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "wasmbox.service", "--port", str(port), "--config", str(config)],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(url, server)
-        body = {"kind": "wasm",
-                "module_b64": base64.b64encode((GUESTS / "hello.wasm").read_bytes()).decode()}
-        headers = {"Authorization": f"Bearer {SECRET}"}
-        with httpx.Client(base_url=url, headers=headers, timeout=60,
-                          limits=httpx.Limits(max_connections=concurrency * 2)) as client:
-            for _ in range(5):
-                _one(client, body)  # warm-up: compile and cache the module
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(concurrency) as pool:
-                latencies = list(pool.map(lambda _i: _one(client, body), range(requests)))
-            elapsed = time.perf_counter() - t0
-        latencies.sort()
-        print(json.dumps({
-            "bench": "service-http-hello", "requests": requests, "concurrency": concurrency,
-            "service_workers": workers, "tasks_per_s": round(requests / elapsed, 1),
-            "p50_ms": round(statistics.median(latencies) * 1e3, 2),
-            "p99_ms": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
-                            * 1e3, 2),
-        }))
-    finally:
-        server.terminate()
-        server.wait(30)
-        log.close()
-
-
-def _one(client: httpx.Client, body: dict[str, str]) -> float:
+def _row(form: str, level: int, body: dict[str, str], url: str, n: int, workers: int,
+         server: psutil.Process) -> Row:
+    s0, c0 = server.cpu_times(), time.process_time()
     t0 = time.perf_counter()
-    response = client.post("/v1/tasks", json=body)
+    latencies = asyncio.run(_load(url, body, form, level, n))
+    elapsed = time.perf_counter() - t0
+    s1, c1 = server.cpu_times(), time.process_time()
+    service_cpu = (s1.user + s1.system - s0.user - s0.system) / n
+    client_cpu = (c1 - c0) / n
+    row = Row(f"service:{form}-{level}", f"{FORMS[form]}, {level} clients", None,
+              group="service")
+    row.wall_s = latencies
+    row.rates = [n / elapsed]
+    row.throughput = {"tasks": n, "concurrency": level, "workers": workers,
+                      "tasks_per_s": n / elapsed, "service_cpu_s": service_cpu,
+                      "client_cpu_s": client_cpu}
+    row.notes.append(
+        f"CPU per task: service {service_cpu * 1e3:.2f} ms, load generator "
+        f"{client_cpu * 1e3:.2f} ms; on {CORES} otherwise idle cores the ceiling is "
+        f"{CORES / (service_cpu + client_cpu):.0f} tasks/s with the load generator here, "
+        f"{CORES / service_cpu:.0f} without it")
+    return row
+
+
+async def _load(url: str, body: dict[str, str], form: str, level: int, n: int) -> list[float]:
+    """Run `n` tasks from `level` concurrent clients; each task's submit-to-result seconds."""
+    import httpx
+
+    latencies: list[float] = []
+    remaining = iter(range(n))
+    limits = httpx.Limits(max_connections=level, max_keepalive_connections=level)
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {SECRET}"},
+                                 timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
+
+        async def one_client() -> None:
+            for _ in remaining:
+                latencies.append(await _task(client, body, form))
+
+        await asyncio.wait_for(asyncio.gather(*(one_client() for _ in range(level))),
+                               timeout=REQUEST_TIMEOUT_S * max(1, n // level + 1))
+    return latencies
+
+
+async def _task(client: Any, body: dict[str, str], form: str) -> float:
+    t0 = time.perf_counter()
+    params = {"wait": 30} if form == "wait" else None
+    response = await client.post("/v1/tasks", json=body, params=params)
     response.raise_for_status()
-    task_id = response.json()["id"]
-    while True:
-        view = client.get(f"/v1/tasks/{task_id}", params={"wait": 30}).json()
+    view: dict[str, Any] = response.json()
+    for _ in range(10):  # bounded: ten long-polls of up to 30 s each
         if view["final"]:
             if view["result"]["status"] != "completed":
                 raise RuntimeError(f"bench task did not complete: {view}")
             return time.perf_counter() - t0
+        poll = await client.get(f"/v1/tasks/{view['id']}", params={"wait": 30})
+        poll.raise_for_status()
+        view = poll.json()
+    raise RuntimeError(f"bench task {view['id']} did not finish")
 
 
-def bench_dask(count: int) -> None:
-    import dask
-    from distributed import Client, LocalCluster
-
-    from wasmbox import Task
-    from wasmbox.distributed import cluster_config, run_many
-
-    timings = {}
-    for workers in (1, 2):
-        with dask.config.set(cluster_config()), LocalCluster(  # type: ignore[no-untyped-call]
-            n_workers=workers, processes=True, threads_per_worker=1, host="127.0.0.1",
-            dashboard_address=None,
-        ) as cluster, Client(cluster) as client:  # type: ignore[no-untyped-call]
-            run_many(client, [Task.wasm(GUESTS / "cpu_kernel.wasm", args=("1000",))
-                              for _ in range(workers * 2)])  # warm every worker
-            tasks = [Task.wasm(GUESTS / "cpu_kernel.wasm") for _ in range(count)]
-            t0 = time.perf_counter()
-            results = run_many(client, tasks)
-            timings[workers] = time.perf_counter() - t0
-            if any(not r.ok for r in results):
-                raise RuntimeError(f"bench task failed: {results[0]}")
-    print(json.dumps({
-        "bench": "dask-cpu_kernel", "tasks": count,
-        "seconds_1_worker": round(timings[1], 2), "seconds_2_workers": round(timings[2], 2),
-        "speedup": round(timings[1] / timings[2], 2),
-    }))
+@contextmanager
+def _service(tmp: Path, workers: int,
+             max_concurrent: int) -> Iterator[tuple[str, psutil.Process]]:
+    """``python -m wasmbox.service`` on a free loopback port; yields its URL and process."""
+    config = tmp / "service.toml"
+    config.write_text(
+        f'[service]\nworkers = {workers}\ndb = "{tmp / "tasks.db"}"\n'
+        f'[tokens.bench]\nsecret = "{SECRET}"\nmax_concurrent = {max_concurrent}\n',
+        encoding="utf-8",
+    )
+    port = _free_port()
+    env = {**os.environ, "WASMBOX_CACHE_DIR": os.environ.get("WASMBOX_CACHE_DIR",
+                                                             str(tmp / "cache"))}
+    with (tmp / "service.log").open("wb") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "wasmbox.service", "--host", HOST, "--port", str(port),
+             "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+        try:
+            url = f"http://{HOST}:{port}"
+            _wait_ready(url, server)
+            yield url, psutil.Process(server.pid)
+        finally:
+            server.terminate()
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((HOST, 0))
         port: int = sock.getsockname()[1]
         return port
 
 
 def _wait_ready(url: str, server: subprocess.Popen[bytes]) -> None:
-    for _ in range(300):
+    import httpx
+
+    for _ in range(600):
         if server.poll() is not None:
             raise RuntimeError(f"service exited with {server.returncode}")
         try:
@@ -142,6 +206,32 @@ def _wait_ready(url: str, server: subprocess.Popen[bytes]) -> None:
         except httpx.TransportError:
             time.sleep(0.05)
     raise RuntimeError("service did not start")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer tasks per cell")
+    parser.add_argument("--tasks", type=int, help="tasks per cell (default 150 quick, 1000)")
+    parser.add_argument("--workers", type=int, default=2, help="service worker threads")
+    parser.add_argument("--by", choices=("sha256", "b64"), default="sha256",
+                        help="name the module by digest (default) or send it every time")
+    parser.add_argument("--json", action="store_true", help="one JSON line per row")
+    args = parser.parse_args(argv)
+    rows = measure(args.quick, NoProgress(STEPS), args.workers, args.tasks, args.by)
+    if args.json:
+        for row in rows:
+            print(json.dumps({"id": row.id, **row.throughput,
+                              **{f"p{q}_ms": round(_pct(row.wall_s, q) * 1e3, 2)
+                                 for q in (50, 95, 99)}}))
+    else:
+        print_rows(rows)
+        print("\n".join(service_lines(rows)))
+    return 0
+
+
+def _pct(values: list[float], q: int) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q / 100))]
 
 
 if __name__ == "__main__":

@@ -89,6 +89,9 @@ def markdown(rows: Sequence[Row], meta: dict[str, Any]) -> str:
     if any(row.group == "scaling" for row in grouped):
         out += ["", f"## Throughput across cores ({meta['cores']} cores)", "",
                 *scaling_lines(grouped)]
+    if any(row.group == "service" for row in grouped):
+        out += ["", "## Service over HTTP: WASI hello, submit to result", "",
+                *service_lines(grouped)]
     out += ["", "Machine: " + ", ".join(f"{k} {v}" for k, v in meta["machine"].items()), ""]
     return "\n".join(out)
 
@@ -134,6 +137,25 @@ def scaling_lines(rows: Sequence[Row]) -> list[str]:
             speed = f"{mid / ref:.2f}x {base.label}"
         span = f"{min(row.rates):.0f}-{max(row.rates):.0f}" if row.rates else ""
         lines.append(f"| {row.label} | {mid or 0:.0f} ({span}) | {speed} |")
+        notes += [f"- **{row.label}**: {note}." for note in row.notes]
+    return [*lines, "", *notes]
+
+
+def service_lines(rows: Sequence[Row]) -> list[str]:
+    """Tasks/s and submit-to-result percentiles per form and concurrency level."""
+    lines = ["| Form, clients | Tasks/s | p50 | p95 | p99 | n |", "|---|---|---|---|---|---|"]
+    notes = []
+    for row in rows:
+        if row.group != "service":
+            continue
+        if not row.available:
+            lines.append(f"| {row.label} | not available | | | | {row.reason} |")
+            continue
+        ordered = sorted(row.wall_s)
+        cells = [_seconds(ordered[min(len(ordered) - 1, int(len(ordered) * q))])
+                 for q in (0.50, 0.95, 0.99)]
+        lines.append(f"| {row.label} | {row.throughput['tasks_per_s']:.0f} | "
+                     + " | ".join(cells) + f" | {len(ordered)} |")
         notes += [f"- **{row.label}**: {note}." for note in row.notes]
     return [*lines, "", *notes]
 

@@ -38,6 +38,7 @@ from benchmarks import (  # noqa: E402
     bench_peers,
     bench_python,
     bench_scaling,
+    bench_service,
     bench_vm,
     bench_wasm,
     report,
@@ -52,6 +53,7 @@ GROUPS: dict[str, ModuleType] = {
     "vm": bench_vm,
     "peers": bench_peers,
     "scaling": bench_scaling,
+    "service": bench_service,
 }
 
 

@@ -72,6 +72,7 @@ def serve(
             uvicorn.run(
                 create_app(config), host=host, port=port, log_level="info",
                 timeout_graceful_shutdown=_CONNECTION_GRACE_S,
+                access_log=config.service.access_log,
             )
         return
     config = ServiceConfig.from_toml(config_path) if config_path else ServiceConfig()
@@ -82,7 +83,7 @@ def serve(
         raise ConfigError("the service config defines no [tokens.*]: nobody could use it")
     uvicorn.run(
         create_app(config), host=host, port=port, log_level="info",
-        timeout_graceful_shutdown=_CONNECTION_GRACE_S,
+        timeout_graceful_shutdown=_CONNECTION_GRACE_S, access_log=config.service.access_log,
     )
 
 

@@ -5,6 +5,7 @@ import asyncio
 import json
 import math
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -161,11 +162,13 @@ def create_app(
         app.add_exception_handler(error, refused)
     app.add_exception_handler(RequestValidationError, invalid)
 
-    def state(request: Request) -> _State:
+    # Dependencies are coroutines: FastAPI runs a plain function in the thread pool, a hop
+    # to another thread and back for each of them on every request.
+    async def state(request: Request) -> _State:
         found: _State = request.app.state.wasmbox
         return found
 
-    def token(
+    async def token(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> str:
         name = None if credentials is None else config.authenticate(credentials.credentials)
@@ -179,7 +182,7 @@ def create_app(
     def only_query(*names: str) -> Any:
         """A dependency refusing query parameters other than `names` (a typo such as
         ``?wiat=10`` is a 422, not silently a request without it)."""
-        def check(request: Request) -> None:
+        async def check(request: Request) -> None:
             unknown = sorted(set(request.query_params) - set(names))
             if unknown:
                 raise RequestValidationError([{
@@ -193,12 +196,28 @@ def create_app(
     def submit(
         st: _State, name: str, request: AnyTaskRequest, module: bytes | None,
     ) -> TaskView:
+        """Admit and journal a task; its view once it is durable."""
+        return TaskView.of(admit(st, name, request, module).result())
+
+    def admit(
+        st: _State, name: str, request: AnyTaskRequest, module: bytes | None,
+    ) -> Future[Record]:
+        """Check and admit a task (client errors raise here); the future gives its record
+        once it is journaled."""
         allowed = config.tokens[name].policies
         policy = request.policy or allowed[0]
         if policy not in allowed:
             raise HTTPException(403, f"policy {policy!r} is not available to this token")
+        digest = None
+        if isinstance(request, WasmTaskRequest) and request.module_sha256 is not None:
+            digest = request.module_sha256
+            module = st.dispatcher.store.module(name, digest)
+            if module is None:
+                metrics.refused.labels(code="400").inc()
+                raise HTTPException(400, "module_sha256 names no module this token submitted "
+                                    "recently: send it once as module_b64")
         try:
-            record = st.dispatcher.submit(name, policy, request.to_task(module))
+            return st.dispatcher.submit_future(name, policy, request.to_task(module), digest)
         except QuotaExceeded as exc:
             metrics.refused.labels(code="429").inc()
             raise HTTPException(429, str(exc), headers={
@@ -208,7 +227,6 @@ def create_app(
         except (SandboxError, ValidationError) as exc:
             metrics.refused.labels(code="400").inc()
             raise HTTPException(400, f"{type(exc).__name__}: {exc}") from exc
-        return TaskView.of(record)
 
     def owned(st: _State, name: str, task_id: str) -> Record:
         record = st.dispatcher.store.get(task_id)
@@ -246,7 +264,13 @@ def create_app(
         """Submit a task (a module as base64, Python source, or a command's argv); it is
         journaled before the answer. With `wait`, answer 200 with the final view if it ends
         within that many seconds, else 202 with the view as it is then."""
-        view = await run_in_threadpool(submit, st, name, body, None)
+        if (isinstance(body, WasmTaskRequest) and body.module_sha256 is not None
+                and body.output_schema is None):
+            # A module by reference: admission is a few index lookups (its validation is
+            # cached), so it runs here and only the commit is waited for, off the loop.
+            view = TaskView.of(await asyncio.wrap_future(admit(st, name, body, None)))
+        else:  # decoding and validating a module, or scanning source, can take a while
+            view = await run_in_threadpool(submit, st, name, body, None)
         if wait <= 0:
             return view
         record = await until_final(st, name, owned(st, name, view.id), wait)

@@ -9,6 +9,8 @@ max_wait = 30                    # longest long-poll, seconds
 shutdown_grace = 30              # how long a shutdown waits for running tasks
 db = "wasmbox-service.db"        # relative to this file
 retention = "7d"                 # finished tasks and their files are deleted after this
+module_retention = "1h"          # a module nobody submitted for this long is deleted
+access_log = false               # one log line per request (costs ~5% of throughput)
 
 [policies.default]               # inline policy fields ...
 timeouts.run = "5s"
@@ -112,6 +114,8 @@ class ServiceSettings(_Model):
     shutdown_grace: Seconds = 30.0
     db: Path = Path("wasmbox-service.db")
     retention: Age = 7 * DAY
+    module_retention: Age = 3600.0
+    access_log: bool = False
 
     @model_validator(mode="after")
     def _backend_has_scheduler(self) -> Self:

@@ -12,12 +12,15 @@ reason and the queue moves on.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Protocol
 
 import wasmtime
@@ -56,23 +59,37 @@ def max_charge(plan: Plan) -> float:
     return plan.timeout * max(1.0, plan.cpus) + plan.kill_grace
 
 
-def validate_module(data: bytes, max_bytes: int) -> None:
+def validate_module(data: bytes, max_bytes: int, digest: bytes | None = None) -> None:
     """Refuse bytes that are not a WebAssembly module, without compiling them.
 
     Raises `ModuleRejected`. Validation is linear in the size, which is bounded first; the
-    tier validates again (with its own engine's features) when it runs the task.
+    tier validates again (with its own engine's features) when it runs the task. Modules that
+    passed are remembered by SHA-256 (`digest`, if the caller has it already).
     """
     if len(data) > max_bytes:
         raise ModuleRejected(f"the module is {len(data)} bytes, over {max_bytes}")
+    digest = digest or hashlib.sha256(data).digest()
+    with _engine_lock:
+        if digest in _valid:  # the same bytes validated before: the verdict cannot change
+            _valid.move_to_end(digest)
+            return
     try:
         wasmtime.Module.validate(_validation_engine(), data)
     except wasmtime.WasmtimeError as exc:
         lines = str(exc).strip().splitlines() or ["invalid"]
         raise ModuleRejected(f"not a valid WebAssembly module: {lines[0][:500]}") from None
+    with _engine_lock:
+        _valid[digest] = None
+        while len(_valid) > VALID_CACHE_SIZE:
+            _valid.popitem(last=False)
 
 
 _engine: wasmtime.Engine | None = None
 _engine_lock = threading.Lock()
+# SHA-256 digests of modules that validated (most recently used last); only valid ones are
+# remembered, so a hostile client cannot fill it with anything it could not already submit.
+VALID_CACHE_SIZE = 1024
+_valid: OrderedDict[bytes, None] = OrderedDict()
 
 
 def _validation_engine() -> wasmtime.Engine:
@@ -170,6 +187,8 @@ class Dispatcher(Closeable):
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._queued: set[str] = set()
         self._admission = threading.Lock()
+        # Per token: tasks admitted but not yet committed, and the seconds they reserve.
+        self._pending: dict[str, tuple[int, float]] = {}
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._sweeper: threading.Thread | None = None
@@ -200,10 +219,14 @@ class Dispatcher(Closeable):
         many. Charges still inside a token's quota window are kept for its budget."""
         now = time.time()
         window = max((t.window for t in self.config.tokens.values()), default=0.0)
-        return self.store.purge(now - self.config.service.retention, now - window)
+        settings = self.config.service
+        return self.store.purge(now - settings.retention, now - window,
+                                now - min(settings.module_retention, settings.retention))
 
     def _sweep_loop(self) -> None:
-        period = min(max(self.config.service.retention / 4, SWEEP_MIN_S), SWEEP_MAX_S)
+        settings = self.config.service
+        shortest = min(settings.retention, settings.module_retention)
+        period = min(max(shortest / 4, SWEEP_MIN_S), SWEEP_MAX_S)
         while not self._stopping.wait(period):
             try:
                 deleted = self.sweep()
@@ -213,8 +236,25 @@ class Dispatcher(Closeable):
                 if deleted:
                     log.info("retention: deleted %d finished tasks", deleted)
 
-    def submit(self, token: str, policy_name: str, task: Task) -> Record:
-        """Check the task, the policy and the token's quotas, journal the task, queue it.
+    def submit(
+        self, token: str, policy_name: str, task: Task, module_sha256: str | None = None
+    ) -> Record:
+        """Check the task, the policy and the token's quotas, journal the task, queue it
+        (`module_sha256`: its module's digest, when it came from the journal by digest).
+        Returns its record once it is durable.
+
+        Raises `SandboxError` for a task the policy refuses or that is malformed (a module
+        that is not WebAssembly: `ModuleRejected`; text that cannot be stored:
+        `InputRejected`) and `QuotaExceeded`.
+        """
+        return self.submit_future(token, policy_name, task, module_sha256).result()
+
+    def submit_future(
+        self, token: str, policy_name: str, task: Task, module_sha256: str | None = None
+    ) -> Future[Record]:
+        """`submit` without waiting for the journal: checks and admission happen now (and
+        raise as `submit` does); the future gives the record once it is durable, by which
+        time the task is queued.
 
         Raises `SandboxError` for a task the policy refuses or that is malformed (a module
         that is not WebAssembly: `ModuleRejected`; text that cannot be stored:
@@ -223,7 +263,8 @@ class Dispatcher(Closeable):
         self._ensure_open()
         plan = apply(self.config.policies[policy_name], task)
         if task.kind is TaskKind.WASM and task.module_bytes is not None:
-            validate_module(task.module_bytes, self.config.service.max_body_bytes)
+            validate_module(task.module_bytes, self.config.service.max_body_bytes,
+                            None if module_sha256 is None else bytes.fromhex(module_sha256))
         # Client schemas are checked (and compiled, cached) now: a remote or file $ref, a
         # regex RE2 cannot run or an oversized schema is a 400, never a fetch on a worker.
         for what, schema in (("input_schema", task.input_schema),
@@ -232,26 +273,44 @@ class Dispatcher(Closeable):
                 compile_schema(schema, what=what)
         quota = self.config.tokens[token]
         need = max_charge(plan)
-        with self._admission:  # check-then-insert must not interleave between requests
-            if self.store.in_flight(token) >= quota.max_concurrent:
+        # Check-then-reserve is atomic (the admission lock); the journal write is not under
+        # it, so concurrent submissions share one commit. Until its row is committed, an
+        # admitted task counts as pending here.
+        with self._admission:
+            count, held = self._pending.get(token, (0, 0.0))
+            if self.store.in_flight(token) + count >= quota.max_concurrent:
                 raise QuotaExceeded(
                     f"{quota.max_concurrent} tasks are already queued or running", 1.0
                 )
             if quota.cpu_seconds is not None:
                 need = min(need, quota.cpu_seconds)
-                self._check_budget(token, need, quota.cpu_seconds, quota.window)
-            self.store.add(token, policy_name, task, 0.0 if math.isinf(need) else need)
-        self.metrics.accepted.inc()
-        self._enqueue(task.id)
-        record = self.store.get(task.id)
-        assert record is not None
-        return record
+                self._check_budget(token, need, quota.cpu_seconds, quota.window, held)
+            reserve = 0.0 if math.isinf(need) else need
+            self._pending[token] = (count + 1, held + reserve)
 
-    def _check_budget(self, token: str, need: float, budget: float, window: float) -> None:
+        def journaled(committed: bool) -> None:  # on the journal's writer thread
+            with self._admission:
+                count, held = self._pending.pop(token)
+                if count > 1:
+                    self._pending[token] = (count - 1, held - reserve)
+            if committed:
+                self.metrics.accepted.inc()
+                self._enqueue(task.id)
+
+        try:
+            return self.store.add_future(token, policy_name, task, reserve, module_sha256,
+                                         journaled)
+        except BaseException:
+            journaled(False)
+            raise
+
+    def _check_budget(
+        self, token: str, need: float, budget: float, window: float, pending: float
+    ) -> None:
         now = time.time()
         charges = self.store.charges(token, now - window)
         spent = sum(charge for _, charge in charges)
-        reserved = self.store.reserved(token)
+        reserved = self.store.reserved(token) + pending
         excess = spent + reserved + need - budget
         if excess <= 1e-9:
             return

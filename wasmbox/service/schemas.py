@@ -6,7 +6,15 @@ import base64
 import binascii
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    field_validator,
+    model_validator,
+)
 
 from wasmbox._models.result import ResultShape
 from wasmbox.models import (
@@ -87,25 +95,42 @@ class _TaskFields(BaseModel):
 
 
 class WasmTaskRequest(_TaskFields):
-    """A WASI command module, base64-encoded, with one JSON input."""
+    """A WASI command module, base64-encoded or by the SHA-256 of one this token submitted
+    before, with one JSON input."""
 
     kind: Literal["wasm"]
-    module_b64: str = Field(description="the WASI module, base64",
-                            json_schema_extra={"format": "byte"})
+    module_b64: str | None = Field(default=None, description="the WASI module, base64",
+                                   json_schema_extra={"format": "byte"})
+    module_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = Field(
+        default=None, description="instead of module_b64: the SHA-256 (hex) of a module this "
+        "token submitted recently (the service keeps each for its module_retention after its "
+        "last use); 400 if it has none")
 
     @field_validator("module_b64")
     @classmethod
-    def _is_base64(cls, value: str) -> str:
+    def _is_base64(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         try:
             base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise ValueError(f"module_b64 is not base64: {exc}") from None
         return value
 
+    @model_validator(mode="after")
+    def _one_module(self) -> WasmTaskRequest:
+        if (self.module_b64 is None) == (self.module_sha256 is None):
+            raise ValueError("give exactly one of module_b64 or module_sha256")
+        return self
+
     def to_task(self, module: bytes | None = None) -> Task:
-        """The library `Task`; the module travels as bytes, never as a host path."""
-        data = module if module is not None else base64.b64decode(self.module_b64)
-        return Task(kind=TaskKind.WASM, module_bytes=data, **self._common())
+        """The library `Task`; the module travels as bytes, never as a host path (`module`:
+        the bytes `module_sha256` names, which the caller looked up)."""
+        if module is None:
+            if self.module_b64 is None:
+                raise ValueError("module_sha256 names a module the caller must look up")
+            module = base64.b64decode(self.module_b64)
+        return Task(kind=TaskKind.WASM, module_bytes=module, **self._common())
 
 
 class PythonTaskRequest(_TaskFields):

@@ -8,19 +8,30 @@ Quota accounting: a task holds a *reservation* (its largest possible charge) whi
 queued or running; when it ends the reservation is replaced by its *charge*, which rejected
 runs pay too. Retention (`purge`) deletes finished tasks and their files; the charges of
 those still inside a quota window move to a small ``charges`` table, so deleting a task never
-gives its budget back early. Everything stored is checked to read back, so no task's row
-can break a reader.
+gives its budget back early. A module is stored once (by its SHA-256) however many tasks run
+it, and kept until no queued or running task needs it and it was last submitted before the
+module retention. Everything stored is checked to read back, so no task's row can break a
+reader.
+
+Writes are group-committed (see `TaskStore`): a write returns only once it is durable.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import queue
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from contextlib import suppress
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 from wasmbox.errors import InputRejected
 from wasmbox.lifecycle import Closeable
@@ -40,6 +51,12 @@ FINAL = frozenset({State.FINISHED, State.REJECTED})
 
 # Reasons stored for rejected tasks are cut here: an exception's text can be huge.
 MAX_ERROR_CHARS = 2000
+# Writes committed in one transaction at most (one fsync for all of them).
+MAX_BATCH = 256
+# How long a write or read waits for another process holding the journal's lock.
+BUSY_TIMEOUT_S = 5.0
+T = TypeVar("T")
+log = logging.getLogger("wasmbox.service")
 UNSTORABLE = "the result could not be stored (nested too deep, or text that is not valid Unicode)"
 
 _SCHEMA = """
@@ -68,6 +85,11 @@ CREATE TABLE IF NOT EXISTS charges (
     charge REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS charges_by_token ON charges (token, finished_at);
+CREATE TABLE IF NOT EXISTS modules (
+    sha256 TEXT PRIMARY KEY,
+    data BLOB NOT NULL,
+    last_used REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS files (
     task_id TEXT NOT NULL,
     name TEXT NOT NULL,
@@ -98,29 +120,164 @@ class Record:
 
 
 class TaskStore(Closeable):
-    """Thread-safe journal of tasks and their results in one SQLite file."""
+    """Thread-safe journal of tasks and their results in one SQLite file.
+
+    Writes are group-committed: every thread's write joins the next transaction of one
+    writer thread, which commits (one fsync, ``synchronous=FULL``) and only then returns to
+    each caller, so "returned" still means "durable" and concurrent writers share the fsync.
+    One failing write is rolled back alone (a savepoint); a failing commit fails the whole
+    batch, none of it stored. Reads use a connection per thread (WAL: readers never wait for
+    the writer).
+    """
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # FULL: an acknowledged task survives power loss too, not only a process crash.
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-            columns = {row[1] for row in self._db.execute("PRAGMA table_info(tasks)")}
-            if "reserved_s" not in columns:  # a journal written before reservations existed
-                self._db.execute(
-                    "ALTER TABLE tasks ADD COLUMN reserved_s REAL NOT NULL DEFAULT 0"
-                )
+        self._path = path
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                                   timeout=BUSY_TIMEOUT_S)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: an acknowledged task survives power loss too, not only a process crash.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._synced = True
+        self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(tasks)")}
+        if "reserved_s" not in columns:  # a journal written before reservations existed
+            self._db.execute("ALTER TABLE tasks ADD COLUMN reserved_s REAL NOT NULL DEFAULT 0")
+        if "module_sha256" not in columns:  # ... or before modules were stored once each
+            self._db.execute("ALTER TABLE tasks ADD COLUMN module_sha256 TEXT")
+        self._db.execute("CREATE INDEX IF NOT EXISTS tasks_by_module ON tasks (module_sha256)"
+                         " WHERE module_sha256 IS NOT NULL")
+        self._local = threading.local()
+        self._readers: dict[threading.Thread, sqlite3.Connection] = {}
+        self._gate = threading.Lock()  # orders queueing a write against closing
+        self._closed = False
+        self._writes: queue.SimpleQueue[_Write[Any] | None] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_loop, name="wasmbox-journal",
+                                        daemon=True)
+        self._writer.start()
 
-    def add(self, token: str, policy: str, task: Task, reserved_s: float = 0.0) -> None:
-        """Journal a new queued task holding `reserved_s` of its token's budget.
+    # -- group commit -------------------------------------------------------------------
 
-        Returns once it is durable; raises `InputRejected` for a task that cannot be
-        journaled (text that is not valid Unicode, say).
+    def _write(self, op: Callable[[sqlite3.Connection], T], durable: bool = True) -> T:
+        """Run `op` in the next committed batch; return its value once the batch is durable.
+
+        `durable=False`: committed without the fsync when no other write of its batch needs
+        one (it survives the process being killed, not the machine losing power).
         """
+        return self._queue_write(op, durable=durable).result()
+
+    def _queue_write(
+        self, op: Callable[[sqlite3.Connection], T],
+        after: Callable[[bool], None] | None = None, durable: bool = True,
+    ) -> Future[T]:
+        """Queue `op` for the next batch; the future resolves once the batch is durable.
+
+        `after(committed)` runs on the writer thread once the batch's fate is known, before
+        the future resolves (True: `op` succeeded and its batch committed).
+        """
+        future: Future[T] = Future()
+        # Running from the start: cancelling it (a client that went away while its
+        # submission was awaited) cannot stop the write or fail the writer's set_result.
+        future.set_running_or_notify_cancel()
+        with self._gate:
+            if self._closed:
+                raise sqlite3.ProgrammingError("the task journal is closed")
+            self._writes.put(_Write(op, future, after, durable))
+        return future
+
+    def _write_loop(self) -> None:
+        stop = False
+        while not stop:
+            first = self._writes.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < MAX_BATCH:
+                try:
+                    item = self._writes.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            self._commit(batch)
+
+    def _commit(self, batch: list[_Write[Any]]) -> None:
+        db = self._db
+        outcomes: list[tuple[Future[Any], bool, Any]] = []
+        try:
+            synced = any(write.durable for write in batch)
+            if synced != self._synced:  # WAL: FULL fsyncs at each commit, NORMAL does not
+                db.execute(f"PRAGMA synchronous={'FULL' if synced else 'NORMAL'}")
+                self._synced = synced
+            db.execute("BEGIN IMMEDIATE")
+            for write in batch:
+                db.execute("SAVEPOINT one")
+                try:
+                    value = write.op(db)
+                except Exception as exc:  # this write alone is undone
+                    db.execute("ROLLBACK TO one")
+                    db.execute("RELEASE one")
+                    outcomes.append((write.future, False, exc))
+                else:
+                    db.execute("RELEASE one")
+                    outcomes.append((write.future, True, value))
+            db.execute("COMMIT")
+        except BaseException as exc:  # nothing of the batch is stored
+            with suppress(sqlite3.Error):
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+            for write in batch:
+                _after(write, False)
+                write.future.set_exception(exc)
+            return
+        # Only now, after the commit's fsync, does any caller hear back.
+        for write, (future, ok, value) in zip(batch, outcomes, strict=True):
+            _after(write, ok)
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read connection."""
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            with self._gate:
+                if self._closed:
+                    raise sqlite3.ProgrammingError("the task journal is closed")
+                # Threads come and go (the server's thread pool retires idle ones): the
+                # connections of those that ended are closed here, so they do not pile up.
+                for thread in [t for t in self._readers if not t.is_alive()]:
+                    self._readers.pop(thread).close()
+                db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None,
+                                     timeout=BUSY_TIMEOUT_S)
+                self._readers[threading.current_thread()] = db
+            db.execute("PRAGMA query_only=ON")
+            self._local.db = db
+        return db
+
+    # -- writes -------------------------------------------------------------------------
+
+    def add(
+        self, token: str, policy: str, task: Task, reserved_s: float = 0.0,
+        module_sha256: str | None = None,
+    ) -> Record:
+        """Journal a new queued task holding `reserved_s` of its token's budget
+        (`module_sha256`: the digest of its module if known, computed here otherwise).
+
+        Returns its record once it is durable; raises `InputRejected` for a task that cannot
+        be journaled (text that is not valid Unicode, say).
+        """
+        return self.add_future(token, policy, task, reserved_s, module_sha256).result()
+
+    def add_future(
+        self, token: str, policy: str, task: Task, reserved_s: float = 0.0,
+        module_sha256: str | None = None, after: Callable[[bool], None] | None = None,
+    ) -> Future[Record]:
+        """`add` without waiting: the future gives the record once it is durable; `after`
+        runs on the writer thread first (with True if it was committed)."""
         try:
             task_json = task.model_dump_json(exclude={"module_bytes"})
             task_json.encode("utf-8")
@@ -129,27 +286,56 @@ class TaskStore(Closeable):
                 "the task cannot be stored: its input or text is nested too deep or is not "
                 "valid Unicode (a lone surrogate?)"
             ) from exc
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO tasks (id, token, policy, state, task_json, module, reserved_s,"
-                " submitted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (task.id, token, policy, State.QUEUED, task_json, task.module_bytes, reserved_s,
-                 time.time()),
+        now = time.time()
+        module = task.module_bytes
+        digest = None if module is None else (
+            module_sha256 or hashlib.sha256(module).hexdigest())
+
+        record = Record(
+            id=task.id, token=token, policy=policy, state=State.QUEUED, cancel_requested=False,
+            attempts=0, result=None, error=None, submitted_at=now, started_at=None,
+            finished_at=None, file_sizes={}, charged_s=None, reserved_s=reserved_s,
+        )
+
+        def insert(db: sqlite3.Connection) -> Record:
+            if digest is not None:  # stored once however many tasks run it
+                db.execute(
+                    "INSERT INTO modules (sha256, data, last_used) VALUES (?, ?, ?)"
+                    " ON CONFLICT (sha256) DO UPDATE SET last_used = excluded.last_used",
+                    (digest, module, now),
+                )
+            db.execute(
+                "INSERT INTO tasks (id, token, policy, state, task_json, module_sha256,"
+                " reserved_s, submitted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (task.id, token, policy, State.QUEUED, task_json, digest, reserved_s, now),
             )
+            return record
+
+        return self._queue_write(insert, after)
 
     def claim(self, task_id: str) -> tuple[str, Task] | None:
         """Mark a queued task running and return (policy name, task); None if not queued."""
-        with self._lock:
-            cur = self._db.execute(
+
+        def claim(db: sqlite3.Connection) -> tuple[str, str, bytes | None] | None:
+            cur = db.execute(
                 "UPDATE tasks SET state = ?, started_at = ?, attempts = attempts + 1"
                 " WHERE id = ? AND state = ?",
                 (State.RUNNING, time.time(), task_id, State.QUEUED),
             )
             if cur.rowcount != 1:
                 return None
-            policy, task_json, module = self._db.execute(
-                "SELECT policy, task_json, module FROM tasks WHERE id = ?", (task_id,)
+            row: tuple[str, str, bytes | None] = db.execute(
+                "SELECT policy, task_json, coalesce(module, (SELECT data FROM modules"
+                " WHERE sha256 = tasks.module_sha256)) FROM tasks WHERE id = ?", (task_id,)
             ).fetchone()
+            return row
+
+        # Not fsynced on its own: a claim lost with the machine's power only undercounts the
+        # task's attempts by one; the next durable commit (its finish, say) covers it too.
+        found = self._write(claim, durable=False)
+        if found is None:
+            return None
+        policy, task_json, module = found
         data = json.loads(task_json)
         if module is not None:
             data["module_bytes"] = bytes(module)
@@ -162,33 +348,33 @@ class TaskStore(Closeable):
         nested past the parser's limit, a lone surrogate in a string or a file name) is stored
         as OUTPUT_REJECTED without the guest's data, so one hostile result breaks no reader.
         """
-        with self._lock:
-            row = self._db.execute(
+        stored = _storable(result)  # serialised here, not on the writer thread
+
+        def finish(db: sqlite3.Connection) -> bool:
+            row = db.execute(
                 "SELECT cancel_requested FROM tasks WHERE id = ? AND state = ?",
                 (task_id, State.RUNNING),
             ).fetchone()
             if row is None:
-                return None  # a duplicate completion: the first one stands
+                return False  # a duplicate completion: the first one stands
+            final, result_json = stored
             if row[0]:
-                result = cancelled(result, "cancelled while running" if result.status
-                                   is Status.CANCELLED else
-                                   f"cancelled while running (it ended {result.status})")
-            result, result_json = _storable(result)
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute(
-                    "UPDATE tasks SET state = ?, result_json = ?, cpu_s = ?, finished_at = ?,"
-                    " module = NULL WHERE id = ?",
-                    (State.FINISHED, result_json, charge, time.time(), task_id),
-                )
-                self._db.executemany(
-                    "INSERT OR REPLACE INTO files (task_id, name, data) VALUES (?, ?, ?)",
-                    [(task_id, name, data) for name, data in result.files.items()],
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+                final, result_json = _storable(cancelled(
+                    result, "cancelled while running" if result.status is Status.CANCELLED
+                    else f"cancelled while running (it ended {result.status})"))
+            db.execute(
+                "UPDATE tasks SET state = ?, result_json = ?, cpu_s = ?, finished_at = ?,"
+                " module = NULL WHERE id = ?",
+                (State.FINISHED, result_json, charge, time.time(), task_id),
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO files (task_id, name, data) VALUES (?, ?, ?)",
+                [(task_id, name, data) for name, data in final.files.items()],
+            )
+            return True
+
+        if not self._write(finish):
+            return None
         return self.get(task_id)
 
     def reject(self, task_id: str, error: str, charge: float = 0.0) -> Record | None:
@@ -196,52 +382,121 @@ class TaskStore(Closeable):
         if len(error) > MAX_ERROR_CHARS:
             error = error[:MAX_ERROR_CHARS] + "..."
         error = error.encode("utf-8", "replace").decode("utf-8")
-        with self._lock:
-            self._db.execute(
+
+        def reject(db: sqlite3.Connection) -> None:
+            db.execute(
                 "UPDATE tasks SET state = ?, error = ?, cpu_s = ?, finished_at = ?, module = NULL"
                 " WHERE id = ? AND state IN (?, ?)",
                 (State.REJECTED, error, charge, time.time(), task_id, State.RUNNING,
                  State.QUEUED),
             )
+
+        self._write(reject)
         return self.get(task_id)
 
     def cancel(self, task_id: str) -> Record | None:
         """Cancel a queued task now, or flag a running one to be marked cancelled at its end."""
-        with self._lock:
-            row = self._db.execute(
+
+        def cancel(db: sqlite3.Connection) -> bool:
+            row = db.execute(
                 "SELECT state, task_json FROM tasks WHERE id = ?", (task_id,)
             ).fetchone()
             if row is None:
-                return None
+                return False
             if row[0] == State.QUEUED:
                 task_json = json.loads(row[1])
                 result = Result(task_id=task_id, run_id="", tier=task_json["tier"],
                                 status=Status.CANCELLED, reason="cancelled before it ran")
-                self._db.execute(
+                db.execute(
                     "UPDATE tasks SET state = ?, cancel_requested = 1, result_json = ?,"
                     " cpu_s = 0, finished_at = ?, module = NULL WHERE id = ?",
                     (State.FINISHED, result.model_dump_json(), time.time(), task_id),
                 )
             elif row[0] == State.RUNNING:
-                self._db.execute(
-                    "UPDATE tasks SET cancel_requested = 1 WHERE id = ?", (task_id,)
-                )
+                db.execute("UPDATE tasks SET cancel_requested = 1 WHERE id = ?", (task_id,))
+            return True
+
+        if not self._write(cancel):
+            return None
         return self.get(task_id)
+
+    def purge(
+        self, finished_before: float, keep_charges_after: float,
+        modules_before: float | None = None,
+    ) -> int:
+        """Delete final tasks that ended before `finished_before`, and their files; their
+        charges that ended after `keep_charges_after` are kept for quota accounting, older
+        kept charges are dropped. Modules last submitted before `modules_before` (default:
+        `finished_before`) that no queued or running task needs are deleted too. Returns how
+        many tasks were deleted."""
+        if modules_before is None:
+            modules_before = finished_before
+
+        def purge(db: sqlite3.Connection) -> int:
+            old = "state IN (?, ?) AND finished_at < ?"
+            params = (State.FINISHED, State.REJECTED, finished_before)
+            db.execute(
+                "INSERT INTO charges (token, finished_at, charge) SELECT token, finished_at,"
+                f" coalesce(cpu_s, 0) FROM tasks WHERE {old} AND finished_at > ?",
+                (*params, keep_charges_after),
+            )
+            db.execute(
+                f"DELETE FROM files WHERE task_id IN (SELECT id FROM tasks WHERE {old})", params
+            )
+            deleted = db.execute(f"DELETE FROM tasks WHERE {old}", params).rowcount
+            db.execute("DELETE FROM charges WHERE finished_at <= ?", (keep_charges_after,))
+            db.execute(
+                "DELETE FROM modules WHERE last_used < ? AND NOT EXISTS (SELECT 1 FROM tasks"
+                " WHERE module_sha256 = modules.sha256 AND state IN (?, ?))",
+                (modules_before, State.QUEUED, State.RUNNING),
+            )
+            return int(deleted)
+
+        return self._write(purge)
+
+    def recover(self, max_attempts: int) -> list[str]:
+        """Queue again every task a crash interrupted; return all queued ids, oldest first.
+
+        A task that was already started `max_attempts` times is rejected instead, so one
+        task that kills the service cannot do it forever; it is charged its reservation.
+        """
+
+        def recover(db: sqlite3.Connection) -> list[str]:
+            db.execute(
+                "UPDATE tasks SET state = ?, error = ?, finished_at = ?, module = NULL,"
+                " cpu_s = reserved_s WHERE state = ? AND attempts >= ?",
+                (State.REJECTED, f"the service stopped during each of {max_attempts} attempts",
+                 time.time(), State.RUNNING, max_attempts),
+            )
+            db.execute("UPDATE tasks SET state = ? WHERE state = ?",
+                       (State.QUEUED, State.RUNNING))
+            rows = db.execute(
+                "SELECT id FROM tasks WHERE state = ? ORDER BY submitted_at", (State.QUEUED,)
+            ).fetchall()
+            return [r[0] for r in rows]
+
+        return self._write(recover)
+
+    # -- reads --------------------------------------------------------------------------
 
     def get(self, task_id: str) -> Record | None:
         """The task's record, or None if no such task was accepted."""
-        with self._lock:
-            row = self._db.execute(
+        db = self._reader()
+        db.execute("BEGIN")  # the row and its files from one snapshot
+        try:
+            row = db.execute(
                 "SELECT id, token, policy, state, cancel_requested, attempts, result_json,"
                 " error, submitted_at, started_at, finished_at, cpu_s, reserved_s"
                 " FROM tasks WHERE id = ?",
                 (task_id,),
             ).fetchone()
-            if row is None:
-                return None
-            sizes = dict(self._db.execute(
+            sizes = {} if row is None else dict(db.execute(
                 "SELECT name, length(data) FROM files WHERE task_id = ?", (task_id,)
             ).fetchall())
+        finally:
+            db.execute("COMMIT")
+        if row is None:
+            return None
         result, error = None, row[7]
         if row[6] is not None:
             try:
@@ -255,34 +510,39 @@ class TaskStore(Closeable):
             charged_s=row[11], reserved_s=row[12],
         )
 
+    def module(self, token: str, sha256: str) -> bytes | None:
+        """The module of SHA-256 `sha256` if `token` submitted it and it is still kept."""
+        row = self._reader().execute(
+            "SELECT data FROM modules WHERE sha256 = ? AND EXISTS (SELECT 1 FROM tasks"
+            " WHERE module_sha256 = ? AND token = ?)", (sha256, sha256, token),
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
     def file(self, task_id: str, name: str) -> bytes | None:
         """One output file of a finished task, by its exact name."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT data FROM files WHERE task_id = ? AND name = ?", (task_id, name)
-            ).fetchone()
+        row = self._reader().execute(
+            "SELECT data FROM files WHERE task_id = ? AND name = ?", (task_id, name)
+        ).fetchone()
         return None if row is None else bytes(row[0])
 
     def in_flight(self, token: str) -> int:
         """How many of the token's tasks are queued or running."""
-        with self._lock:
-            (count,) = self._db.execute(
-                "SELECT count(*) FROM tasks WHERE token = ? AND state IN (?, ?)",
-                (token, State.QUEUED, State.RUNNING),
-            ).fetchone()
+        (count,) = self._reader().execute(
+            "SELECT count(*) FROM tasks WHERE token = ? AND state IN (?, ?)",
+            (token, State.QUEUED, State.RUNNING),
+        ).fetchone()
         return int(count)
 
     def charges(self, token: str, since: float) -> list[tuple[float, float]]:
         """(finished_at, charge) of the token's runs that ended after `since`, oldest first
         (purged tasks included)."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT finished_at, coalesce(cpu_s, 0) FROM tasks"
-                " WHERE token = ? AND finished_at > ?"
-                " UNION ALL SELECT finished_at, charge FROM charges"
-                " WHERE token = ? AND finished_at > ? ORDER BY 1",
-                (token, since, token, since),
-            ).fetchall()
+        rows = self._reader().execute(
+            "SELECT finished_at, coalesce(cpu_s, 0) FROM tasks"
+            " WHERE token = ? AND finished_at > ?"
+            " UNION ALL SELECT finished_at, charge FROM charges"
+            " WHERE token = ? AND finished_at > ? ORDER BY 1",
+            (token, since, token, since),
+        ).fetchall()
         return [(float(at), float(charge)) for at, charge in rows]
 
     def page(
@@ -300,74 +560,48 @@ class TaskStore(Closeable):
             params.append(cursor)
         query += " ORDER BY rowid DESC LIMIT ?"
         params.append(limit + 1)
-        with self._lock:
-            rows = self._db.execute(query, params).fetchall()
+        rows = self._reader().execute(query, params).fetchall()
         more = len(rows) > limit
         rows = rows[:limit]
         records = [r for r in (self.get(task_id) for _, task_id in rows) if r is not None]
         return records, (int(rows[-1][0]) if more else None)
 
-    def purge(self, finished_before: float, keep_charges_after: float) -> int:
-        """Delete final tasks that ended before `finished_before`, and their files; their
-        charges that ended after `keep_charges_after` are kept for quota accounting, older
-        kept charges are dropped. Returns how many tasks were deleted."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                old = "state IN (?, ?) AND finished_at < ?"
-                params = (State.FINISHED, State.REJECTED, finished_before)
-                self._db.execute(
-                    "INSERT INTO charges (token, finished_at, charge) SELECT token, finished_at,"
-                    f" coalesce(cpu_s, 0) FROM tasks WHERE {old} AND finished_at > ?",
-                    (*params, keep_charges_after),
-                )
-                self._db.execute(
-                    f"DELETE FROM files WHERE task_id IN (SELECT id FROM tasks WHERE {old})",
-                    params,
-                )
-                deleted = self._db.execute(f"DELETE FROM tasks WHERE {old}", params).rowcount
-                self._db.execute("DELETE FROM charges WHERE finished_at <= ?",
-                                 (keep_charges_after,))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        return int(deleted)
-
     def reserved(self, token: str) -> float:
         """Seconds of the token's budget held by its queued and running tasks."""
-        with self._lock:
-            (held,) = self._db.execute(
-                "SELECT coalesce(sum(reserved_s), 0) FROM tasks"
-                " WHERE token = ? AND state IN (?, ?)",
-                (token, State.QUEUED, State.RUNNING),
-            ).fetchone()
+        (held,) = self._reader().execute(
+            "SELECT coalesce(sum(reserved_s), 0) FROM tasks"
+            " WHERE token = ? AND state IN (?, ?)",
+            (token, State.QUEUED, State.RUNNING),
+        ).fetchone()
         return float(held)
 
-    def recover(self, max_attempts: int) -> list[str]:
-        """Queue again every task a crash interrupted; return all queued ids, oldest first.
-
-        A task that was already started `max_attempts` times is rejected instead, so one
-        task that kills the service cannot do it forever; it is charged its reservation.
-        """
-        with self._lock:
-            self._db.execute(
-                "UPDATE tasks SET state = ?, error = ?, finished_at = ?, module = NULL,"
-                " cpu_s = reserved_s WHERE state = ? AND attempts >= ?",
-                (State.REJECTED, f"the service stopped during each of {max_attempts} attempts",
-                 time.time(), State.RUNNING, max_attempts),
-            )
-            self._db.execute(
-                "UPDATE tasks SET state = ? WHERE state = ?", (State.QUEUED, State.RUNNING)
-            )
-            rows = self._db.execute(
-                "SELECT id FROM tasks WHERE state = ? ORDER BY submitted_at", (State.QUEUED,)
-            ).fetchall()
-        return [r[0] for r in rows]
-
     def _release(self) -> None:
-        with self._lock:
-            self._db.close()
+        """Commit what is queued, stop the writer, close every connection."""
+        with self._gate:
+            self._closed = True
+            self._writes.put(None)
+        self._writer.join()
+        self._db.close()
+        for db in self._readers.values():
+            db.close()
+
+
+@dataclass(frozen=True, slots=True)
+class _Write(Generic[T]):
+    """One write waiting for the next batch, and whom to tell when it is durable."""
+
+    op: Callable[[sqlite3.Connection], T]
+    future: Future[T]
+    after: Callable[[bool], None] | None = None
+    durable: bool = True
+
+
+def _after(write: _Write[Any], committed: bool) -> None:
+    if write.after is not None:
+        try:
+            write.after(committed)
+        except Exception:  # the writer outlives any follow-up's failure
+            log.exception("a journal write's follow-up failed")
 
 
 def _storable(result: Result) -> tuple[Result, str]:
