@@ -1,4 +1,4 @@
-"""Internal: ``policy.python.packages`` on every tier: what a listed directory or wheel holds, safely.
+"""Internal: ``policy.python.packages`` on every tier, what a listed entry holds, safely.
 
 Each entry of ``policy.python.packages`` is a directory (``pip install --target DIR ...``, or
 one package directory holding ``__init__.py``) or a ``.whl``. Every tier uses them read-only:
