@@ -39,6 +39,7 @@ import weakref
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from distributed import Client, Future, WorkerPlugin, get_worker
@@ -53,7 +54,7 @@ KEY_PREFIX = "wasmbox-task-"
 MAX_RESULT_DEPTH = 128  # nesting a result's output may have to travel from a worker
 NO_WORKERS_TIMEOUT = 60.0  # seconds a batch waits with no worker at all before failing
 WATCH_INTERVAL = 1.0  # seconds between checks for workers while a batch waits
-CHUNK_TARGET_S = 0.05  # worker seconds a chunk aims to carry: round trips stay a small share
+CHUNK_TARGET_S = 0.1  # worker seconds a chunk aims to carry: round trips stay a small share
 MAX_CHUNK = 256  # tasks a chunk carries at most
 CHUNKS_PER_THREAD = 2  # chunks in flight per worker thread: the next one waits on the worker
 
@@ -113,7 +114,7 @@ class DistributedSandbox:
         settled: dict[str, Result | SandboxError] = {}
         todo: list[Task] = []
         seen: set[str] = set()
-        modules: dict[bytes, bytes] = {}  # one bytes object per distinct module: pickled once
+        modules: dict[Path | bytes, bytes] = {}  # one bytes object per distinct module
         for task in items:
             if task.id in seen:
                 continue  # one run per task id
@@ -435,21 +436,24 @@ def _one(task_id: str, item: Any) -> Result | SandboxError:
     return result
 
 
-def _portable(task: Task, modules: dict[bytes, bytes]) -> Task:
-    """`task` as a worker can run it: its module's bytes, not a path on this host; tasks of
-    one batch that share a module share one bytes object, which a chunk pickles once."""
+def _portable(task: Task, modules: dict[Path | bytes, bytes]) -> Task:
+    """`task` as a worker can run it: its module's bytes, not a path on this host. Tasks of one
+    batch that share a module share one bytes object (a chunk pickles it once); a path is read
+    once a batch."""
     data = task.module_bytes
     if task.kind is TaskKind.WASM and task.module is not None:
-        try:
-            data = task.module.read_bytes()
-        except OSError as exc:
-            raise HostFailure(f"cannot read module {task.module}: {exc.strerror}") from exc
-    if data is None:
+        data = modules.get(task.module)
+        if data is None:
+            try:
+                data = task.module.read_bytes()
+            except OSError as exc:
+                raise HostFailure(f"cannot read module {task.module}: {exc.strerror}") from exc
+            data = modules[task.module] = modules.setdefault(data, data)
+    elif data is not None:
+        data = modules.setdefault(data, data)
+    if data is None or (data is task.module_bytes and task.module is None):
         return task
-    shared = modules.setdefault(data, data)
-    if shared is task.module_bytes and task.module is None:
-        return task
-    return task.model_copy(update={"module": None, "module_bytes": shared})
+    return task.model_copy(update={"module": None, "module_bytes": data})
 
 
 _PREPARED: weakref.WeakSet[Client] = weakref.WeakSet()
