@@ -29,11 +29,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import GUESTS, NoProgress, Progress, Row  # noqa: E402
+from benchmarks.common import CORES, GUESTS, NoProgress, Progress, Row  # noqa: E402
 from benchmarks.report import print_rows, scaling_lines  # noqa: E402
 from guests.build import build  # noqa: E402
 from wasmbox import Sandbox, Task  # noqa: E402
@@ -63,6 +65,7 @@ def measure(quick: bool, progress: Progress) -> list[Row]:
     with contextlib.ExitStack() as stack, Sandbox() as local:
         stack.enter_context(dask.config.set(cluster_config()))
         sandboxes: dict[int, DistributedSandbox] = {}
+        pids: dict[int, list[int]] = {}
         for workers in (1, 2):
             t0 = time.perf_counter()
             cluster = stack.enter_context(LocalCluster(
@@ -71,6 +74,7 @@ def measure(quick: bool, progress: Progress) -> list[Row]:
             client = stack.enter_context(Client(cluster))
             started[workers] = time.perf_counter() - t0
             sandboxes[workers] = DistributedSandbox(client)
+            pids[workers] = list(client.run(os.getpid).values())
         progress.step("dask: warming")
         for kind, (task, n) in kinds.items():
             ways: list[tuple[Row, Callable[[list[Task]], list[Result]]]] = [
@@ -84,13 +88,18 @@ def measure(quick: bool, progress: Progress) -> list[Row]:
             for _, run in ways:  # warm: every worker's sandbox and compiled module
                 _check(run(_batch(task, 8)))
             progress.step(f"dask: {kind} rounds")
+            cpu: dict[str, list[tuple[float, float]]] = {row.id: [] for row, _ in ways}
             for i in range(rounds):
                 shift = i % len(ways)
                 for row, run in ways[shift:] + ways[:shift]:
                     batch = _batch(task, n)
+                    width = int(row.id.rsplit("-", 1)[1]) if row.id[-1].isdigit() else 0
+                    c0, w0 = time.process_time(), _cpu(pids.get(width, []))
                     t0 = time.perf_counter()
                     _check(run(batch))
                     row.rates.append(n / (time.perf_counter() - t0))
+                    cpu[row.id].append(((time.process_time() - c0) / n,
+                                        (_cpu(pids.get(width, [])) - w0) / n))
             local_rate = statistics.median(ways[0][0].rates)
             one = statistics.median(ways[1][0].rates)
             two = statistics.median(ways[2][0].rates)
@@ -108,6 +117,18 @@ def measure(quick: bool, progress: Progress) -> list[Row]:
                 f"{local_rate / one:.2f}x local (overhead {1e3 / one - 1e3 / local_rate:.2f} ms "
                 "a task)")
             ways[2][0].notes.append(f"1 -> 2 workers: {two / one:.2f}x tasks/s")
+            for width, (row, _) in enumerate(ways):
+                here = statistics.median(c[0] for c in cpu[row.id])
+                away = statistics.median(c[1] for c in cpu[row.id])
+                if not width:
+                    row.notes.append(f"CPU per task: {here * 1e3:.2f} ms")
+                    continue
+                ceiling = min(width / away, 1 / here, CORES / (here + away))
+                row.notes.append(
+                    f"CPU per task: client and scheduler {here * 1e3:.2f} ms, workers "
+                    f"{away * 1e3:.2f} ms; on {CORES} idle cores the ceiling is "
+                    f"min({width}/workers, 1/client, {CORES}/(client + workers)) = "
+                    f"{ceiling:.0f} tasks/s")
             rows += [row for row, _ in ways]
     rows[0].notes.append(
         f"cluster start-up, not timed: {started[1]:.1f} s (1 worker), {started[2]:.1f} s "
@@ -115,6 +136,15 @@ def measure(quick: bool, progress: Progress) -> list[Row]:
         "(the machine is shared)")
     progress.step("dask: done")
     return rows
+
+
+def _cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) the processes `pids` have used so far."""
+    total = 0.0
+    for pid in pids:
+        times = psutil.Process(pid).cpu_times()
+        total += times.user + times.system
+    return total
 
 
 def _batch(task: Task, n: int) -> list[Task]:
