@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import queue
 import threading
 import time
@@ -156,8 +157,7 @@ class _Batch:
         self.finished: queue.SimpleQueue[str] = queue.SimpleQueue()
         self.threads = owner._threads() if len(tasks) > 1 else 1
         self.counted_at = time.monotonic()
-        self.busy_s = 0.0  # worker seconds the chunks settled so far took
-        self.done = 0  # tasks in those chunks
+        self.per_task_s: float | None = None  # worker seconds a task, recent chunks weigh most
 
     def run(self) -> None:
         """Submit, settle and refill until every task is settled; cancels what is left."""
@@ -211,9 +211,9 @@ class _Batch:
 
     def _size(self) -> int:
         """Tasks the next chunk carries."""
-        if not self.done:
+        if self.per_task_s is None:
             return 1  # nothing measured yet: one round trip a worker tells us the task's cost
-        per_task = max(self.busy_s / self.done, 1e-5)
+        per_task = max(self.per_task_s, 1e-5)
         share = -(-len(self.queue) // (max(1, self.threads) * CHUNKS_PER_THREAD))
         return max(1, min(round(CHUNK_TARGET_S / per_task), MAX_CHUNK, share))
 
@@ -225,8 +225,12 @@ class _Batch:
             return
         settled, busy_s = outcome
         self.settled.update(zip(ids, settled, strict=True))
-        self.busy_s += busy_s
-        self.done += len(ids)
+        if busy_s > 0:
+            # Halving the old estimate each chunk forgets a slow start (a module's first
+            # compile on a fresh worker) within a few chunks.
+            latest = busy_s / len(ids)
+            known = self.per_task_s
+            self.per_task_s = latest if known is None else (known + latest) / 2
 
     def _abandon(self) -> None:
         """No worker for `no_workers_timeout` seconds: fail every task not settled yet."""
@@ -409,13 +413,19 @@ def _unwrap(future: Future[Any], ids: list[str]
     except Exception as exc:  # raised on the worker or in transit: this chunk's alone
         return HostFailure(f"chunk {future.key!r} failed on the cluster: "
                            f"{type(exc).__name__}: {exc}")
+    return _decode(str(future.key), value, ids)
+
+
+def _decode(key: str, value: Any, ids: list[str]
+            ) -> tuple[list[Result | SandboxError], float] | SandboxError:
+    """A chunk's answer checked: one entry per task, each for its task, a finite duration."""
     if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], list)
             and len(value[0]) == len(ids) and isinstance(value[1], float)):
-        return HostFailure(f"chunk {future.key!r}: a worker returned {type(value).__name__}")
-    settled: list[Result | SandboxError] = []
-    for task_id, item in zip(ids, value[0], strict=True):
-        settled.append(_one(task_id, item))
-    return settled, max(value[1], 0.0)
+        return HostFailure(f"chunk {key!r}: a worker returned {type(value).__name__}, "
+                           f"not one answer for each of its {len(ids)} tasks")
+    settled = [_one(task_id, item) for task_id, item in zip(ids, value[0], strict=True)]
+    busy_s = value[1] if math.isfinite(value[1]) and value[1] > 0 else 0.0
+    return settled, busy_s
 
 
 def _one(task_id: str, item: Any) -> Result | SandboxError:
