@@ -56,7 +56,7 @@ def measure(quick: bool, progress: Progress) -> list[Row]:
     wasm = build(GUESTS, ["hello", "cpu_kernel"])
     kinds = {
         "hello": (Task.wasm(wasm["hello"]), 300 if quick else 1000),
-        "cpu": (Task.wasm(wasm["cpu_kernel"], args=(CPU_ITERATIONS,)), 24 if quick else 60),
+        "cpu": (Task.wasm(wasm["cpu_kernel"], args=(CPU_ITERATIONS,)), 60 if quick else 120),
     }
     rounds = 3 if quick else 7
     load_before = os.getloadavg()[0]

@@ -55,7 +55,8 @@ KEY_PREFIX = "wasmbox-task-"
 MAX_RESULT_DEPTH = 128  # nesting a result's output may have to travel from a worker
 NO_WORKERS_TIMEOUT = 60.0  # seconds a batch waits with no worker at all before failing
 WATCH_INTERVAL = 1.0  # seconds between checks for workers while a batch waits
-CHUNK_TARGET_S = 0.1  # worker seconds a chunk aims to carry: round trips stay a small share
+CHUNK_TARGET_S = 0.2  # worker seconds a chunk aims to carry; a chunk costs the client and
+# scheduler ~5-15 ms of CPU, so at 200 ms that stays a small share of a core
 MAX_CHUNK = 256  # tasks a chunk carries at most
 CHUNKS_PER_THREAD = 2  # chunks in flight per worker thread: the next one waits on the worker
 
