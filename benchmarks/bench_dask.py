@@ -69,10 +69,10 @@ def measure(quick: bool, progress: Progress) -> list[Row]:
         pids: dict[int, list[int]] = {}
         for workers in (1, 2):
             t0 = time.perf_counter()
-            cluster = stack.enter_context(LocalCluster(
+            cluster = stack.enter_context(LocalCluster(  # type: ignore[no-untyped-call]
                 n_workers=workers, processes=True, threads_per_worker=1, host="127.0.0.1",
                 dashboard_address=None))
-            client = stack.enter_context(Client(cluster))
+            client = stack.enter_context(Client(cluster))  # type: ignore[no-untyped-call]
             started[workers] = time.perf_counter() - t0
             sandboxes[workers] = DistributedSandbox(client)
             pids[workers] = list(client.run(os.getpid).values())
