@@ -388,7 +388,7 @@ def _run_chunk(tasks: list[Task], policy: Policy) -> tuple[list[_Shipped | _Refu
             except SandboxError as exc:
                 shipped.append(_Refused(type(exc), str(exc), dict(exc.__dict__)))
             except Exception as exc:  # a host bug costs this task alone, not its chunk
-                shipped.append(_Refused(HostFailure, f"{type(exc).__name__}: {exc}"))
+                shipped.append(_Refused(HostFailure, f"{type(exc).__name__}: {str(exc)[:2000]}"))
             break
     return shipped, time.perf_counter() - t0
 
