@@ -1,4 +1,5 @@
-"""Batches travel in chunks: fewer Dask futures than tasks, and a chunk's answer is checked.
+"""Batches travel in chunks: fewer Dask futures than tasks, run in each worker's one warm
+sandbox (closed on the worker's teardown), and a chunk's answer is checked.
 
 A worker's answer for a chunk is data from another process: one that does not give exactly one
 entry per task, answers for another task, or reports a non-finite duration must cost only the
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import dask
 import pytest
@@ -18,6 +20,7 @@ from distributed import Client, LocalCluster
 from wasmbox import Result, Status, Task
 from wasmbox.distributed import (
     KEY_PREFIX,
+    PLUGIN_NAME,
     DistributedSandbox,
     _decode,
     _portable,
@@ -107,3 +110,31 @@ def test_a_non_finite_or_negative_duration_does_not_steer_chunk_sizes(seconds: f
     decoded = _decode("k", ([_shipped("a")], seconds), ["a"])
     assert not isinstance(decoded, HostFailure)
     assert decoded[1] == 0.0
+
+
+def _sandbox_ids(dask_worker: Any = None) -> list[int]:
+    plugin = dask_worker.plugins[PLUGIN_NAME]
+    dask_worker.wasmbox_seen = list(plugin._sandboxes.values())  # kept to look at after teardown
+    return [id(sandbox) for sandbox in dask_worker.wasmbox_seen]
+
+
+def _seen_closed(dask_worker: Any = None) -> list[bool]:
+    return [sandbox.closed for sandbox in dask_worker.wasmbox_seen]
+
+
+def test_each_worker_keeps_one_warm_sandbox_and_closes_it_on_teardown(
+    guests: dict[str, Path]
+) -> None:
+    with dask.config.set(cluster_config()), LocalCluster(
+        n_workers=1, processes=True, threads_per_worker=1, host="127.0.0.1",
+        dashboard_address=None,
+    ) as cluster, Client(cluster) as own:
+        sandbox = DistributedSandbox(own)
+        hello = [Task.wasm(guests["hello"]) for _ in range(40)]
+        assert all(r.ok for r in sandbox.map(hello))
+        first = own.run(_sandbox_ids)
+        assert all(r.ok for r in sandbox.map([Task.wasm(guests["hello"]) for _ in range(40)]))
+        assert own.run(_sandbox_ids) == first  # the same sandbox, made once per policy
+        assert [len(ids) for ids in first.values()] == [1]
+        own.unregister_worker_plugin(PLUGIN_NAME)  # the worker tears the plugin down
+        assert list(own.run(_seen_closed).values()) == [[True]]
