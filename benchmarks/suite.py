@@ -1,6 +1,6 @@
 """The benchmark suite: every tier measured here, beside the seed document's claims.
 
-    python3 -m benchmarks [--full] [--tiers wasm,python,container,vm,peers,scaling] [--out DIR]
+    python3 -m benchmarks [--full] [--tiers wasm,python,container,vm,peers,scaling,dask] [--out DIR]
                           [--publish]
 
 Quick mode (the default, < 1 minute here, what CI runs) and full mode differ only in
@@ -35,6 +35,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import (  # noqa: E402
     bench_container,
+    bench_dask,
     bench_peers,
     bench_python,
     bench_scaling,
@@ -54,7 +55,9 @@ GROUPS: dict[str, ModuleType] = {
     "peers": bench_peers,
     "scaling": bench_scaling,
     "service": bench_service,
+    "dask": bench_dask,  # Dask scale-out (1 and 2 workers); not in the default set
 }
+DEFAULT_GROUPS = [g for g in GROUPS if g != "dask"]  # dask alone takes about a minute
 
 
 def main(argv: list[str] | None = None, prog: str = "python3 -m benchmarks") -> int:
@@ -182,8 +185,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--full", action="store_true",
                         help="more repetitions, for reports (default: quick, < 1 minute)")
     parser.add_argument("--quick", action="store_true", help="the default; kept for scripts")
-    parser.add_argument("--tiers", default=",".join(GROUPS),
-                        help=f"comma-separated groups to run (default: {','.join(GROUPS)})")
+    parser.add_argument("--tiers", default=",".join(DEFAULT_GROUPS),
+                        help=f"comma-separated groups to run (default: "
+                             f"{','.join(DEFAULT_GROUPS)}; also: dask)")
     parser.add_argument("--out", type=Path, default=HERE / "results",
                         help="results directory (default: benchmarks/results)")
     parser.add_argument("--publish", action="store_true",

@@ -1,16 +1,27 @@
 """`Sandbox.map` over a Dask distributed cluster.
 
-Each worker keeps warm sandboxes (one per policy) in a `SandboxPlugin`, closed when the worker
-shuts down. Tasks travel as pydantic models; a result travels as a `_Shipped`: its fields as a
-flat dict, its output as JSON text encoded once on the worker, its files as bytes, so what it
-costs to move never depends on how deeply the task nested its output (a deep ``Result``
-cannot be pickled at all). Outputs nested deeper than `MAX_RESULT_DEPTH` come back as
-``output_rejected``. A task's Dask key is its id, so the same task submitted twice runs once
-and a late duplicate completion is ignored; a task whose worker dies is run again elsewhere at
-most once (the scheduler's ``allowed-failures`` is lowered to 1), and a host error on a worker
-is retried once (``retries=1``). Each task is settled on its own: whatever goes wrong with one
-never discards the others' results, and tasks no worker is left to run fail after
-``no_workers_timeout`` seconds instead of waiting forever.
+Each worker keeps warm sandboxes (one per policy) in a `SandboxPlugin`, created on first use
+and closed when the worker shuts down. A batch travels in chunks, one Dask future each: the
+first wave carries one task a chunk, and once the workers have said what a task costs, a
+chunk carries about `CHUNK_TARGET_S` of work (at most `MAX_CHUNK` tasks, and never more than
+its share of what is left), with `CHUNKS_PER_THREAD` chunks in flight per worker thread. A
+module shared by the tasks of a chunk is pickled once for the chunk.
+
+Tasks travel as pydantic models; a result travels as a `_Shipped`: its fields as a flat dict,
+its output as JSON text encoded once on the worker, its files as bytes, so what it costs to
+move never depends on how deeply the task nested its output (a deep ``Result`` cannot be
+pickled at all). Outputs nested deeper than `MAX_RESULT_DEPTH` come back as
+``output_rejected``.
+
+Runs and retries (the documented bound): a single task's chunk has the task's id as its Dask
+key, so the same task submitted twice at once runs once; within one batch a task id runs
+once. A chunk whose worker dies is run again elsewhere at most once (the scheduler's
+``allowed-failures`` is lowered to 1), so a task runs at most twice, and only when its
+chunk's worker died: the tasks of that chunk that had already finished run again. A host
+error (`HostFailure`) on a worker is retried once in place. Each task is settled on its own:
+whatever goes wrong with one never discards the others' results, and tasks no worker is left
+to run fail with `HostFailure` after ``no_workers_timeout`` seconds instead of waiting
+forever.
 
 Worker processes must not be forked after wasmtime is loaded (the child deadlocks): create
 the cluster under ``dask.config.set(cluster_config())``, which selects the spawn method.
@@ -18,14 +29,18 @@ the cluster under ``dask.config.set(cluster_config())``, which selects the spawn
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import queue
 import threading
 import time
 import uuid
 import weakref
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from distributed import Client, Future, WorkerPlugin, get_worker
@@ -40,6 +55,10 @@ KEY_PREFIX = "wasmbox-task-"
 MAX_RESULT_DEPTH = 128  # nesting a result's output may have to travel from a worker
 NO_WORKERS_TIMEOUT = 60.0  # seconds a batch waits with no worker at all before failing
 WATCH_INTERVAL = 1.0  # seconds between checks for workers while a batch waits
+CHUNK_TARGET_S = 0.2  # worker seconds a chunk aims to carry; a chunk costs the client and
+# scheduler ~5-15 ms of CPU, so at 200 ms that stays a small share of a core
+MAX_CHUNK = 256  # tasks a chunk carries at most
+CHUNKS_PER_THREAD = 2  # chunks in flight per worker thread: the next one waits on the worker
 
 
 def cluster_config() -> dict[str, Any]:
@@ -95,63 +114,134 @@ class DistributedSandbox:
         """Each task's `Result`, or the typed error that task alone raised, in task order."""
         items = list(tasks)
         settled: dict[str, Result | SandboxError] = {}
-        futures: dict[str, Future[Any]] = {}
+        todo: list[Task] = []
+        seen: set[str] = set()
+        modules: dict[Path | bytes, bytes] = {}  # one bytes object per distinct module
         for task in items:
-            if task.id in futures or task.id in settled:
+            if task.id in seen:
                 continue  # one run per task id
+            seen.add(task.id)
             try:
-                portable = _portable(task)
+                todo.append(_portable(task, modules))
             except SandboxError as exc:
                 settled[task.id] = exc
-                continue
-            futures[task.id] = self.client.submit(
-                _run_on_worker, portable, self.policy,
-                key=KEY_PREFIX + task.id, retries=1, pure=False,
-            )
-        try:
-            self._settle(futures, settled)
-        finally:
-            pending = [f for f in futures.values() if not f.done()]  # type: ignore[no-untyped-call]
-            if pending:
-                self.client.cancel(pending)  # type: ignore[no-untyped-call]
+        if todo:
+            _Batch(self, todo, settled).run()
         return [settled[t.id] for t in items]
 
-    def _settle(self, futures: dict[str, Future[Any]],
-                settled: dict[str, Result | SandboxError]) -> None:
-        """Settle every future as it finishes; fail the rest once no worker is left."""
-        finished: queue.SimpleQueue[str] = queue.SimpleQueue()
-        for task_id, future in futures.items():
-            future.add_done_callback(  # type: ignore[no-untyped-call]
-                lambda _f, task_id=task_id: finished.put(task_id))
-        waiting = set(futures)
-        alone_since: float | None = None
-        while waiting:
-            try:
-                task_id = finished.get(timeout=WATCH_INTERVAL)
-            except queue.Empty:
-                if self._has_workers():
-                    alone_since = None
-                    continue
-                now = time.monotonic()
-                alone_since = now if alone_since is None else alone_since
-                if now - alone_since < self.no_workers_timeout:
-                    continue
-                for task_id in waiting:
-                    settled[task_id] = HostFailure(
-                        f"no worker was left to run task {task_id!r}: the cluster had no "
-                        f"worker for {self.no_workers_timeout:g} s")
-                return
-            if task_id in waiting:
-                waiting.discard(task_id)
-                settled[task_id] = _unwrap(futures[task_id])
-
-    def _has_workers(self) -> bool:
+    def _threads(self) -> int:
+        """Worker threads the cluster has now; 0 when it has none or cannot be asked."""
         try:
             workers = self.client.nthreads(  # type: ignore[no-untyped-call]
                 callback_timeout=max(WATCH_INTERVAL, 5.0))
         except Exception:  # the scheduler is unreachable: no worker runs anything either
-            return False
-        return bool(workers)
+            return 0
+        return sum(n for n in workers.values() if isinstance(n, int))
+
+
+class _Batch:
+    """One `gather` in flight: tasks go out in chunks sized from what earlier chunks took.
+
+    The first wave is one task a chunk; after that a chunk carries about `CHUNK_TARGET_S`
+    of work (at most `MAX_CHUNK` tasks, and never more than its share of what is left, so
+    the tail spreads over every worker). At most `CHUNKS_PER_THREAD` chunks per worker
+    thread are in flight, so a worker always has its next chunk while it runs one.
+    """
+
+    def __init__(self, owner: DistributedSandbox, tasks: list[Task],
+                 settled: dict[str, Result | SandboxError]) -> None:
+        self.owner = owner
+        self.queue: deque[Task] = deque(tasks)
+        self.settled = settled
+        self.inflight: dict[str, list[str]] = {}  # future key -> its tasks' ids
+        self.futures: dict[str, Future[Any]] = {}
+        self.finished: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self.threads = owner._threads() if len(tasks) > 1 else 1
+        self.counted_at = time.monotonic()
+        self.per_task_s: float | None = None  # worker seconds a task, recent chunks weigh most
+
+    def run(self) -> None:
+        """Submit, settle and refill until every task is settled; cancels what is left."""
+        try:
+            self._fill()
+            alone_since: float | None = None
+            while self.inflight:
+                try:
+                    key = self.finished.get(timeout=WATCH_INTERVAL)
+                except queue.Empty:
+                    self._count(force=True)
+                    if self.threads:
+                        alone_since = None
+                        self._fill()
+                        continue
+                    now = time.monotonic()
+                    alone_since = now if alone_since is None else alone_since
+                    if now - alone_since >= self.owner.no_workers_timeout:
+                        self._abandon()
+                        return
+                    continue
+                ids = self.inflight.pop(key, None)
+                if ids is not None:
+                    self._settle(self.futures.pop(key), ids)
+                    self._count()
+                    self._fill()
+        finally:
+            pending = [f for f in self.futures.values() if not f.done()]  # type: ignore[no-untyped-call]
+            if pending:
+                self.owner.client.cancel(pending)  # type: ignore[no-untyped-call]
+
+    def _count(self, force: bool = False) -> None:
+        """Refresh the worker thread count, at most once a `WATCH_INTERVAL` unless forced."""
+        now = time.monotonic()
+        if force or now - self.counted_at >= WATCH_INTERVAL:
+            self.threads = self.owner._threads()
+            self.counted_at = now
+
+    def _fill(self) -> None:
+        limit = max(1, self.threads) * CHUNKS_PER_THREAD
+        while self.queue and len(self.inflight) < limit:
+            chunk = [self.queue.popleft() for _ in range(min(self._size(), len(self.queue)))]
+            ids = [task.id for task in chunk]
+            key = _chunk_key(ids)
+            future = self.owner.client.submit(
+                _run_chunk, chunk, self.owner.policy, key=key, retries=1, pure=False)
+            self.inflight[key] = ids
+            self.futures[key] = future
+            future.add_done_callback(  # type: ignore[no-untyped-call]
+                lambda _f, key=key: self.finished.put(key))
+
+    def _size(self) -> int:
+        """Tasks the next chunk carries."""
+        if self.per_task_s is None:
+            return 1  # nothing measured yet: one round trip a worker tells us the task's cost
+        per_task = max(self.per_task_s, 1e-5)
+        share = -(-len(self.queue) // (max(1, self.threads) * CHUNKS_PER_THREAD))
+        return max(1, min(round(CHUNK_TARGET_S / per_task), MAX_CHUNK, share))
+
+    def _settle(self, future: Future[Any], ids: list[str]) -> None:
+        outcome = _unwrap(future, ids)
+        if isinstance(outcome, SandboxError):
+            for task_id in ids:
+                self.settled[task_id] = outcome
+            return
+        settled, busy_s = outcome
+        self.settled.update(zip(ids, settled, strict=True))
+        if busy_s > 0:
+            # Halving the old estimate each chunk forgets a slow start (a module's first
+            # compile on a fresh worker) within a few chunks.
+            latest = busy_s / len(ids)
+            known = self.per_task_s
+            self.per_task_s = latest if known is None else (known + latest) / 2
+
+    def _abandon(self) -> None:
+        """No worker for `no_workers_timeout` seconds: fail every task not settled yet."""
+        waiting = [i for ids in self.inflight.values() for i in ids]
+        waiting += [task.id for task in self.queue]
+        for task_id in waiting:
+            self.settled[task_id] = HostFailure(
+                f"no worker was left to run task {task_id!r}: the cluster had no "
+                f"worker for {self.owner.no_workers_timeout:g} s")
+        self.queue.clear()
 
 
 class SandboxPlugin(WorkerPlugin):
@@ -278,45 +368,103 @@ def _failed(task: Task, error: SandboxError) -> Result:
                   status=Status.FAILED, reason=f"{type(error).__name__}: {error}")
 
 
-def _run_on_worker(task: Task, policy: Policy) -> _Shipped | _Refused:
+def _run_chunk(tasks: list[Task], policy: Policy) -> tuple[list[_Shipped | _Refused], float]:
+    """On a worker: run `tasks` in its warm sandbox, one after another; what each gave, and
+    the seconds the chunk took. A host error is retried once in place, then carried back."""
     plugin = get_worker().plugins.get(PLUGIN_NAME)
     if not isinstance(plugin, SandboxPlugin):
         raise HostFailure(f"worker plugin {PLUGIN_NAME!r} is not installed")
-    try:
-        return _Shipped.of(plugin.sandbox(policy).run(task))
-    except HostFailure:
-        raise  # possibly transient: Dask retries it once
-    except SandboxError as exc:
-        return _Refused(type(exc), str(exc), dict(exc.__dict__))
+    sandbox = plugin.sandbox(policy)
+    t0 = time.perf_counter()
+    shipped: list[_Shipped | _Refused] = []
+    for task in tasks:
+        for attempt in (1, 2):
+            try:
+                shipped.append(_Shipped.of(sandbox.run(task)))
+            except HostFailure as exc:
+                if attempt == 1:
+                    continue  # possibly transient: once more
+                shipped.append(_Refused(type(exc), str(exc), dict(exc.__dict__)))
+            except SandboxError as exc:
+                shipped.append(_Refused(type(exc), str(exc), dict(exc.__dict__)))
+            except Exception as exc:  # a host bug costs this task alone, not its chunk
+                shipped.append(_Refused(HostFailure, f"{type(exc).__name__}: {str(exc)[:2000]}"))
+            break
+    return shipped, time.perf_counter() - t0
 
 
-def _unwrap(future: Future[Any]) -> Result | SandboxError:
-    """What one finished future means for its task; never raises."""
+def _chunk_key(ids: list[str]) -> str:
+    """A chunk's Dask key: a single task's is its id, so the same task submitted twice (or
+    by `run` and `map` at once) runs once; a longer chunk's is a digest of its ids."""
+    if len(ids) == 1:
+        return KEY_PREFIX + ids[0]
+    digest = hashlib.sha256("\0".join(ids).encode()).hexdigest()[:32]
+    return f"{KEY_PREFIX}chunk-{len(ids)}-{digest}"
+
+
+def _unwrap(future: Future[Any], ids: list[str]
+            ) -> tuple[list[Result | SandboxError], float] | SandboxError:
+    """What one finished chunk means for its tasks, and its worker seconds; never raises."""
     try:
         value = future.result()
-        if isinstance(value, _Refused):
-            return value.error()
-        if not isinstance(value, _Shipped):
-            return HostFailure(f"task {future.key!r}: a worker returned {type(value).__name__}")
-        return value.result()
     except KilledWorker as exc:
-        return HostFailure(f"task {future.key!r}: its worker died twice: {exc}")
+        return HostFailure(f"chunk {future.key!r}: its worker died twice: {exc}")
     except SandboxError as exc:
         return exc
-    except Exception as exc:  # raised on the worker or in transit: this task's alone
-        return HostFailure(f"task {future.key!r} failed on the cluster: "
+    except Exception as exc:  # raised on the worker or in transit: this chunk's alone
+        return HostFailure(f"chunk {future.key!r} failed on the cluster: "
                            f"{type(exc).__name__}: {exc}")
+    return _decode(str(future.key), value, ids)
 
 
-def _portable(task: Task) -> Task:
-    # A module path on this host may not exist on a worker: ship the bytes instead.
+def _decode(key: str, value: Any, ids: list[str]
+            ) -> tuple[list[Result | SandboxError], float] | SandboxError:
+    """A chunk's answer checked: one entry per task, each for its task, a finite duration."""
+    if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], list)
+            and len(value[0]) == len(ids) and isinstance(value[1], float)):
+        return HostFailure(f"chunk {key!r}: a worker returned {type(value).__name__}, "
+                           f"not one answer for each of its {len(ids)} tasks")
+    settled = [_one(task_id, item) for task_id, item in zip(ids, value[0], strict=True)]
+    busy_s = value[1] if math.isfinite(value[1]) and value[1] > 0 else 0.0
+    return settled, busy_s
+
+
+def _one(task_id: str, item: Any) -> Result | SandboxError:
+    """One task's entry of a chunk's answer, checked; never raises."""
+    if isinstance(item, _Refused):
+        return item.error()
+    if not isinstance(item, _Shipped):
+        return HostFailure(f"task {task_id!r}: a worker returned {type(item).__name__}")
+    try:
+        result = item.result()
+    except SandboxError as exc:
+        return exc
+    except Exception as exc:  # a malformed header: pydantic refused it
+        return HostFailure(f"task {task_id!r}: a worker sent a malformed result: "
+                           f"{type(exc).__name__}: {str(exc)[:200]}")
+    if result.task_id != task_id:
+        return HostFailure(f"task {task_id!r}: a worker answered for {result.task_id!r}")
+    return result
+
+
+def _portable(task: Task, modules: dict[Path | bytes, bytes]) -> Task:
+    """`task` as a worker can run it: its module's bytes, not a path on this host. Tasks of one
+    batch that share a module share one bytes object (a chunk pickles it once); a path is read
+    once a batch."""
+    data = task.module_bytes
     if task.kind is TaskKind.WASM and task.module is not None:
-        try:
-            data = task.module.read_bytes()
-        except OSError as exc:
-            raise HostFailure(f"cannot read module {task.module}: {exc.strerror}") from exc
-        return task.model_copy(update={"module": None, "module_bytes": data})
-    return task
+        data = modules.get(task.module)
+        if data is None:
+            try:
+                data = task.module.read_bytes()
+            except OSError as exc:
+                raise HostFailure(f"cannot read module {task.module}: {exc.strerror}") from exc
+            data = modules[task.module] = modules.setdefault(data, data)
+    elif data is not None:
+        data = modules.setdefault(data, data)
+    if data is None or (data is task.module_bytes and task.module is None):
+        return task
+    return task.model_copy(update={"module": None, "module_bytes": data})
 
 
 _PREPARED: weakref.WeakSet[Client] = weakref.WeakSet()

@@ -1,0 +1,140 @@
+"""Batches travel in chunks: fewer Dask futures than tasks, run in each worker's one warm
+sandbox (closed on the worker's teardown), and a chunk's answer is checked.
+
+A worker's answer for a chunk is data from another process: one that does not give exactly one
+entry per task, answers for another task, or reports a non-finite duration must cost only the
+tasks of that chunk (a typed `HostFailure` each) and never break the batch or its sizing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dask
+import pytest
+from distributed import Client, LocalCluster
+
+from wasmbox import Result, Status, Task
+from wasmbox.distributed import (
+    KEY_PREFIX,
+    PLUGIN_NAME,
+    DistributedSandbox,
+    _decode,
+    _portable,
+    _Shipped,
+    cluster_config,
+)
+from wasmbox.errors import HostFailure
+from wasmbox.models import TierName
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[Client]:
+    with dask.config.set(cluster_config()), LocalCluster(
+        n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1",
+        dashboard_address=None,
+    ) as cluster, Client(cluster) as dask_client:
+        yield dask_client
+
+
+def futures_run(client: Client) -> set[str]:
+    """Every wasmbox key the scheduler has sent to a worker so far."""
+    log = client.run_on_scheduler(lambda dask_scheduler: [
+        (str(entry[0]), entry[2]) for entry in dask_scheduler.transition_log])
+    return {key for key, finish in log if finish == "processing" and key.startswith(KEY_PREFIX)}
+
+
+def test_a_batch_of_small_tasks_travels_in_far_fewer_futures_than_tasks(
+    client: Client, guests: dict[str, Path]
+) -> None:
+    sandbox = DistributedSandbox(client)
+    before = futures_run(client)
+    tasks = [Task.wasm(guests["json_transform"], input={"xs": [i]}) for i in range(300)]
+    results = sandbox.map([*tasks, tasks[0]])  # a repeated id runs once
+    used = futures_run(client) - before
+    assert [r.output["sum"] for r in results] == [*range(300), 0]  # type: ignore[index]
+    assert results[0].run_id == results[-1].run_id
+    assert any("chunk-" in key for key in used)
+    assert len(used) < len(tasks) // 4, len(used)
+
+
+def test_tasks_of_one_module_share_its_bytes_and_a_path_is_read_once(
+    guests: dict[str, Path]
+) -> None:
+    modules: dict[Path | bytes, bytes] = {}
+    by_path = [_portable(Task.wasm(guests["hello"]), modules) for _ in range(3)]
+    data = guests["hello"].read_bytes()
+    by_bytes = [_portable(Task.wasm(bytes(data)), modules) for _ in range(2)]
+    shared = {id(t.module_bytes) for t in by_path + by_bytes}
+    assert len(shared) == 1 and all(t.module is None for t in by_path)
+
+
+def _shipped(task_id: str) -> _Shipped:
+    return _Shipped.of(Result(task_id=task_id, run_id="r", tier=TierName.WASM,
+                              status=Status.COMPLETED, output={"ok": True}))
+
+
+def test_a_well_formed_answer_is_decoded_per_task() -> None:
+    decoded = _decode("k", ([_shipped("a"), _shipped("b")], 0.25), ["a", "b"])
+    assert not isinstance(decoded, HostFailure)
+    settled, busy = decoded
+    assert [r.task_id for r in settled if isinstance(r, Result)] == ["a", "b"]
+    assert busy == 0.25
+
+
+@pytest.mark.parametrize("answer", [
+    ([], 0.1),  # too few entries: a task would be lost
+    ([_shipped("a"), _shipped("b"), _shipped("c")], 0.1),  # too many
+    [_shipped("a"), _shipped("b")],  # not the (entries, seconds) pair
+    ("not a list", 0.1),
+    None,
+])
+def test_an_answer_that_does_not_fit_its_chunk_fails_each_of_its_tasks(answer: object) -> None:
+    decoded = _decode("k", answer, ["a", "b"])
+    assert isinstance(decoded, HostFailure)
+
+
+def test_an_answer_for_another_task_fails_only_that_task() -> None:
+    decoded = _decode("k", ([_shipped("a"), _shipped("someone-else")], 0.1), ["a", "b"])
+    assert not isinstance(decoded, HostFailure)
+    first, second = decoded[0]
+    assert isinstance(first, Result) and first.task_id == "a"
+    assert isinstance(second, HostFailure) and "someone-else" in str(second)
+
+
+@pytest.mark.parametrize("seconds", [math.nan, math.inf, -1.0])
+def test_a_non_finite_or_negative_duration_does_not_steer_chunk_sizes(seconds: float) -> None:
+    decoded = _decode("k", ([_shipped("a")], seconds), ["a"])
+    assert not isinstance(decoded, HostFailure)
+    assert decoded[1] == 0.0
+
+
+def _sandbox_ids(dask_worker: Any = None) -> list[int]:
+    plugin = dask_worker.plugins[PLUGIN_NAME]
+    dask_worker.wasmbox_seen = list(plugin._sandboxes.values())  # kept to look at after teardown
+    return [id(sandbox) for sandbox in dask_worker.wasmbox_seen]
+
+
+def _seen_closed(dask_worker: Any = None) -> list[bool]:
+    return [sandbox.closed for sandbox in dask_worker.wasmbox_seen]
+
+
+def test_each_worker_keeps_one_warm_sandbox_and_closes_it_on_teardown(
+    guests: dict[str, Path]
+) -> None:
+    with dask.config.set(cluster_config()), LocalCluster(
+        n_workers=1, processes=True, threads_per_worker=1, host="127.0.0.1",
+        dashboard_address=None,
+    ) as cluster, Client(cluster) as own:
+        sandbox = DistributedSandbox(own)
+        hello = [Task.wasm(guests["hello"]) for _ in range(40)]
+        assert all(r.ok for r in sandbox.map(hello))
+        first = own.run(_sandbox_ids)
+        assert all(r.ok for r in sandbox.map([Task.wasm(guests["hello"]) for _ in range(40)]))
+        assert own.run(_sandbox_ids) == first  # the same sandbox, made once per policy
+        assert [len(ids) for ids in first.values()] == [1]
+        own.unregister_worker_plugin(PLUGIN_NAME)  # the worker tears the plugin down
+        assert list(own.run(_seen_closed).values()) == [[True]]
