@@ -73,7 +73,9 @@ def walk(sb: Sandbox, tier: WasmTier, task: Task) -> dict[str, float]:
 
     plan = apply(sb.policy, task)
     mark("plan")
-    handle, _cache, prepared, pre = tier._prepared(plan)
+    ready = tier.prepare(plan)
+    handle, prepared, pre = ready.handle, ready.module, ready.pre
+    assert prepared is not None and pre is not None
     mark("prepare")
     deadline, monitor = Deadline(plan.timeout), Monitor(plan.policy.monitor)
     workspace = Workspace(plan)

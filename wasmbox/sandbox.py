@@ -22,7 +22,7 @@ from wasmbox.lifecycle import Closeable, Deadline, shielded
 from wasmbox.models import ISOLATION_ORDER, Metrics, Policy, Result, Status, Task, TierName
 from wasmbox.monitor import Monitor
 from wasmbox.policy import Plan, apply
-from wasmbox.tiers.base import Availability, Outcome, Tier, tier_factory
+from wasmbox.tiers.base import Availability, Outcome, Prepared, Tier, tier_factory
 from wasmbox.validation import compile_schema
 
 if TYPE_CHECKING:
@@ -102,19 +102,19 @@ class Sandbox(Closeable):
         t0 = time.perf_counter()
         plan = apply(self.policy, task)
         data = _check_task_json(plan)  # hostile schemas and inputs go before any tier work
-        tier, escalated_from, why = self._choose(plan)
+        # One-off costs (checks, compiling, building) are prepared before the deadline.
+        tier, prepared, escalated_from, why = self._choose(plan)
+        plan = prepared.plan
         if escalated_from is not None:
-            plan = plan.on_tier(tier.name)
             log.info("task %s escalated from %s to %s: %s", task.id, escalated_from,
                      tier.name, why)
-        tier.prepare(plan)  # one-off costs (compiling, building) are not the task's time
         deadline = token.attach(Deadline(plan.timeout))
         monitor = Monitor(plan.policy.monitor)
         workspace = Workspace(plan, self._workspace_root, data=data)
         running = telemetry.RUNNING.labels(plan.tier.value)
         running.inc()
         try:
-            outcome = tier.run(plan, workspace, deadline, monitor)
+            outcome = tier.run(prepared, workspace, deadline, monitor)
             if deadline.cancelled and outcome.status is not Status.COMPLETED:
                 outcome.status, outcome.exit_code = Status.CANCELLED, None
                 outcome.reason = "cancelled by the caller"
@@ -272,12 +272,15 @@ class Sandbox(Closeable):
         """Availability of every tier, lightest first."""
         return [self.availability(name) for name in ISOLATION_ORDER]
 
-    def _choose(self, plan: Plan) -> tuple[Tier, TierName | None, str | None]:
-        """The plan's tier or, for ``auto`` tasks, the next heavier one the policy allows.
+    def _choose(self, plan: Plan) -> tuple[Tier, Prepared, TierName | None, str | None]:
+        """The plan's tier, prepared, or for ``auto`` tasks the next heavier one the policy
+        allows that can take it.
 
-        A tier is passed over when it cannot run here or cannot run this task (a Python
-        import the wasm interpreter lacks). Isolation only ever goes up: a lighter tier is
-        never used instead. Returns the tier, the tier escalated from, and why.
+        A tier is passed over when it cannot run here, declines the plan (`prepare` raises
+        `TierUnavailable`: a capability it lacks) or cannot run this task (`unsuitable`: a
+        Python import the wasm interpreter lacks). Isolation only ever goes up: a lighter
+        tier is never used instead. Returns the tier, its prepared plan, the tier escalated
+        from, and why.
         """
         auto = plan.task.tier is TierName.AUTO
         candidates = [plan.tier]
@@ -290,20 +293,26 @@ class Sandbox(Closeable):
             if not available.ok:
                 reasons.append(f"{name}: {available.reason}")
                 continue
-            if name is not plan.tier:
-                try:
-                    plan.on_tier(name)
-                except PolicyViolation as exc:
-                    reasons.append(f"{name}: {exc}")
-                    continue
+            try:
+                candidate = plan if name is plan.tier else plan.on_tier(name)
+            except PolicyViolation as exc:
+                reasons.append(f"{name}: {exc}")
+                continue
             tier = self._tier(name)
-            unsuitable = tier.unsuitable(plan) if auto else None
+            if not auto:
+                return tier, tier.prepare(candidate), None, None
+            try:
+                prepared = tier.prepare(candidate)
+            except TierUnavailable as exc:
+                reasons.append(f"{name}: {exc.reason}")
+                continue
+            unsuitable = tier.unsuitable(prepared)
             if unsuitable is not None:
                 reasons.append(f"{name}: {unsuitable}")
                 continue
             if name is plan.tier:
-                return tier, None, None
-            return tier, plan.tier, "; ".join(reasons)
+                return tier, prepared, None, None
+            return tier, prepared, plan.tier, "; ".join(reasons)
         if auto:
             barred = [t for t in ISOLATION_ORDER[ISOLATION_ORDER.index(plan.tier) + 1:]
                       if t not in self.policy.allowed_tiers]

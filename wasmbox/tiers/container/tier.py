@@ -8,13 +8,14 @@ import os
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 
 from wasmbox.errors import HostFailure, SandboxError, TierUnavailable
 from wasmbox.lifecycle import Closeable, Deadline, process_alive, shielded
 from wasmbox.models import TaskKind, TierName
 from wasmbox.monitor import Monitor
 from wasmbox.policy import Plan
-from wasmbox.tiers.base import Availability, Outcome
+from wasmbox.tiers.base import Availability, Outcome, TierCapabilities, check_capabilities
 from wasmbox.tiers.container import network, reaper
 from wasmbox.tiers.container.bundle import (
     ROOTFS_PREFIX,
@@ -33,6 +34,25 @@ from wasmbox.workspace import Workspace, remove_tree, workspace_root
 PROBE_PREFIX = "wasmbox-probe-"
 
 
+@dataclass(frozen=True)
+class ContainerPrepared:
+    """A plan ready to run: its runtime, root skeleton, bundle shape and pool (if pooled)."""
+
+    plan: Plan
+    runtime: Runtime
+    skeleton: RootSkeleton
+    shape: Shape
+    pool: ContainerPool | None
+
+
+CRUN = TierCapabilities(kinds=frozenset({TaskKind.COMMAND, TaskKind.PYTHON}), network=True,
+                        capabilities=True, hidden_paths=True)
+# Measured: runsc leaves the non-root task's permitted/effective capability sets empty (only
+# bounding and inheritable carry the grant), and runs with --network=none here.
+GVISOR = dataclasses.replace(CRUN, network=False, capabilities=False,
+                             note="under gVisor: that needs crun or runc")
+
+
 class ContainerTier(Closeable):
     """Runs command and Python tasks in OCI containers.
 
@@ -41,6 +61,7 @@ class ContainerTier(Closeable):
     """
 
     name = TierName.CONTAINER
+    capabilities = CRUN
 
     def __init__(self, pool_size: int = 0, runtime: str | None = None,
                  pool_max: int | None = None) -> None:
@@ -117,59 +138,48 @@ class ContainerTier(Closeable):
 
     # --- running --------------------------------------------------------------------------
 
-    def unsuitable(self, plan: Plan) -> str | None:
-        """Why this tier cannot take `plan`, or None."""
-        if plan.task.kind not in (TaskKind.COMMAND, TaskKind.PYTHON):
-            return f"the container tier cannot run {plan.task.kind} tasks"
-        gvisor = choose_runtime(plan.task.runtime or self.default_runtime).name == "runsc"
-        if plan.capabilities and gvisor:
-            # Measured: runsc leaves the non-root task's permitted/effective sets empty
-            # (only bounding and inheritable carry the grant), so it would do nothing.
-            return "gVisor does not raise capabilities for the task: they need crun or runc"
-        if plan.network is not None:
-            if gvisor:
-                return "gVisor runs with --network=none here: networked tasks need crun or runc"
-            return network.missing_tools() or network.unsupported(plan.network)
-        return None
+    def prepare(self, plan: Plan) -> ContainerPrepared:
+        """Check the plan against the runtime's capabilities, resolve the runtime, build the
+        root skeleton and start the pool for this shape (it fills behind).
 
-    def prepare(self, plan: Plan) -> None:
-        """Resolve the runtime, build the root skeleton and start the pool for this shape.
-
-        Raises `TierUnavailable` for a task this tier cannot run (network, wasm modules, a
-        runtime that is missing).
+        Raises `TierDeclined` for what the runtime cannot give (gVisor: network,
+        capabilities) and `TierUnavailable` when the network tools are missing.
         """
         self._ensure_open()
-        why = self.unsuitable(plan)
-        if why is not None:
-            raise TierUnavailable(str(self.name), why)
-        self.prewarm(plan)
+        runtime = self._runtime(plan.task.runtime or self.default_runtime)
+        gvisor = runtime.name == "runsc"
+        check_capabilities(self.name, GVISOR if gvisor else self.capabilities, plan)
+        if plan.network is not None:
+            why = network.missing_tools() or network.unsupported(plan.network)
+            if why is not None:
+                raise TierUnavailable(str(self.name), why)
+        skeleton = self._root_skeleton()
+        shape = _for_runtime(runtime, Shape.of(plan))
+        pool = None
+        # A networked task's namespace, pasta and filter are its own: never pooled.
+        if self.pool_size > 0 and not gvisor and plan.network is None:
+            pool = self._pool(runtime, shape, skeleton)
+        return ContainerPrepared(plan, runtime, skeleton, shape, pool)
 
-    def run(self, plan: Plan, workspace: Workspace, deadline: Deadline,
+    def unsuitable(self, prepared: ContainerPrepared) -> str | None:
+        """Never: what the container tier cannot serve, `prepare` declines."""
+        return None
+
+    def run(self, prepared: ContainerPrepared, workspace: Workspace, deadline: Deadline,
             monitor: Monitor) -> Outcome:
         """Run the task in a fresh container; every container, cgroup and mount is gone after."""
         self._ensure_open()
-        why = self.unsuitable(plan)
-        if why is not None:
-            raise TierUnavailable(str(self.name), why)
         t0 = time.perf_counter()
-        runtime = self._runtime(plan.task.runtime or self.default_runtime)
-        skeleton = self._root_skeleton()
-        shape = _for_runtime(runtime, Shape.of(plan))
-        pooled = None
-        # A networked task's namespace, pasta and filter are its own: never pooled.
-        if self.pool_size > 0 and runtime.name != "runsc" and plan.network is None:
-            pooled = self._pool(runtime, shape, skeleton).take(shape)
+        plan, shape = prepared.plan, prepared.shape
+        pooled = prepared.pool.take(shape) if prepared.pool is not None else None
         if pooled is not None:
             return run_pooled(plan, workspace, deadline, monitor, pooled, t0)
-        return run_cold(plan, workspace, deadline, monitor, runtime, skeleton, shape, t0)
+        return run_cold(plan, workspace, deadline, monitor, prepared.runtime,
+                        prepared.skeleton, shape, t0)
 
     def prewarm(self, plan: Plan) -> ContainerPool | None:
         """Start the pool for `plan`'s shape now (None without pooling); it fills behind."""
-        runtime = self._runtime(plan.task.runtime or self.default_runtime)
-        skeleton = self._root_skeleton()
-        if self.pool_size <= 0 or runtime.name == "runsc" or plan.network is not None:
-            return None
-        return self._pool(runtime, _for_runtime(runtime, Shape.of(plan)), skeleton)
+        return self.prepare(plan).pool
 
     def _runtime(self, requested: str | None) -> Runtime:
         choice = choose_runtime(requested)

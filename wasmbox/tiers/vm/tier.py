@@ -15,14 +15,15 @@ import shutil
 import tarfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from wasmbox.errors import HostFailure, PolicyViolation, SandboxClosed, TierUnavailable
+from wasmbox.errors import HostFailure, SandboxClosed, TierUnavailable
 from wasmbox.lifecycle import Closeable, Deadline, shielded
 from wasmbox.models import Status, TaskKind, TierName
 from wasmbox.monitor import Monitor, Sample
 from wasmbox.policy import Plan
-from wasmbox.tiers.base import Availability, Outcome
+from wasmbox.tiers.base import Availability, Outcome, TierCapabilities, check_capabilities
 from wasmbox.tiers.vm.assets import PREPARE_COMMAND, AssetError, Assets, cache_dir, load_assets
 from wasmbox.tiers.vm.guest import Bundle, guest_sizes, make_bundle, output_disk_bytes
 from wasmbox.tiers.vm.janitor import claim_run_dir, kill_machines
@@ -46,11 +47,22 @@ REFILL_WAIT = 2.0  # how long a task awaits a restore in progress rather than bo
 MAX_SNAPSHOTS = 2  # shapes with a saved template (each holds up to its guest RAM in a file)
 
 
+@dataclass(frozen=True)
+class VmPrepared:
+    """A plan ready to run: the tier's run directory and the guest shape it needs."""
+
+    plan: Plan
+    run_dir: Path
+    shape: Shape
+
+
 class VmTier(Closeable):
     """Runs command and Python tasks in throwaway QEMU guests; `pool_size` keeps some warm,
     restored from per-shape snapshots unless `snapshots` is False."""
 
     name = TierName.VM
+    capabilities = TierCapabilities(kinds=frozenset({TaskKind.COMMAND, TaskKind.PYTHON}),
+                                    mounts=False)
 
     def __init__(self, pool_size: int = 1, *, boot_timeout: float = BOOT_TIMEOUT,
                  assets_dir: Path | None = None, extra_cmdline: str = "",
@@ -88,42 +100,26 @@ class VmTier(Closeable):
         details["snapshots"] = self._snapshot_note(assets)
         return Availability(self.name, True, "QEMU guests", details)
 
-    def unsuitable(self, plan: Plan) -> str | None:
-        """Why guests here cannot take `plan` (network, extra mounts, its kind), or None."""
-        if plan.task.kind not in (TaskKind.COMMAND, TaskKind.PYTHON):
-            return f"the VM tier cannot run {plan.task.kind} tasks"
-        if plan.network is not None:
-            return "the VM tier gives guests no network"
-        if plan.capabilities:
-            return "the VM tier cannot grant capabilities"
-        if plan.hidden_paths:
-            return "the VM tier cannot mask hidden paths (it grants no extra mounts)"
-        if plan.readonly_mounts or plan.writable_mounts:
-            return "the VM tier cannot grant extra mounts"
-        return None
+    def prepare(self, plan: Plan) -> VmPrepared:
+        """Check the plan against what guests here can have, load the assets, probe KVM
+        once, and start warming the pool for the plan's shape.
 
-    def prepare(self, plan: Plan) -> None:
-        """Load the assets, probe KVM once, and start warming the pool for the plan's shape.
-
-        Raises `TierUnavailable` when the assets are missing or the task kind cannot run, and
-        `PolicyViolation` for what guests here cannot have (network, extra mounts).
+        Raises `TierDeclined` for what guests cannot have (network, capabilities, mounts)
+        and `TierUnavailable` when the assets are missing.
         """
-        if plan.task.kind not in (TaskKind.COMMAND, TaskKind.PYTHON):
-            raise TierUnavailable(str(self.name), f"the VM tier cannot run {plan.task.kind} tasks")
-        if plan.network is not None:
-            raise PolicyViolation("network.enabled", "the VM tier gives guests no network")
-        if plan.capabilities:
-            raise PolicyViolation("capabilities", "the VM tier cannot grant capabilities")
-        if plan.hidden_paths:
-            raise PolicyViolation("filesystem.hidden", "the VM tier cannot mask hidden paths")
-        if plan.readonly_mounts or plan.writable_mounts:
-            raise PolicyViolation("filesystem", "the VM tier cannot grant extra mounts")
-        assets, _ = self._setup()
+        check_capabilities(self.name, self.capabilities, plan)
+        assets, run_dir = self._setup()
         if plan.task.kind is TaskKind.PYTHON and assets.python_image is None:
             raise TierUnavailable(str(self.name), "no python image: install python3 and run "
                                   f"`{PREPARE_COMMAND}`")
+        shape = self._shape(plan, assets)
         if self._pool is not None:
-            self._pool.warm(self._shape(plan, assets))
+            self._pool.warm(shape)
+        return VmPrepared(plan, run_dir, shape)
+
+    def unsuitable(self, prepared: VmPrepared) -> str | None:
+        """Never: what guests here cannot have, `prepare` declines."""
+        return None
 
     @property
     def pool(self) -> MachinePool | None:
@@ -147,13 +143,12 @@ class VmTier(Closeable):
         pool = self._pool
         return pool is not None and pool.wait_ready(timeout)
 
-    def run(self, plan: Plan, workspace: Workspace, deadline: Deadline,
+    def run(self, prepared: VmPrepared, workspace: Workspace, deadline: Deadline,
             monitor: Monitor) -> Outcome:
         """Run the task in a fresh guest; the guest and its files are gone when this returns."""
         t0 = time.monotonic()
-        self.prepare(plan)
-        assets, run_dir = self._setup()
-        shape = self._shape(plan, assets)
+        self._ensure_open()
+        plan, run_dir, shape = prepared.plan, prepared.run_dir, prepared.shape
         if deadline.cancelled:
             return _timeout("cancelled before the guest was ready", t0)
         pool = self._pool

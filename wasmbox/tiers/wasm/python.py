@@ -256,6 +256,16 @@ class _Interpreter:
     linker: component.Linker
 
 
+@dataclass(frozen=True)
+class PythonReady:
+    """What a run of one plan needs, found once in `PythonRuntime.ready`: the compiled
+    interpreter, and the sys.path entries and read-only mounts (packages, stdlib)."""
+
+    interp: _Interpreter
+    paths: tuple[str, ...]
+    mounts: dict[str, Path]
+
+
 class PythonRuntime(Closeable):
     """Runs Python source in a pre-initialised CPython component. Thread-safe."""
 
@@ -363,24 +373,32 @@ class PythonRuntime(Closeable):
     def _cache_path(self, name: str) -> Path:
         return (self._cache_dir if self._cache_dir is not None else self._scratch_dir()) / name
 
-    def run(
-        self, plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monitor
-    ) -> Outcome:
-        """Run the plan's Python source; guest faults come back as statuses."""
-        t0 = time.perf_counter()
-        # The Sandbox prepares before the deadline starts: building and compiling the
-        # interpreter (seconds, once per cache) is the host's cost, not the task's.
-        interp = self.prepare(Flavour(fuel=plan.fuel is not None, stack=plan.stack))
+    def ready(self, plan: Plan, flavour: Flavour) -> PythonReady:
+        """Everything a run of `plan` needs but its workspace: the interpreter (built and
+        compiled on first use) and the packages (read, hashed and unpacked here, once)."""
+        interp = self.prepare(flavour)
         paths, mounts = self._packages(plan)
         mounts[STDLIB_ROOT] = self._stdlib_dir()  # read-only, like every extra mount
-        paths.insert(0, STDLIB_ROOT)
+        return PythonReady(interp, (STDLIB_ROOT, *paths), mounts)
+
+    def run(
+        self, plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monitor,
+        ready: PythonReady | None = None,
+    ) -> Outcome:
+        """Run the plan's Python source; guest faults come back as statuses.
+
+        `ready` comes from `ready()`, called before the deadline started: building and
+        compiling the interpreter (seconds, once per cache) is the host's cost, not the task's.
+        """
+        t0 = time.perf_counter()
+        if ready is None:
+            ready = self.ready(plan, Flavour(fuel=plan.fuel is not None, stack=plan.stack))
         with open(workspace.input_path, encoding="utf-8") as f:
             payload = f.read()
-        store = wasmtime.Store(interp.handle.engine)
+        store = wasmtime.Store(ready.interp.handle.engine)
         try:
-            return _execute(
-                plan, workspace, deadline, monitor, interp, store, payload, paths, mounts, t0
-            )
+            return _execute(plan, workspace, deadline, monitor, ready.interp, store, payload,
+                            list(ready.paths), ready.mounts, t0)
         finally:
             close_store(store)
 
