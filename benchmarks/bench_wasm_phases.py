@@ -98,7 +98,7 @@ def walk(sb: Sandbox, tier: WasmTier, task: Task) -> dict[str, float]:
         outcome.exit_code = exc.code
     mark("guest _start")
     outcome.peak_memory_bytes = watch.memory_bytes()
-    settle(outcome, plan, store, workspace, watchdog, deadline, monitor)
+    settle(outcome, plan, store, watchdog, deadline, monitor)
     mark("settle")
     close_store(store)  # settle dropped it already: idempotent, as in the tier's finally
     mark("store drop")

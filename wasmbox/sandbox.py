@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import dataclasses
 import itertools
 import logging
 import threading
@@ -400,7 +401,8 @@ def _check_task_json(plan: Plan) -> bytes:
 
 
 def _collect(plan: Plan, workspace: Workspace, outcome: Outcome) -> Collected:
-    """Outputs of a run that reached its end, and the stream filter's verdict.
+    """Outputs of a run that reached its end, its streams, and the filters' verdict: the
+    one place a run's results are read, capped and filtered.
 
     Streams are filtered whatever the status (a guest that leaks a secret and then loops
     must not get it out through a TIMEOUT); a rejected stream comes back redacted.
@@ -408,11 +410,13 @@ def _collect(plan: Plan, workspace: Workspace, outcome: Outcome) -> Collected:
     collected = Collected()
     if outcome.status in _COLLECTED:
         collected = workspace.collect()
-    for name in ("stdout", "stderr"):
-        data, rejection = filter_stream(getattr(outcome, name), plan.output, name)
-        setattr(outcome, name, data)
-        if rejection and collected.rejection is None and outcome.status in _COLLECTED:
-            collected = Collected(rejection=rejection)
+    streams = workspace.read_streams()
+    stdout, out_rejection = filter_stream(streams.stdout, plan.output, "stdout")
+    stderr, err_rejection = filter_stream(streams.stderr, plan.output, "stderr")
+    rejection = out_rejection or err_rejection
+    if rejection and collected.rejection is None and outcome.status in _COLLECTED:
+        collected = Collected(rejection=rejection)
+    collected.streams = dataclasses.replace(streams, stdout=stdout, stderr=stderr)
     return collected
 
 
@@ -425,7 +429,7 @@ def _assemble(
     cleanup_s: float,
     wall_s: float,
 ) -> Result:
-    status, reason = outcome.status, outcome.reason
+    status, reason, streams = outcome.status, outcome.reason, collected.streams
     if collected.rejection is not None:
         status, reason = Status.OUTPUT_REJECTED, collected.rejection
     if reason is not None:  # reasons quote guest text (exceptions, schema messages)
@@ -439,8 +443,8 @@ def _assemble(
         cpu_s=outcome.cpu_s,
         fuel_consumed=outcome.fuel_consumed,
         peak_memory_bytes=outcome.peak_memory_bytes,
-        stdout_bytes=len(outcome.stdout),
-        stderr_bytes=len(outcome.stderr),
+        stdout_bytes=len(streams.stdout),
+        stderr_bytes=len(streams.stderr),
         output_bytes=collected.total_bytes,
         output_files=len(collected.files),
         net_rx_bytes=_count(outcome.extra.pop("net_rx_bytes", None)),
@@ -457,10 +461,10 @@ def _assemble(
         reason=reason,
         output=collected.output if collected.rejection is None else None,
         files=collected.files if collected.rejection is None else {},
-        stdout=outcome.stdout.decode("utf-8", "replace"),
-        stderr=outcome.stderr.decode("utf-8", "replace"),
-        stdout_truncated=outcome.stdout_truncated,
-        stderr_truncated=outcome.stderr_truncated,
+        stdout=streams.stdout.decode("utf-8", "replace"),
+        stderr=streams.stderr.decode("utf-8", "replace"),
+        stdout_truncated=streams.stdout_truncated,
+        stderr_truncated=streams.stderr_truncated,
         metrics=metrics,
         events=tuple(monitor.events),
     )

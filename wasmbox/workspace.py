@@ -191,14 +191,25 @@ def _exceeds(seq: bytes, limit: int) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class Streams:
+    """A run's captured stdout and stderr, each cut at its cap (and whether it was)."""
+
+    stdout: bytes = b""
+    stderr: bytes = b""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+
+
 @dataclass
 class Collected:
-    """What a run left in /task/output, after caps and filters."""
+    """What a run left in /task/output and its streams, after caps and filters."""
 
     files: dict[str, bytes] = field(default_factory=dict)
     output: Any = None
     rejection: str | None = None
     total_bytes: int = 0
+    streams: Streams = Streams()
 
 
 RUNNING = "stopped while running: "  # prefixes the reasons of caps that trip mid-run
@@ -279,6 +290,12 @@ class Workspace(Closeable):
             os.close(fd)
         data = b"".join(chunks)
         return data[:cap], len(data) > cap
+
+    def read_streams(self) -> Streams:
+        """Both captured streams, each cut at the plan's cap: read once, by the sandbox."""
+        stdout, stdout_truncated = self.read_stream(self.stdout_path, self.plan.stdout_bytes)
+        stderr, stderr_truncated = self.read_stream(self.stderr_path, self.plan.stderr_bytes)
+        return Streams(stdout, stderr, stdout_truncated, stderr_truncated)
 
     def over_cap(self) -> str | None:
         """A cheap check while the guest runs: the reason if its writes already break a cap.

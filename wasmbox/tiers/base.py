@@ -27,16 +27,13 @@ class Availability:
 
 @dataclass
 class Outcome:
-    """What a tier reports about one run; the sandbox turns it into a `Result`."""
+    """What a tier reports about one run: status, exit code, metrics. Streams and outputs
+    stay in the workspace; the sandbox reads them with the `Result`."""
 
     status: Status
     exit_code: int | None = None
     trap: str | None = None
     reason: str | None = None
-    stdout: bytes = b""
-    stderr: bytes = b""
-    stdout_truncated: bool = False
-    stderr_truncated: bool = False
     startup_s: float = 0.0
     run_s: float = 0.0
     cpu_s: float | None = None

@@ -10,6 +10,7 @@ booted cold.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import tarfile
@@ -38,6 +39,7 @@ from wasmbox.tiers.vm.machine import (
 )
 from wasmbox.tiers.vm.pool import MachinePool
 from wasmbox.tiers.vm.snapshot import Snapshot, restore, take_snapshot
+from wasmbox.tiers.watch import RunWatch
 from wasmbox.workspace import Workspace, remove_tree
 
 BOOT_TIMEOUT = 20.0  # a TCG boot takes 1.3-1.7 s here; far past that the boot has hung
@@ -354,10 +356,7 @@ class VmTier(Closeable):
 
     def _finish(self, plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monitor,
                 machine: Machine, bundle: Bundle, t0: float, startup: float) -> Outcome:
-        grace = max(plan.kill_grace, 1.0)
-        left = deadline.remaining()
-        line, anomaly = _wait(machine, monitor, 3600.0 if left is None else left + grace,
-                              deadline)
+        line, anomaly = _wait(machine, monitor, deadline, max(plan.kill_grace, 1.0))
         outcome = Outcome(status=Status.COMPLETED, startup_s=startup)
         outcome.run_s = time.monotonic() - t0 - startup
         outcome.extra["guest_memory_mib"] = float(machine.shape.memory_mib)
@@ -389,10 +388,6 @@ class VmTier(Closeable):
             except (tarfile.TarError, OSError) as exc:
                 outcome.status = Status.OUTPUT_REJECTED
                 outcome.reason = f"the output disk is unreadable: {exc}"
-        outcome.stdout, outcome.stdout_truncated = workspace.read_stream(
-            workspace.stdout_path, plan.stdout_bytes)
-        outcome.stderr, outcome.stderr_truncated = workspace.read_stream(
-            workspace.stderr_path, plan.stderr_bytes)
         return outcome
 
     def _release(self) -> None:
@@ -414,28 +409,24 @@ class VmTier(Closeable):
             remove_tree(run_dir)
 
 
-def _wait(machine: Machine, monitor: Monitor, timeout: float,
-          deadline: Deadline) -> tuple[ExitLine | None, str | None]:
+def _wait(machine: Machine, monitor: Monitor, deadline: Deadline,
+          grace: float) -> tuple[ExitLine | None, str | None]:
     """Wait for the exit line, sampling QEMU for the monitor; (line, anomaly reason).
 
-    A cancelled run stops the guest at once (within a step, at most 100 ms)."""
-    end = time.monotonic() + timeout
-    step = min(monitor.policy.interval if monitor.policy.enabled else timeout, 0.1)
-    while True:
-        left = end - time.monotonic()
-        line = machine.wait_exit(min(step, max(left, 0.0)))
-        if line is not None or left <= 0 or not machine.alive:
-            return line, None
-        if deadline.cancelled:
-            machine.stop()
-            return None, None
-        if monitor.due():
-            # From outside the guest only QEMU itself is visible: its CPU time is the task's
-            # plus the guest kernel's; its RSS is not the task's memory, so none is reported.
-            reason = monitor.observe(Sample(at_s=monitor.elapsed(), cpu_s=machine.cpu_seconds()))
-            if reason is not None:
-                machine.stop()
-                return None, reason
+    The guest keeps its own timer, so the host waits `grace` past the deadline for its
+    report; a cancelled run stops the guest at once (within a step, at most 100 ms)."""
+    def probe(base: Sample) -> Sample:
+        # From outside the guest only QEMU itself is visible: its CPU time is the task's
+        # plus the guest kernel's; its RSS is not the task's memory, so none is reported.
+        return dataclasses.replace(base, cpu_s=machine.cpu_seconds())
+
+    step = min(monitor.policy.interval, 0.1) if monitor.policy.enabled else 0.1
+    watch = RunWatch(deadline, monitor, probe, grace=grace)
+    stop = watch.wait(lambda t: machine.wait_exit(t) is not None or not machine.alive, step)
+    if stop is not None and (deadline.cancelled or stop.status is Status.ANOMALY):
+        machine.stop()
+    line = machine.wait_exit(0.0)
+    return line, stop.reason if stop is not None and stop.status is Status.ANOMALY else None
 
 
 def _classify(outcome: Outcome, line: ExitLine, plan: Plan) -> None:

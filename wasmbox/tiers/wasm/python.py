@@ -517,7 +517,7 @@ def _execute(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Moni
 
     if verdict is not None:
         _apply_verdict(outcome, verdict, plan, workspace)
-    settle(outcome, plan, store, workspace, watchdog, deadline, monitor)
+    settle(outcome, plan, store, watchdog, deadline, monitor)
     return outcome
 
 

@@ -213,7 +213,7 @@ def _execute(
         outcome.reason = (
             f"linear memory reached {outcome.peak_memory_bytes} of its {plan.memory} byte cap"
         )
-    settle(outcome, plan, store, workspace, watchdog, deadline, monitor)
+    settle(outcome, plan, store, watchdog, deadline, monitor)
     return outcome
 
 
