@@ -12,13 +12,14 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, overload
+from typing import TYPE_CHECKING, Literal, cast, overload
 
 from wasmbox import telemetry
-from wasmbox.errors import PolicyViolation, SandboxError, TierUnavailable
+from wasmbox._config import HostConfig
+from wasmbox.errors import ConfigError, PolicyViolation, SandboxError, TierUnavailable
 from wasmbox.lifecycle import Closeable, Deadline, shielded
 from wasmbox.models import ISOLATION_ORDER, Metrics, Policy, Result, Status, Task, TierName
 from wasmbox.monitor import Monitor
@@ -52,17 +53,29 @@ class Sandbox(Closeable):
         policy: Policy | None = None,
         *,
         workspace_root: Path | None = None,
-        tiers: dict[TierName, Callable[[], Tier]] | None = None,
+        tiers: Mapping[TierName, Tier | Callable[[], Tier]] | None = None,
+        config: HostConfig | None = None,
     ) -> None:
+        """`config` is read from the environment when not given (`workspace_root` overrides
+        its root) and handed to the built-in tiers. `tiers` maps a tier to a factory (called
+        once, when first needed; the sandbox closes what it makes) or to a tier instance
+        (used as is and never closed here: its owner closes it)."""
         self.policy = policy or Policy()
+        self.config = (config or HostConfig.from_env()).with_workspace_root(workspace_root)
         self._workspace_root = workspace_root
-        self._factories = dict(tiers or {})
-        self._tiers: dict[TierName, Tier] = {}
+        self._factories: dict[TierName, Callable[[], Tier]] = {}
+        self._borrowed: dict[TierName, Tier] = {}
+        for name, entry in (tiers or {}).items():
+            if _is_instance(entry):
+                self._borrowed[name] = cast(Tier, entry)
+            else:
+                self._factories[name] = cast(Callable[[], Tier], entry)
+        self._tiers: dict[TierName, Tier] = dict(self._borrowed)
         self._availability: dict[TierName, Availability] = {}
         self._cancels: dict[str, set[_Cancel]] = {}
         self._pools: dict[int, ProcessPool] = {}
         self._lock = threading.Lock()
-        _reclaim_once(workspace_root)
+        _reclaim_once(self.config.workspace_root)
         _LIVE.add(self)
         telemetry.LIVE_SANDBOXES.inc()
 
@@ -111,7 +124,7 @@ class Sandbox(Closeable):
                      tier.name, why)
         deadline = token.attach(Deadline(plan.timeout))
         monitor = Monitor(plan.policy.monitor)
-        workspace = Workspace(plan, self._workspace_root, data=data)
+        workspace = Workspace(plan, self.config.workspace_root, data=data)
         running = telemetry.RUNNING.labels(plan.tier.value)
         running.inc()
         try:
@@ -339,16 +352,21 @@ class Sandbox(Closeable):
                 factory = self._factories.get(name)
                 if factory is None:
                     try:
-                        factory = tier_factory(name)
+                        builtin = tier_factory(name)
                     except (ImportError, AttributeError) as exc:
                         raise TierUnavailable(str(name), f"not built in ({exc})") from exc
-                tier = factory()
+                    tier = builtin(config=self.config)
+                else:
+                    tier = factory()
                 self._tiers[name] = tier
         return tier
 
     def _process_pool(self, processes: int) -> ProcessPool:
         from wasmbox.procpool import ProcessPool
 
+        if self._borrowed:
+            raise ConfigError("processes= needs tier factories (they are pickled to the "
+                              "workers), not tier instances")
         with self._lock:
             self._ensure_open()
             pool = self._pools.get(processes)
@@ -366,12 +384,13 @@ class Sandbox(Closeable):
         for pool in pools.values():
             with shielded():
                 pool.close()
-        for tier in tiers.values():
-            tier.close()
+        for name, tier in tiers.items():
+            if self._borrowed.get(name) is not tier:
+                tier.close()
 
 
 log = logging.getLogger("wasmbox")
-_RECLAIMED: set[Path | None] = set()
+_RECLAIMED: set[Path] = set()
 # Sandboxes still open at interpreter exit are closed then: native handles (engines, stores,
 # runtimes) dropped during interpreter teardown can make wasmtime's runtime panic.
 _LIVE: weakref.WeakSet[Sandbox] = weakref.WeakSet()
@@ -383,7 +402,12 @@ def _close_live_sandboxes() -> None:
         sandbox.close()
 
 
-def _reclaim_once(root: Path | None) -> None:
+def _is_instance(entry: Tier | Callable[[], Tier]) -> bool:
+    """A tier instance, not a factory (a class or a callable that makes one)."""
+    return not isinstance(entry, type) and hasattr(entry, "prepare") and hasattr(entry, "run")
+
+
+def _reclaim_once(root: Path) -> None:
     # Workspaces of killed processes are reclaimed the first time a sandbox uses their root.
     if root not in _RECLAIMED:
         _RECLAIMED.add(root)

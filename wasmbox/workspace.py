@@ -21,7 +21,6 @@ import os
 import re
 import secrets
 import stat
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 
 import re2
 
+from wasmbox._config import HostConfig
 from wasmbox.errors import InputRejected
 from wasmbox.lifecycle import Closeable, process_alive
 from wasmbox.models import DenyAction, MiB, OutputPolicy
@@ -43,20 +43,8 @@ REDACTED = b"[REDACTED]"
 
 
 def workspace_root() -> Path:
-    """Where workspaces live: ``$WASMBOX_TMPDIR``, else ``/dev/shm``, else the temp dir.
-
-    A memory-backed directory makes staging and removal several times cheaper than a disk;
-    outputs are capped while the guest runs, so it cannot fill memory.
-    """
-    env = os.environ.get("WASMBOX_TMPDIR")
-    if env:
-        return Path(env)
-    if os.access(_SHM, os.W_OK | os.X_OK):
-        return Path(_SHM)
-    return Path(tempfile.gettempdir())
-
-
-_SHM = "/dev/shm"
+    """Where workspaces live now, per the environment (see `HostConfig`)."""
+    return HostConfig.from_env().workspace_root
 
 
 def _make_dir(root: str) -> str:

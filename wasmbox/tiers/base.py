@@ -152,8 +152,9 @@ _TIER_FACTORIES: dict[TierName, str] = {
 }
 
 
-def tier_factory(name: TierName) -> Callable[[], Tier]:
-    """The constructor of a tier; raises `ModuleNotFoundError` if that tier is not built in."""
+def tier_factory(name: TierName) -> Callable[..., Tier]:
+    """The constructor of a built-in tier (it takes ``config=HostConfig``); raises
+    `ModuleNotFoundError` if that tier is not built in."""
     module, _, attr = _TIER_FACTORIES[name].partition(":")
-    factory: Callable[[], Tier] = getattr(importlib.import_module(module), attr)
+    factory: Callable[..., Tier] = getattr(importlib.import_module(module), attr)
     return factory

@@ -30,7 +30,7 @@ from wasmbox.tiers.container.bundle import (
 from wasmbox.tiers.container.cgroups import PARENT
 from wasmbox.tiers.container.instance import Instance, new_container_id
 from wasmbox.tiers.container.runtime import Runtime
-from wasmbox.workspace import remove_tree, workspace_root
+from wasmbox.workspace import remove_tree
 
 SPEC = "spec.sh"
 POOL_PREFIX = "wasmbox-pool-"
@@ -60,8 +60,9 @@ class Pooled:
 
     def __init__(self, runtime: Runtime, shape: Shape, skeleton: RootSkeleton,
                  container_id: str) -> None:
+        # Beside the root skeleton: under the tier's workspace root.
         self.path = tempfile.mkdtemp(prefix=f"{POOL_PREFIX}{os.getpid()}-",
-                                     dir=str(workspace_root()))
+                                     dir=os.path.dirname(skeleton.path))
         self.paths = Paths(self.path + "/task", self.path + "/task/output", self.path + "/code")
         self.stdout_path = self.path + "/stdout"
         self.stderr_path = self.path + "/stderr"

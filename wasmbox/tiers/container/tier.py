@@ -10,6 +10,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from wasmbox._config import HostConfig
 from wasmbox.errors import HostFailure, SandboxError, TierUnavailable
 from wasmbox.lifecycle import Closeable, Deadline, process_alive, shielded
 from wasmbox.models import TaskKind, TierName
@@ -29,7 +30,7 @@ from wasmbox.tiers.container.instance import ExecFailed, Instance, new_container
 from wasmbox.tiers.container.pool import POOL_PREFIX, ContainerPool
 from wasmbox.tiers.container.runs import STREAM_MODE, run_cold, run_pooled
 from wasmbox.tiers.container.runtime import STATE_ROOT, Runtime, choose_runtime
-from wasmbox.workspace import Workspace, remove_tree, workspace_root
+from wasmbox.workspace import Workspace, remove_tree
 
 PROBE_PREFIX = "wasmbox-probe-"
 
@@ -64,7 +65,9 @@ class ContainerTier(Closeable):
     capabilities = CRUN
 
     def __init__(self, pool_size: int = 0, runtime: str | None = None,
-                 pool_max: int | None = None) -> None:
+                 pool_max: int | None = None, *, config: HostConfig | None = None) -> None:
+        """`config` says where staging dirs live (default: from the environment)."""
+        self.config = config or HostConfig.from_env()
         self.pool_size = pool_size
         self.pool_max = pool_max
         self.default_runtime = runtime
@@ -102,7 +105,7 @@ class ContainerTier(Closeable):
             return Availability(self.name, False, "cgroup controllers not available to the "
                                 f"runtime: {', '.join(missing)}", details)
         try:
-            _smoke_test(found, self._root_skeleton())
+            _smoke_test(found, self._root_skeleton(), str(self.config.workspace_root))
         except (SandboxError, OSError, ExecFailed) as exc:
             return Availability(self.name, False, f"{choice.name} cannot run a container "
                                 f"here: {exc}", details)
@@ -125,7 +128,7 @@ class ContainerTier(Closeable):
             ours = (ROOTFS_PREFIX, POOL_PREFIX, PROBE_PREFIX, STATE_ROOT)
             found += [f"mount {line}" for line in runtime.mount_table().splitlines()
                       if any(mark in line for mark in ours)]
-        root = str(workspace_root())
+        root = str(self.config.workspace_root)
         own = self._skeleton.path if self._skeleton is not None else None
         found += [f"dir {root}/{n}" for n in os.listdir(root)
                   if n.startswith((POOL_PREFIX, ROOTFS_PREFIX, PROBE_PREFIX))
@@ -192,7 +195,7 @@ class ContainerTier(Closeable):
             if found is None:
                 reaper.become_subreaper()
                 found = Runtime(choice)
-                _sweep(found)
+                _sweep(found, str(self.config.workspace_root))
                 self._runtimes[choice.name] = found
         return found
 
@@ -202,7 +205,7 @@ class ContainerTier(Closeable):
             with self._lock:
                 self._ensure_open()
                 if self._skeleton is None:
-                    self._skeleton = RootSkeleton(str(workspace_root()))
+                    self._skeleton = RootSkeleton(str(self.config.workspace_root))
                 skeleton = self._skeleton
         return skeleton
 
@@ -231,7 +234,7 @@ class ContainerTier(Closeable):
             skeleton.remove()
 
 
-def _sweep(runtime: Runtime) -> None:
+def _sweep(runtime: Runtime, root: str) -> None:
     """Delete what processes that died without cleaning up left: their containers,
     cgroups and staging directories (names carry the owner's pid)."""
     def dead(name: str) -> bool:
@@ -248,7 +251,6 @@ def _sweep(runtime: Runtime) -> None:
             for name in os.listdir(parent):
                 if os.path.isdir(f"{parent}/{name}") and dead(name):
                     runtime.cgroups.remove(f"/{PARENT}/{name}")
-    root = str(workspace_root())
     with contextlib.suppress(FileNotFoundError):
         for name in os.listdir(root):
             if name.startswith((POOL_PREFIX, ROOTFS_PREFIX, PROBE_PREFIX)) and dead(name):
@@ -264,9 +266,9 @@ def _for_runtime(runtime: Runtime, shape: Shape) -> Shape:
     return shape
 
 
-def _smoke_test(runtime: Runtime, skeleton: RootSkeleton) -> None:
+def _smoke_test(runtime: Runtime, skeleton: RootSkeleton, root: str) -> None:
     """Run /bin/true in a default-shaped container; raises with the runtime's complaint."""
-    path = tempfile.mkdtemp(prefix=f"{PROBE_PREFIX}{os.getpid()}-", dir=str(workspace_root()))
+    path = tempfile.mkdtemp(prefix=f"{PROBE_PREFIX}{os.getpid()}-", dir=root)
     cid = new_container_id()
     instance = Instance(runtime, cid, path + "/bundle", f"/{PARENT}/{cid}")
     try:

@@ -19,13 +19,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from wasmbox._config import HostConfig
 from wasmbox.errors import HostFailure, SandboxClosed, TierUnavailable
 from wasmbox.lifecycle import Closeable, Deadline, shielded
 from wasmbox.models import Status, TaskKind, TierName
 from wasmbox.monitor import Monitor, Sample
 from wasmbox.policy import Plan
 from wasmbox.tiers.base import Availability, Outcome, TierCapabilities, check_capabilities
-from wasmbox.tiers.vm.assets import PREPARE_COMMAND, AssetError, Assets, cache_dir, load_assets
+from wasmbox.tiers.vm.assets import PREPARE_COMMAND, AssetError, Assets, load_assets
 from wasmbox.tiers.vm.guest import Bundle, guest_sizes, make_bundle, output_disk_bytes
 from wasmbox.tiers.vm.janitor import claim_run_dir, kill_machines
 from wasmbox.tiers.vm.machine import (
@@ -68,7 +69,9 @@ class VmTier(Closeable):
 
     def __init__(self, pool_size: int = 1, *, boot_timeout: float = BOOT_TIMEOUT,
                  assets_dir: Path | None = None, extra_cmdline: str = "",
-                 snapshots: bool = True) -> None:
+                 snapshots: bool = True, config: HostConfig | None = None) -> None:
+        """`config` says where run directories and (without `assets_dir`) assets live."""
+        self._config = config or HostConfig.from_env()
         self._pool_size = pool_size
         self._use_snapshots = snapshots
         self._snapshot_lock = threading.Lock()
@@ -76,7 +79,7 @@ class VmTier(Closeable):
         self._snapshot_failures: dict[Shape, str] = {}
         self._booted_first: set[Shape] = set()
         self._boot_timeout = boot_timeout
-        self._assets_dir = assets_dir
+        self._assets_dir = assets_dir or self._config.vm_cache
         self._extra_cmdline = extra_cmdline
         self._lock = threading.Lock()
         self._assets: Assets | None = None
@@ -187,10 +190,10 @@ class VmTier(Closeable):
                 except AssetError as exc:
                     raise TierUnavailable(str(self.name), str(exc)) from exc
                 try:
-                    self._run_dir = claim_run_dir()
+                    self._run_dir = claim_run_dir(self._config.workspace_root)
                 except OSError as exc:
                     raise HostFailure(f"cannot create the VM run directory: {exc}") from exc
-                root = self._assets_dir or cache_dir()
+                root = self._assets_dir
                 self._kvm = probe_kvm(self._assets, self._run_dir, root / "kvm-probe.json")
                 if self._pool_size > 0:
                     self._pool = MachinePool(self._pool_size, self._pooled_machine)

@@ -14,13 +14,14 @@ import wasmtime
 from wasmtime import _ffi as ffi
 from wasmtime._extern import wrap_extern
 
+from wasmbox._config import HostConfig
 from wasmbox.errors import HostFailure, TierUnavailable
 from wasmbox.lifecycle import Closeable, Deadline
 from wasmbox.models import MiB, Status, TaskKind, TierName
 from wasmbox.monitor import Monitor
 from wasmbox.policy import Plan
 from wasmbox.tiers.base import Availability, Outcome, TierCapabilities, check_capabilities
-from wasmbox.tiers.wasm.cache import ModuleCache, check_imports, default_cache_dir
+from wasmbox.tiers.wasm.cache import ModuleCache, check_imports
 from wasmbox.tiers.wasm.cache import Prepared as LoadedModule
 from wasmbox.tiers.wasm.engine import (
     WASMTIME_VERSION,
@@ -57,8 +58,12 @@ class WasmTier(Closeable):
     name = TierName.WASM
     capabilities = TierCapabilities(kinds=frozenset({TaskKind.WASM, TaskKind.PYTHON}))
 
-    def __init__(self, cache_dir: Path | None = _NO_CACHE) -> None:
-        self._cache_dir = default_cache_dir() if cache_dir is _NO_CACHE else cache_dir
+    def __init__(self, cache_dir: Path | None = _NO_CACHE, *,
+                 config: HostConfig | None = None) -> None:
+        """`cache_dir` None keeps compiled code in memory only; default: the config's."""
+        if cache_dir is _NO_CACHE:
+            cache_dir = (config or HostConfig.from_env()).module_cache
+        self._cache_dir = cache_dir
         self._engines: dict[Flavour, tuple[EngineHandle, ModuleCache]] = {}
         self._lock = threading.Lock()
         self._python: PythonRuntime | None = None
