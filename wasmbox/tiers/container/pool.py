@@ -14,8 +14,8 @@ import os
 import re
 import shlex
 import shutil
-import tempfile
 
+from wasmbox._owned import make_owned_dir
 from wasmbox.lifecycle import shielded
 from wasmbox.models import TierName
 from wasmbox.pool import Pool
@@ -61,8 +61,7 @@ class Pooled:
     def __init__(self, runtime: Runtime, shape: Shape, skeleton: RootSkeleton,
                  container_id: str) -> None:
         # Beside the root skeleton: under the tier's workspace root.
-        self.path = tempfile.mkdtemp(prefix=f"{POOL_PREFIX}{os.getpid()}-",
-                                     dir=os.path.dirname(skeleton.path))
+        self.path = make_owned_dir(os.path.dirname(skeleton.path), POOL_PREFIX)
         self.paths = Paths(self.path + "/task", self.path + "/task/output", self.path + "/code")
         self.stdout_path = self.path + "/stdout"
         self.stderr_path = self.path + "/stderr"

@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 
 from wasmbox._config import HostConfig
+from wasmbox._owned import make_owned_dir, reclaim_owned
 from wasmbox.errors import HostFailure, SandboxError, TierUnavailable
 from wasmbox.lifecycle import Closeable, Deadline, process_alive, shielded
 from wasmbox.models import TaskKind, TierName
@@ -251,10 +251,8 @@ def _sweep(runtime: Runtime, root: str) -> None:
             for name in os.listdir(parent):
                 if os.path.isdir(f"{parent}/{name}") and dead(name):
                     runtime.cgroups.remove(f"/{PARENT}/{name}")
-    with contextlib.suppress(FileNotFoundError):
-        for name in os.listdir(root):
-            if name.startswith((POOL_PREFIX, ROOTFS_PREFIX, PROBE_PREFIX)) and dead(name):
-                remove_tree(f"{root}/{name}")
+    for prefix in (POOL_PREFIX, ROOTFS_PREFIX, PROBE_PREFIX):
+        reclaim_owned(root, prefix)
     network.sweep(dead)
 
 
@@ -268,7 +266,7 @@ def _for_runtime(runtime: Runtime, shape: Shape) -> Shape:
 
 def _smoke_test(runtime: Runtime, skeleton: RootSkeleton, root: str) -> None:
     """Run /bin/true in a default-shaped container; raises with the runtime's complaint."""
-    path = tempfile.mkdtemp(prefix=f"{PROBE_PREFIX}{os.getpid()}-", dir=root)
+    path = make_owned_dir(root, PROBE_PREFIX)
     cid = new_container_id()
     instance = Instance(runtime, cid, path + "/bundle", f"/{PARENT}/{cid}")
     try:
