@@ -103,3 +103,41 @@ def _compiled(patterns: tuple[str, ...]) -> list[_Matcher]:
             _PATTERN_CACHE.clear()
         _PATTERN_CACHE[patterns] = found
     return found
+
+
+def filter_json(output: Any, caps: OutputPolicy, where: str) -> tuple[Any, bool]:
+    """The decoded result with deny patterns applied to every string and key (so JSON
+    escapes cannot hide a match); returns it and whether anything was redacted. Iterative;
+    mutates `output` (freshly parsed) in place."""
+    changed = False
+
+    def clean(text: str) -> str:
+        nonlocal changed
+        raw = text.encode("utf-8", "surrogatepass")
+        filtered = filter_bytes(raw, caps, where)
+        if filtered == raw:
+            return text
+        changed = True
+        return filtered.decode("utf-8", "replace")
+
+    if isinstance(output, str):
+        return clean(output), changed
+    stack = [output] if isinstance(output, list | dict) else []
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            for i, value in enumerate(node):
+                if isinstance(value, str):
+                    node[i] = clean(value)
+                elif isinstance(value, list | dict):
+                    stack.append(value)
+            continue
+        items = list(node.items())
+        node.clear()
+        for key, value in items:
+            if isinstance(value, str):
+                value = clean(value)
+            elif isinstance(value, list | dict):
+                stack.append(value)
+            node[clean(key)] = value
+    return output, changed

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from wasmbox._filters import Rejected, filter_bytes, filter_name
+from wasmbox._filters import Rejected, filter_bytes, filter_json, filter_name
 from wasmbox._staging import json_too_deep
 from wasmbox.errors import InputRejected
 from wasmbox.models import MiB, OutputPolicy
@@ -254,44 +254,6 @@ def _read_capped(dir_fd: int, name: str, cap: int, rel: str) -> bytes:
         os.close(fd)
 
 
-def _filter_output(output: Any, caps: OutputPolicy) -> tuple[Any, bool]:
-    """The decoded result with deny patterns applied to every string and key (so JSON
-    escapes cannot hide a match); returns it and whether anything was redacted. Iterative;
-    mutates `output` (freshly parsed) in place."""
-    changed = False
-
-    def clean(text: str) -> str:
-        nonlocal changed
-        raw = text.encode("utf-8", "surrogatepass")
-        filtered = filter_bytes(raw, caps, f"{RESULT_FILE} (decoded)")
-        if filtered == raw:
-            return text
-        changed = True
-        return filtered.decode("utf-8", "replace")
-
-    if isinstance(output, str):
-        return clean(output), changed
-    stack = [output] if isinstance(output, list | dict) else []
-    while stack:
-        node = stack.pop()
-        if isinstance(node, list):
-            for i, value in enumerate(node):
-                if isinstance(value, str):
-                    node[i] = clean(value)
-                elif isinstance(value, list | dict):
-                    stack.append(value)
-            continue
-        items = list(node.items())
-        node.clear()
-        for key, value in items:
-            if isinstance(value, str):
-                value = clean(value)
-            elif isinstance(value, list | dict):
-                stack.append(value)
-            node[clean(key)] = value
-    return output, changed
-
-
 def _check_result(result: Collected, plan: Plan) -> str | None:
     caps = plan.output
     schema = plan.task.output_schema
@@ -311,7 +273,7 @@ def _check_result(result: Collected, plan: Plan) -> str | None:
     except (ValueError, RecursionError) as exc:
         return f"{RESULT_FILE} is not valid JSON: {short(str(exc))}"
     if caps.deny_patterns:
-        output, changed = _filter_output(output, caps)  # raises _Rejected on REJECT
+        output, changed = filter_json(output, caps, f"{RESULT_FILE} (decoded)")  # or Rejected
         if changed:
             result.files[RESULT_FILE] = json.dumps(output, ensure_ascii=False).encode(
                 "utf-8", "surrogatepass")
