@@ -276,7 +276,7 @@ class PythonRuntime(Closeable):
         self._engine_for = engine_for
         self._scratch: Path | None = None  # our own dir when there is no disk cache
         self._interpreters: dict[Flavour, _Interpreter] = {}
-        self._wheels: dict[Path, Path] = {}
+        self._wheels: dict[tuple[Path, int, int, int], Path] = {}
         self._modules: frozenset[str] | None = None
         self._stdlib: Path | None = None
         self._lock = threading.Lock()
@@ -452,16 +452,20 @@ class PythonRuntime(Closeable):
         return paths, mounts
 
     def _unpacked(self, wheel: Path) -> Path:
+        # Hashed once per version of the file (path, inode, size, mtime), as modules are.
+        st = wheel.stat()
+        stamp = (wheel, st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._lock:
+            found = self._wheels.get(stamp)
+            if found is not None:
+                return found
         digest = hashlib.sha256(wheel.read_bytes()).hexdigest()[:24]
         with self._lock:
-            found = self._wheels.get(wheel)
-            if found is not None and found.name == digest:
-                return found
             root = (self._cache_dir or self._scratch_dir()) / "wheels"
             target = root / digest
             if not target.exists():
                 _unzip(wheel, root, target)
-            self._wheels[wheel] = target
+            self._wheels[stamp] = target
             return target
 
     def _release(self) -> None:

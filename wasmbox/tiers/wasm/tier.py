@@ -115,6 +115,7 @@ class WasmTier(Closeable):
         self, prepared: WasmPrepared, workspace: Workspace, deadline: Deadline, monitor: Monitor
     ) -> Outcome:
         """Run the module's ``_start`` in a fresh Store; the Store is gone when this returns."""
+        self._ensure_open()  # the engines must still be there
         plan = prepared.plan
         if prepared.python is not None:
             return self._python_runtime().run(plan, workspace, deadline, monitor,
