@@ -45,11 +45,11 @@ from wasmtime import _ffi as ffi  # noqa: E402
 from benchmarks.common import GUESTS  # noqa: E402
 from guests.build import build  # noqa: E402
 from wasmbox import Sandbox, Task  # noqa: E402
+from wasmbox._results import assemble, collect  # noqa: E402
 from wasmbox.lifecycle import Deadline  # noqa: E402
 from wasmbox.models import Limits, Status, TierName  # noqa: E402
 from wasmbox.monitor import Monitor  # noqa: E402
 from wasmbox.policy import apply  # noqa: E402
-from wasmbox.sandbox import _assemble, _collect  # noqa: E402
 from wasmbox.tiers.base import Outcome  # noqa: E402
 from wasmbox.tiers.wasm import WasmTier  # noqa: E402
 from wasmbox.tiers.wasm.run import arm, close_store, settle, wasi_config  # noqa: E402
@@ -73,7 +73,9 @@ def walk(sb: Sandbox, tier: WasmTier, task: Task) -> dict[str, float]:
 
     plan = apply(sb.policy, task)
     mark("plan")
-    handle, _cache, prepared, pre = tier._prepared(plan)
+    ready = tier.prepare(plan)
+    handle, prepared, pre = ready.handle, ready.module, ready.pre
+    assert prepared is not None and pre is not None
     mark("prepare")
     deadline, monitor = Deadline(plan.timeout), Monitor(plan.policy.monitor)
     workspace = Workspace(plan)
@@ -96,15 +98,15 @@ def walk(sb: Sandbox, tier: WasmTier, task: Task) -> dict[str, float]:
         outcome.exit_code = exc.code
     mark("guest _start")
     outcome.peak_memory_bytes = watch.memory_bytes()
-    settle(outcome, plan, store, workspace, watchdog, deadline, monitor)
+    settle(outcome, plan, store, watchdog, deadline, monitor)
     mark("settle")
     close_store(store)  # settle dropped it already: idempotent, as in the tier's finally
     mark("store drop")
-    collected = _collect(plan, workspace, outcome)
+    collected = collect(plan, workspace, outcome)
     mark("collect")
     workspace.close()
     mark("cleanup")
-    result = _assemble(plan, outcome, collected, monitor, cleanup_s=0.0, wall_s=0.0)
+    result = assemble(plan, outcome, collected, monitor, cleanup_s=0.0, wall_s=0.0)
     mark("result")
     assert result.ok and result.output == {"greeting": "hello"}, result
     out, last = {}, t0

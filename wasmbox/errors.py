@@ -59,6 +59,23 @@ class TierUnavailable(SandboxError):
                                        self.declined_by_policy))
 
 
+class TierDeclined(TierUnavailable, PolicyViolation):
+    """A tier cannot give what the plan asks (its kind, network, capabilities, mounts).
+
+    Both a `TierUnavailable` (``tier="auto"`` escalates past it) and a `PolicyViolation`
+    (`rule` names the plan's field). Raised only by `tiers.base.check_capabilities`.
+    """
+
+    def __init__(self, tier: str, rule: str, reason: str) -> None:
+        SandboxError.__init__(self, f"tier {tier!r} is unavailable: {reason}")
+        self.tier, self.reason, self.declined_by_policy = tier, reason, False
+        self.rule = rule
+        self.message = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.tier, self.rule, self.reason))
+
+
 class SandboxClosed(SandboxError):
     """An object was used after `close()`."""
 

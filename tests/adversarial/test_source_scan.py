@@ -83,5 +83,6 @@ def test_nested_source_with_tier_auto_is_a_task_outcome(auto_sandbox: Sandbox, n
 
 def test_auto_still_sees_imports_after_the_change(auto_sandbox: Sandbox) -> None:
     plan = apply(auto_sandbox.policy, Task.python("import zlib\nimport no_such_mod_xyz\n"))
-    reason = auto_sandbox._tier(TierName.WASM).unsuitable(plan)
+    tier = auto_sandbox._tier(TierName.WASM)
+    reason = tier.unsuitable(tier.prepare(plan))
     assert reason is not None and "no_such_mod_xyz" in reason

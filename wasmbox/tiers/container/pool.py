@@ -14,8 +14,8 @@ import os
 import re
 import shlex
 import shutil
-import tempfile
 
+from wasmbox._owned import make_owned_dir
 from wasmbox.lifecycle import shielded
 from wasmbox.models import TierName
 from wasmbox.pool import Pool
@@ -30,7 +30,7 @@ from wasmbox.tiers.container.bundle import (
 from wasmbox.tiers.container.cgroups import PARENT
 from wasmbox.tiers.container.instance import Instance, new_container_id
 from wasmbox.tiers.container.runtime import Runtime
-from wasmbox.workspace import remove_tree, workspace_root
+from wasmbox.workspace import remove_tree
 
 SPEC = "spec.sh"
 POOL_PREFIX = "wasmbox-pool-"
@@ -60,8 +60,8 @@ class Pooled:
 
     def __init__(self, runtime: Runtime, shape: Shape, skeleton: RootSkeleton,
                  container_id: str) -> None:
-        self.path = tempfile.mkdtemp(prefix=f"{POOL_PREFIX}{os.getpid()}-",
-                                     dir=str(workspace_root()))
+        # Beside the root skeleton: under the tier's workspace root.
+        self.path = make_owned_dir(os.path.dirname(skeleton.path), POOL_PREFIX)
         self.paths = Paths(self.path + "/task", self.path + "/task/output", self.path + "/code")
         self.stdout_path = self.path + "/stdout"
         self.stderr_path = self.path + "/stderr"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -23,10 +24,17 @@ from wasmbox.tiers.container.bundle import (
     make_config,
 )
 from wasmbox.tiers.container.cgroups import PARENT, CgroupLayout
-from wasmbox.tiers.container.instance import Ended, ExecFailed, Instance, new_container_id
+from wasmbox.tiers.container.instance import (
+    Check,
+    Ended,
+    ExecFailed,
+    Instance,
+    new_container_id,
+)
 from wasmbox.tiers.container.network import TaskNetwork
 from wasmbox.tiers.container.pool import Pooled, spec_script
 from wasmbox.tiers.container.runtime import Runtime
+from wasmbox.tiers.watch import RunWatch, Stop
 from wasmbox.workspace import Workspace
 
 GUEST_PYTHON = "/usr/bin/python3"
@@ -53,46 +61,37 @@ def guest_argv(plan: Plan, code_dir: str) -> list[str]:
             *package_args(len(plan.policy.python.packages)), f"{CODE_MOUNT}/task.py", task.entry]
 
 
-class Watch:
-    """What is checked while a container runs: a monitoring sample when one is due (from the
-    container's cgroup), then the output caps.
+class CgroupProbe:
+    """What a container run can measure, from its cgroup, for `RunWatch` samples.
 
     With `keep_metrics` every check also keeps the cgroup's counters: runsc removes the
     cgroup as it exits, so the last sample taken during the run is all there is after it.
     """
 
-    def __init__(self, view: Workspace, monitor: Monitor, cgroups: CgroupLayout,
-                 cgroup_path: str, keep_metrics: bool = False) -> None:
-        self.view, self.monitor, self.cgroups, self.cgroup_path = (
-            view, monitor, cgroups, cgroup_path)
+    def __init__(self, plan: Plan, cgroups: CgroupLayout, cgroup_path: str,
+                 keep_metrics: bool = False) -> None:
+        self.plan, self.cgroups, self.cgroup_path = plan, cgroups, cgroup_path
         self.keep_metrics = keep_metrics
         self.last_metrics: dict[str, float] = {}
 
-    def __call__(self) -> tuple[Status, str] | None:
-        if self.keep_metrics:
+    def __call__(self, base: Sample) -> Sample:
+        memory, cpu, throttled = self.cgroups.sample(self.cgroup_path)
+        return dataclasses.replace(base, memory_bytes=memory, memory_cap=self.plan.memory,
+                                   cpu_s=cpu, throttled_s=throttled)
+
+    def watch(self, deadline: Deadline, monitor: Monitor, view: Workspace) -> Check:
+        """The run's `RunWatch`, keeping the cgroup's counters first when asked to."""
+        watch = RunWatch(deadline, monitor, self, view)
+        if not self.keep_metrics:
+            return watch
+
+        def check() -> Stop | None:
             # Merged, not replaced: while runsc tears the cgroup down, one controller's
             # files may be gone and another's still there (all counters only grow).
             self.last_metrics.update(self.cgroups.metrics(self.cgroup_path))
-        if self.monitor.due():
-            reason = self.monitor.observe(self.sample())
-            if reason is not None:
-                return Status.ANOMALY, reason
-        reason = self.view.over_cap()
-        return None if reason is None else (Status.OUTPUT_REJECTED, reason)
+            return watch()
 
-    def sample(self) -> Sample:
-        """One observation of the running container."""
-        memory, cpu, throttled = self.cgroups.sample(self.cgroup_path)
-        stdout, stderr = self.view.stream_sizes()
-        return Sample(
-            at_s=self.monitor.elapsed(),
-            memory_bytes=memory,
-            memory_cap=self.view.plan.memory,
-            cpu_s=cpu,
-            throttled_s=throttled,
-            output_bytes=self.view.output_bytes() + stdout + stderr,
-            stderr_bytes=stderr,
-        )
+        return check
 
 
 def run_cold(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monitor,
@@ -152,11 +151,11 @@ def _run_cold(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Mon
             os.close(out)
             os.close(err)
         t1 = time.perf_counter()
-        watch = Watch(workspace, monitor, runtime.cgroups, cgroup_path,
-                      keep_metrics=runtime.name == "runsc")
-        ended = instance.wait(deadline, plan.kill_grace, watch)
+        probe = CgroupProbe(plan, runtime.cgroups, cgroup_path,
+                            keep_metrics=runtime.name == "runsc")
+        ended = instance.wait(deadline, plan.kill_grace, probe.watch(deadline, monitor, workspace))
         t2 = time.perf_counter()
-        metrics = {**watch.last_metrics, **runtime.cgroups.metrics(cgroup_path)}
+        metrics = {**probe.last_metrics, **runtime.cgroups.metrics(cgroup_path)}
         if net is not None:
             rx, tx = net.counters()
             metrics.update(net_rx_bytes=float(rx), net_tx_bytes=float(tx))
@@ -190,8 +189,8 @@ def run_pooled(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Mo
         pooled.instance.start()
         t1 = time.perf_counter()
         instance = pooled.instance
-        watch = Watch(view, monitor, instance.runtime.cgroups, instance.cgroup_path)
-        ended = instance.wait(deadline, plan.kill_grace, watch)
+        probe = CgroupProbe(plan, instance.runtime.cgroups, instance.cgroup_path)
+        ended = instance.wait(deadline, plan.kill_grace, probe.watch(deadline, monitor, view))
         t2 = time.perf_counter()
         metrics = pooled.instance.runtime.cgroups.metrics(pooled.instance.cgroup_path)
         t3 = time.perf_counter()
@@ -233,13 +232,14 @@ def open_streams(stdout_path: str, stderr_path: str) -> tuple[int, int]:
 
 
 def _exec_failed(plan: Plan, workspace: Workspace, t0: float) -> Outcome:
-    stderr, truncated = workspace.read_stream(workspace.stderr_path, plan.stderr_bytes)
+    # The runtime's complaint decides the status; it stays in the stderr file for the result.
+    stderr, _ = workspace.read_stream(workspace.stderr_path, plan.stderr_bytes)
     message = stderr.decode(errors="replace").strip()
     if "not found" not in message and "ermission denied" not in message:
         raise HostFailure(f"the runtime could not start the container: {message}")
     return Outcome(
         status=Status.FAILED, exit_code=127, reason=message.splitlines()[-1] if message else None,
-        stderr=stderr, stderr_truncated=truncated, startup_s=time.perf_counter() - t0,
+        startup_s=time.perf_counter() - t0,
     )
 
 
@@ -286,10 +286,4 @@ def _outcome(plan: Plan, workspace: Workspace, ended: Ended, metrics: dict[str, 
     outcome.cpu_s = cpu
     outcome.peak_memory_bytes = int(peak) if peak is not None else None
     outcome.extra = metrics
-    outcome.stdout, outcome.stdout_truncated = workspace.read_stream(
-        workspace.stdout_path, plan.stdout_bytes
-    )
-    outcome.stderr, outcome.stderr_truncated = workspace.read_stream(
-        workspace.stderr_path, plan.stderr_bytes
-    )
     return outcome

@@ -5,17 +5,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import tempfile
 import threading
 import time
+from dataclasses import dataclass
 
+from wasmbox._config import HostConfig
+from wasmbox._owned import make_owned_dir, reclaim_owned
 from wasmbox.errors import HostFailure, SandboxError, TierUnavailable
 from wasmbox.lifecycle import Closeable, Deadline, process_alive, shielded
 from wasmbox.models import TaskKind, TierName
 from wasmbox.monitor import Monitor
 from wasmbox.packages import sandbox_dirs
 from wasmbox.policy import Plan
-from wasmbox.tiers.base import Availability, Outcome
+from wasmbox.tiers.base import Availability, Outcome, TierCapabilities, check_capabilities
 from wasmbox.tiers.container import network, reaper
 from wasmbox.tiers.container.bundle import (
     ROOTFS_PREFIX,
@@ -30,9 +32,28 @@ from wasmbox.tiers.container.pool import POOL_PREFIX, ContainerPool
 from wasmbox.tiers.container.runs import STREAM_MODE, run_cold, run_pooled
 from wasmbox.tiers.container.runtime import STATE_ROOT, Runtime, choose_runtime
 from wasmbox.tiers.wasm.source_scan import imported_modules
-from wasmbox.workspace import Workspace, remove_tree, workspace_root
+from wasmbox.workspace import Workspace, remove_tree
 
 PROBE_PREFIX = "wasmbox-probe-"
+
+
+@dataclass(frozen=True)
+class ContainerPrepared:
+    """A plan ready to run: its runtime, root skeleton, bundle shape and pool (if pooled)."""
+
+    plan: Plan
+    runtime: Runtime
+    skeleton: RootSkeleton
+    shape: Shape
+    pool: ContainerPool | None
+
+
+CRUN = TierCapabilities(kinds=frozenset({TaskKind.COMMAND, TaskKind.PYTHON}), network=True,
+                        capabilities=True, hidden_paths=True)
+# Measured: runsc leaves the non-root task's permitted/effective capability sets empty (only
+# bounding and inheritable carry the grant), and runs with --network=none here.
+GVISOR = dataclasses.replace(CRUN, network=False, capabilities=False,
+                             note="under gVisor: that needs crun or runc")
 
 
 class ContainerTier(Closeable):
@@ -43,9 +64,12 @@ class ContainerTier(Closeable):
     """
 
     name = TierName.CONTAINER
+    capabilities = CRUN
 
     def __init__(self, pool_size: int = 0, runtime: str | None = None,
-                 pool_max: int | None = None) -> None:
+                 pool_max: int | None = None, *, config: HostConfig | None = None) -> None:
+        """`config` says where staging dirs live (default: from the environment)."""
+        self.config = config or HostConfig.from_env()
         self.pool_size = pool_size
         self.pool_max = pool_max
         self.default_runtime = runtime
@@ -83,7 +107,7 @@ class ContainerTier(Closeable):
             return Availability(self.name, False, "cgroup controllers not available to the "
                                 f"runtime: {', '.join(missing)}", details)
         try:
-            _smoke_test(found, self._root_skeleton())
+            _smoke_test(found, self._root_skeleton(), str(self.config.workspace_root))
         except (SandboxError, OSError, ExecFailed) as exc:
             return Availability(self.name, False, f"{choice.name} cannot run a container "
                                 f"here: {exc}", details)
@@ -106,7 +130,7 @@ class ContainerTier(Closeable):
             ours = (ROOTFS_PREFIX, POOL_PREFIX, PROBE_PREFIX, STATE_ROOT)
             found += [f"mount {line}" for line in runtime.mount_table().splitlines()
                       if any(mark in line for mark in ours)]
-        root = str(workspace_root())
+        root = str(self.config.workspace_root)
         own = self._skeleton.path if self._skeleton is not None else None
         found += [f"dir {root}/{n}" for n in os.listdir(root)
                   if n.startswith((POOL_PREFIX, ROOTFS_PREFIX, PROBE_PREFIX))
@@ -119,61 +143,50 @@ class ContainerTier(Closeable):
 
     # --- running --------------------------------------------------------------------------
 
-    def unsuitable(self, plan: Plan) -> str | None:
-        """Why this tier cannot take `plan`, or None."""
-        if plan.task.kind not in (TaskKind.COMMAND, TaskKind.PYTHON):
-            return f"the container tier cannot run {plan.task.kind} tasks"
-        gvisor = choose_runtime(plan.task.runtime or self.default_runtime).name == "runsc"
-        if plan.capabilities and gvisor:
-            # Measured: runsc leaves the non-root task's permitted/effective sets empty
-            # (only bounding and inheritable carry the grant), so it would do nothing.
-            return "gVisor does not raise capabilities for the task: they need crun or runc"
-        if plan.network is not None:
-            if gvisor:
-                return "gVisor runs with --network=none here: networked tasks need crun or runc"
-            return network.missing_tools() or network.unsupported(plan.network)
-        return None
+    def prepare(self, plan: Plan) -> ContainerPrepared:
+        """Check the plan against the runtime's capabilities, resolve the runtime, build the
+        root skeleton and start the pool for this shape (it fills behind).
 
-    def prepare(self, plan: Plan) -> None:
-        """Resolve the runtime, build the root skeleton and start the pool for this shape.
-
-        Raises `TierUnavailable` for a task this tier cannot run (network, wasm modules, a
-        runtime that is missing).
+        Raises `TierDeclined` for what the runtime cannot give (gVisor: network,
+        capabilities) and `TierUnavailable` when the network tools are missing.
         """
         self._ensure_open()
-        why = self.unsuitable(plan)
-        if why is not None:
-            raise TierUnavailable(str(self.name), why)
+        runtime = self._runtime(plan.task.runtime or self.default_runtime)
+        gvisor = runtime.name == "runsc"
+        check_capabilities(self.name, GVISOR if gvisor else self.capabilities, plan)
+        if plan.network is not None:
+            why = network.missing_tools() or network.unsupported(plan.network)
+            if why is not None:
+                raise TierUnavailable(str(self.name), why)
         if plan.task.kind is TaskKind.PYTHON:  # check (and unpack) packages before the run
             sandbox_dirs(plan.policy.python.packages, imported_modules(plan.task.source or ""))
-        self.prewarm(plan)
+        skeleton = self._root_skeleton()
+        shape = _for_runtime(runtime, Shape.of(plan))
+        pool = None
+        # A networked task's namespace, pasta and filter are its own: never pooled.
+        if self.pool_size > 0 and not gvisor and plan.network is None:
+            pool = self._pool(runtime, shape, skeleton)
+        return ContainerPrepared(plan, runtime, skeleton, shape, pool)
 
-    def run(self, plan: Plan, workspace: Workspace, deadline: Deadline,
+    def unsuitable(self, prepared: ContainerPrepared) -> str | None:
+        """Never: what the container tier cannot serve, `prepare` declines."""
+        return None
+
+    def run(self, prepared: ContainerPrepared, workspace: Workspace, deadline: Deadline,
             monitor: Monitor) -> Outcome:
         """Run the task in a fresh container; every container, cgroup and mount is gone after."""
         self._ensure_open()
-        why = self.unsuitable(plan)
-        if why is not None:
-            raise TierUnavailable(str(self.name), why)
         t0 = time.perf_counter()
-        runtime = self._runtime(plan.task.runtime or self.default_runtime)
-        skeleton = self._root_skeleton()
-        shape = _for_runtime(runtime, Shape.of(plan))
-        pooled = None
-        # A networked task's namespace, pasta and filter are its own: never pooled.
-        if self.pool_size > 0 and runtime.name != "runsc" and plan.network is None:
-            pooled = self._pool(runtime, shape, skeleton).take(shape)
+        plan, shape = prepared.plan, prepared.shape
+        pooled = prepared.pool.take(shape) if prepared.pool is not None else None
         if pooled is not None:
             return run_pooled(plan, workspace, deadline, monitor, pooled, t0)
-        return run_cold(plan, workspace, deadline, monitor, runtime, skeleton, shape, t0)
+        return run_cold(plan, workspace, deadline, monitor, prepared.runtime,
+                        prepared.skeleton, shape, t0)
 
     def prewarm(self, plan: Plan) -> ContainerPool | None:
         """Start the pool for `plan`'s shape now (None without pooling); it fills behind."""
-        runtime = self._runtime(plan.task.runtime or self.default_runtime)
-        skeleton = self._root_skeleton()
-        if self.pool_size <= 0 or runtime.name == "runsc" or plan.network is not None:
-            return None
-        return self._pool(runtime, _for_runtime(runtime, Shape.of(plan)), skeleton)
+        return self.prepare(plan).pool
 
     def _runtime(self, requested: str | None) -> Runtime:
         choice = choose_runtime(requested)
@@ -186,7 +199,7 @@ class ContainerTier(Closeable):
             if found is None:
                 reaper.become_subreaper()
                 found = Runtime(choice)
-                _sweep(found)
+                _sweep(found, str(self.config.workspace_root))
                 self._runtimes[choice.name] = found
         return found
 
@@ -196,7 +209,7 @@ class ContainerTier(Closeable):
             with self._lock:
                 self._ensure_open()
                 if self._skeleton is None:
-                    self._skeleton = RootSkeleton(str(workspace_root()))
+                    self._skeleton = RootSkeleton(str(self.config.workspace_root))
                 skeleton = self._skeleton
         return skeleton
 
@@ -225,7 +238,7 @@ class ContainerTier(Closeable):
             skeleton.remove()
 
 
-def _sweep(runtime: Runtime) -> None:
+def _sweep(runtime: Runtime, root: str) -> None:
     """Delete what processes that died without cleaning up left: their containers,
     cgroups and staging directories (names carry the owner's pid)."""
     def dead(name: str) -> bool:
@@ -242,11 +255,8 @@ def _sweep(runtime: Runtime) -> None:
             for name in os.listdir(parent):
                 if os.path.isdir(f"{parent}/{name}") and dead(name):
                     runtime.cgroups.remove(f"/{PARENT}/{name}")
-    root = str(workspace_root())
-    with contextlib.suppress(FileNotFoundError):
-        for name in os.listdir(root):
-            if name.startswith((POOL_PREFIX, ROOTFS_PREFIX, PROBE_PREFIX)) and dead(name):
-                remove_tree(f"{root}/{name}")
+    for prefix in (POOL_PREFIX, ROOTFS_PREFIX, PROBE_PREFIX):
+        reclaim_owned(root, prefix)
     network.sweep(dead)
 
 
@@ -258,9 +268,9 @@ def _for_runtime(runtime: Runtime, shape: Shape) -> Shape:
     return shape
 
 
-def _smoke_test(runtime: Runtime, skeleton: RootSkeleton) -> None:
+def _smoke_test(runtime: Runtime, skeleton: RootSkeleton, root: str) -> None:
     """Run /bin/true in a default-shaped container; raises with the runtime's complaint."""
-    path = tempfile.mkdtemp(prefix=f"{PROBE_PREFIX}{os.getpid()}-", dir=str(workspace_root()))
+    path = make_owned_dir(root, PROBE_PREFIX)
     cid = new_container_id()
     instance = Instance(runtime, cid, path + "/bundle", f"/{PARENT}/{cid}")
     try:

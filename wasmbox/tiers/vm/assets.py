@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from wasmbox._config import HostConfig
 from wasmbox.errors import HostFailure
 from wasmbox.tiers.vm.cpio import CpioWriter
 from wasmbox.tiers.vm.guest import (
@@ -91,9 +92,8 @@ class AssetReport:
 
 
 def cache_dir() -> Path:
-    """``$WASMBOX_CACHE_DIR/vm`` or ``~/.cache/wasmbox/vm``."""
-    base = os.environ.get("WASMBOX_CACHE_DIR")
-    return (Path(base) if base else Path.home() / ".cache" / "wasmbox") / "vm"
+    """``$WASMBOX_CACHE_DIR/vm`` or ``~/.cache/wasmbox/vm`` (see `HostConfig`)."""
+    return HostConfig.from_env().vm_cache
 
 
 def prepare_assets(force: bool = False, root: Path | None = None) -> AssetReport:

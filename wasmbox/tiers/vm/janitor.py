@@ -10,44 +10,28 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
-import secrets
 import signal
 from pathlib import Path
 
-from wasmbox.lifecycle import process_alive
-from wasmbox.workspace import remove_tree, workspace_root
+from wasmbox._owned import make_owned_dir, reclaim_owned
+from wasmbox.workspace import workspace_root
 
 PREFIX = "wasmbox-vm-"
 PID_FILE = "qemu.pid"
-_NAME = re.compile(r"^wasmbox-vm-(\d+)-[0-9a-f]+$")
 
 
 def claim_run_dir(root: Path | None = None) -> Path:
     """Reclaim what dead owners left, then create this process's own run directory."""
     root = root or Path(workspace_root())
     reclaim(root)
-    path = root / f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
-    path.mkdir(mode=0o700)
-    return path
+    return Path(make_owned_dir(str(root), PREFIX))
 
 
 def reclaim(root: Path | None = None) -> list[Path]:
     """Remove run directories whose owning pid is gone, killing their QEMU first."""
-    root = root or Path(workspace_root())
-    reclaimed = []
-    try:
-        entries = list(os.scandir(root))
-    except OSError:
-        return []
-    for entry in entries:
-        m = _NAME.match(entry.name)
-        if not m or not entry.is_dir(follow_symlinks=False) or process_alive(int(m.group(1))):
-            continue
-        kill_machines(Path(entry.path))
-        remove_tree(entry.path)
-        reclaimed.append(Path(entry.path))
-    return reclaimed
+    found = reclaim_owned(root or Path(workspace_root()), PREFIX,
+                          before=lambda path: kill_machines(Path(path)))
+    return [Path(path) for path in found]
 
 
 def kill_machines(run_dir: Path) -> None:

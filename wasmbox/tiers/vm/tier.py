@@ -10,20 +10,23 @@ booted cold.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import tarfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from wasmbox.errors import HostFailure, PolicyViolation, SandboxClosed, TierUnavailable
+from wasmbox._config import HostConfig
+from wasmbox.errors import HostFailure, SandboxClosed, TierUnavailable
 from wasmbox.lifecycle import Closeable, Deadline, shielded
 from wasmbox.models import Status, TaskKind, TierName
 from wasmbox.monitor import Monitor, Sample
 from wasmbox.policy import Plan
-from wasmbox.tiers.base import Availability, Outcome
-from wasmbox.tiers.vm.assets import PREPARE_COMMAND, AssetError, Assets, cache_dir, load_assets
+from wasmbox.tiers.base import Availability, Outcome, TierCapabilities, check_capabilities
+from wasmbox.tiers.vm.assets import PREPARE_COMMAND, AssetError, Assets, load_assets
 from wasmbox.tiers.vm.guest import Bundle, guest_sizes, make_bundle, output_disk_bytes
 from wasmbox.tiers.vm.janitor import claim_run_dir, kill_machines
 from wasmbox.tiers.vm.machine import (
@@ -37,6 +40,7 @@ from wasmbox.tiers.vm.machine import (
 )
 from wasmbox.tiers.vm.pool import MachinePool
 from wasmbox.tiers.vm.snapshot import Snapshot, restore, take_snapshot
+from wasmbox.tiers.watch import RunWatch
 from wasmbox.workspace import Workspace, remove_tree
 
 BOOT_TIMEOUT = 20.0  # a TCG boot takes 1.3-1.7 s here; far past that the boot has hung
@@ -46,15 +50,28 @@ REFILL_WAIT = 2.0  # how long a task awaits a restore in progress rather than bo
 MAX_SNAPSHOTS = 2  # shapes with a saved template (each holds up to its guest RAM in a file)
 
 
+@dataclass(frozen=True)
+class VmPrepared:
+    """A plan ready to run: the tier's run directory and the guest shape it needs."""
+
+    plan: Plan
+    run_dir: Path
+    shape: Shape
+
+
 class VmTier(Closeable):
     """Runs command and Python tasks in throwaway QEMU guests; `pool_size` keeps some warm,
     restored from per-shape snapshots unless `snapshots` is False."""
 
     name = TierName.VM
+    capabilities = TierCapabilities(kinds=frozenset({TaskKind.COMMAND, TaskKind.PYTHON}),
+                                    mounts=False)
 
     def __init__(self, pool_size: int = 1, *, boot_timeout: float = BOOT_TIMEOUT,
                  assets_dir: Path | None = None, extra_cmdline: str = "",
-                 snapshots: bool = True) -> None:
+                 snapshots: bool = True, config: HostConfig | None = None) -> None:
+        """`config` says where run directories and (without `assets_dir`) assets live."""
+        self._config = config or HostConfig.from_env()
         self._pool_size = pool_size
         self._use_snapshots = snapshots
         self._snapshot_lock = threading.Lock()
@@ -62,7 +79,7 @@ class VmTier(Closeable):
         self._snapshot_failures: dict[Shape, str] = {}
         self._booted_first: set[Shape] = set()
         self._boot_timeout = boot_timeout
-        self._assets_dir = assets_dir
+        self._assets_dir = assets_dir or self._config.vm_cache
         self._extra_cmdline = extra_cmdline
         self._lock = threading.Lock()
         self._assets: Assets | None = None
@@ -88,42 +105,26 @@ class VmTier(Closeable):
         details["snapshots"] = self._snapshot_note(assets)
         return Availability(self.name, True, "QEMU guests", details)
 
-    def unsuitable(self, plan: Plan) -> str | None:
-        """Why guests here cannot take `plan` (network, extra mounts, its kind), or None."""
-        if plan.task.kind not in (TaskKind.COMMAND, TaskKind.PYTHON):
-            return f"the VM tier cannot run {plan.task.kind} tasks"
-        if plan.network is not None:
-            return "the VM tier gives guests no network"
-        if plan.capabilities:
-            return "the VM tier cannot grant capabilities"
-        if plan.hidden_paths:
-            return "the VM tier cannot mask hidden paths (it grants no extra mounts)"
-        if plan.readonly_mounts or plan.writable_mounts:
-            return "the VM tier cannot grant extra mounts"
-        return None
+    def prepare(self, plan: Plan) -> VmPrepared:
+        """Check the plan against what guests here can have, load the assets, probe KVM
+        once, and start warming the pool for the plan's shape.
 
-    def prepare(self, plan: Plan) -> None:
-        """Load the assets, probe KVM once, and start warming the pool for the plan's shape.
-
-        Raises `TierUnavailable` when the assets are missing or the task kind cannot run, and
-        `PolicyViolation` for what guests here cannot have (network, extra mounts).
+        Raises `TierDeclined` for what guests cannot have (network, capabilities, mounts)
+        and `TierUnavailable` when the assets are missing.
         """
-        if plan.task.kind not in (TaskKind.COMMAND, TaskKind.PYTHON):
-            raise TierUnavailable(str(self.name), f"the VM tier cannot run {plan.task.kind} tasks")
-        if plan.network is not None:
-            raise PolicyViolation("network.enabled", "the VM tier gives guests no network")
-        if plan.capabilities:
-            raise PolicyViolation("capabilities", "the VM tier cannot grant capabilities")
-        if plan.hidden_paths:
-            raise PolicyViolation("filesystem.hidden", "the VM tier cannot mask hidden paths")
-        if plan.readonly_mounts or plan.writable_mounts:
-            raise PolicyViolation("filesystem", "the VM tier cannot grant extra mounts")
-        assets, _ = self._setup()
+        check_capabilities(self.name, self.capabilities, plan)
+        assets, run_dir = self._setup()
         if plan.task.kind is TaskKind.PYTHON and assets.python_image is None:
             raise TierUnavailable(str(self.name), "no python image: install python3 and run "
                                   f"`{PREPARE_COMMAND}`")
+        shape = self._shape(plan, assets)
         if self._pool is not None:
-            self._pool.warm(self._shape(plan, assets))
+            self._pool.warm(shape)
+        return VmPrepared(plan, run_dir, shape)
+
+    def unsuitable(self, prepared: VmPrepared) -> str | None:
+        """Never: what guests here cannot have, `prepare` declines."""
+        return None
 
     @property
     def pool(self) -> MachinePool | None:
@@ -147,13 +148,12 @@ class VmTier(Closeable):
         pool = self._pool
         return pool is not None and pool.wait_ready(timeout)
 
-    def run(self, plan: Plan, workspace: Workspace, deadline: Deadline,
+    def run(self, prepared: VmPrepared, workspace: Workspace, deadline: Deadline,
             monitor: Monitor) -> Outcome:
         """Run the task in a fresh guest; the guest and its files are gone when this returns."""
         t0 = time.monotonic()
-        self.prepare(plan)
-        assets, run_dir = self._setup()
-        shape = self._shape(plan, assets)
+        self._ensure_open()
+        plan, run_dir, shape = prepared.plan, prepared.run_dir, prepared.shape
         if deadline.cancelled:
             return _timeout("cancelled before the guest was ready", t0)
         pool = self._pool
@@ -190,10 +190,10 @@ class VmTier(Closeable):
                 except AssetError as exc:
                     raise TierUnavailable(str(self.name), str(exc)) from exc
                 try:
-                    self._run_dir = claim_run_dir()
+                    self._run_dir = claim_run_dir(self._config.workspace_root)
                 except OSError as exc:
                     raise HostFailure(f"cannot create the VM run directory: {exc}") from exc
-                root = self._assets_dir or cache_dir()
+                root = self._assets_dir
                 self._kvm = probe_kvm(self._assets, self._run_dir, root / "kvm-probe.json")
                 if self._pool_size > 0:
                     self._pool = MachinePool(self._pool_size, self._pooled_machine)
@@ -359,10 +359,7 @@ class VmTier(Closeable):
 
     def _finish(self, plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monitor,
                 machine: Machine, bundle: Bundle, t0: float, startup: float) -> Outcome:
-        grace = max(plan.kill_grace, 1.0)
-        left = deadline.remaining()
-        line, anomaly = _wait(machine, monitor, 3600.0 if left is None else left + grace,
-                              deadline)
+        line, anomaly = _wait(machine, monitor, deadline, max(plan.kill_grace, 1.0))
         outcome = Outcome(status=Status.COMPLETED, startup_s=startup)
         outcome.run_s = time.monotonic() - t0 - startup
         outcome.extra["guest_memory_mib"] = float(machine.shape.memory_mib)
@@ -394,10 +391,6 @@ class VmTier(Closeable):
             except (tarfile.TarError, OSError) as exc:
                 outcome.status = Status.OUTPUT_REJECTED
                 outcome.reason = f"the output disk is unreadable: {exc}"
-        outcome.stdout, outcome.stdout_truncated = workspace.read_stream(
-            workspace.stdout_path, plan.stdout_bytes)
-        outcome.stderr, outcome.stderr_truncated = workspace.read_stream(
-            workspace.stderr_path, plan.stderr_bytes)
         return outcome
 
     def _release(self) -> None:
@@ -419,28 +412,24 @@ class VmTier(Closeable):
             remove_tree(run_dir)
 
 
-def _wait(machine: Machine, monitor: Monitor, timeout: float,
-          deadline: Deadline) -> tuple[ExitLine | None, str | None]:
+def _wait(machine: Machine, monitor: Monitor, deadline: Deadline,
+          grace: float) -> tuple[ExitLine | None, str | None]:
     """Wait for the exit line, sampling QEMU for the monitor; (line, anomaly reason).
 
-    A cancelled run stops the guest at once (within a step, at most 100 ms)."""
-    end = time.monotonic() + timeout
-    step = min(monitor.policy.interval if monitor.policy.enabled else timeout, 0.1)
-    while True:
-        left = end - time.monotonic()
-        line = machine.wait_exit(min(step, max(left, 0.0)))
-        if line is not None or left <= 0 or not machine.alive:
-            return line, None
-        if deadline.cancelled:
-            machine.stop()
-            return None, None
-        if monitor.due():
-            # From outside the guest only QEMU itself is visible: its CPU time is the task's
-            # plus the guest kernel's; its RSS is not the task's memory, so none is reported.
-            reason = monitor.observe(Sample(at_s=monitor.elapsed(), cpu_s=machine.cpu_seconds()))
-            if reason is not None:
-                machine.stop()
-                return None, reason
+    The guest keeps its own timer, so the host waits `grace` past the deadline for its
+    report; a cancelled run stops the guest at once (within a step, at most 100 ms)."""
+    def probe(base: Sample) -> Sample:
+        # From outside the guest only QEMU itself is visible: its CPU time is the task's
+        # plus the guest kernel's; its RSS is not the task's memory, so none is reported.
+        return dataclasses.replace(base, cpu_s=machine.cpu_seconds())
+
+    step = min(monitor.policy.interval, 0.1) if monitor.policy.enabled else 0.1
+    watch = RunWatch(deadline, monitor, probe, grace=grace)
+    stop = watch.wait(lambda t: machine.wait_exit(t) is not None or not machine.alive, step)
+    if stop is not None and (deadline.cancelled or stop.status is Status.ANOMALY):
+        machine.stop()
+    line = machine.wait_exit(0.0)
+    return line, stop.reason if stop is not None and stop.status is Status.ANOMALY else None
 
 
 def _classify(outcome: Outcome, line: ExitLine, plan: Plan) -> None:

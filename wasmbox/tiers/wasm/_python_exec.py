@@ -84,7 +84,7 @@ def execute(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monit
 
     if verdict is not None:
         _apply_verdict(outcome, verdict, plan, workspace)
-    settle(outcome, plan, store, workspace, watchdog, deadline, monitor)
+    settle(outcome, plan, store, watchdog, deadline, monitor)
     return outcome
 
 

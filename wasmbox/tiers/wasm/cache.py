@@ -29,6 +29,7 @@ from pathlib import Path
 
 import wasmtime
 
+from wasmbox._config import HostConfig
 from wasmbox.errors import HostFailure, ModuleRejected, PolicyViolation
 from wasmbox.models import GiB
 from wasmbox.tiers.wasm import compile_worker
@@ -49,12 +50,8 @@ COMPILE_UNBOUNDED_SECONDS = 60.0
 
 
 def default_cache_dir() -> Path:
-    """``$WASMBOX_CACHE_DIR`` or ``~/.cache/wasmbox/modules``."""
-    env = os.environ.get("WASMBOX_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "wasmbox" / "modules"
+    """``$WASMBOX_CACHE_DIR`` or ``~/.cache/wasmbox/modules`` (see `HostConfig`)."""
+    return HostConfig.from_env().module_cache
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -118,6 +119,16 @@ def main(_):
     return sorted(n for n in names if (not n.startswith('_') or n == '__future__')
                   and importable(n))
 """
+
+
+@dataclass(frozen=True)
+class PythonReady:
+    """What a run of one plan needs, found once in `PythonRuntime.ready`: the compiled
+    interpreter, and the sys.path entries and read-only mounts (packages, stdlib)."""
+
+    interp: Interpreter
+    paths: tuple[str, ...]
+    mounts: dict[str, Path]
 
 
 class PythonRuntime(Closeable):
@@ -219,24 +230,32 @@ class PythonRuntime(Closeable):
         cache, else a directory of our own (removed on close)."""
         return self._cache_dir if self._cache_dir is not None else self._scratch.get()
 
-    def run(
-        self, plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monitor
-    ) -> Outcome:
-        """Run the plan's Python source; guest faults come back as statuses."""
-        t0 = time.perf_counter()
-        # The Sandbox prepares before the deadline starts: building and compiling the
-        # interpreter (seconds, once per cache) is the host's cost, not the task's.
-        interp = self.prepare(Flavour(fuel=plan.fuel is not None, stack=plan.stack))
+    def ready(self, plan: Plan, flavour: Flavour) -> PythonReady:
+        """Everything a run of `plan` needs but its workspace: the interpreter (built and
+        compiled on first use) and the packages (read, hashed and unpacked here, once)."""
+        interp = self.prepare(flavour)
         paths, mounts = package_mounts(plan.policy.python.packages, self._unpacked)
         mounts[STDLIB_ROOT] = self._stdlib_dir()  # read-only, like every extra mount
-        paths.insert(0, STDLIB_ROOT)
+        return PythonReady(interp, (STDLIB_ROOT, *paths), mounts)
+
+    def run(
+        self, plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monitor,
+        ready: PythonReady | None = None,
+    ) -> Outcome:
+        """Run the plan's Python source; guest faults come back as statuses.
+
+        `ready` comes from `ready()`, called before the deadline started: building and
+        compiling the interpreter (seconds, once per cache) is the host's cost, not the task's.
+        """
+        t0 = time.perf_counter()
+        if ready is None:
+            ready = self.ready(plan, Flavour(fuel=plan.fuel is not None, stack=plan.stack))
         with open(workspace.input_path, encoding="utf-8") as f:
             payload = f.read()
-        store = wasmtime.Store(interp.handle.engine)
+        store = wasmtime.Store(ready.interp.handle.engine)
         try:
-            return execute(
-                plan, workspace, deadline, monitor, interp, store, payload, paths, mounts, t0
-            )
+            return execute(plan, workspace, deadline, monitor, ready.interp, store, payload,
+                           list(ready.paths), ready.mounts, t0)
         finally:
             close_store(store)
 
@@ -250,6 +269,7 @@ class PythonRuntime(Closeable):
         return Interpreter(handle, comp, linker)
 
     def _unpacked(self, wheel: Path) -> Path:
+        # Hashed once per version of the file (`packages` keys its digest by inode and mtime).
         return unpack_wheel(wheel, self._directory() / "wheels")
 
     def _release(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -17,24 +18,19 @@ from wasmbox.policy import Plan
 from wasmbox.tiers.base import Outcome
 from wasmbox.tiers.wasm import hostcalls
 from wasmbox.tiers.wasm.engine import EngineHandle, Watchdog
+from wasmbox.tiers.watch import RunWatch
 from wasmbox.workspace import Workspace
 
 
-class RunWatch:
-    """What the epoch watchdog checks on every tick of one run.
+class StoreProbe:
+    """What a wasm run can measure: fuel burnt and linear memory, for `RunWatch` samples.
 
-    The wall-clock deadline first, then (when due) a monitoring sample of fuel burn, linear
-    memory and output volume, then the output caps. `memories` is set once the instance
-    exists: every memory the module exports (the engine allows only one; summing keeps the
-    measure honest whatever the engine allows).
+    `memories` is set once the instance exists: every memory the module exports (the engine
+    allows only one; summing keeps the measure honest whatever the engine allows).
     """
 
-    def __init__(self, plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monitor,
-                 store: wasmtime.Store) -> None:
+    def __init__(self, plan: Plan, store: wasmtime.Store) -> None:
         self.plan = plan
-        self.workspace = workspace
-        self.deadline = deadline
-        self.monitor = monitor
         self.store = store
         self.memories: list[wasmtime.Memory] = []
 
@@ -44,26 +40,11 @@ class RunWatch:
             return None
         return sum(int(m.data_len(self.store)) for m in self.memories)
 
-    def __call__(self) -> str | None:
-        if self.deadline.expired:
-            return "wall-clock deadline passed"
-        if self.monitor.due():
-            reason = self.monitor.observe(self.sample())
-            if reason is not None:
-                return reason
-        return self.workspace.over_cap()
-
-    def sample(self) -> Sample:
-        """One observation of the running guest."""
-        plan, store = self.plan, self.store
-        stdout, stderr = self.workspace.stream_sizes()
-        return Sample(
-            at_s=self.monitor.elapsed(),
-            memory_bytes=self.memory_bytes(),
-            memory_cap=plan.memory,
-            fuel_consumed=plan.fuel - store.get_fuel() if plan.fuel is not None else None,
-            output_bytes=self.workspace.output_bytes() + stdout + stderr,
-            stderr_bytes=stderr,
+    def __call__(self, base: Sample) -> Sample:
+        plan = self.plan
+        return dataclasses.replace(
+            base, memory_bytes=self.memory_bytes(), memory_cap=plan.memory,
+            fuel_consumed=plan.fuel - self.store.get_fuel() if plan.fuel is not None else None,
         )
 
 
@@ -77,8 +58,9 @@ def arm(
     clock_origin_ns: int,
     *,
     min_instances: int = 0,
-) -> tuple[Watchdog, RunWatch]:
-    """Apply the plan's limits and fuel to `store` and attach the per-tick watchdog.
+) -> tuple[Watchdog, StoreProbe]:
+    """Apply the plan's limits and fuel to `store` and attach the per-tick watchdog (a
+    `RunWatch`); returns it and the probe whose `memories` the caller sets.
 
     `clock_origin_ns` comes from `wasi_config`: the shadowed WASI calls (`hostcalls`) need
     the guest's monotonic clock. `min_instances` is the runtime's own need (a component
@@ -94,13 +76,13 @@ def arm(
     )
     if plan.fuel is not None:
         store.set_fuel(plan.fuel)
-    watch = RunWatch(plan, workspace, deadline, monitor, store)
-    watchdog = Watchdog(watch)
+    probe = StoreProbe(plan, store)
+    watchdog = Watchdog(RunWatch(deadline, monitor, probe, workspace).reason)
     watchdog.attach(store)
     hostcalls.register(store, hostcalls.RunHost(deadline, watchdog, clock_origin_ns,
                                                  handle.wasi_calls))
     handle.ensure_ticking()
-    return watchdog, watch
+    return watchdog, probe
 
 
 def close_store(store: wasmtime.Store) -> None:
@@ -166,15 +148,14 @@ def settle(
     outcome: Outcome,
     plan: Plan,
     store: wasmtime.Store,
-    workspace: Workspace,
     watchdog: Watchdog,
     deadline: Deadline,
     monitor: Monitor,
 ) -> None:
-    """Finish an outcome: a watchdog stop wins over what the guest reported; fuel; stdio.
+    """Finish an outcome: a watchdog stop wins over what the guest reported; fuel.
 
-    Closes `store` before reading the streams: whatever files the guest still holds are
-    given back to the host first.
+    Closes `store`: whatever files the guest still holds (its captured stdio) are given
+    back to the host before the sandbox reads them.
     """
     if watchdog.tripped is not None:
         outcome.reason = watchdog.tripped
@@ -192,12 +173,6 @@ def settle(
     if plan.fuel is not None:
         outcome.fuel_consumed = plan.fuel - store.get_fuel()
     close_store(store)
-    outcome.stdout, outcome.stdout_truncated = workspace.read_stream(
-        workspace.stdout_path, plan.stdout_bytes
-    )
-    outcome.stderr, outcome.stderr_truncated = workspace.read_stream(
-        workspace.stderr_path, plan.stderr_bytes
-    )
 
 
 def write_atomic(path: Path, data: bytes | bytearray) -> None:

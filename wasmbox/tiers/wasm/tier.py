@@ -6,6 +6,7 @@ import ctypes
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,14 +14,16 @@ import wasmtime
 from wasmtime import _ffi as ffi
 from wasmtime._extern import wrap_extern
 
+from wasmbox._config import HostConfig
 from wasmbox.errors import HostFailure, TierUnavailable
 from wasmbox.lifecycle import Closeable, Deadline
 from wasmbox.models import MiB, Status, TaskKind, TierName
 from wasmbox.monitor import Monitor
 from wasmbox.packages import wasm_refusal
 from wasmbox.policy import Plan
-from wasmbox.tiers.base import Availability, Outcome
-from wasmbox.tiers.wasm.cache import ModuleCache, Prepared, check_imports, default_cache_dir
+from wasmbox.tiers.base import Availability, Outcome, TierCapabilities, check_capabilities
+from wasmbox.tiers.wasm.cache import ModuleCache, check_imports
+from wasmbox.tiers.wasm.cache import Prepared as LoadedModule
 from wasmbox.tiers.wasm.engine import (
     WASMTIME_VERSION,
     EngineHandle,
@@ -33,19 +36,36 @@ from wasmbox.tiers.wasm.source_scan import imported_modules
 from wasmbox.workspace import Workspace
 
 if TYPE_CHECKING:
-    from wasmbox.tiers.wasm.python import PythonRuntime
+    from wasmbox.tiers.wasm.python import PythonReady, PythonRuntime
 
 WASM_PAGE = 65536
 _NO_CACHE = Path("/nonexistent")
+
+
+@dataclass(frozen=True)
+class WasmPrepared:
+    """A plan ready to run: its engine, and the pre-linked module or the Python interpreter."""
+
+    plan: Plan
+    handle: EngineHandle
+    cache: ModuleCache | None = None
+    module: LoadedModule | None = None
+    pre: wasmtime.InstancePre | None = None
+    python: PythonReady | None = None
 
 
 class WasmTier(Closeable):
     """Runs WASI modules under fuel, an epoch deadline, store limits and two preopens."""
 
     name = TierName.WASM
+    capabilities = TierCapabilities(kinds=frozenset({TaskKind.WASM, TaskKind.PYTHON}))
 
-    def __init__(self, cache_dir: Path | None = _NO_CACHE) -> None:
-        self._cache_dir = default_cache_dir() if cache_dir is _NO_CACHE else cache_dir
+    def __init__(self, cache_dir: Path | None = _NO_CACHE, *,
+                 config: HostConfig | None = None) -> None:
+        """`cache_dir` None keeps compiled code in memory only; default: the config's."""
+        if cache_dir is _NO_CACHE:
+            cache_dir = (config or HostConfig.from_env()).module_cache
+        self._cache_dir = cache_dir
         self._engines: dict[Flavour, tuple[EngineHandle, ModuleCache]] = {}
         self._lock = threading.Lock()
         self._python: PythonRuntime | None = None
@@ -60,73 +80,61 @@ class WasmTier(Closeable):
             self.name, True, "in-process wasmtime", {"wasmtime": WASMTIME_VERSION}
         )
 
-    def unsuitable(self, plan: Plan) -> str | None:
-        """Why this tier should not take the plan under ``tier="auto"``, or None.
+    def prepare(self, plan: Plan) -> WasmPrepared:
+        """Check, validate, compile (or load from cache) and pre-link the plan's code, once.
 
-        Python source importing a module the wasm interpreter lacks (a C extension, say)
-        belongs in a heavier tier, and so does a plan with network access or capabilities.
+        Raises `TierDeclined` for a plan WASI cannot serve (network, capabilities, hidden
+        paths), `ModuleRejected`/`PolicyViolation` for a bad module.
         """
-        declined = _declined(plan)
-        if declined is not None:
-            return declined
-        if plan.task.kind is not TaskKind.PYTHON:
-            return None
-        refused = _package_refusal(plan)  # an imported package with C extensions
-        if refused is not None:
-            return refused
-        runtime = self._python_runtime()
-        available = runtime.availability()
-        if not available.ok:
-            return available.reason
-        self.prepare(plan)
-        return runtime.unsuitable(plan)
-
-    def prepare(self, plan: Plan) -> None:
-        """Validate, compile (or load from cache) and pre-link the plan's code.
-
-        Raises `TierUnavailable` for a plan this tier cannot serve (network, capabilities,
-        hidden paths).
-        """
-        declined = _declined(plan)
-        if declined is not None:
-            raise TierUnavailable(str(self.name), declined)
+        check_capabilities(self.name, self.capabilities, plan)
+        self._ensure_open()
+        flavour = Flavour(fuel=plan.fuel is not None, stack=plan.stack)
         if plan.task.kind is TaskKind.PYTHON:
-            refused = _package_refusal(plan)
+            refused = _package_refusal(plan)  # an imported package with C extensions
             if refused is not None:
                 raise TierUnavailable(str(self.name), refused)
-            self._python_runtime().prepare(Flavour(fuel=plan.fuel is not None, stack=plan.stack))
-        else:
-            self._prepared(plan)
-
-    def _prepared(
-        self, plan: Plan
-    ) -> tuple[EngineHandle, ModuleCache, Prepared, wasmtime.InstancePre]:
-        self._ensure_open()
-        handle, cache = self._engine_for(Flavour(fuel=plan.fuel is not None, stack=plan.stack))
+            runtime = self._python_runtime()
+            available = runtime.availability()
+            if not available.ok:
+                raise TierUnavailable(str(self.name), available.reason)
+            ready = runtime.ready(plan, flavour)
+            return WasmPrepared(plan, ready.interp.handle, python=ready)
+        handle, cache = self._engine_for(flavour)
         task = plan.task
         if task.module is not None:
-            prepared = cache.load_path(task.module, task.sha256, plan.timeout)
+            module = cache.load_path(task.module, task.sha256, plan.timeout)
         else:
             assert task.module_bytes is not None  # guaranteed by Task validation
-            prepared = cache.load_bytes(task.module_bytes, task.sha256, plan.timeout)
-        return handle, cache, prepared, check_imports(prepared, plan.allowed_imports)
+            module = cache.load_bytes(task.module_bytes, task.sha256, plan.timeout)
+        pre = check_imports(module, plan.allowed_imports)
+        return WasmPrepared(plan, handle, cache=cache, module=module, pre=pre)
+
+    def unsuitable(self, prepared: WasmPrepared) -> str | None:
+        """Why this tier should not take the plan under ``tier="auto"``, or None: Python
+        source importing a module the wasm interpreter lacks belongs in a heavier tier."""
+        if prepared.python is None:
+            return None
+        return self._python_runtime().unsuitable(prepared.plan)
 
     def run(
-        self, plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monitor
+        self, prepared: WasmPrepared, workspace: Workspace, deadline: Deadline, monitor: Monitor
     ) -> Outcome:
         """Run the module's ``_start`` in a fresh Store; the Store is gone when this returns."""
-        if plan.task.kind is TaskKind.PYTHON:
-            return self._python_runtime().run(plan, workspace, deadline, monitor)
+        self._ensure_open()  # the engines must still be there
+        plan = prepared.plan
+        if prepared.python is not None:
+            return self._python_runtime().run(plan, workspace, deadline, monitor,
+                                              prepared.python)
         t0 = time.perf_counter()
-        handle, cache, prepared, pre = self._prepared(plan)
-        store = wasmtime.Store(handle.engine)
+        assert prepared.module is not None and prepared.pre is not None and prepared.cache
+        store = wasmtime.Store(prepared.handle.engine)
         try:
-            outcome = _execute(plan, workspace, deadline, monitor, handle, prepared, pre, store,
-                               t0)
+            outcome = _execute(plan, workspace, deadline, monitor, prepared.handle,
+                               prepared.module, prepared.pre, store, t0)
         finally:
             close_store(store)
         # Compiling happened in `prepare`, before the deadline: reported by the first run.
-        outcome.extra["compile_s"] = cache.claim_compile_s(prepared.sha256)
+        outcome.extra["compile_s"] = prepared.cache.claim_compile_s(prepared.module.sha256)
         return outcome
 
     def _python_runtime(self) -> PythonRuntime:
@@ -172,7 +180,7 @@ def _execute(
     deadline: Deadline,
     monitor: Monitor,
     handle: EngineHandle,
-    prepared: Prepared,
+    prepared: LoadedModule,
     pre: wasmtime.InstancePre,
     store: wasmtime.Store,
     t0: float,
@@ -216,7 +224,7 @@ def _execute(
         outcome.reason = (
             f"linear memory reached {outcome.peak_memory_bytes} of its {plan.memory} byte cap"
         )
-    settle(outcome, plan, store, workspace, watchdog, deadline, monitor)
+    settle(outcome, plan, store, watchdog, deadline, monitor)
     return outcome
 
 
@@ -270,20 +278,6 @@ def _at_memory_cap(outcome: Outcome, plan: Plan) -> bool:
     peak = outcome.peak_memory_bytes
     margin = max(WASM_PAGE, min(4 * MiB, plan.memory // 8))
     return peak is not None and peak + margin > plan.memory
-
-
-
-
-def _declined(plan: Plan) -> str | None:
-    """What a plan asks for that WASI cannot give: never a silent no-op."""
-    if plan.network is not None:
-        return "the wasm tier has no network (WASI sockets are not linked)"
-    if plan.capabilities:
-        return "the wasm tier cannot grant capabilities"
-    if plan.hidden_paths:
-        return (f"the wasm tier cannot hide {plan.hidden_paths[0]}: a WASI preopen cannot "
-                "mask a path inside it")
-    return None
 
 
 def _package_refusal(plan: Plan) -> str | None:
