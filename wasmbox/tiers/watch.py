@@ -1,5 +1,5 @@
-"""The one in-run check every tier uses: the deadline (and cancellation), monitoring samples,
-and the output caps, in that order; the first reason to stop is kept.
+"""Internal: the one in-run check every tier uses: the deadline (and cancellation),
+monitoring samples, and the output caps, in that order; the first reason to stop is kept.
 
 The tiers differ only in how they wait (wasm: the epoch ticker calls the watch; container:
 a pidfd poll; VM: the serial reader's exit event, through `RunWatch.wait`) and in what they
