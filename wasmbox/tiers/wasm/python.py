@@ -74,10 +74,12 @@ from wasmbox.runner import RUNNER_NAME, runner_dir, runner_source
 from wasmbox.tiers.base import Availability, Outcome
 from wasmbox.tiers.wasm import clock_shim, python_app
 from wasmbox.tiers.wasm.engine import WASMTIME_VERSION, EngineHandle, Flavour, first_line
+from wasmbox.tiers.wasm.instance_pool import InstancePool, Pooled
 from wasmbox.tiers.wasm.run import (
     arm,
     classify_trap,
     close_store,
+    limit_store,
     settle,
     wasi_config,
     write_atomic,
@@ -270,6 +272,7 @@ class PythonRuntime(Closeable):
         self._modules: frozenset[str] | None = None
         self._stdlib: Path | None = None
         self._lock = threading.Lock()
+        self.pool = InstancePool()  # pre-instantiated interpreters (see instance_pool)
 
     def availability(self) -> Availability:
         """Available when the pinned componentize-py is installed; never raises."""
@@ -376,10 +379,15 @@ class PythonRuntime(Closeable):
         paths.insert(0, STDLIB_ROOT)
         with open(workspace.input_path, encoding="utf-8") as f:
             payload = f.read()
-        store = wasmtime.Store(interp.handle.engine)
+        pooled = self.pool.take(
+            (interp, plan.memory, plan.table_elements, plan.instances, plan.fuel),
+            interp.handle.engine, interp.linker, interp.component,
+            lambda s: limit_store(s, plan, _MIN_INSTANCES), plan.fuel)
+        store = wasmtime.Store(interp.handle.engine) if pooled is None else pooled.store
         try:
             return _execute(
-                plan, workspace, deadline, monitor, interp, store, payload, paths, mounts, t0
+                plan, workspace, deadline, monitor, interp, store, payload, paths, mounts, t0,
+                pooled,
             )
         finally:
             close_store(store)
@@ -447,6 +455,7 @@ class PythonRuntime(Closeable):
             return target
 
     def _release(self) -> None:
+        self.pool.close()
         with self._lock:
             for interp in self._interpreters.values():
                 interp.linker.close()
@@ -460,17 +469,20 @@ class PythonRuntime(Closeable):
 def _execute(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monitor,
              interp: _Interpreter,
              store: wasmtime.Store, payload: str, paths: list[str], mounts: dict[str, Path],
-             t0: float) -> Outcome:
+             t0: float, pooled: Pooled | None = None) -> Outcome:
     wasi, clock_origin = wasi_config(plan, workspace, ["python"], mounts)
     store.set_wasi(wasi)
     watchdog, _ = arm(store, plan, workspace, deadline, monitor, interp.handle, clock_origin,
                       min_instances=_MIN_INSTANCES)
+    if pooled is not None and plan.fuel is not None:
+        store.set_fuel(plan.fuel - pooled.fuel_spent)  # as if instantiated here
 
     outcome = Outcome(status=Status.COMPLETED, exit_code=0)
     verdict = None
     instantiated = False
     try:
-        instance = interp.linker.instantiate(store, interp.component)
+        instance = (interp.linker.instantiate(store, interp.component) if pooled is None
+                    else pooled.instance)
         instantiated = True
         run = instance.get_func(store, "run")
         if run is None:

@@ -84,6 +84,19 @@ def arm(
     the guest's monotonic clock. `min_instances` is the runtime's own need (a component
     instantiates several core modules); the guest itself can never create instances.
     """
+    limit_store(store, plan, min_instances)
+    watch = RunWatch(plan, workspace, deadline, monitor, store)
+    watchdog = Watchdog(watch)
+    watchdog.attach(store)
+    hostcalls.register(store, hostcalls.RunHost(deadline, watchdog, clock_origin_ns,
+                                                 handle.wasi_calls))
+    handle.ensure_ticking()
+    return watchdog, watch
+
+
+def limit_store(store: wasmtime.Store, plan: Plan, min_instances: int = 0) -> None:
+    """The plan's store limits and fuel on `store` (part of `arm`; the instance pool makes
+    its instances under them too)."""
     instances = max(plan.instances, min_instances) + hostcalls.EXTRA_INSTANCES
     store.set_limits(
         memory_size=plan.memory,
@@ -94,13 +107,6 @@ def arm(
     )
     if plan.fuel is not None:
         store.set_fuel(plan.fuel)
-    watch = RunWatch(plan, workspace, deadline, monitor, store)
-    watchdog = Watchdog(watch)
-    watchdog.attach(store)
-    hostcalls.register(store, hostcalls.RunHost(deadline, watchdog, clock_origin_ns,
-                                                 handle.wasi_calls))
-    handle.ensure_ticking()
-    return watchdog, watch
 
 
 def close_store(store: wasmtime.Store) -> None:
