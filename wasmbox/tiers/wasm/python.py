@@ -387,7 +387,7 @@ class PythonRuntime(Closeable):
         try:
             return _execute(
                 plan, workspace, deadline, monitor, interp, store, payload, paths, mounts, t0,
-                pooled,
+                pooled, self.pool.retire,
             )
         finally:
             close_store(store)
@@ -469,7 +469,8 @@ class PythonRuntime(Closeable):
 def _execute(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monitor,
              interp: _Interpreter,
              store: wasmtime.Store, payload: str, paths: list[str], mounts: dict[str, Path],
-             t0: float, pooled: Pooled | None = None) -> Outcome:
+             t0: float, pooled: Pooled | None = None,
+             close: Callable[[wasmtime.Store], None] = close_store) -> Outcome:
     wasi, clock_origin = wasi_config(plan, workspace, ["python"], mounts)
     store.set_wasi(wasi)
     watchdog, _ = arm(store, plan, workspace, deadline, monitor, interp.handle, clock_origin,
@@ -511,7 +512,7 @@ def _execute(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Moni
 
     if verdict is not None:
         _apply_verdict(outcome, verdict, plan, workspace)
-    settle(outcome, plan, store, workspace, watchdog, deadline, monitor)
+    settle(outcome, plan, store, workspace, watchdog, deadline, monitor, close)
     return outcome
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import wasmtime
@@ -176,11 +177,12 @@ def settle(
     watchdog: Watchdog,
     deadline: Deadline,
     monitor: Monitor,
+    close: Callable[[wasmtime.Store], None] = close_store,
 ) -> None:
     """Finish an outcome: a watchdog stop wins over what the guest reported; fuel; stdio.
 
-    Closes `store` before reading the streams: whatever files the guest still holds are
-    given back to the host first.
+    Closes `store` (with `close`) before reading the streams: whatever files the guest still
+    holds are given back to the host first.
     """
     if watchdog.tripped is not None:
         outcome.reason = watchdog.tripped
@@ -197,7 +199,7 @@ def settle(
         outcome.extra["held_past_deadline_s"] = time.monotonic() - deadline.at
     if plan.fuel is not None:
         outcome.fuel_consumed = plan.fuel - store.get_fuel()
-    close_store(store)
+    close(store)
     outcome.stdout, outcome.stdout_truncated = workspace.read_stream(
         workspace.stdout_path, plan.stdout_bytes
     )
