@@ -16,11 +16,8 @@ thread makes the next ones while the current task runs. Each pooled instance
   path;
 * is handed out once and never comes back.
 
-The same thread also deletes the stores of finished Python tasks (`retire`): dropping a
-CPython instance unmaps tens of MiB (~0.5-0.9 ms). The store is taken out of its wasmtime-py
-wrapper at once (nothing can touch it again) and at most `MAX_RETIRING` wait, so the files a
-finished guest held are given back within a task or two; beyond that, or once the pool is
-closed, the store is deleted inline as before.
+A taken instance is replaced once its task is done (`retire`), not while its guest runs:
+on 2 shared cores, an instance made during the run slowed that run by about what it saved.
 
 No watchdog runs during a pooled instantiation (the epoch deadline is far away): it runs our
 own component with no task code in it. One key is kept at a time (the last one asked for), so
@@ -31,20 +28,17 @@ the fresh path).
 
 from __future__ import annotations
 
-import ctypes
 import threading
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import wasmtime
-from wasmtime import _ffi as ffi
 from wasmtime import component
 
 from wasmbox.lifecycle import Closeable
-from wasmbox.tiers.wasm import hostcalls
+from wasmbox.tiers.wasm.run import close_store
 
 DEFAULT_SIZE = 2
-MAX_RETIRING = 2
 # Epoch ticks a pooled instantiation may take (5 ms each): no limit in practice, the
 # component is ours and instantiating it runs no task code.
 _FAR_EPOCH = 1 << 40
@@ -74,7 +68,6 @@ class InstancePool(Closeable):
         self._key: Hashable | None = None
         self._make: Callable[[], Pooled] | None = None
         self._failed: set[Hashable] = set()
-        self._retiring: list[ctypes._Pointer[ffi.wasmtime_store_t]] = []
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
 
@@ -106,31 +99,24 @@ class InstancePool(Closeable):
             else:
                 self.hits += 1
             self._start()
-            self._cond.notify_all()
+            if found is None:
+                # Otherwise the refill waits for `retire`: made while the task runs, it
+                # slows the task's guest by about what it saves (measured; 2 shared cores).
+                self._cond.notify_all()
         for pooled in stale:
             pooled.store.close()
         return found
 
     def retire(self, store: wasmtime.Store) -> None:
-        """Close a finished task's `store`; the deleting happens on the pool's thread.
+        """Close a finished task's `store` (as `run.close_store`), then let the refill start.
 
-        Idempotent like `run.close_store`, whose place it takes: the store is unregistered
-        from the host calls now, and its wrapper is closed at once.
+        The refill waits for this: an instance made while a task's guest runs slows that
+        guest by about what it saves. Deleting the store here, not on the pool's thread, is
+        measured too: a background unmap of the CPython memory slowed the next guest more.
         """
-        try:
-            store._context()
-        except ValueError:
-            return  # already closed
-        hostcalls.unregister(store)
+        close_store(store)
         with self._cond:
-            inline = (self._closed or self._thread is None
-                      or len(self._retiring) >= MAX_RETIRING)
-            if not inline:
-                self._retiring.append(store._consume())
-                store._Store__context = None  # now unusable: _context() raises
-                self._cond.notify_all()
-        if inline:
-            store.close()
+            self._cond.notify_all()
 
     @property
     def ready(self) -> int:
@@ -147,17 +133,11 @@ class InstancePool(Closeable):
     def _refill(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and not self._retiring and (
-                        self._make is None or len(self._ready) >= self.size):
+                while not self._closed and (self._make is None or len(self._ready) >= self.size):
                     self._cond.wait()
                 if self._closed:
                     return
-                retiring, self._retiring = self._retiring, []
                 key, make = self._key, self._make
-            for ptr in retiring:
-                ffi.wasmtime_store_delete(ptr)
-            if make is None or self.ready >= self.size:
-                continue
             assert make is not None
             try:
                 pooled = make()
@@ -183,11 +163,8 @@ class InstancePool(Closeable):
             thread.join()
         with self._cond:
             stale, self._ready = self._ready, []
-            retiring, self._retiring = self._retiring, []
         for pooled in stale:
             pooled.store.close()
-        for ptr in retiring:
-            ffi.wasmtime_store_delete(ptr)
 
 
 def _instantiate(engine: wasmtime.Engine, linker: component.Linker, comp: component.Component,
