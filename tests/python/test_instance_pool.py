@@ -13,7 +13,7 @@ import pytest
 import wasmtime
 
 from wasmbox import Policy, Result, Sandbox, Status, Task
-from wasmbox.models import Limits, TierName
+from wasmbox.models import Limits, Resources, TierName
 from wasmbox.tiers.wasm import WasmTier
 from wasmbox.tiers.wasm.instance_pool import InstancePool
 
@@ -151,3 +151,28 @@ def test_a_retired_store_is_closed_at_once_and_the_pool_refills(tier: WasmTier) 
         store._context()
     for _ in range(3):  # every take is replaced once its task is done
         assert _pooled_run(sb, pool, "def main(inp):\n    return 2\n").output == 2
+
+
+def _outcome(sb: Sandbox, task: Task) -> str:
+    """What the caller sees of `task`: its status, or the exception's type."""
+    try:
+        return str(sb.run(task).status)
+    except Exception as exc:
+        return type(exc).__name__
+
+
+def test_fuel_is_not_part_of_the_key_and_a_budget_below_instantiating_is_a_miss(
+        tier: WasmTier) -> None:
+    sb = _sandbox(tier)
+    pool = _pool(tier)
+    sb.run(Task.python("def main(inp):\n    return 1\n", tier=TierName.WASM))
+    big = _pooled_run(sb, pool, "def main(inp):\n    return 3\n", resources=Resources(fuel=10**9))
+    assert big.output == 3
+    tiny = Task.python("def main(inp):\n    return 1\n", tier=TierName.WASM,
+                       resources=Resources(fuel=1000))  # less than instantiating burns
+    _wait_ready(pool)
+    hits = pool.hits
+    pooled = _outcome(sb, tiny)
+    assert pool.hits == hits  # not served from the pool: the fresh path decided
+    pool.size = 0
+    assert pooled == _outcome(sb, tiny)

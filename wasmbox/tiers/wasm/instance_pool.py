@@ -9,11 +9,11 @@ thread makes the next ones while the current task runs. Each pooled instance
   WASI state up on every call, so the task's ``set_wasi`` (in `_execute`) gives it exactly
   its own world (``tests/test_instance_pool.py`` checks that a pooled instance sees the
   task's files, not the empty or any earlier configuration);
-* is made under the store limits and fuel the task's plan applies (`limit_store`), and the
-  pool is keyed by them: an instantiation that would fail under the plan fails here too, and
-  the task takes the fresh path, which reports it as before. The fuel it burnt is handed
-  over (`Pooled.fuel_spent`) so the task's budget and its ``fuel_consumed`` match the fresh
-  path;
+* is made under the store limits the task's plan applies (`limit_store`), and the pool is
+  keyed by them: an instantiation that would fail under the plan fails here too, and the
+  task takes the fresh path, which reports it as before. Fuel is not part of the key: the
+  fuel instantiating burnt is handed over (`Pooled.fuel_spent`) so the task's budget and its
+  ``fuel_consumed`` match the fresh path, and a budget it would not cover is a miss;
 * is handed out once and never comes back.
 
 A taken instance is replaced once its task is done (`retire`), not while its guest runs:
@@ -77,9 +77,10 @@ class InstancePool(Closeable):
     ) -> Pooled | None:
         """A ready instance made under `key`, or None (the caller instantiates as before).
 
-        `setup` applies the plan's store limits and fuel to a new Store (`fuel` is what it
-        sets, or None without fuel); `key` must name everything `setup` and the instantiation
-        depend on. Asking starts (or retargets) the background refill for `key`.
+        `setup` applies the plan's store limits and fuel to a new Store (`fuel` is the plan's
+        budget, or None without fuel); `key` must name everything but the fuel that `setup`
+        and the instantiation depend on. Asking starts (or retargets) the background refill
+        for `key`.
         """
         if self.size <= 0:
             return None
@@ -94,6 +95,9 @@ class InstancePool(Closeable):
             else:
                 stale = []
             found = self._ready.pop() if self._ready else None
+            if found is not None and fuel is not None and found.fuel_spent >= fuel:
+                stale.append(found)  # the fresh path runs out of fuel instantiating
+                found = None
             if found is None:
                 self.misses += 1
             else:

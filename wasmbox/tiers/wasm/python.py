@@ -380,7 +380,7 @@ class PythonRuntime(Closeable):
         with open(workspace.input_path, encoding="utf-8") as f:
             payload = f.read()
         pooled = self.pool.take(
-            (interp, plan.memory, plan.table_elements, plan.instances, plan.fuel),
+            (interp, plan.memory, plan.table_elements, plan.instances),
             interp.handle.engine, interp.linker, interp.component,
             lambda s: limit_store(s, plan, _MIN_INSTANCES), plan.fuel)
         store = wasmtime.Store(interp.handle.engine) if pooled is None else pooled.store
