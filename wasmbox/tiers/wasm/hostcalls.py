@@ -13,7 +13,7 @@ preview 1 call that makes a new fd) is shadowed to refuse with EMFILE once the r
 `MAX_OPEN_FILES`, and ``fd_close`` / ``fd_renumber`` to count the fds given back. The real
 calls still do the work: wasmtime's WASI needs its caller to export the guest's memory, so
 the shadows call them through a tiny per-store module (`_TRAMPOLINE`) that imports the
-guest's memory and re-exports it, instantiated on the run's first ``path_open``.
+guest's memory and re-exports it, instantiated on the run's first shadowed call.
 
 The Linker is shared by every store of an engine, so each call finds its run in a registry
 keyed by the store's context address: `register` in `arm`, `unregister` before the store
