@@ -476,7 +476,8 @@ def _execute(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Moni
     watchdog, _ = arm(store, plan, workspace, deadline, monitor, interp.handle, clock_origin,
                       min_instances=_MIN_INSTANCES)
     if pooled is not None and plan.fuel is not None:
-        store.set_fuel(plan.fuel - pooled.fuel_spent)  # as if instantiated here
+        # As if instantiated here; never below 0 (set_fuel would wrap it to 2**64).
+        store.set_fuel(max(0, plan.fuel - pooled.fuel_spent))
 
     outcome = Outcome(status=Status.COMPLETED, exit_code=0)
     verdict = None
