@@ -342,8 +342,13 @@ class CapsuleRun(Side):
             self.dir.mkdir(parents=True, exist_ok=True)
             source.write_text(CAPSULE_TASK)
             t0 = time.perf_counter()
+            # `capsule build` finds its SDK through the `python` on PATH: make it this venv's.
+            env = dict(os.environ)
+            env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent),
+                                           env.get("PATH", "")])
             out = subprocess.run([binary, "build", "hello.py", "--export"], cwd=self.dir,
-                                 capture_output=True, text=True, timeout=900, check=False)
+                                 capture_output=True, text=True, timeout=900, check=False,
+                                 env=env)
             if out.returncode != 0 or not self.artifact.exists():
                 raise Absent(f"`capsule build` failed here: {(out.stderr or out.stdout)[-300:]}")
             built_note = f"one-off `capsule build --export` took {time.perf_counter() - t0:.0f} s"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +23,14 @@ from wasmbox.monitor import Monitor
 from wasmbox.policy import Plan
 from wasmbox.tiers.base import Outcome
 from wasmbox.tiers.wasm.engine import EngineHandle, first_line
-from wasmbox.tiers.wasm.run import arm, classify_trap, settle, wasi_config
+from wasmbox.tiers.wasm.instance_pool import Pooled
+from wasmbox.tiers.wasm.run import arm, classify_trap, close_store, settle, wasi_config
 from wasmbox.workspace import RESULT_FILE, Workspace
 
 TASK_FILENAME = "<task>"
 # The snapshot instantiates a handful of core modules (interpreter, libc, adapters): the
 # task cannot create instances itself, so the runtime's own need is the floor.
-_MIN_INSTANCES = 32
+MIN_INSTANCES = 32
 _REASON_CHARS = 500
 
 
@@ -42,20 +44,26 @@ class Interpreter:
 
 
 def execute(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monitor,
-             interp: Interpreter,
-             store: wasmtime.Store, payload: str, paths: list[str], mounts: dict[str, Path],
-             t0: float) -> Outcome:
-    """Run the plan's source in a fresh instance in `store`; guest faults are statuses."""
+            interp: Interpreter,
+            store: wasmtime.Store, payload: str, paths: list[str], mounts: dict[str, Path],
+            t0: float, pooled: Pooled | None = None,
+            close: Callable[[wasmtime.Store], None] = close_store) -> Outcome:
+    """Run the plan's source in a fresh instance in `store` (or the `pooled` one made for
+    it, never used before); guest faults are statuses. `close` ends the store."""
     wasi, clock_origin = wasi_config(plan, workspace, ["python"], mounts)
     store.set_wasi(wasi)
     watchdog, _ = arm(store, plan, workspace, deadline, monitor, interp.handle, clock_origin,
-                      min_instances=_MIN_INSTANCES)
+                      min_instances=MIN_INSTANCES)
+    if pooled is not None and plan.fuel is not None:
+        # As if instantiated here; never below 0 (set_fuel would wrap it to 2**64).
+        store.set_fuel(max(0, plan.fuel - pooled.fuel_spent))
 
     outcome = Outcome(status=Status.COMPLETED, exit_code=0)
     verdict = None
     instantiated = False
     try:
-        instance = interp.linker.instantiate(store, interp.component)
+        instance = (interp.linker.instantiate(store, interp.component) if pooled is None
+                    else pooled.instance)
         instantiated = True
         run = instance.get_func(store, "run")
         if run is None:
@@ -84,7 +92,7 @@ def execute(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monit
 
     if verdict is not None:
         _apply_verdict(outcome, verdict, plan, workspace)
-    settle(outcome, plan, store, watchdog, deadline, monitor)
+    settle(outcome, plan, store, watchdog, deadline, monitor, close)
     return outcome
 
 

@@ -81,7 +81,7 @@ from wasmbox.tiers.wasm._python_build import (
     compiled_component,
     file_lock,
 )
-from wasmbox.tiers.wasm._python_exec import TASK_FILENAME, Interpreter, execute
+from wasmbox.tiers.wasm._python_exec import MIN_INSTANCES, TASK_FILENAME, Interpreter, execute
 from wasmbox.tiers.wasm._python_packages import (
     PACKAGES_ROOT,
     package_mounts,
@@ -95,7 +95,8 @@ from wasmbox.tiers.wasm._python_stdlib import (
     unpack_stdlib,
 )
 from wasmbox.tiers.wasm.engine import WASMTIME_VERSION, EngineHandle, Flavour
-from wasmbox.tiers.wasm.run import close_store
+from wasmbox.tiers.wasm.instance_pool import InstancePool
+from wasmbox.tiers.wasm.run import close_store, limit_store
 from wasmbox.tiers.wasm.source_scan import imported_modules
 from wasmbox.workspace import RESULT_FILE, Workspace
 
@@ -145,6 +146,7 @@ class PythonRuntime(Closeable):
         self._modules = Lazy(self._list_modules)
         self._stdlib = Lazy(self._unpack_stdlib)
         self._lock = threading.Lock()
+        self.pool = InstancePool()  # pre-instantiated interpreters (see instance_pool)
 
     def availability(self) -> Availability:
         """Available when the pinned componentize-py is installed; never raises."""
@@ -252,10 +254,15 @@ class PythonRuntime(Closeable):
             ready = self.ready(plan, Flavour(fuel=plan.fuel is not None, stack=plan.stack))
         with open(workspace.input_path, encoding="utf-8") as f:
             payload = f.read()
-        store = wasmtime.Store(ready.interp.handle.engine)
+        interp = ready.interp
+        pooled = self.pool.take(
+            (interp, plan.memory, plan.table_elements, plan.instances),
+            interp.handle.engine, interp.linker, interp.component,
+            lambda s: limit_store(s, plan, MIN_INSTANCES), plan.fuel)
+        store = wasmtime.Store(interp.handle.engine) if pooled is None else pooled.store
         try:
-            return execute(plan, workspace, deadline, monitor, ready.interp, store, payload,
-                           list(ready.paths), ready.mounts, t0)
+            return execute(plan, workspace, deadline, monitor, interp, store, payload,
+                           list(ready.paths), ready.mounts, t0, pooled, self.pool.retire)
         finally:
             close_store(store)
 
@@ -273,6 +280,7 @@ class PythonRuntime(Closeable):
         return unpack_wheel(wheel, self._directory() / "wheels")
 
     def _release(self) -> None:
+        self.pool.close()
         with self._lock:
             for interp in self._interpreters.values():
                 interp.linker.close()

@@ -6,6 +6,7 @@ import dataclasses
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import wasmtime
@@ -66,6 +67,19 @@ def arm(
     the guest's monotonic clock. `min_instances` is the runtime's own need (a component
     instantiates several core modules); the guest itself can never create instances.
     """
+    limit_store(store, plan, min_instances)
+    probe = StoreProbe(plan, store)
+    watchdog = Watchdog(RunWatch(deadline, monitor, probe, workspace).reason)
+    watchdog.attach(store)
+    hostcalls.register(store, hostcalls.RunHost(deadline, watchdog, clock_origin_ns,
+                                                 handle.wasi_calls))
+    handle.ensure_ticking()
+    return watchdog, probe
+
+
+def limit_store(store: wasmtime.Store, plan: Plan, min_instances: int = 0) -> None:
+    """The plan's store limits and fuel on `store` (part of `arm`; the instance pool makes
+    its instances under them too)."""
     instances = max(plan.instances, min_instances) + hostcalls.EXTRA_INSTANCES
     store.set_limits(
         memory_size=plan.memory,
@@ -76,13 +90,6 @@ def arm(
     )
     if plan.fuel is not None:
         store.set_fuel(plan.fuel)
-    probe = StoreProbe(plan, store)
-    watchdog = Watchdog(RunWatch(deadline, monitor, probe, workspace).reason)
-    watchdog.attach(store)
-    hostcalls.register(store, hostcalls.RunHost(deadline, watchdog, clock_origin_ns,
-                                                 handle.wasi_calls))
-    handle.ensure_ticking()
-    return watchdog, probe
 
 
 def close_store(store: wasmtime.Store) -> None:
@@ -151,11 +158,12 @@ def settle(
     watchdog: Watchdog,
     deadline: Deadline,
     monitor: Monitor,
+    close: Callable[[wasmtime.Store], None] = close_store,
 ) -> None:
     """Finish an outcome: a watchdog stop wins over what the guest reported; fuel.
 
-    Closes `store`: whatever files the guest still holds (its captured stdio) are given
-    back to the host before the sandbox reads them.
+    Closes `store` (with `close`): whatever files the guest still holds (its captured stdio)
+    are given back to the host before the sandbox reads them.
     """
     if watchdog.tripped is not None:
         outcome.reason = watchdog.tripped
@@ -172,7 +180,7 @@ def settle(
         outcome.extra["held_past_deadline_s"] = time.monotonic() - deadline.at
     if plan.fuel is not None:
         outcome.fuel_consumed = plan.fuel - store.get_fuel()
-    close_store(store)
+    close(store)
 
 
 def write_atomic(path: Path, data: bytes | bytearray) -> None:
