@@ -1,4 +1,4 @@
-"""Pre-instantiated Python interpreters: the instantiation (~1.5 ms) off the task's path.
+"""Internal: pre-instantiated Python interpreters, instantiation (~1.5 ms) off the path.
 
 A Python task runs in a fresh instance of the CPython component in a fresh Store. Making that
 instance does not depend on the task, only on the limits it is made under, so a background
