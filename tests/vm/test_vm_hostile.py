@@ -28,12 +28,12 @@ def test_fork_bomb_hits_the_pids_limit(vm_sandbox: Sandbox) -> None:
     script = "i=0; while [ $i -lt 300 ]; do sleep 60 & i=$((i+1)); done; echo spawned $i"
     result = vm_sandbox.run(command("sh", "-c", script))
     assert result.status is Status.FAILED
-    assert "can't fork" in result.stderr
+    assert "fork" in result.stderr.lower()  # dash: "Cannot fork"; busybox: "can't fork"
     assert "spawned" not in result.stdout
 
 
 def test_memory_hog_is_memory_exceeded(vm_sandbox: Sandbox) -> None:
-    # busybox tail buffers a line that never ends: it grows until the cgroup stops it.
+    # tail buffers a line that never ends: it grows until the cgroup stops it.
     result = vm_sandbox.run(command("tail", "/dev/zero", resources=Resources(memory="48MiB")))
     assert result.status is Status.MEMORY_EXCEEDED
     assert result.metrics.peak_memory_bytes is not None

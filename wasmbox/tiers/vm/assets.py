@@ -3,13 +3,15 @@
 ``python3 -m wasmbox.tiers.vm.assets`` prepares them. Everything lands in
 ``$WASMBOX_CACHE_DIR/vm`` (or ``~/.cache/wasmbox/vm``) with a manifest of sha256 sums:
 
-- ``vmlinuz``: from the real ``linux-image-<ver>-cloud-amd64`` package that
-  ``linux-image-cloud-amd64`` depends on, fetched with ``apt-get download`` and unpacked with
-  ``dpkg -x`` (never installed on the host);
-- ``initramfs.cpio``: busybox, the virtio modules in dependency order (computed here from each
-  module's ``.modinfo``: there is no depmod), the generated ``/init``, and two static helpers
-  built with the host's C compiler: ``wbx-seed`` credits host entropy (without it, snapshots
-  stay off) and ``wbx-run`` starts the task in one exec (without it, busybox tools do);
+- ``vmlinuz``: from the real ``linux-image-<ver>-amd64`` package that ``linux-image-amd64``
+  depends on (the generic kernel: the cloud one has no 9p), fetched with ``apt-get download``
+  and unpacked with ``dpkg -x`` (never installed on the host);
+- ``initramfs.cpio``: busybox, the virtio, 9p and ext4 modules in dependency order (computed
+  here from each module's ``.modinfo``: there is no depmod), the generated ``/init``, a
+  command's root (``/r``: the host's userland layout, shared over 9p at run time), and two
+  static helpers built with the host's C compiler: ``wbx-seed`` credits host entropy
+  (without it, snapshots stay off) and ``wbx-run`` mounts the userland and starts the task
+  in one exec (without it, busybox tools run the task in the initramfs root);
 - ``python.ext4``: a read-only image of the host's python3 and its stdlib (``mkfs.ext4 -d``).
 """
 
@@ -28,6 +30,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,14 +42,22 @@ from wasmbox.tiers.vm.guest import (
     PYTHON_MOUNTPOINTS,
     RUN_HELPER,
     SEED_HELPER,
+    TASK_ROOT,
 )
 
 FORMAT = 5  # bump when the layout of any asset changes
-META_PACKAGE = "linux-image-cloud-amd64"
+# The generic kernel, not the cloud one: only it builds 9p (the task's /usr, shared from the host).
+META_PACKAGE = "linux-image-amd64"
 BUSYBOX = Path("/bin/busybox")
 HOST_PYTHON = Path("/usr/bin/python3")
-# virtio_pci finds the devices, virtio_blk the disks, virtio_console the task channel.
-WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_console")
+HOST_LD_CACHE = Path("/etc/ld.so.cache")
+# What a container's root takes from the host (container/bundle.py's _HOST_DIRS).
+USERLAND_DIRS = ("usr", "bin", "lib", "lib32", "lib64", "libx32", "sbin")
+# virtio_pci finds the devices, virtio_blk the disks, virtio_console the task channel, ext4
+# (with the crc32c its checksums ask the crypto API for) the python image, 9p the userland.
+WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "9pnet_virtio", "9p",
+                  "crc32c_generic", "ext4")
+PYTHON_MODULES = ("crc32c_generic", "ext4")  # loaded by Python shapes only (seconds under TCG)
 PREPARE_COMMAND = "python3 -m wasmbox.tiers.vm.assets"
 GUEST_ACCOUNTS = {
     "passwd": b"root:x:0:0::/:/bin/sh\ntask:x:1000:1000::/task:/bin/sh\n",
@@ -69,6 +80,9 @@ class Assets:
     kernel_version: str
     modules: tuple[str, ...]
     seed_helper: bool = False  # the initramfs can reseed a restored guest's RNG
+    # Host directories a command's root shares read-only over 9p (``usr`` on merged-/usr
+    # hosts); empty when the initramfs has no wbx-run to mount them (no C compiler).
+    userland: tuple[str, ...] = ()
 
 
 @dataclass
@@ -114,7 +128,8 @@ def prepare_assets(force: bool = False, root: Path | None = None) -> AssetReport
     recipe = _recipe()
     if manifest.get("recipe") != recipe or not _verified(root, manifest, ("initramfs.cpio",),
                                                          full=True):
-        manifest["modules"], manifest["seed_helper"] = _build_initramfs(root)
+        manifest["modules"], manifest["seed_helper"], manifest["userland"] = (
+            _build_initramfs(root))
         manifest["recipe"] = recipe
         built.append("initramfs")
     if HOST_PYTHON.exists() and (
@@ -158,7 +173,7 @@ def _fetch_kernel(root: Path) -> dict[str, object]:
         os.chmod(work, 0o755)  # apt's _apt user drops privileges to write the download
         meta = _apt_download(META_PACKAGE, work)
         depends = _run(["dpkg-deb", "-f", str(meta), "Depends"])
-        match = re.search(r"(linux-image-[0-9][^\s,(]*-cloud-amd64)", depends)
+        match = re.search(r"(linux-image-[0-9][^\s,(]*-amd64)", depends)
         if not match:
             raise AssetError(f"{META_PACKAGE} depends on no cloud kernel: {depends.strip()!r}")
         package = _apt_download(match.group(1), work)
@@ -194,7 +209,7 @@ def _apt_download(package: str, into: Path) -> Path:
 # --- modules and initramfs ----------------------------------------------------------------
 
 
-def module_order(wanted: tuple[str, ...], index: dict[str, bytes]) -> list[str]:
+def module_order(wanted: tuple[str, ...], index: Mapping[str, bytes]) -> list[str]:
     """`wanted` and everything they depend on, dependencies first (a depth-first topo sort).
 
     `index` maps a module name (``-`` read as ``_``) to the module's ELF bytes.
@@ -243,14 +258,28 @@ def modinfo(elf: bytes) -> dict[str, str]:
     return {}
 
 
+class _ModuleFiles(Mapping[str, bytes]):
+    """Module name -> ELF bytes, read when asked (the generic package holds ~4000 modules)."""
+
+    def __init__(self, tree: Path) -> None:
+        self._paths = {name: path for path in tree.rglob("*.ko*")
+                       if (name := _module_name(path.name)) is not None}
+
+    def __getitem__(self, name: str) -> bytes:
+        path = self._paths[name]
+        raw = path.read_bytes()
+        return lzma.decompress(raw) if path.name.endswith(".xz") else raw
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+
 def _keep_modules(tree: Path, into: Path) -> None:
-    """Keep only the wanted modules and their dependencies (the package holds ~90 MB)."""
-    index: dict[str, bytes] = {}
-    for path in tree.rglob("*.ko*"):
-        name = _module_name(path.name)
-        if name is not None:
-            raw = path.read_bytes()
-            index[name] = lzma.decompress(raw) if path.name.endswith(".xz") else raw
+    """Keep only the wanted modules and their dependencies (the package holds ~400 MB)."""
+    index = _ModuleFiles(tree)
     with tarfile.open(into, "w") as tar:
         for name in module_order(WANTED_MODULES, index):
             info = tarfile.TarInfo(f"{name}.ko")
@@ -275,7 +304,7 @@ def _module_index(root: Path) -> dict[str, bytes]:
     return index
 
 
-def _build_initramfs(root: Path) -> tuple[list[str], bool]:
+def _build_initramfs(root: Path) -> tuple[list[str], bool, list[str]]:
     index = _module_index(root)
     order = module_order(WANTED_MODULES, index)
     cpio = CpioWriter()
@@ -287,8 +316,11 @@ def _build_initramfs(root: Path) -> tuple[list[str], bool]:
     for applet in _run([str(BUSYBOX), "--list"]).split():
         if applet != "busybox":
             cpio.symlink(f"bin/{applet}", "busybox")
+    base = module_order(tuple(m for m in WANTED_MODULES if m not in PYTHON_MODULES), index)
+    cpio.directory("lib/wasmbox/py")
     for i, name in enumerate(order):
-        cpio.file(f"lib/wasmbox/{i:02d}-{name}.ko", index[name], 0o644)
+        where = "lib/wasmbox" if name in base else "lib/wasmbox/py"
+        cpio.file(f"{where}/{i:02d}-{name}.ko", index[name], 0o644)
     for name in ("passwd", "group"):
         cpio.file(f"etc/{name}", GUEST_ACCOUNTS[name])
     cpio.directory("job/py")
@@ -298,10 +330,49 @@ def _build_initramfs(root: Path) -> tuple[list[str], bool]:
     if seed is not None:
         cpio.file("bin/wbx-seed", seed, 0o700)
     run = _build_helper(root, "wbx-run", RUN_HELPER)
+    userland: list[str] = []
     if run is not None:
         cpio.file("bin/wbx-run", run, 0o700)
+        userland = _task_root(cpio)
     _atomic_write(root / "initramfs.cpio", cpio.finish())
-    return order, seed is not None
+    return order, seed is not None, userland
+
+
+def _task_root(cpio: CpioWriter) -> list[str]:
+    """The command root (`TASK_ROOT`), laid out like a container's: the host's userland
+    dirs (shared over 9p; its symlinks, such as merged-/usr's ``/bin -> usr/bin``, copied),
+    the task's mount points, and an /etc of our own plus the loader's cache and the
+    alternatives links. Returns the shared directory names."""
+    top = TASK_ROOT.lstrip("/")
+    shared: list[str] = []
+    for d in ("", "/task", "/tmp", "/dev", "/proc", "/etc", "/opt"):
+        cpio.directory(top + d, 0o1777 if d == "/tmp" else 0o755)
+    for name in USERLAND_DIRS:
+        host = Path("/", name)
+        if host.is_symlink():
+            cpio.symlink(f"{top}/{name}", os.readlink(host))
+        elif host.is_dir():
+            cpio.directory(f"{top}/{name}")
+            shared.append(name)
+    for name in ("passwd", "group"):
+        cpio.file(f"{top}/etc/{name}", GUEST_ACCOUNTS[name])
+    cpio.file(f"{top}/etc/hosts", b"127.0.0.1 localhost\n::1 localhost\n")
+    if HOST_LD_CACHE.is_file():
+        cpio.file(f"{top}/etc/ld.so.cache", HOST_LD_CACHE.read_bytes())
+    alternatives = _alternatives()
+    if alternatives:
+        cpio.directory(f"{top}/etc/alternatives")
+    for host in (Path("/etc/localtime"), *alternatives):
+        if host.is_symlink():
+            cpio.symlink(f"{top}{host}", os.readlink(host))
+    return shared
+
+
+def _alternatives() -> list[Path]:
+    try:
+        return sorted(p for p in Path("/etc/alternatives").iterdir() if p.is_symlink())
+    except OSError:
+        return []
 
 
 def _build_helper(root: Path, name: str, code: str) -> bytes | None:
@@ -390,6 +461,10 @@ def _recipe() -> str:
     h.update(RUN_HELPER.encode())
     h.update(b"cc" if shutil.which("cc") or shutil.which("gcc") else b"no-cc")
     h.update(_fingerprint_text(BUSYBOX).encode())
+    # The task root copies the host's layout, loader cache and alternatives links.
+    h.update(_fingerprint_text(HOST_LD_CACHE).encode())
+    h.update(_fingerprint_text(Path("/etc/alternatives")).encode())
+    h.update(repr([(n, Path("/", n).is_symlink()) for n in USERLAND_DIRS]).encode())
     return h.hexdigest()[:16]
 
 
@@ -435,6 +510,7 @@ def _assets(root: Path, manifest: dict[str, object]) -> Assets:
     files = manifest.get("files")
     has_python = isinstance(files, dict) and "python.ext4" in files and python.exists()
     modules = manifest.get("modules")
+    userland = manifest.get("userland")
     return Assets(
         root=root,
         kernel=root / "vmlinuz",
@@ -443,6 +519,7 @@ def _assets(root: Path, manifest: dict[str, object]) -> Assets:
         kernel_version=str(manifest.get("kernel_version", "?")),
         modules=tuple(modules) if isinstance(modules, list) else (),
         seed_helper=manifest.get("seed_helper") is True,
+        userland=tuple(str(n) for n in userland) if isinstance(userland, list) else (),
     )
 
 

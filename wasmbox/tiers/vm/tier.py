@@ -100,7 +100,7 @@ class VmTier(Closeable):
             return "the VM tier cannot mask hidden paths (it grants no extra mounts)"
         if plan.readonly_mounts or plan.writable_mounts:
             return "the VM tier cannot grant extra mounts"
-        return None
+        return _packages_unsuitable(plan)
 
     def prepare(self, plan: Plan) -> None:
         """Load the assets, probe KVM once, and start warming the pool for the plan's shape.
@@ -118,6 +118,9 @@ class VmTier(Closeable):
             raise PolicyViolation("filesystem.hidden", "the VM tier cannot mask hidden paths")
         if plan.readonly_mounts or plan.writable_mounts:
             raise PolicyViolation("filesystem", "the VM tier cannot grant extra mounts")
+        packages = _packages_unsuitable(plan)
+        if packages is not None:
+            raise TierUnavailable(str(self.name), packages)
         assets, _ = self._setup()
         if plan.task.kind is TaskKind.PYTHON and assets.python_image is None:
             raise TierUnavailable(str(self.name), "no python image: install python3 and run "
@@ -166,7 +169,8 @@ class VmTier(Closeable):
                 return _timeout("cancelled before the guest was ready", t0)
             if machine is not None:
                 deadline.restart(plan.timeout)
-                bundle = make_bundle(plan, workspace.task_dir, self._guest_timeout(deadline, 0))
+                bundle = make_bundle(plan, workspace.task_dir, self._guest_timeout(deadline, 0),
+                                     assets.userland)
                 machine.send(bundle.as_tar(), bundle.nonce, _left(deadline, 5.0))
                 startup = time.monotonic() - t0
             else:
@@ -209,6 +213,7 @@ class VmTier(Closeable):
             output_bytes=output_disk_bytes(plan),
             python=python,
             sizes=guest_sizes(plan, python),
+            packages=tuple(str(Path(p).resolve()) for p in plan.policy.python.packages),
         )
 
     def _refill_wait(self, shape: Shape) -> float:
@@ -318,7 +323,7 @@ class VmTier(Closeable):
         # The guest's own timer starts when the task does, after the boot.
         bundle = make_bundle(plan, workspace.task_dir,
                              3600.0 if plan.timeout is None
-                             else max(0.05, plan.timeout - SHIP_MARGIN))
+                             else max(0.05, plan.timeout - SHIP_MARGIN), assets.userland)
         with self._lock:
             self._counter += 1
             initrd = run_dir / f"initrd-{self._counter}"
@@ -388,7 +393,7 @@ class VmTier(Closeable):
             return outcome
         machine.stop()  # the guest synced its output disk before printing the line
         _classify(outcome, line, plan)
-        if "ship" not in line.flags:
+        if not line.flags & {"ship", "empty"}:  # "empty": the guest had nothing to ship
             try:
                 _unpack(machine.output_image, workspace, plan)
             except (tarfile.TarError, OSError) as exc:
@@ -417,6 +422,17 @@ class VmTier(Closeable):
         if run_dir is not None:
             kill_machines(run_dir)
             remove_tree(run_dir)
+
+
+def _packages_unsuitable(plan: Plan) -> str | None:
+    """Why the policy's packages cannot be shared with a guest (wheels, missing dirs)."""
+    for package in plan.policy.python.packages:
+        if not Path(package).is_dir():
+            return (f"the VM tier shares package directories only, and {package} is not one "
+                    "(unpack a wheel with `pip install --target DIR`)")
+        if any(c in str(Path(package).resolve()) for c in ",= \n"):
+            return f"the VM tier cannot share {package}: its path has ',', '=' or whitespace"
+    return None
 
 
 def _wait(machine: Machine, monitor: Monitor, timeout: float,
