@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.vm import conftest as vm_fixtures
 from wasmbox import Policy, Sandbox, Task
 from wasmbox.models import Status
 from wasmbox.policy import apply
@@ -26,6 +27,8 @@ from wasmbox.tiers.vm.machine import Machine
 from wasmbox.tiers.vm.tier import VmTier
 
 pytestmark = pytest.mark.vm
+vm_assets = vm_fixtures.vm_assets
+vm_sandbox = vm_fixtures.vm_sandbox
 
 BOOT_TIMEOUT = 120.0  # a cold TCG boot on a loaded 2-core host
 

@@ -45,9 +45,11 @@ def test_a_shell_pipeline_uses_the_hosts_coreutils(vm_sandbox: Sandbox) -> None:
 
 
 def test_the_task_layout_matches_a_container(vm_sandbox: Sandbox) -> None:
-    script = ("cd /task && cat input.json && pwd && id -u && "
+    script = ("cd /task && cat input.json && echo && pwd && id -u && "
               "echo '{\"n\": 1}' > output/result.json && echo scratch > /tmp/x && cat /tmp/x")
     result = vm_sandbox.run(command("sh", "-c", script, input={"k": "v"}))
     assert result.status is Status.COMPLETED, result
-    assert result.stdout.splitlines() == ['{"k": "v"}', "/task", "1000", "scratch"]
+    payload, *rest = result.stdout.splitlines()
+    assert json.loads(payload) == {"k": "v"}
+    assert rest == ["/task", "1000", "scratch"]
     assert result.output == {"n": 1}
