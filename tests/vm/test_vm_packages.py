@@ -43,6 +43,8 @@ def packages(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     (native / "wbxcext.c").write_text(C_EXTENSION)
     subprocess.run(["cc", "-shared", "-fPIC", f"-I{include}", "-o",
                     str(native / f"wbxcext{suffix}"), str(native / "wbxcext.c")], check=True)
+    for top in (pure, native):
+        top.chmod(0o755)  # as `pip install --target` leaves it; pytest's own dirs are 0700
     return pure, native
 
 
@@ -72,11 +74,33 @@ def test_a_python_task_imports_the_packages(package_sandbox: Sandbox) -> None:
     assert result.output == ["pure", 42]
 
 
-def test_packages_are_read_only(package_sandbox: Sandbox) -> None:
-    script = "touch /opt/wasmbox/packages/0/x 2>/dev/null && echo WROTE; ls /opt/wasmbox/packages"
+def test_packages_are_read_only(package_sandbox: Sandbox, packages: tuple[Path, Path]) -> None:
+    # World-writable on the host: only the read-only share and mount stop the task.
+    packages[0].chmod(0o777)
+    script = ("touch /opt/wasmbox/packages/0/x 2>/dev/null && echo WROTE; "
+              "while read -r _ _ _ _ point opts _; do "
+              "[ \"$point\" = /opt/wasmbox/packages/0 ] && echo $opts; "
+              "done < /proc/self/mountinfo; "
+              "ls /opt/wasmbox/packages")
     result = package_sandbox.run(Task.command(["sh", "-c", script], tier="vm"))
     assert result.status is Status.COMPLETED, result
-    assert result.stdout.split() == ["0", "1"]
+    options, *listing = result.stdout.split()
+    assert {"ro", "nosuid", "nodev"} <= set(options.split(","))
+    assert listing == ["0", "1"]
+    assert not (packages[0] / "x").exists()
+
+
+def test_a_directory_the_task_user_cannot_read_is_unsuitable(tmp_path: Path) -> None:
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    plan = apply(Policy(python=PythonPolicy(packages=(private,))),
+                 Task.command(["true"], tier="vm"))
+    tier = VmTier(pool_size=0)
+    try:
+        reason = tier.unsuitable(plan)
+    finally:
+        tier.close()
+    assert reason is not None and "chmod o+rx" in reason
 
 
 def test_a_wheel_is_unsuitable_with_the_reason(tmp_path: Path) -> None:

@@ -332,6 +332,10 @@ def _packages_unsuitable(plan: Plan) -> str | None:
                     "(unpack a wheel with `pip install --target DIR`)")
         if any(c in str(Path(package).resolve()) for c in ",= \n"):
             return f"the VM tier cannot share {package}: its path has ',', '=' or whitespace"
+        if Path(package).stat().st_mode & 0o005 != 0o005:
+            # The guest checks the host's modes; its task user is no owner of the files.
+            return (f"the VM tier's task user cannot read {package}: make it readable and "
+                    "searchable by others (chmod o+rx)")
     return None
 
 
