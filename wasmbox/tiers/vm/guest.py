@@ -10,9 +10,12 @@ reads one line from the host, fresh entropy and the time: `SEED_HELPER` credits 
 (``RNDADDENTROPY``, then ``RNDRESEEDCRNG``) and the guest prints ``WASMBOX-ARMED``. Snapshot
 templates are saved before that line, so every restored guest reseeds before any task. The
 task runs as uid 1000 in a cgroup (memory.max, pids.max, cpu.max; cgroup.kill when its time
-is up), then the guest writes ``output/`` and ``streams/`` as a tar to the raw output disk
-(unless both are empty) and prints one framed line ``WASMBOX-EXIT <nonce> <code>
-peak=<bytes> cpu_us=<n> [timeout] [oom] [ship] [empty]`` on the serial console. The nonce
+is up); a command runs chrooted in `TASK_ROOT`, where `RUN_HELPER` has just mounted the host's
+userland and the policy's packages (read-only 9p shares: mounted per task, because a mounted
+share blocks QEMU's migration and templates are migrated), as in a container. Then the
+guest writes ``output/`` and ``streams/`` as a tar to the raw output disk (unless both are
+empty) and prints one framed line ``WASMBOX-EXIT <nonce> <code> peak=<bytes> cpu_us=<n>
+[timeout] [oom] [ship] [empty]`` on the serial console. The nonce
 sits in a root-only file and the console is root-only, so the task cannot forge that line.
 """
 
