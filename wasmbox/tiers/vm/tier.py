@@ -350,7 +350,8 @@ def _wait(machine: Machine, monitor: Monitor, timeout: float,
         left = end - time.monotonic()
         line = machine.wait_exit(min(step, max(left, 0.0)))
         if line is not None or left <= 0 or not machine.alive:
-            return line, None
+            # The exit line may have landed since `wait_exit` gave up (it also ends `alive`).
+            return line or machine.wait_exit(0), None
         if deadline.cancelled:
             machine.stop()
             return None, None
