@@ -193,7 +193,9 @@ def _record(row: Row, r: Result) -> None:
 
 def _exec_pairs(sb: Sandbox, tier: VmTier, iterations: int, reps: int) -> list[Pair]:
     script = loop(iterations)
-    task = Task.command(["sh", "-c", script], tier="vm")
+    # The same busybox both sides: the guest's `sh` is the host's /bin/sh (dash) since the
+    # guest shares the host's /usr.
+    task = Task.command(["busybox", "sh", "-c", script], tier="vm")
 
     def guest() -> tuple[float, float]:
         tier.wait_warm(WARM_TIMEOUT)
