@@ -26,7 +26,7 @@ def disk_sandbox(vm_assets: AssetReport) -> Iterator[Sandbox]:
 
 
 def test_vm_tmp_past_the_disk_cap_is_enospc(disk_sandbox: Sandbox) -> None:
-    # busybox's head reports a failed write as "I/O error": the size kept tells the cap.
+    # head's message for the failed write varies: the size kept tells the cap.
     fill = "head -c 3145728 /dev/zero > /tmp/fill; rc=$?; wc -c < /tmp/fill; exit $rc"
     r = disk_sandbox.run(Task.command(["/bin/sh", "-c", fill], tier="vm"))
     assert r.status is Status.FAILED, (r.status, r.stderr)

@@ -28,12 +28,12 @@ def test_fork_bomb_hits_the_pids_limit(vm_sandbox: Sandbox) -> None:
     script = "i=0; while [ $i -lt 300 ]; do sleep 60 & i=$((i+1)); done; echo spawned $i"
     result = vm_sandbox.run(command("sh", "-c", script))
     assert result.status is Status.FAILED
-    assert "can't fork" in result.stderr
+    assert "fork" in result.stderr.lower()  # dash: "Cannot fork"; busybox: "can't fork"
     assert "spawned" not in result.stdout
 
 
 def test_memory_hog_is_memory_exceeded(vm_sandbox: Sandbox) -> None:
-    # busybox tail buffers a line that never ends: it grows until the cgroup stops it.
+    # tail buffers a line that never ends: it grows until the cgroup stops it.
     result = vm_sandbox.run(command("tail", "/dev/zero", resources=Resources(memory="48MiB")))
     assert result.status is Status.MEMORY_EXCEEDED
     assert result.metrics.peak_memory_bytes is not None
@@ -41,7 +41,9 @@ def test_memory_hog_is_memory_exceeded(vm_sandbox: Sandbox) -> None:
 
 
 def test_network_is_unreachable(vm_sandbox: Sandbox) -> None:
-    script = "ls /sys/class/net; nc -w 2 1.1.1.1 80 </dev/null"
+    # /proc/net/dev: the task's root has no /sys, as in a container.
+    script = ("tail -n +3 /proc/net/dev | cut -d: -f1; python3 -c "
+              "'import socket; socket.create_connection((\"1.1.1.1\", 80), 2)'")
     result = vm_sandbox.run(command("sh", "-c", script))
     assert result.status is Status.FAILED
     assert result.stdout.split() == ["lo"]
@@ -88,7 +90,7 @@ def test_kernel_panic_mid_task_is_crashed(vm_assets: AssetReport) -> None:
         task = command("tail", "/dev/zero", resources=Resources(memory="48MiB", timeout=30))
         result = sandbox.run(task)
     assert result.status is Status.CRASHED
-    assert result.metrics.wall_s < 30
+    assert result.metrics.run_s < 30  # the panic is seen, not the task's timeout (boot aside)
 
 
 def test_boot_hang_is_bounded_by_the_boot_timeout(vm_assets: AssetReport) -> None:

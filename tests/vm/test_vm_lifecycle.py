@@ -28,6 +28,10 @@ def test_assets_load_order_puts_dependencies_first(vm_assets: AssetReport) -> No
     order = list(vm_assets.assets.modules)
     assert order.index("virtio_ring") < order.index("virtio") < order.index("virtio_pci")
     assert {"virtio_blk", "virtio_console"} <= set(order)
+    # 9p shares the host's userland with commands; ext4 (with its crc32c) mounts the python image.
+    assert order.index("9pnet") < order.index("9pnet_virtio") < order.index("9p")
+    assert order.index("fscache") < order.index("9p")
+    assert order.index("crc32c_generic") < order.index("ext4")
 
 
 def test_prepared_assets_verify_on_load(vm_assets: AssetReport) -> None:

@@ -1,62 +1,57 @@
-"""VM assets built without any registry: a Debian cloud kernel, busybox, an initramfs we write.
+"""VM assets built without any registry: a Debian kernel, busybox, an initramfs we write.
 
 ``python3 -m wasmbox.tiers.vm.assets`` prepares them. Everything lands in
 ``$WASMBOX_CACHE_DIR/vm`` (or ``~/.cache/wasmbox/vm``) with a manifest of sha256 sums:
 
-- ``vmlinuz``: from the real ``linux-image-<ver>-cloud-amd64`` package that
-  ``linux-image-cloud-amd64`` depends on, fetched with ``apt-get download`` and unpacked with
-  ``dpkg -x`` (never installed on the host);
-- ``initramfs.cpio``: busybox, the virtio modules in dependency order (computed here from each
-  module's ``.modinfo``: there is no depmod), the generated ``/init``, and two static helpers
-  built with the host's C compiler: ``wbx-seed`` credits host entropy (without it, snapshots
-  stay off) and ``wbx-run`` starts the task in one exec (without it, busybox tools do);
+- ``vmlinuz``: from the real ``linux-image-<ver>-amd64`` package that ``linux-image-amd64``
+  depends on (the generic kernel: the cloud one has no 9p), fetched with ``apt-get download``
+  and unpacked with ``dpkg -x`` (never installed on the host);
+- ``initramfs.cpio``: busybox, the virtio, 9p and ext4 modules in dependency order (computed
+  here from each module's ``.modinfo``: there is no depmod), the generated ``/init``, a
+  command's root (``/r``: the host's userland layout, shared over 9p at run time), and two
+  static helpers built with the host's C compiler: ``wbx-seed`` credits host entropy
+  (without it, snapshots stay off) and ``wbx-run`` mounts the userland and starts the task
+  in one exec (without it, busybox tools run the task in the initramfs root);
 - ``python.ext4``: a read-only image of the host's python3 and its stdlib (``mkfs.ext4 -d``).
+
+The kernel and its modules are `kernel`'s, the two images `images`'; this module checks and
+records them.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import lzma
-import os
-import re
 import shutil
-import struct
-import subprocess
 import sys
-import tarfile
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from wasmbox._config import HostConfig
-from wasmbox.errors import HostFailure
-from wasmbox.tiers.vm.cpio import CpioWriter
-from wasmbox.tiers.vm.guest import (
-    INIT_SCRIPT,
-    PRESTART,
-    PYTHON_MOUNTPOINTS,
-    RUN_HELPER,
-    SEED_HELPER,
+from wasmbox.tiers.vm.guest import INIT_SCRIPT, PRESTART, RUN_HELPER, SEED_HELPER
+from wasmbox.tiers.vm.images import (
+    BUSYBOX,
+    HOST_LD_CACHE,
+    HOST_PYTHON,
+    USERLAND_DIRS,
+    atomic_write,
+    build_initramfs,
+    build_python_image,
+)
+from wasmbox.tiers.vm.kernel import (
+    WANTED_MODULES,
+    AssetError,
+    fetch_kernel,
+    modinfo,
+    module_order,
 )
 
+__all__ = ["PREPARE_COMMAND", "AssetError", "AssetReport", "Assets", "cache_dir", "load_assets",
+           "main", "modinfo", "module_order", "prepare_assets"]
+
 FORMAT = 5  # bump when the layout of any asset changes
-META_PACKAGE = "linux-image-cloud-amd64"
-BUSYBOX = Path("/bin/busybox")
-HOST_PYTHON = Path("/usr/bin/python3")
-# virtio_pci finds the devices, virtio_blk the disks, virtio_console the task channel.
-WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_console")
 PREPARE_COMMAND = "python3 -m wasmbox.tiers.vm.assets"
-GUEST_ACCOUNTS = {
-    "passwd": b"root:x:0:0::/:/bin/sh\ntask:x:1000:1000::/task:/bin/sh\n",
-    "group": b"root:x:0:\ntask:x:1000:\n",
-}
-
-
-class AssetError(HostFailure):
-    """The VM assets cannot be prepared or are damaged."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +65,9 @@ class Assets:
     kernel_version: str
     modules: tuple[str, ...]
     seed_helper: bool = False  # the initramfs can reseed a restored guest's RNG
+    # Host directories a command's root shares read-only over 9p (``usr`` on merged-/usr
+    # hosts); empty when the initramfs has no wbx-run to mount them (no C compiler).
+    userland: tuple[str, ...] = ()
 
 
 @dataclass
@@ -109,19 +107,20 @@ def prepare_assets(force: bool = False, root: Path | None = None) -> AssetReport
     if manifest.get("modules_wanted") != list(WANTED_MODULES) or not _verified(
         root, manifest, ("vmlinuz", "modules.tar"), full=True
     ):
-        manifest = {"format": FORMAT, **_fetch_kernel(root)}
+        manifest = {"format": FORMAT, **fetch_kernel(root)}
         built.append("kernel")
     recipe = _recipe()
     if manifest.get("recipe") != recipe or not _verified(root, manifest, ("initramfs.cpio",),
                                                          full=True):
-        manifest["modules"], manifest["seed_helper"] = _build_initramfs(root)
+        manifest["modules"], manifest["seed_helper"], manifest["userland"] = (
+            build_initramfs(root))
         manifest["recipe"] = recipe
         built.append("initramfs")
     if HOST_PYTHON.exists() and (
         manifest.get("python_recipe") != recipe
         or not _verified(root, manifest, ("python.ext4",), full=True)
     ):
-        _build_python_image(root)
+        build_python_image(root)
         manifest["python_recipe"] = recipe
         built.append("python image")
     manifest["files"] = {
@@ -149,235 +148,6 @@ def load_assets(root: Path | None = None) -> Assets:
     return _assets(root, manifest)
 
 
-# --- kernel -------------------------------------------------------------------------------
-
-
-def _fetch_kernel(root: Path) -> dict[str, object]:
-    with tempfile.TemporaryDirectory(dir=root, prefix="fetch-") as tmp:
-        work = Path(tmp)
-        os.chmod(work, 0o755)  # apt's _apt user drops privileges to write the download
-        meta = _apt_download(META_PACKAGE, work)
-        depends = _run(["dpkg-deb", "-f", str(meta), "Depends"])
-        match = re.search(r"(linux-image-[0-9][^\s,(]*-cloud-amd64)", depends)
-        if not match:
-            raise AssetError(f"{META_PACKAGE} depends on no cloud kernel: {depends.strip()!r}")
-        package = _apt_download(match.group(1), work)
-        tree = work / "tree"
-        _run(["dpkg", "-x", str(package), str(tree)])
-        kernels = sorted((tree / "boot").glob("vmlinuz-*"))
-        if not kernels:
-            raise AssetError(f"{package.name} holds no /boot/vmlinuz-*")
-        version = kernels[-1].name.removeprefix("vmlinuz-")
-        shutil.copyfile(kernels[-1], root / "vmlinuz")
-        _keep_modules(tree / "lib" / "modules" / version / "kernel", root / "modules.tar")
-    return {"kernel_version": version, "kernel_package": match.group(1),
-            "modules_wanted": list(WANTED_MODULES)}
-
-
-def _apt_download(package: str, into: Path) -> Path:
-    before = set(into.glob("*.deb"))
-    try:
-        subprocess.run(["apt-get", "download", package], cwd=into, check=True,
-                       capture_output=True, text=True, timeout=300)
-    except FileNotFoundError as exc:
-        raise AssetError("apt-get is not installed: cannot download the kernel") from exc
-    except subprocess.CalledProcessError as exc:
-        raise AssetError(f"apt-get download {package} failed: {exc.stderr.strip()}") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise AssetError(f"apt-get download {package} timed out") from exc
-    new = sorted(set(into.glob("*.deb")) - before)
-    if not new:
-        raise AssetError(f"apt-get download {package} produced no .deb")
-    return new[0]
-
-
-# --- modules and initramfs ----------------------------------------------------------------
-
-
-def module_order(wanted: tuple[str, ...], index: dict[str, bytes]) -> list[str]:
-    """`wanted` and everything they depend on, dependencies first (a depth-first topo sort).
-
-    `index` maps a module name (``-`` read as ``_``) to the module's ELF bytes.
-    """
-    order: list[str] = []
-    visiting: set[str] = set()
-
-    def visit(name: str) -> None:
-        if name in order:
-            return
-        if name in visiting:
-            raise AssetError(f"module dependency cycle through {name}")
-        if name not in index:
-            raise AssetError(f"module {name} is not in the kernel package")
-        visiting.add(name)
-        for dep in modinfo(index[name]).get("depends", "").split(","):
-            if dep:
-                visit(dep.replace("-", "_"))
-        visiting.discard(name)
-        order.append(name)
-
-    for name in wanted:
-        visit(name)
-    return order
-
-
-def modinfo(elf: bytes) -> dict[str, str]:
-    """The ``key=value`` pairs of an ELF64 module's ``.modinfo`` section."""
-    if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
-        raise AssetError("not a little-endian ELF64 kernel module")
-    shoff, = struct.unpack_from("<Q", elf, 0x28)
-    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", elf, 0x3A)
-
-    def section(i: int) -> tuple[int, int, int]:
-        name, _type, _flags, _addr, offset, size = struct.unpack_from(
-            "<IIQQQQ", elf, shoff + i * shentsize)
-        return name, offset, size
-
-    _, str_off, _ = section(shstrndx)
-    for i in range(shnum):
-        name_off, offset, size = section(i)
-        end = elf.index(b"\0", str_off + name_off)
-        if elf[str_off + name_off:end] == b".modinfo":
-            pairs = elf[offset:offset + size].split(b"\0")
-            return dict(p.decode(errors="replace").partition("=")[::2] for p in pairs if p)
-    return {}
-
-
-def _keep_modules(tree: Path, into: Path) -> None:
-    """Keep only the wanted modules and their dependencies (the package holds ~90 MB)."""
-    index: dict[str, bytes] = {}
-    for path in tree.rglob("*.ko*"):
-        name = _module_name(path.name)
-        if name is not None:
-            raw = path.read_bytes()
-            index[name] = lzma.decompress(raw) if path.name.endswith(".xz") else raw
-    with tarfile.open(into, "w") as tar:
-        for name in module_order(WANTED_MODULES, index):
-            info = tarfile.TarInfo(f"{name}.ko")
-            info.size = len(index[name])
-            tar.addfile(info, io.BytesIO(index[name]))
-
-
-def _module_name(filename: str) -> str | None:
-    if not filename.endswith((".ko", ".ko.xz")):
-        return None  # zstd/gzip modules would need a decompressor the stdlib lacks
-    return re.sub(r"\.ko(\.xz)?$", "", filename).replace("-", "_")
-
-
-def _module_index(root: Path) -> dict[str, bytes]:
-    index: dict[str, bytes] = {}
-    with tarfile.open(root / "modules.tar") as tar:
-        for member in tar:
-            name = _module_name(member.name)
-            data = tar.extractfile(member) if member.isfile() else None
-            if name is not None and data is not None:
-                index[name] = data.read()
-    return index
-
-
-def _build_initramfs(root: Path) -> tuple[list[str], bool]:
-    index = _module_index(root)
-    order = module_order(WANTED_MODULES, index)
-    cpio = CpioWriter()
-    for d in ("bin", "dev", "etc", "lib", "lib/wasmbox", "proc", "sys", "tmp", "run",
-              "task", "job", "ship", "py"):
-        cpio.directory(d, 0o1777 if d == "tmp" else 0o755)
-    cpio.device("dev/console", 0o600, 5, 1)
-    cpio.file("bin/busybox", BUSYBOX.read_bytes(), 0o755)
-    for applet in _run([str(BUSYBOX), "--list"]).split():
-        if applet != "busybox":
-            cpio.symlink(f"bin/{applet}", "busybox")
-    for i, name in enumerate(order):
-        cpio.file(f"lib/wasmbox/{i:02d}-{name}.ko", index[name], 0o644)
-    for name in ("passwd", "group"):
-        cpio.file(f"etc/{name}", GUEST_ACCOUNTS[name])
-    cpio.directory("job/py")
-    cpio.file("job/py/prestart.py", PRESTART.encode(), 0o644)
-    cpio.file("init", INIT_SCRIPT.encode(), 0o755)
-    seed = _build_helper(root, "wbx-seed", SEED_HELPER)
-    if seed is not None:
-        cpio.file("bin/wbx-seed", seed, 0o700)
-    run = _build_helper(root, "wbx-run", RUN_HELPER)
-    if run is not None:
-        cpio.file("bin/wbx-run", run, 0o700)
-    _atomic_write(root / "initramfs.cpio", cpio.finish())
-    return order, seed is not None
-
-
-def _build_helper(root: Path, name: str, code: str) -> bytes | None:
-    """A guest helper as a static binary, or None without a C compiler or a static libc."""
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        return None
-    with tempfile.TemporaryDirectory(dir=root, prefix="helper-") as tmp:
-        source, binary = Path(tmp) / f"{name}.c", Path(tmp) / name
-        source.write_text(code)
-        try:
-            subprocess.run([cc, "-static", "-Os", "-s", "-o", str(binary), str(source)],
-                           check=True, capture_output=True, timeout=120)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return binary.read_bytes()
-
-
-# --- python image -------------------------------------------------------------------------
-
-_SKIP_STDLIB = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "site-packages",
-                "dist-packages", "lib2to3", "__phello__", "config-3.11-x86_64-linux-gnu"}
-
-
-def _build_python_image(root: Path) -> None:
-    exe = HOST_PYTHON.resolve()
-    stdlib = Path(_run([str(exe), "-c", "import sysconfig; print(sysconfig.get_paths()['stdlib'])"]
-                       ).strip())
-    with tempfile.TemporaryDirectory(dir=root, prefix="pyimg-") as tmp:
-        tree = Path(tmp) / "tree"
-        for d in PYTHON_MOUNTPOINTS:
-            (tree / d.lstrip("/")).mkdir(parents=True, exist_ok=True)
-        shutil.copytree(stdlib, tree / stdlib.relative_to("/"), symlinks=True,
-                        ignore=lambda _d, names: [n for n in names if n in _SKIP_STDLIB])
-        _copy_into(tree, exe)
-        (tree / "usr/bin/python3").symlink_to(exe.name)
-        (tree / "etc").mkdir(exist_ok=True)
-        for name in ("passwd", "group"):  # start-stop-daemon resolves the task's uid
-            (tree / "etc" / name).write_bytes(GUEST_ACCOUNTS[name])
-        shutil.copyfile(BUSYBOX, tree / "bin/busybox")
-        os.chmod(tree / "bin/busybox", 0o755)
-        dynload = [str(p) for p in (tree / stdlib.relative_to("/")).rglob("*.so")]
-        for lib in _shared_libraries([str(exe), *dynload]):
-            _copy_into(tree, lib)
-        size_mib = _tree_bytes(tree) * 13 // 10 // (1 << 20) + 16
-        image = Path(tmp) / "python.ext4"
-        _run(["mkfs.ext4", "-q", "-F", "-L", "wbxpy", "-O", "^has_journal", "-E",
-              "root_owner=0:0", "-d", str(tree), str(image), f"{size_mib}M"])
-        os.replace(image, root / "python.ext4")
-
-
-def _shared_libraries(binaries: list[str]) -> set[Path]:
-    found: set[Path] = set()
-    out = subprocess.run(["ldd", *binaries], capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        m = re.search(r"(/\S+) \(0x", line)
-        if m:
-            found.add(Path(m.group(1)))
-    return found
-
-
-def _copy_into(tree: Path, path: Path) -> None:
-    target = tree / str(path).lstrip("/")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(path.resolve(), target)
-    if path.is_symlink() or path.resolve() != path:  # keep the name the loader asks for
-        real = tree / str(path.resolve()).lstrip("/")
-        if not real.exists():
-            real.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path.resolve(), real)
-
-
-def _tree_bytes(tree: Path) -> int:
-    return sum(p.stat().st_size for p in tree.rglob("*") if p.is_file() and not p.is_symlink())
-
-
 # --- manifest -----------------------------------------------------------------------------
 
 
@@ -390,6 +160,10 @@ def _recipe() -> str:
     h.update(RUN_HELPER.encode())
     h.update(b"cc" if shutil.which("cc") or shutil.which("gcc") else b"no-cc")
     h.update(_fingerprint_text(BUSYBOX).encode())
+    # The task root copies the host's layout, loader cache and alternatives links.
+    h.update(_fingerprint_text(HOST_LD_CACHE).encode())
+    h.update(_fingerprint_text(Path("/etc/alternatives")).encode())
+    h.update(repr([(n, Path("/", n).is_symlink()) for n in USERLAND_DIRS]).encode())
     return h.hexdigest()[:16]
 
 
@@ -435,6 +209,7 @@ def _assets(root: Path, manifest: dict[str, object]) -> Assets:
     files = manifest.get("files")
     has_python = isinstance(files, dict) and "python.ext4" in files and python.exists()
     modules = manifest.get("modules")
+    userland = manifest.get("userland")
     return Assets(
         root=root,
         kernel=root / "vmlinuz",
@@ -443,6 +218,7 @@ def _assets(root: Path, manifest: dict[str, object]) -> Assets:
         kernel_version=str(manifest.get("kernel_version", "?")),
         modules=tuple(modules) if isinstance(modules, list) else (),
         seed_helper=manifest.get("seed_helper") is True,
+        userland=tuple(str(n) for n in userland) if isinstance(userland, list) else (),
     )
 
 
@@ -455,22 +231,7 @@ def _read_manifest(root: Path) -> dict[str, object]:
 
 
 def _write_manifest(root: Path, manifest: dict[str, object]) -> None:
-    _atomic_write(root / "manifest.json", json.dumps(manifest, indent=2).encode())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _run(argv: list[str]) -> str:
-    try:
-        return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-    except FileNotFoundError as exc:
-        raise AssetError(f"{argv[0]} is not installed") from exc
-    except subprocess.CalledProcessError as exc:
-        raise AssetError(f"{' '.join(argv[:3])} failed: {exc.stderr.strip()[:500]}") from exc
+    atomic_write(root / "manifest.json", json.dumps(manifest, indent=2).encode())
 
 
 def main() -> int:

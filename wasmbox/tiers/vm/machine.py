@@ -49,6 +49,7 @@ class Shape:
     output_bytes: int
     python: bool
     sizes: str  # the ``wbx=`` kernel argument (guest tmpfs sizes)
+    packages: tuple[str, ...] = ()  # host dirs shared read-only as ``wbx-pkg<n>``
 
 
 @dataclass(frozen=True)
@@ -334,6 +335,13 @@ def qemu_argv(directory: Path, assets: Assets, shape: Shape, *, kvm: bool, initr
         "-drive", f"file={directory / 'out.img'},format=raw,if=none,id=out,cache=unsafe",
         "-device", "virtio-blk-pci,drive=out,serial=wbxout",
     ]
+    # Read-only 9p shares: the host's userland for a command's root, the policy's packages.
+    # security_model=none: QEMU reads as itself, never maps guest ids onto host files.
+    shares = [(f"wbx-{name}", f"/{name}") for name in assets.userland]
+    shares += [(f"wbx-pkg{i}", path) for i, path in enumerate(shape.packages)]
+    for i, (tag, path) in enumerate(shares):
+        argv += ["-fsdev", f"local,id=fs{i},path={path},security_model=none,readonly=on",
+                 "-device", f"virtio-9p-pci,fsdev=fs{i},mount_tag={tag}"]
     if shape.python and assets.python_image is not None:
         argv += [
             "-drive", f"file={assets.python_image},format=raw,if=none,id=py,readonly=on",

@@ -20,34 +20,33 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wasmbox._config import HostConfig
-from wasmbox.errors import HostFailure, SandboxClosed, TierUnavailable
-from wasmbox.lifecycle import Closeable, Deadline, shielded
+from wasmbox.errors import HostFailure, TierUnavailable
+from wasmbox.lifecycle import Deadline, shielded
 from wasmbox.models import Status, TaskKind, TierName
 from wasmbox.monitor import Monitor, Sample
 from wasmbox.policy import Plan
 from wasmbox.tiers.base import Availability, Outcome, TierCapabilities, check_capabilities
 from wasmbox.tiers.vm.assets import PREPARE_COMMAND, AssetError, Assets, load_assets
+from wasmbox.tiers.vm.collect import classify as _classify
+from wasmbox.tiers.vm.collect import unpack as _unpack
 from wasmbox.tiers.vm.guest import Bundle, guest_sizes, make_bundle, output_disk_bytes
 from wasmbox.tiers.vm.janitor import claim_run_dir, kill_machines
 from wasmbox.tiers.vm.machine import (
     QEMU,
     ExitLine,
     Machine,
-    RamFile,
     Shape,
     guest_memory_mib,
     probe_kvm,
 )
 from wasmbox.tiers.vm.pool import MachinePool
-from wasmbox.tiers.vm.snapshot import Snapshot, restore, take_snapshot
+from wasmbox.tiers.vm.snapshot import Snapshot
+from wasmbox.tiers.vm.supply import MachineSupply
 from wasmbox.tiers.watch import RunWatch
 from wasmbox.workspace import Workspace, remove_tree
 
 BOOT_TIMEOUT = 20.0  # a TCG boot takes 1.3-1.7 s here; far past that the boot has hung
 SHIP_MARGIN = 0.3  # seconds the guest keeps back from the deadline to ship its outputs
-RESTORE_TIMEOUT = 10.0  # a TCG restore takes ~0.2 s here; far past that it has failed
-REFILL_WAIT = 2.0  # how long a task awaits a restore in progress rather than booting cold
-MAX_SNAPSHOTS = 2  # shapes with a saved template (each holds up to its guest RAM in a file)
 
 
 @dataclass(frozen=True)
@@ -57,9 +56,10 @@ class VmPrepared:
     plan: Plan
     run_dir: Path
     shape: Shape
+    userland: tuple[str, ...]  # the host directories the guest shares read-only
 
 
-class VmTier(Closeable):
+class VmTier(MachineSupply):
     """Runs command and Python tasks in throwaway QEMU guests; `pool_size` keeps some warm,
     restored from per-shape snapshots unless `snapshots` is False."""
 
@@ -113,6 +113,9 @@ class VmTier(Closeable):
         and `TierUnavailable` when the assets are missing.
         """
         check_capabilities(self.name, self.capabilities, plan)
+        packages = _packages_unsuitable(plan)
+        if packages is not None:
+            raise TierUnavailable(str(self.name), packages)
         assets, run_dir = self._setup()
         if plan.task.kind is TaskKind.PYTHON and assets.python_image is None:
             raise TierUnavailable(str(self.name), "no python image: install python3 and run "
@@ -120,7 +123,7 @@ class VmTier(Closeable):
         shape = self._shape(plan, assets)
         if self._pool is not None:
             self._pool.warm(shape)
-        return VmPrepared(plan, run_dir, shape)
+        return VmPrepared(plan, run_dir, shape, assets.userland)
 
     def unsuitable(self, prepared: VmPrepared) -> str | None:
         """Never: what guests here cannot have, `prepare` declines."""
@@ -166,7 +169,8 @@ class VmTier(Closeable):
                 return _timeout("cancelled before the guest was ready", t0)
             if machine is not None:
                 deadline.restart(plan.timeout)
-                bundle = make_bundle(plan, workspace.task_dir, self._guest_timeout(deadline, 0))
+                bundle = make_bundle(plan, workspace.task_dir, self._guest_timeout(deadline, 0),
+                                     prepared.userland)
                 machine.send(bundle.as_tar(), bundle.nonce, _left(deadline, 5.0))
                 startup = time.monotonic() - t0
             else:
@@ -209,106 +213,8 @@ class VmTier(Closeable):
             output_bytes=output_disk_bytes(plan),
             python=python,
             sizes=guest_sizes(plan, python),
+            packages=tuple(str(Path(p).resolve()) for p in plan.policy.python.packages),
         )
-
-    def _refill_wait(self, shape: Shape) -> float:
-        """How long a task awaits the pool's next machine rather than booting its own: a
-        restore takes a fraction of a cold boot, so it is worth awaiting."""
-        with self._snapshot_lock:
-            return REFILL_WAIT if shape in self._snapshots else 0.0
-
-    def _pooled_machine(self, shape: Shape) -> Machine:
-        """A machine for the pool (the refill thread): restored when the shape has a
-        snapshot, else booted; a failed restore is recorded and never fails the pool."""
-        snapshot = self._snapshot_for(shape)
-        if snapshot is not None:
-            try:
-                return restore(snapshot, lambda ram, fd: self._start(
-                    shape, ram=ram, incoming_fd=fd), min(RESTORE_TIMEOUT, self._boot_timeout))
-            except HostFailure as exc:
-                if self.closed:
-                    raise
-                self._drop_snapshot(shape, f"restore failed: {exc}")
-        return self._boot_machine(shape, arm=True)
-
-    def _snapshot_for(self, shape: Shape) -> Snapshot | None:
-        assets, run_dir = self._assets, self._run_dir
-        assert assets is not None and run_dir is not None
-        with self._snapshot_lock:
-            if not self._use_snapshots or shape in self._snapshot_failures:
-                return None
-            if shape in self._snapshots:
-                return self._snapshots[shape]
-            reason = self._snapshot_note(assets, shape)
-            if reason != "on":
-                self._snapshot_failures[shape] = reason
-                return None
-            if shape not in self._booted_first:
-                # The shape's first machine boots, so a task can have it as soon as before;
-                # the template follows, while that task runs.
-                self._booted_first.add(shape)
-                return None
-        with self._lock:
-            self._counter += 1
-            directory = run_dir / f"s{self._counter}"
-        try:
-            snapshot = take_snapshot(
-                directory, shape, lambda d, ram: self._start(shape, directory=d, ram=ram,
-                                                             monitor=True),
-                self._boot_timeout)
-        except HostFailure as exc:
-            with self._snapshot_lock:
-                self._snapshot_failures[shape] = f"no snapshot: {exc}"
-            return None
-        with self._snapshot_lock:
-            if self.closed:
-                evicted = [snapshot]
-            else:
-                self._snapshots[shape] = snapshot
-                evicted = [self._snapshots.pop(s) for s in list(self._snapshots)
-                           [:-MAX_SNAPSHOTS]]
-        for old in evicted:
-            old.discard()
-        return None if self.closed else snapshot
-
-    def _drop_snapshot(self, shape: Shape, reason: str) -> None:
-        with self._snapshot_lock:
-            snapshot = self._snapshots.pop(shape, None)
-            self._snapshot_failures[shape] = reason
-        if snapshot is not None:
-            snapshot.discard()
-
-    def _snapshot_note(self, assets: Assets, shape: Shape | None = None) -> str:
-        """"on", or why guests of `shape` (any shape, when None) are not restored."""
-        if not self._use_snapshots:
-            return "off (disabled for this tier)"
-        if not assets.seed_helper:
-            return ("off: the initramfs has no entropy helper (no C compiler when the assets "
-                    f"were built); install one and run `{PREPARE_COMMAND}`")
-        if shape is not None and shape.python:
-            # The pre-started interpreter's hash seed and `random` state would be shared by
-            # every guest restored from one template.
-            return "off for Python shapes: a pre-started interpreter's seeds would be shared"
-        return "on"
-
-    def _boot_machine(self, shape: Shape, initrd: Path | None = None, *,
-                      arm: bool = False) -> Machine:
-        return self._start(shape, initrd=initrd, arm=arm)
-
-    def _start(self, shape: Shape, *, directory: Path | None = None, initrd: Path | None = None,
-               arm: bool = False, ram: RamFile | None = None, incoming_fd: int | None = None,
-               monitor: bool = False) -> Machine:
-        assets, run_dir = self._assets, self._run_dir
-        if run_dir is None:
-            raise SandboxClosed("the VM tier is closed")
-        assert assets is not None and self._kvm is not None
-        if directory is None:
-            with self._lock:
-                self._counter += 1
-                directory = run_dir / f"m{self._counter}"
-        return Machine(directory, assets, shape, kvm=self._kvm, initrd=initrd,
-                       extra_cmdline=self._extra_cmdline, arm=arm, ram=ram,
-                       incoming_fd=incoming_fd, monitor=monitor)
 
     def _boot_cold(self, plan: Plan, workspace: Workspace, deadline: Deadline, shape: Shape,
                    run_dir: Path) -> tuple[Machine | None, Bundle]:
@@ -318,7 +224,7 @@ class VmTier(Closeable):
         # The guest's own timer starts when the task does, after the boot.
         bundle = make_bundle(plan, workspace.task_dir,
                              3600.0 if plan.timeout is None
-                             else max(0.05, plan.timeout - SHIP_MARGIN))
+                             else max(0.05, plan.timeout - SHIP_MARGIN), assets.userland)
         with self._lock:
             self._counter += 1
             initrd = run_dir / f"initrd-{self._counter}"
@@ -385,7 +291,7 @@ class VmTier(Closeable):
             return outcome
         machine.stop()  # the guest synced its output disk before printing the line
         _classify(outcome, line, plan)
-        if "ship" not in line.flags:
+        if not line.flags & {"ship", "empty"}:  # "empty": the guest had nothing to ship
             try:
                 _unpack(machine.output_image, workspace, plan)
             except (tarfile.TarError, OSError) as exc:
@@ -412,6 +318,21 @@ class VmTier(Closeable):
             remove_tree(run_dir)
 
 
+def _packages_unsuitable(plan: Plan) -> str | None:
+    """Why the policy's packages cannot be shared with a guest (wheels, missing dirs)."""
+    for package in plan.policy.python.packages:
+        if not Path(package).is_dir():
+            return (f"the VM tier shares package directories only, and {package} is not one "
+                    "(unpack a wheel with `pip install --target DIR`)")
+        if any(c in str(Path(package).resolve()) for c in ",= \n"):
+            return f"the VM tier cannot share {package}: its path has ',', '=' or whitespace"
+        if Path(package).stat().st_mode & 0o005 != 0o005:
+            # The guest checks the host's modes; its task user is no owner of the files.
+            return (f"the VM tier's task user cannot read {package}: make it readable and "
+                    "searchable by others (chmod o+rx)")
+    return None
+
+
 def _wait(machine: Machine, monitor: Monitor, deadline: Deadline,
           grace: float) -> tuple[ExitLine | None, str | None]:
     """Wait for the exit line, sampling QEMU for the monitor; (line, anomaly reason).
@@ -430,80 +351,6 @@ def _wait(machine: Machine, monitor: Monitor, deadline: Deadline,
         machine.stop()
     line = machine.wait_exit(0.0)
     return line, stop.reason if stop is not None and stop.status is Status.ANOMALY else None
-
-
-def _classify(outcome: Outcome, line: ExitLine, plan: Plan) -> None:
-    outcome.exit_code = line.code
-    if "cpu_us" in line.values:
-        outcome.cpu_s = line.values["cpu_us"] / 1e6
-    if "peak" in line.values:
-        outcome.peak_memory_bytes = line.values["peak"]
-    if "timeout" in line.flags:
-        outcome.status, outcome.reason = Status.TIMEOUT, "wall-clock deadline passed"
-        outcome.exit_code = None
-    elif "oom" in line.flags:
-        outcome.status = Status.MEMORY_EXCEEDED
-        outcome.reason = f"the task hit its {plan.memory} byte memory cap"
-        outcome.exit_code = None
-    elif "ship" in line.flags:
-        outcome.status = Status.OUTPUT_REJECTED
-        outcome.reason = "outputs overflowed the output disk"
-    elif line.code == 0:
-        outcome.status = Status.COMPLETED
-    elif line.code > 128:
-        outcome.status, outcome.trap = Status.CRASHED, f"signal {line.code - 128}"
-        outcome.reason = f"the task was killed by signal {line.code - 128}"
-    else:
-        outcome.status = Status.FAILED
-
-
-def _unpack(image: Path, workspace: Workspace, plan: Plan) -> None:
-    """Extract the guest's tar: regular files and dirs under output/, the two streams.
-
-    The guest may be hostile (a task that became root in it): sizes are checked against the
-    disk before anything is written, sparse members are refused, and so is a member whose
-    normalised name is absolute, has a ``..`` component, or lies outside ``output/`` and the
-    two streams. Outputs are extracted into the output directory with the prefix stripped,
-    so nothing can land beside it; tarfile's "data" filter is a second line of defence and
-    links and special files are dropped.
-    """
-    limit = plan.output.max_files + 64
-    budget = image.stat().st_size
-    with tarfile.open(image, "r:") as tar:
-        outputs: list[tarfile.TarInfo] = []
-        streams: list[tarfile.TarInfo] = []
-        for count, member in enumerate(tar):
-            if count > limit:
-                break
-            budget -= member.size
-            if member.issparse() or budget < 0:
-                raise tarfile.TarError(f"{member.name!r} claims more than the disk holds")
-            top, rest = _member_path(member.name)
-            if top == "streams" and rest in ("stdout", "stderr") and member.isreg():
-                member.name = rest
-                streams.append(member)
-            elif top == "output" and rest and (member.isreg() or member.isdir()):
-                member.name = rest
-                outputs.append(member)
-        tar.extractall(workspace.output_dir, members=outputs, filter="data")
-        tar.extractall(workspace.path, members=streams, filter="data")
-
-
-def _member_path(name: str) -> tuple[str, str]:
-    """(top directory, the rest) of a tar member's normalised name; raises on an escape.
-
-    ``output/./a//b`` is ``("output", "a/b")``; ``output/`` itself is ``("output", "")``.
-    Absolute names, ``..`` anywhere, and top directories other than the two the guest
-    writes are refused rather than skipped: only a tampered disk holds them.
-    """
-    if name.startswith("/"):
-        raise tarfile.TarError(f"absolute member name {name!r}")
-    parts = [part for part in name.split("/") if part not in ("", ".")]
-    if ".." in parts:
-        raise tarfile.TarError(f"member name {name!r} has a '..' component")
-    if not parts or parts[0] not in ("output", "streams"):
-        raise tarfile.TarError(f"member {name!r} is outside output/ and streams/")
-    return parts[0], "/".join(parts[1:])
 
 
 def _left(deadline: Deadline, cap: float) -> float:
