@@ -1,4 +1,4 @@
-"""Admission (auth-checked quotas), the durable queue and the workers that run tasks.
+"""Internal: admission (auth-checked quotas), the durable queue and the workers that run tasks.
 
 CPU budgets: a task is admitted only if its largest possible charge (`max_charge`, from its
 clamped limits) fits in what its token has not yet spent or reserved in the window; it

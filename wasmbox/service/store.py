@@ -1,4 +1,5 @@
-"""The durable task journal (SQLite, WAL): a task is committed here before it is acknowledged.
+"""Internal: the durable task journal (SQLite, WAL): a task is committed here before it is
+acknowledged.
 
 States: ``queued`` -> ``running`` -> ``finished`` (a `Result`, possibly CANCELLED) or
 ``rejected`` (the host refused to run it: a policy violation, a bad module). A task found
