@@ -67,9 +67,8 @@ GUEST_MODULES = {
 NOT_YET_MARKED = {
     "wasmbox.lifecycle", "wasmbox.monitor", "wasmbox.policy", "wasmbox.runner",
     "wasmbox.sandbox", "wasmbox.telemetry", "wasmbox.workspace",
-    "wasmbox.service.api", "wasmbox.service.config", "wasmbox.service.dispatcher",
-    "wasmbox.service.limits", "wasmbox.service.metrics", "wasmbox.service.schemas",
-    "wasmbox.service.store",
+    "wasmbox.service.config", "wasmbox.service.limits", "wasmbox.service.metrics",
+    "wasmbox.service.schemas",
     "wasmbox.tiers.container.bundle", "wasmbox.tiers.container.cgroups",
     "wasmbox.tiers.container.instance", "wasmbox.tiers.container.network",
     "wasmbox.tiers.container.pool", "wasmbox.tiers.container.reaper",

@@ -1,4 +1,4 @@
-"""The HTTP API: submit (and wait), list, poll / long-poll, fetch files, cancel; auth,
+"""Internal: the HTTP API: submit (and wait), list, poll / long-poll, fetch files, cancel; auth,
 quotas, body limits; metrics and offline API docs."""
 
 import asyncio
@@ -7,34 +7,27 @@ import math
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, Response
-from fastapi.encoders import jsonable_encoder
-from fastapi.exception_handlers import http_exception_handler
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from fastapi.staticfiles import StaticFiles
+from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match, Route
-from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
 
 from wasmbox.errors import InputRejected, ModuleRejected, PolicyViolation, SandboxError
 from wasmbox.models import Policy
 from wasmbox.sandbox import Sandbox
+from wasmbox.service._api_deps import St, _bearer, _State, _Waiters, only_query
+from wasmbox.service._api_errors import _ERRORS, install_error_handlers
+from wasmbox.service._api_meta import add_meta_routes, mount_docs_assets
 from wasmbox.service.config import ServiceConfig
 from wasmbox.service.dispatcher import Dispatcher, QuotaExceeded, Runner, make_runner
 from wasmbox.service.limits import BodyLimit
-from wasmbox.service.metrics import CONTENT_TYPE, ServiceMetrics
+from wasmbox.service.metrics import ServiceMetrics
 from wasmbox.service.schemas import (
     AnyTaskRequest,
     PolicyList,
-    Problem,
     ResourcesRequest,
     TaskList,
     TaskRequest,
@@ -45,49 +38,6 @@ from wasmbox.service.store import FINAL, Record, State, TaskStore
 
 # Page sizes of GET /v1/tasks.
 DEFAULT_PAGE, MAX_PAGE = 20, 100
-# The Swagger UI assets, served from the installed package (never from a CDN).
-_DOCS_ASSETS = "/docs/assets"
-
-_bearer = HTTPBearer(auto_error=False, description="a token from the service config")
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": Problem, "description": text}
-    for code, text in [(400, "bad request"), (401, "no or unknown bearer token"),
-                       (403, "the policy forbids it"), (404, "no such task or file"),
-                       (413, "request body too large"), (429, "over a quota")]
-}
-
-
-class _Waiters:
-    """Long-poll wake-ups: worker threads signal, the event loop wakes the waiting requests."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._events: dict[str, set[asyncio.Event]] = {}
-
-    def notify(self, task_id: str) -> None:
-        self._loop.call_soon_threadsafe(self._wake, task_id)
-
-    def _wake(self, task_id: str) -> None:
-        for event in self._events.pop(task_id, set()):
-            event.set()
-
-    def register(self, task_id: str) -> asyncio.Event:
-        event = asyncio.Event()
-        self._events.setdefault(task_id, set()).add(event)
-        return event
-
-    def discard(self, task_id: str, event: asyncio.Event) -> None:
-        events = self._events.get(task_id)
-        if events is not None:
-            events.discard(event)
-            if not events:
-                del self._events[task_id]
-
-
-@dataclass
-class _State:
-    dispatcher: Dispatcher
-    waiters: _Waiters
 
 
 def create_app(
@@ -123,50 +73,10 @@ def create_app(
         docs_url=None,  # served below from local assets
         redoc_url=None,  # ReDoc would come from a CDN
     )
-    app.mount(_DOCS_ASSETS, StaticFiles(directory=swagger_ui_path), name="docs-assets")
+    mount_docs_assets(app)
     app.add_middleware(BodyLimit, max_bytes=config.service.max_body_bytes)
 
-    # Wherever a request handler meets bad input or a forbidden request, the client hears it
-    # as such (never a 500), whichever check raised it.
-    async def refused(request: Request, exc: Exception) -> Response:
-        code = 403 if isinstance(exc, PolicyViolation) else 400
-        metrics.refused.labels(code=str(code)).inc()
-        return _ascii_json(code, {"detail": f"{type(exc).__name__}: {exc}"})
-
-    async def invalid(request: Request, exc: Exception) -> Response:
-        # FastAPI's own handler echoes the offending input, and a lone surrogate in it made
-        # rendering the 422 itself fail with a 500.
-        assert isinstance(exc, RequestValidationError)
-        try:
-            return _ascii_json(422, {"detail": jsonable_encoder(exc.errors())})
-        except ValueError:  # an input that is not JSON-able text (bytes, NaN): leave it out
-            errors = [{k: v for k, v in e.items() if k not in ("input", "ctx")}
-                      for e in exc.errors()]
-            return _ascii_json(422, {"detail": jsonable_encoder(errors)})
-
-    async def not_allowed(request: Request, exc: Exception) -> Response:
-        # Starlette's 405 names only the methods of the first route that matched the path;
-        # /v1/tasks has two (GET lists, POST submits). Routes of the same path template as
-        # that first one are the path's operations in the OpenAPI spec.
-        assert isinstance(exc, StarletteHTTPException)
-        if exc.status_code != 405:
-            return await http_exception_handler(request, exc)
-        routes = [r for r in app.router.routes if isinstance(r, Route)
-                  and r.matches({**request.scope, "method": "\0"})[0] is Match.PARTIAL]
-        first = routes[0].path if routes else None
-        methods = {m for r in routes if r.path == first for m in r.methods or ()}
-        return _ascii_json(405, {"detail": exc.detail}, {"Allow": ", ".join(sorted(methods))})
-
-    app.add_exception_handler(StarletteHTTPException, not_allowed)
-    for error in (InputRejected, ModuleRejected, PolicyViolation):
-        app.add_exception_handler(error, refused)
-    app.add_exception_handler(RequestValidationError, invalid)
-
-    # Dependencies are coroutines: FastAPI runs a plain function in the thread pool, a hop
-    # to another thread and back for each of them on every request.
-    async def state(request: Request) -> _State:
-        found: _State = request.app.state.wasmbox
-        return found
+    install_error_handlers(app, metrics)
 
     async def token(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -178,20 +88,6 @@ def create_app(
         return name
 
     Token = Annotated[str, Depends(token)]
-
-    def only_query(*names: str) -> Any:
-        """A dependency refusing query parameters other than `names` (a typo such as
-        ``?wiat=10`` is a 422, not silently a request without it)."""
-        async def check(request: Request) -> None:
-            unknown = sorted(set(request.query_params) - set(names))
-            if unknown:
-                raise RequestValidationError([{
-                    "type": "extra_forbidden", "loc": ("query", unknown[0]),
-                    "msg": f"unknown query parameter (known: {', '.join(names) or 'none'})",
-                    "input": request.query_params.get(unknown[0]),
-                }])
-        return Depends(check)
-    St = Annotated[_State, Depends(state)]
 
     def submit(
         st: _State, name: str, request: AnyTaskRequest, module: bytes | None,
@@ -351,36 +247,8 @@ def create_app(
     def policies(name: Token) -> PolicyList:
         """The policies this token may name; the first is its default."""
         return PolicyList(policies=list(config.tokens[name].policies))
-
-    @app.get("/docs", include_in_schema=False)
-    def docs(request: Request) -> HTMLResponse:
-        """Swagger UI, entirely from this service (works offline)."""
-        root = request.scope.get("root_path", "")
-        return get_swagger_ui_html(
-            openapi_url=f"{root}{app.openapi_url}", title=f"{app.title} - API docs",
-            swagger_js_url=f"{root}{_DOCS_ASSETS}/swagger-ui-bundle.js",
-            swagger_css_url=f"{root}{_DOCS_ASSETS}/swagger-ui.css",
-            swagger_favicon_url=f"{root}{_DOCS_ASSETS}/favicon-32x32.png",
-        )
-
-    @app.get("/healthz")
-    def health() -> dict[str, str]:
-        """Liveness."""
-        return {"status": "ok"}
-
-    @app.get("/metrics", response_class=Response,
-             responses={200: {"content": {CONTENT_TYPE: {}}}})
-    def prometheus() -> Response:
-        """Prometheus metrics."""
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
-
+    add_meta_routes(app, metrics)
     return app
-
-
-def _ascii_json(status: int, content: Any, headers: dict[str, str] | None = None) -> Response:
-    """A JSON response that renders whatever text a client sent (lone surrogates escaped)."""
-    body = json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
 def _safe_name(name: str) -> bool:

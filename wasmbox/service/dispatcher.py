@@ -1,4 +1,4 @@
-"""Admission (auth-checked quotas), the durable queue and the workers that run tasks.
+"""Internal: admission (auth-checked quotas), the durable queue and the workers that run tasks.
 
 CPU budgets: a task is admitted only if its largest possible charge (`max_charge`, from its
 clamped limits) fits in what its token has not yet spent or reserved in the window; it
@@ -12,25 +12,28 @@ reason and the queue moves on.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import queue
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Protocol
 
-import wasmtime
-
-from wasmbox.errors import ModuleRejected, SandboxError
+from wasmbox.errors import SandboxError
 from wasmbox.lifecycle import Closeable
-from wasmbox.models import Policy, Result, Task, TaskKind
-from wasmbox.policy import Plan, apply
-from wasmbox.sandbox import Sandbox
-from wasmbox.service.config import Backend, ServiceConfig
+from wasmbox.models import Task, TaskKind
+from wasmbox.policy import apply
+
+# `X as X`: re-exported, defined here before the dispatcher was split into internal modules.
+from wasmbox.service._admission import VALID_CACHE_SIZE as VALID_CACHE_SIZE
+from wasmbox.service._admission import QuotaExceeded as QuotaExceeded
+from wasmbox.service._admission import check_budget, max_charge, validate_module
+from wasmbox.service._runners import DaskRunner as DaskRunner
+from wasmbox.service._runners import Runner as Runner
+from wasmbox.service._runners import ThreadRunner as ThreadRunner
+from wasmbox.service._runners import make_runner as make_runner
+from wasmbox.service.config import ServiceConfig
 from wasmbox.service.metrics import ServiceMetrics
 from wasmbox.service.store import Record, TaskStore
 from wasmbox.validation import compile_schema
@@ -41,128 +44,6 @@ log = logging.getLogger("wasmbox.service")
 MAX_ATTEMPTS = 3
 # The retention sweep runs every quarter of the retention, within these bounds (seconds).
 SWEEP_MIN_S, SWEEP_MAX_S = 0.1, 600.0
-
-
-class QuotaExceeded(Exception):
-    """A token is over one of its quotas; retry after `retry_after` seconds."""
-
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-def max_charge(plan: Plan) -> float:
-    """The most a run of `plan` can be charged: every CPU busy, or a worker held, until the
-    deadline plus the kill grace. Infinite for a run without a timeout."""
-    if plan.timeout is None:
-        return math.inf
-    return plan.timeout * max(1.0, plan.cpus) + plan.kill_grace
-
-
-def validate_module(data: bytes, max_bytes: int, digest: bytes | None = None) -> None:
-    """Refuse bytes that are not a WebAssembly module, without compiling them.
-
-    Raises `ModuleRejected`. Validation is linear in the size, which is bounded first; the
-    tier validates again (with its own engine's features) when it runs the task. Modules that
-    passed are remembered by SHA-256 (`digest`, if the caller has it already).
-    """
-    if len(data) > max_bytes:
-        raise ModuleRejected(f"the module is {len(data)} bytes, over {max_bytes}")
-    digest = digest or hashlib.sha256(data).digest()
-    with _engine_lock:
-        if digest in _valid:  # the same bytes validated before: the verdict cannot change
-            _valid.move_to_end(digest)
-            return
-    try:
-        wasmtime.Module.validate(_validation_engine(), data)
-    except wasmtime.WasmtimeError as exc:
-        lines = str(exc).strip().splitlines() or ["invalid"]
-        raise ModuleRejected(f"not a valid WebAssembly module: {lines[0][:500]}") from None
-    with _engine_lock:
-        _valid[digest] = None
-        while len(_valid) > VALID_CACHE_SIZE:
-            _valid.popitem(last=False)
-
-
-_engine: wasmtime.Engine | None = None
-_engine_lock = threading.Lock()
-# SHA-256 digests of modules that validated (most recently used last); only valid ones are
-# remembered, so a hostile client cannot fill it with anything it could not already submit.
-VALID_CACHE_SIZE = 1024
-_valid: OrderedDict[bytes, None] = OrderedDict()
-
-
-def _validation_engine() -> wasmtime.Engine:
-    global _engine
-    with _engine_lock:
-        if _engine is None:
-            _engine = wasmtime.Engine()
-        return _engine
-
-
-class Runner(Protocol):
-    """Runs one task under a named policy somewhere (threads here, or a cluster)."""
-
-    def run(self, policy: str, task: Task) -> Result: ...
-
-    def cancel(self, task_id: str) -> bool: ...
-
-    def close(self) -> None: ...
-
-
-class ThreadRunner(Closeable):
-    """One warm `Sandbox` per policy in this process (the GIL is released while wasm runs)."""
-
-    def __init__(
-        self,
-        policies: dict[str, Policy],
-        sandbox_factory: Callable[[Policy], Sandbox] = Sandbox,
-    ) -> None:
-        self._sandboxes = {name: sandbox_factory(p) for name, p in policies.items()}
-
-    def run(self, policy: str, task: Task) -> Result:
-        return self._sandboxes[policy].run(task)
-
-    def cancel(self, task_id: str) -> bool:
-        """Stop the task's guest now (its result says CANCELLED); False if not running."""
-        found = [sandbox.cancel(task_id) for sandbox in self._sandboxes.values()]
-        return any(found)
-
-    def _release(self) -> None:
-        for sandbox in self._sandboxes.values():
-            sandbox.close()
-
-
-class DaskRunner(Closeable):
-    """Runs tasks on a Dask cluster through `wasmbox.distributed`."""
-
-    def __init__(self, address: str, policies: dict[str, Policy]) -> None:
-        from distributed import Client
-
-        from wasmbox.distributed import DistributedSandbox
-
-        self._client = Client(address, timeout=30)  # type: ignore[no-untyped-call]
-        self._sandboxes = {n: DistributedSandbox(self._client, p) for n, p in policies.items()}
-
-    def run(self, policy: str, task: Task) -> Result:
-        return self._sandboxes[policy].run(task)
-
-    def cancel(self, task_id: str) -> bool:
-        """A task already on a worker runs to its own deadline (it is marked cancelled)."""
-        return False
-
-    def _release(self) -> None:
-        self._client.close()  # type: ignore[no-untyped-call]
-
-
-def make_runner(
-    config: ServiceConfig, sandbox_factory: Callable[[Policy], Sandbox] = Sandbox
-) -> Runner:
-    """The runner the configuration asks for."""
-    if config.service.backend is Backend.DASK:
-        assert config.service.scheduler is not None  # checked by ServiceSettings
-        return DaskRunner(config.service.scheduler, config.policies)
-    return ThreadRunner(config.policies, sandbox_factory)
 
 
 class Dispatcher(Closeable):
@@ -284,7 +165,7 @@ class Dispatcher(Closeable):
                 )
             if quota.cpu_seconds is not None:
                 need = min(need, quota.cpu_seconds)
-                self._check_budget(token, need, quota.cpu_seconds, quota.window, held)
+                check_budget(self.store, token, need, quota.cpu_seconds, quota.window, held)
             reserve = 0.0 if math.isinf(need) else need
             self._pending[token] = (count + 1, held + reserve)
 
@@ -303,28 +184,6 @@ class Dispatcher(Closeable):
         except BaseException:
             journaled(False)
             raise
-
-    def _check_budget(
-        self, token: str, need: float, budget: float, window: float, pending: float
-    ) -> None:
-        now = time.time()
-        charges = self.store.charges(token, now - window)
-        spent = sum(charge for _, charge in charges)
-        reserved = self.store.reserved(token) + pending
-        excess = spent + reserved + need - budget
-        if excess <= 1e-9:
-            return
-        retry, freed = 1.0, 0.0  # if only running tasks hold it, their end frees it
-        for finished_at, charge in charges:
-            freed += charge
-            if freed >= excess:
-                retry = max(1.0, finished_at + window - now)
-                break
-        raise QuotaExceeded(
-            f"{spent:.2f} s charged and {reserved:.2f} s reserved of {budget:g} CPU seconds "
-            f"in the last {window:g} s; this task reserves {need:g} s (its timeout times its CPUs "
-            "plus the kill grace, at most the whole budget)", retry,
-        )
 
     def cancel(self, task_id: str) -> Record | None:
         """Cancel a task: a queued one ends now; a running one has its guest stopped (on the

@@ -1,4 +1,5 @@
-"""The durable task journal (SQLite, WAL): a task is committed here before it is acknowledged.
+"""Internal: the durable task journal (SQLite, WAL): a task is committed here before it is
+acknowledged.
 
 States: ``queued`` -> ``running`` -> ``finished`` (a `Result`, possibly CANCELLED) or
 ``rejected`` (the host refused to run it: a policy violation, a bad module). A task found
@@ -20,106 +21,27 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import queue
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from contextlib import suppress
-from dataclasses import dataclass
-from enum import StrEnum
-from pathlib import Path
-from typing import Any, Generic, TypeVar
 
 from wasmbox.errors import InputRejected
-from wasmbox.lifecycle import Closeable
 from wasmbox.models import Result, Status, Task
 
-
-class State(StrEnum):
-    """Where a task is in its life."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    FINISHED = "finished"
-    REJECTED = "rejected"
-
-
-FINAL = frozenset({State.FINISHED, State.REJECTED})
-
-# Reasons stored for rejected tasks are cut here: an exception's text can be huge.
-MAX_ERROR_CHARS = 2000
-# Writes committed in one transaction at most (one fsync for all of them).
-MAX_BATCH = 256
-# How long a write or read waits for another process holding the journal's lock.
-BUSY_TIMEOUT_S = 5.0
-T = TypeVar("T")
-log = logging.getLogger("wasmbox.service")
-UNSTORABLE = "the result could not be stored (nested too deep, or text that is not valid Unicode)"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS tasks (
-    id TEXT PRIMARY KEY,
-    token TEXT NOT NULL,
-    policy TEXT NOT NULL,
-    state TEXT NOT NULL,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    task_json TEXT NOT NULL,
-    module BLOB,
-    result_json TEXT,
-    error TEXT,
-    cpu_s REAL,
-    reserved_s REAL NOT NULL DEFAULT 0,
-    submitted_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL
-);
-CREATE INDEX IF NOT EXISTS tasks_by_token_state ON tasks (token, state);
-CREATE INDEX IF NOT EXISTS tasks_by_token_finish ON tasks (token, finished_at);
-CREATE TABLE IF NOT EXISTS charges (
-    token TEXT NOT NULL,
-    finished_at REAL NOT NULL,
-    charge REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS charges_by_token ON charges (token, finished_at);
-CREATE TABLE IF NOT EXISTS modules (
-    sha256 TEXT PRIMARY KEY,
-    data BLOB NOT NULL,
-    last_used REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS files (
-    task_id TEXT NOT NULL,
-    name TEXT NOT NULL,
-    data BLOB NOT NULL,
-    PRIMARY KEY (task_id, name)
-);
-"""
+# `X as X`: re-exported, defined here before the journal was split into internal modules.
+from wasmbox.service._group_commit import MAX_BATCH as MAX_BATCH
+from wasmbox.service._journal_reads import _JournalReads
+from wasmbox.service._journal_schema import BUSY_TIMEOUT_S as BUSY_TIMEOUT_S
+from wasmbox.service._journal_schema import FINAL as FINAL
+from wasmbox.service._journal_schema import MAX_ERROR_CHARS, _storable
+from wasmbox.service._journal_schema import UNSTORABLE as UNSTORABLE
+from wasmbox.service._journal_schema import Record as Record
+from wasmbox.service._journal_schema import State as State
+from wasmbox.service._journal_schema import cancelled as cancelled
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """What the journal knows about one task (without its code or file contents)."""
-
-    id: str
-    token: str
-    policy: str
-    state: State
-    cancel_requested: bool
-    attempts: int
-    result: Result | None
-    error: str | None
-    submitted_at: float
-    started_at: float | None
-    finished_at: float | None
-    file_sizes: dict[str, int]
-    charged_s: float | None = None
-    reserved_s: float = 0.0
-
-
-class TaskStore(Closeable):
+class TaskStore(_JournalReads):
     """Thread-safe journal of tasks and their results in one SQLite file.
 
     Writes are group-committed: every thread's write joins the next transaction of one
@@ -129,134 +51,6 @@ class TaskStore(Closeable):
     batch, none of it stored. Reads use a connection per thread (WAL: readers never wait for
     the writer).
     """
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._path = path
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
-                                   timeout=BUSY_TIMEOUT_S)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: an acknowledged task survives power loss too, not only a process crash.
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._synced = True
-        self._db.executescript(_SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(tasks)")}
-        if "reserved_s" not in columns:  # a journal written before reservations existed
-            self._db.execute("ALTER TABLE tasks ADD COLUMN reserved_s REAL NOT NULL DEFAULT 0")
-        if "module_sha256" not in columns:  # ... or before modules were stored once each
-            self._db.execute("ALTER TABLE tasks ADD COLUMN module_sha256 TEXT")
-        self._db.execute("CREATE INDEX IF NOT EXISTS tasks_by_module ON tasks (module_sha256)"
-                         " WHERE module_sha256 IS NOT NULL")
-        self._local = threading.local()
-        self._readers: dict[threading.Thread, sqlite3.Connection] = {}
-        self._gate = threading.Lock()  # orders queueing a write against closing
-        self._closed = False
-        self._writes: queue.SimpleQueue[_Write[Any] | None] = queue.SimpleQueue()
-        self._writer = threading.Thread(target=self._write_loop, name="wasmbox-journal",
-                                        daemon=True)
-        self._writer.start()
-
-    # -- group commit -------------------------------------------------------------------
-
-    def _write(self, op: Callable[[sqlite3.Connection], T], durable: bool = True) -> T:
-        """Run `op` in the next committed batch; return its value once the batch is durable.
-
-        `durable=False`: committed without the fsync when no other write of its batch needs
-        one (it survives the process being killed, not the machine losing power).
-        """
-        return self._queue_write(op, durable=durable).result()
-
-    def _queue_write(
-        self, op: Callable[[sqlite3.Connection], T],
-        after: Callable[[bool], None] | None = None, durable: bool = True,
-    ) -> Future[T]:
-        """Queue `op` for the next batch; the future resolves once the batch is durable.
-
-        `after(committed)` runs on the writer thread once the batch's fate is known, before
-        the future resolves (True: `op` succeeded and its batch committed).
-        """
-        future: Future[T] = Future()
-        # Running from the start: cancelling it (a client that went away while its
-        # submission was awaited) cannot stop the write or fail the writer's set_result.
-        future.set_running_or_notify_cancel()
-        with self._gate:
-            if self._closed:
-                raise sqlite3.ProgrammingError("the task journal is closed")
-            self._writes.put(_Write(op, future, after, durable))
-        return future
-
-    def _write_loop(self) -> None:
-        stop = False
-        while not stop:
-            first = self._writes.get()
-            if first is None:
-                return
-            batch = [first]
-            while len(batch) < MAX_BATCH:
-                try:
-                    item = self._writes.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop = True
-                    break
-                batch.append(item)
-            self._commit(batch)
-
-    def _commit(self, batch: list[_Write[Any]]) -> None:
-        db = self._db
-        outcomes: list[tuple[Future[Any], bool, Any]] = []
-        try:
-            synced = any(write.durable for write in batch)
-            if synced != self._synced:  # WAL: FULL fsyncs at each commit, NORMAL does not
-                db.execute(f"PRAGMA synchronous={'FULL' if synced else 'NORMAL'}")
-                self._synced = synced
-            db.execute("BEGIN IMMEDIATE")
-            for write in batch:
-                db.execute("SAVEPOINT one")
-                try:
-                    value = write.op(db)
-                except Exception as exc:  # this write alone is undone
-                    db.execute("ROLLBACK TO one")
-                    db.execute("RELEASE one")
-                    outcomes.append((write.future, False, exc))
-                else:
-                    db.execute("RELEASE one")
-                    outcomes.append((write.future, True, value))
-            db.execute("COMMIT")
-        except BaseException as exc:  # nothing of the batch is stored
-            with suppress(sqlite3.Error):
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-            for write in batch:
-                _after(write, False)
-                write.future.set_exception(exc)
-            return
-        # Only now, after the commit's fsync, does any caller hear back.
-        for write, (future, ok, value) in zip(batch, outcomes, strict=True):
-            _after(write, ok)
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
-
-    def _reader(self) -> sqlite3.Connection:
-        """This thread's read connection."""
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is None:
-            with self._gate:
-                if self._closed:
-                    raise sqlite3.ProgrammingError("the task journal is closed")
-                # Threads come and go (the server's thread pool retires idle ones): the
-                # connections of those that ended are closed here, so they do not pile up.
-                for thread in [t for t in self._readers if not t.is_alive()]:
-                    self._readers.pop(thread).close()
-                db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None,
-                                     timeout=BUSY_TIMEOUT_S)
-                self._readers[threading.current_thread()] = db
-            db.execute("PRAGMA query_only=ON")
-            self._local.db = db
-        return db
 
     # -- writes -------------------------------------------------------------------------
 
@@ -476,154 +270,3 @@ class TaskStore(Closeable):
             return [r[0] for r in rows]
 
         return self._write(recover)
-
-    # -- reads --------------------------------------------------------------------------
-
-    def get(self, task_id: str) -> Record | None:
-        """The task's record, or None if no such task was accepted."""
-        db = self._reader()
-        db.execute("BEGIN")  # the row and its files from one snapshot
-        try:
-            row = db.execute(
-                "SELECT id, token, policy, state, cancel_requested, attempts, result_json,"
-                " error, submitted_at, started_at, finished_at, cpu_s, reserved_s"
-                " FROM tasks WHERE id = ?",
-                (task_id,),
-            ).fetchone()
-            sizes = {} if row is None else dict(db.execute(
-                "SELECT name, length(data) FROM files WHERE task_id = ?", (task_id,)
-            ).fetchall())
-        finally:
-            db.execute("COMMIT")
-        if row is None:
-            return None
-        result, error = None, row[7]
-        if row[6] is not None:
-            try:
-                result = Result.model_validate_json(row[6])
-            except ValueError:  # written before `finish` checked that results read back
-                error = UNSTORABLE
-        return Record(
-            id=row[0], token=row[1], policy=row[2], state=State(row[3]),
-            cancel_requested=bool(row[4]), attempts=row[5], result=result, error=error,
-            submitted_at=row[8], started_at=row[9], finished_at=row[10], file_sizes=sizes,
-            charged_s=row[11], reserved_s=row[12],
-        )
-
-    def module(self, token: str, sha256: str) -> bytes | None:
-        """The module of SHA-256 `sha256` if `token` submitted it and it is still kept."""
-        row = self._reader().execute(
-            "SELECT data FROM modules WHERE sha256 = ? AND EXISTS (SELECT 1 FROM tasks"
-            " WHERE module_sha256 = ? AND token = ?)", (sha256, sha256, token),
-        ).fetchone()
-        return None if row is None else bytes(row[0])
-
-    def file(self, task_id: str, name: str) -> bytes | None:
-        """One output file of a finished task, by its exact name."""
-        row = self._reader().execute(
-            "SELECT data FROM files WHERE task_id = ? AND name = ?", (task_id, name)
-        ).fetchone()
-        return None if row is None else bytes(row[0])
-
-    def in_flight(self, token: str) -> int:
-        """How many of the token's tasks are queued or running."""
-        (count,) = self._reader().execute(
-            "SELECT count(*) FROM tasks WHERE token = ? AND state IN (?, ?)",
-            (token, State.QUEUED, State.RUNNING),
-        ).fetchone()
-        return int(count)
-
-    def charges(self, token: str, since: float) -> list[tuple[float, float]]:
-        """(finished_at, charge) of the token's runs that ended after `since`, oldest first
-        (purged tasks included)."""
-        rows = self._reader().execute(
-            "SELECT finished_at, coalesce(cpu_s, 0) FROM tasks"
-            " WHERE token = ? AND finished_at > ?"
-            " UNION ALL SELECT finished_at, charge FROM charges"
-            " WHERE token = ? AND finished_at > ? ORDER BY 1",
-            (token, since, token, since),
-        ).fetchall()
-        return [(float(at), float(charge)) for at, charge in rows]
-
-    def page(
-        self, token: str, state: State | None, limit: int, cursor: int | None
-    ) -> tuple[list[Record], int | None]:
-        """Up to `limit` of the token's tasks, newest first, after `cursor` (a position from
-        a previous page); returns them and the cursor of the next page (None: no more)."""
-        query = "SELECT rowid, id FROM tasks WHERE token = ?"
-        params: list[object] = [token]
-        if state is not None:
-            query += " AND state = ?"
-            params.append(state)
-        if cursor is not None:
-            query += " AND rowid < ?"
-            params.append(cursor)
-        query += " ORDER BY rowid DESC LIMIT ?"
-        params.append(limit + 1)
-        rows = self._reader().execute(query, params).fetchall()
-        more = len(rows) > limit
-        rows = rows[:limit]
-        records = [r for r in (self.get(task_id) for _, task_id in rows) if r is not None]
-        return records, (int(rows[-1][0]) if more else None)
-
-    def reserved(self, token: str) -> float:
-        """Seconds of the token's budget held by its queued and running tasks."""
-        (held,) = self._reader().execute(
-            "SELECT coalesce(sum(reserved_s), 0) FROM tasks"
-            " WHERE token = ? AND state IN (?, ?)",
-            (token, State.QUEUED, State.RUNNING),
-        ).fetchone()
-        return float(held)
-
-    def _release(self) -> None:
-        """Commit what is queued, stop the writer, close every connection."""
-        with self._gate:
-            self._closed = True
-            self._writes.put(None)
-        self._writer.join()
-        self._db.close()
-        for db in self._readers.values():
-            db.close()
-
-
-@dataclass(frozen=True, slots=True)
-class _Write(Generic[T]):
-    """One write waiting for the next batch, and whom to tell when it is durable."""
-
-    op: Callable[[sqlite3.Connection], T]
-    future: Future[T]
-    after: Callable[[bool], None] | None = None
-    durable: bool = True
-
-
-def _after(write: _Write[Any], committed: bool) -> None:
-    if write.after is not None:
-        try:
-            write.after(committed)
-        except Exception:  # the writer outlives any follow-up's failure
-            log.exception("a journal write's follow-up failed")
-
-
-def _storable(result: Result) -> tuple[Result, str]:
-    """The result and its JSON, as `get` will read it back; a stand-in if it cannot be."""
-    try:
-        for name in result.files:
-            name.encode("utf-8")
-        text = result.model_dump_json(exclude={"files"})
-        Result.model_validate_json(text)
-        return result, text
-    except (ValueError, RecursionError):
-        pass
-    status = Status.CANCELLED if result.status is Status.CANCELLED else Status.OUTPUT_REJECTED
-    stand_in = result.model_copy(update={
-        "status": status, "reason": UNSTORABLE, "output": None, "files": {}, "stdout": "",
-        "stderr": "", "trap": None, "events": (), "escalation_reason": None,
-    })
-    return stand_in, stand_in.model_dump_json(exclude={"files"})
-
-
-def cancelled(result: Result, reason: str) -> Result:
-    """The result of a cancelled run: its metrics stay (they are charged), its outputs go."""
-    return result.model_copy(
-        update={"status": Status.CANCELLED, "reason": reason, "output": None, "files": {}}
-    )

@@ -1,0 +1,163 @@
+"""Internal: one `DistributedSandbox.gather` in flight: chunking, settling, refilling.
+
+The first wave carries one task a chunk; once the workers have said what a task costs, a
+chunk carries about `CHUNK_TARGET_S` of work (at most `MAX_CHUNK` tasks, and never more than
+its share of what is left), with `CHUNKS_PER_THREAD` chunks in flight per worker thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from distributed import Future
+from distributed.scheduler import KilledWorker
+
+from wasmbox._dask_wire import _decode
+from wasmbox._dask_worker import _run_chunk
+from wasmbox.errors import HostFailure, SandboxError
+from wasmbox.models import Result, Task
+
+if TYPE_CHECKING:
+    from wasmbox.distributed import DistributedSandbox
+
+KEY_PREFIX = "wasmbox-task-"
+WATCH_INTERVAL = 1.0  # seconds between checks for workers while a batch waits
+CHUNK_TARGET_S = 0.2  # worker seconds a chunk aims to carry; a chunk costs the client and
+# scheduler ~5-15 ms of CPU, so at 200 ms that stays a small share of a core
+MAX_CHUNK = 256  # tasks a chunk carries at most
+CHUNKS_PER_THREAD = 2  # chunks in flight per worker thread: the next one waits on the worker
+
+
+class _Batch:
+    """One `gather` in flight: tasks go out in chunks sized from what earlier chunks took.
+
+    The first wave is one task a chunk; after that a chunk carries about `CHUNK_TARGET_S`
+    of work (at most `MAX_CHUNK` tasks, and never more than its share of what is left, so
+    the tail spreads over every worker). At most `CHUNKS_PER_THREAD` chunks per worker
+    thread are in flight, so a worker always has its next chunk while it runs one.
+    """
+
+    def __init__(self, owner: DistributedSandbox, tasks: list[Task],
+                 settled: dict[str, Result | SandboxError]) -> None:
+        self.owner = owner
+        self.queue: deque[Task] = deque(tasks)
+        self.settled = settled
+        self.inflight: dict[str, list[str]] = {}  # future key -> its tasks' ids
+        self.futures: dict[str, Future[Any]] = {}
+        self.finished: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self.threads = owner._threads() if len(tasks) > 1 else 1
+        self.counted_at = time.monotonic()
+        self.per_task_s: float | None = None  # worker seconds a task, recent chunks weigh most
+
+    def run(self) -> None:
+        """Submit, settle and refill until every task is settled; cancels what is left."""
+        try:
+            self._fill()
+            alone_since: float | None = None
+            while self.inflight:
+                try:
+                    key = self.finished.get(timeout=WATCH_INTERVAL)
+                except queue.Empty:
+                    self._count(force=True)
+                    if self.threads:
+                        alone_since = None
+                        self._fill()
+                        continue
+                    now = time.monotonic()
+                    alone_since = now if alone_since is None else alone_since
+                    if now - alone_since >= self.owner.no_workers_timeout:
+                        self._abandon()
+                        return
+                    continue
+                ids = self.inflight.pop(key, None)
+                if ids is not None:
+                    self._settle(self.futures.pop(key), ids)
+                    self._count()
+                    self._fill()
+        finally:
+            pending = [f for f in self.futures.values() if not f.done()]  # type: ignore[no-untyped-call]
+            if pending:
+                self.owner.client.cancel(pending)  # type: ignore[no-untyped-call]
+
+    def _count(self, force: bool = False) -> None:
+        """Refresh the worker thread count, at most once a `WATCH_INTERVAL` unless forced."""
+        now = time.monotonic()
+        if force or now - self.counted_at >= WATCH_INTERVAL:
+            self.threads = self.owner._threads()
+            self.counted_at = now
+
+    def _fill(self) -> None:
+        limit = max(1, self.threads) * CHUNKS_PER_THREAD
+        while self.queue and len(self.inflight) < limit:
+            chunk = [self.queue.popleft() for _ in range(min(self._size(), len(self.queue)))]
+            ids = [task.id for task in chunk]
+            key = _chunk_key(ids)
+            future = self.owner.client.submit(
+                _run_chunk, chunk, self.owner.policy, key=key, retries=1, pure=False)
+            self.inflight[key] = ids
+            self.futures[key] = future
+            future.add_done_callback(  # type: ignore[no-untyped-call]
+                lambda _f, key=key: self.finished.put(key))
+
+    def _size(self) -> int:
+        """Tasks the next chunk carries."""
+        if self.per_task_s is None:
+            return 1  # nothing measured yet: one round trip a worker tells us the task's cost
+        per_task = max(self.per_task_s, 1e-5)
+        share = -(-len(self.queue) // (max(1, self.threads) * CHUNKS_PER_THREAD))
+        return max(1, min(round(CHUNK_TARGET_S / per_task), MAX_CHUNK, share))
+
+    def _settle(self, future: Future[Any], ids: list[str]) -> None:
+        outcome = _unwrap(future, ids)
+        if isinstance(outcome, SandboxError):
+            for task_id in ids:
+                self.settled[task_id] = outcome
+            return
+        settled, busy_s = outcome
+        self.settled.update(zip(ids, settled, strict=True))
+        if busy_s > 0:
+            # Halving the old estimate each chunk forgets a slow start (a module's first
+            # compile on a fresh worker) within a few chunks.
+            latest = busy_s / len(ids)
+            known = self.per_task_s
+            self.per_task_s = latest if known is None else (known + latest) / 2
+
+    def _abandon(self) -> None:
+        """No worker for `no_workers_timeout` seconds: fail every task not settled yet."""
+        waiting = [i for ids in self.inflight.values() for i in ids]
+        waiting += [task.id for task in self.queue]
+        for task_id in waiting:
+            self.settled[task_id] = HostFailure(
+                f"no worker was left to run task {task_id!r}: the cluster had no "
+                f"worker for {self.owner.no_workers_timeout:g} s")
+        self.queue.clear()
+
+
+def _chunk_key(ids: list[str]) -> str:
+    """A chunk's Dask key: a single task's is its id, so the same task submitted twice (or
+    by `run` and `map` at once) runs once; a longer chunk's is a digest of its ids."""
+    if len(ids) == 1:
+        return KEY_PREFIX + ids[0]
+    digest = hashlib.sha256("\0".join(ids).encode()).hexdigest()[:32]
+    return f"{KEY_PREFIX}chunk-{len(ids)}-{digest}"
+
+
+def _unwrap(future: Future[Any], ids: list[str]
+            ) -> tuple[list[Result | SandboxError], float] | SandboxError:
+    """What one finished chunk means for its tasks, and its worker seconds; never raises."""
+    try:
+        value = future.result()
+    except KilledWorker as exc:
+        return HostFailure(f"chunk {future.key!r}: its worker died twice: {exc}")
+    except SandboxError as exc:
+        return exc
+    except Exception as exc:  # raised on the worker or in transit: this chunk's alone
+        return HostFailure(f"chunk {future.key!r} failed on the cluster: "
+                           f"{type(exc).__name__}: {exc}")
+    return _decode(str(future.key), value, ids)
+
+

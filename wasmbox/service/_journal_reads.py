@@ -1,0 +1,107 @@
+"""Internal: the task journal's reads, each on the calling thread's own connection."""
+
+from __future__ import annotations
+
+from wasmbox.models import Result
+from wasmbox.service._group_commit import _GroupCommit
+from wasmbox.service._journal_schema import UNSTORABLE, Record, State
+
+
+class _JournalReads(_GroupCommit):
+    """Queries of the journal (the writes are `TaskStore`'s); none of them waits for a commit."""
+
+    def get(self, task_id: str) -> Record | None:
+        """The task's record, or None if no such task was accepted."""
+        db = self._reader()
+        db.execute("BEGIN")  # the row and its files from one snapshot
+        try:
+            row = db.execute(
+                "SELECT id, token, policy, state, cancel_requested, attempts, result_json,"
+                " error, submitted_at, started_at, finished_at, cpu_s, reserved_s"
+                " FROM tasks WHERE id = ?",
+                (task_id,),
+            ).fetchone()
+            sizes = {} if row is None else dict(db.execute(
+                "SELECT name, length(data) FROM files WHERE task_id = ?", (task_id,)
+            ).fetchall())
+        finally:
+            db.execute("COMMIT")
+        if row is None:
+            return None
+        result, error = None, row[7]
+        if row[6] is not None:
+            try:
+                result = Result.model_validate_json(row[6])
+            except ValueError:  # written before `finish` checked that results read back
+                error = UNSTORABLE
+        return Record(
+            id=row[0], token=row[1], policy=row[2], state=State(row[3]),
+            cancel_requested=bool(row[4]), attempts=row[5], result=result, error=error,
+            submitted_at=row[8], started_at=row[9], finished_at=row[10], file_sizes=sizes,
+            charged_s=row[11], reserved_s=row[12],
+        )
+
+    def module(self, token: str, sha256: str) -> bytes | None:
+        """The module of SHA-256 `sha256` if `token` submitted it and it is still kept."""
+        row = self._reader().execute(
+            "SELECT data FROM modules WHERE sha256 = ? AND EXISTS (SELECT 1 FROM tasks"
+            " WHERE module_sha256 = ? AND token = ?)", (sha256, sha256, token),
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def file(self, task_id: str, name: str) -> bytes | None:
+        """One output file of a finished task, by its exact name."""
+        row = self._reader().execute(
+            "SELECT data FROM files WHERE task_id = ? AND name = ?", (task_id, name)
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def in_flight(self, token: str) -> int:
+        """How many of the token's tasks are queued or running."""
+        (count,) = self._reader().execute(
+            "SELECT count(*) FROM tasks WHERE token = ? AND state IN (?, ?)",
+            (token, State.QUEUED, State.RUNNING),
+        ).fetchone()
+        return int(count)
+
+    def charges(self, token: str, since: float) -> list[tuple[float, float]]:
+        """(finished_at, charge) of the token's runs that ended after `since`, oldest first
+        (purged tasks included)."""
+        rows = self._reader().execute(
+            "SELECT finished_at, coalesce(cpu_s, 0) FROM tasks"
+            " WHERE token = ? AND finished_at > ?"
+            " UNION ALL SELECT finished_at, charge FROM charges"
+            " WHERE token = ? AND finished_at > ? ORDER BY 1",
+            (token, since, token, since),
+        ).fetchall()
+        return [(float(at), float(charge)) for at, charge in rows]
+
+    def page(
+        self, token: str, state: State | None, limit: int, cursor: int | None
+    ) -> tuple[list[Record], int | None]:
+        """Up to `limit` of the token's tasks, newest first, after `cursor` (a position from
+        a previous page); returns them and the cursor of the next page (None: no more)."""
+        query = "SELECT rowid, id FROM tasks WHERE token = ?"
+        params: list[object] = [token]
+        if state is not None:
+            query += " AND state = ?"
+            params.append(state)
+        if cursor is not None:
+            query += " AND rowid < ?"
+            params.append(cursor)
+        query += " ORDER BY rowid DESC LIMIT ?"
+        params.append(limit + 1)
+        rows = self._reader().execute(query, params).fetchall()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        records = [r for r in (self.get(task_id) for _, task_id in rows) if r is not None]
+        return records, (int(rows[-1][0]) if more else None)
+
+    def reserved(self, token: str) -> float:
+        """Seconds of the token's budget held by its queued and running tasks."""
+        (held,) = self._reader().execute(
+            "SELECT coalesce(sum(reserved_s), 0) FROM tasks"
+            " WHERE token = ? AND state IN (?, ?)",
+            (token, State.QUEUED, State.RUNNING),
+        ).fetchone()
+        return float(held)
