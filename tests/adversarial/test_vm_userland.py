@@ -19,7 +19,7 @@ import pytest
 
 from tests.vm import conftest as vm_fixtures
 from wasmbox import Policy, Sandbox, Task
-from wasmbox.models import Status
+from wasmbox.models import Status, TierName
 from wasmbox.policy import apply
 from wasmbox.tiers.vm.assets import AssetReport
 from wasmbox.tiers.vm.guest import make_bundle
@@ -28,7 +28,18 @@ from wasmbox.tiers.vm.tier import VmTier
 
 pytestmark = pytest.mark.vm
 vm_assets = vm_fixtures.vm_assets
-vm_sandbox = vm_fixtures.vm_sandbox
+
+
+@pytest.fixture(scope="module")
+def vm_sandbox(vm_assets: AssetReport) -> Iterator[Sandbox]:
+    """This module's own VM sandbox, closed when the module ends: the session one in
+    tests/vm would keep a pooled QEMU alive through every later test directory (whose leak
+    checks would then see it)."""
+    with Sandbox(Policy(), tiers={TierName.VM: lambda: VmTier(pool_size=1)}) as sandbox:
+        available = sandbox.availability(TierName.VM)
+        if not available.ok:
+            pytest.fail(f"assets were prepared but the VM tier is unavailable: {available}")
+        yield sandbox
 
 BOOT_TIMEOUT = 120.0  # a cold TCG boot on a loaded 2-core host
 

@@ -1,4 +1,5 @@
-"""Reading a finished guest: its exit line into an outcome, its output disk into the workspace."""
+"""Internal: reading a finished guest (exit line into an outcome, output disk into the
+workspace)."""
 
 from __future__ import annotations
 

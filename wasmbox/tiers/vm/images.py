@@ -1,5 +1,6 @@
-"""The guest's images: the initramfs (busybox, modules, ``/init``, the helpers, a command's
-root) and the read-only python image (the host's python3 and its stdlib, ``mkfs.ext4 -d``)."""
+"""Internal: the guest's images: the initramfs (busybox, modules, ``/init``, the helpers,
+a command's root) and the read-only python image (the host's python3 and its stdlib,
+``mkfs.ext4 -d``)."""
 
 from __future__ import annotations
 

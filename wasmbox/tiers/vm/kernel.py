@@ -1,4 +1,4 @@
-"""The guest kernel: the Debian package it comes from, and the modules the guest loads.
+"""Internal: the guest kernel: the Debian package it comes from, and the modules the guest loads.
 
 The kernel is the real ``linux-image-<ver>-amd64`` package that ``linux-image-amd64`` depends
 on (the generic kernel: the cloud one has no 9p), fetched with ``apt-get download`` and

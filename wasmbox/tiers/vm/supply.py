@@ -1,4 +1,4 @@
-"""Where a VM tier's machines come from: restored from a shape's template snapshot, or booted.
+"""Internal: where a VM tier's machines come from: restored from a snapshot, or booted.
 
 `MachineSupply` holds the tier's machine-making half (the pool's refill callback, the
 per-shape templates and why a shape has none); `VmTier` adds preparing and running tasks.
