@@ -29,15 +29,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import stat
-import tempfile
 import threading
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from wasmbox._fs import atomic_path
 from wasmbox.errors import ConfigError
 
 MAX_ENTRIES = 100_000  # files and directories under one listed directory
@@ -228,24 +227,16 @@ def unpack_wheel(wheel: Path, root: Path) -> Path:
     if target.is_dir():
         return target
     _wheel_members(wheel)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
-        with zipfile.ZipFile(wheel) as zf:
+        with atomic_path(target, directory=True) as tmp, zipfile.ZipFile(wheel) as zf:
             zf.extractall(tmp)
-        _normalise_modes(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not target.is_dir():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another process unpacked it first
-    except (OSError, zipfile.BadZipFile) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+            _normalise_modes(tmp)
+    except OSError as exc:
+        if target.is_dir():
+            return target  # another process unpacked it first (the rename met a full dir)
         raise ConfigError(f"python.packages: cannot unpack {wheel}: {exc}") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except zipfile.BadZipFile as exc:
+        raise ConfigError(f"python.packages: cannot unpack {wheel}: {exc}") from exc
     return target
 
 
