@@ -35,6 +35,11 @@ class Lazy(Generic[T]):
                     box = self._box = (self._make(),)
         return box[0]
 
+    def peek(self) -> T | None:
+        """The value if it was made (None otherwise), without making it."""
+        box = self._box
+        return None if box is None else box[0]
+
     def take(self) -> T | None:
         """The value if it was made (None otherwise), which this no longer holds."""
         with self._lock:

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 
 from wasmbox._config import HostConfig
+from wasmbox._lazy import Lazy
 from wasmbox._owned import make_owned_dir, reclaim_owned
 from wasmbox.errors import HostFailure, SandboxError, TierUnavailable
 from wasmbox.lifecycle import Closeable, Deadline, process_alive, shielded
@@ -74,7 +75,7 @@ class ContainerTier(Closeable):
         self.pool_max = pool_max
         self.default_runtime = runtime
         self._runtimes: dict[str, Runtime] = {}
-        self._skeleton: RootSkeleton | None = None
+        self._skeleton: Lazy[RootSkeleton] = Lazy(self._make_root_skeleton)
         self._pools: dict[tuple[str, Shape], ContainerPool] = {}
         self._lock = threading.Lock()
 
@@ -131,7 +132,8 @@ class ContainerTier(Closeable):
             found += [f"mount {line}" for line in runtime.mount_table().splitlines()
                       if any(mark in line for mark in ours)]
         root = str(self.config.workspace_root)
-        own = self._skeleton.path if self._skeleton is not None else None
+        skeleton = self._skeleton.peek()
+        own = skeleton.path if skeleton is not None else None
         found += [f"dir {root}/{n}" for n in os.listdir(root)
                   if n.startswith((POOL_PREFIX, ROOTFS_PREFIX, PROBE_PREFIX))
                   and f"{root}/{n}" != own]
@@ -204,14 +206,11 @@ class ContainerTier(Closeable):
         return found
 
     def _root_skeleton(self) -> RootSkeleton:
-        skeleton = self._skeleton
-        if skeleton is None:
-            with self._lock:
-                self._ensure_open()
-                if self._skeleton is None:
-                    self._skeleton = RootSkeleton(str(self.config.workspace_root))
-                skeleton = self._skeleton
-        return skeleton
+        return self._skeleton.get()
+
+    def _make_root_skeleton(self) -> RootSkeleton:
+        self._ensure_open()
+        return RootSkeleton(str(self.config.workspace_root))
 
     def _pool(self, runtime: Runtime, shape: Shape, skeleton: RootSkeleton) -> ContainerPool:
         key = (runtime.name, shape)
@@ -229,7 +228,7 @@ class ContainerTier(Closeable):
         with self._lock:
             pools, self._pools = list(self._pools.values()), {}
             runtimes, self._runtimes = list(self._runtimes.values()), {}
-            skeleton, self._skeleton = self._skeleton, None
+        skeleton = self._skeleton.take()
         for pool in pools:
             pool.close()
         for runtime in runtimes:

@@ -15,6 +15,7 @@ from wasmtime import _ffi as ffi
 from wasmtime._extern import wrap_extern
 
 from wasmbox._config import HostConfig
+from wasmbox._lazy import Lazy
 from wasmbox.errors import HostFailure, TierUnavailable
 from wasmbox.lifecycle import Closeable, Deadline
 from wasmbox.models import MiB, Status, TaskKind, TierName
@@ -68,7 +69,7 @@ class WasmTier(Closeable):
         self._cache_dir = cache_dir
         self._engines: dict[Flavour, tuple[EngineHandle, ModuleCache]] = {}
         self._lock = threading.Lock()
-        self._python: PythonRuntime | None = None
+        self._python: Lazy[PythonRuntime] = Lazy(self._make_python_runtime)
 
     def availability(self) -> Availability:
         """The wasm tier runs wherever the wasmtime wheel loads."""
@@ -138,18 +139,13 @@ class WasmTier(Closeable):
         return outcome
 
     def _python_runtime(self) -> PythonRuntime:
-        runtime = self._python
-        if runtime is None:
-            with self._lock:
-                self._ensure_open()
-                if self._python is None:
-                    from wasmbox.tiers.wasm.python import PythonRuntime
+        return self._python.get()
 
-                    self._python = PythonRuntime(
-                        self._cache_dir, lambda flavour: self._engine_for(flavour)[0]
-                    )
-                runtime = self._python
-        return runtime
+    def _make_python_runtime(self) -> PythonRuntime:
+        self._ensure_open()
+        from wasmbox.tiers.wasm.python import PythonRuntime
+
+        return PythonRuntime(self._cache_dir, lambda flavour: self._engine_for(flavour)[0])
 
     def _engine_for(self, flavour: Flavour) -> tuple[EngineHandle, ModuleCache]:
         found = self._engines.get(flavour)
@@ -165,9 +161,10 @@ class WasmTier(Closeable):
         return found
 
     def _release(self) -> None:
+        runtime = self._python.take()
+        if runtime is not None:
+            runtime.close()
         with self._lock:
-            if self._python is not None:
-                self._python.close()
             for handle, cache in self._engines.values():
                 cache.clear()
                 handle.close()
