@@ -25,10 +25,9 @@ from wasmbox.tiers.container.bundle import (
     Paths,
     RootSkeleton,
     Shape,
-    make_config,
 )
 from wasmbox.tiers.container.cgroups import PARENT
-from wasmbox.tiers.container.instance import ExecFailed, Instance, new_container_id, owner_pid
+from wasmbox.tiers.container.instance import ExecFailed, Instance, owner_pid
 from wasmbox.tiers.container.pool import POOL_PREFIX, ContainerPool
 from wasmbox.tiers.container.runs import STREAM_MODE, run_cold, run_pooled
 from wasmbox.tiers.container.runtime import STATE_ROOT, Runtime, choose_runtime
@@ -270,8 +269,7 @@ def _for_runtime(runtime: Runtime, shape: Shape) -> Shape:
 def _smoke_test(runtime: Runtime, skeleton: RootSkeleton, root: str) -> None:
     """Run /bin/true in a default-shaped container; raises with the runtime's complaint."""
     path = make_owned_dir(root, PROBE_PREFIX)
-    cid = new_container_id()
-    instance = Instance(runtime, cid, path + "/bundle", f"/{PARENT}/{cid}")
+    instance = Instance.fresh(runtime, path + "/bundle")
     try:
         paths = Paths(path + "/task", path + "/task/output", path + "/code")
         os.makedirs(paths.output_dir)
@@ -279,9 +277,8 @@ def _smoke_test(runtime: Runtime, skeleton: RootSkeleton, root: str) -> None:
         shape = _for_runtime(runtime, Shape(
             memory=256 << 20, cpus=1.0, pids=16, tmpfs=1 << 20, fsize=1 << 20,
             readonly_mounts=(), writable_mounts=()))
-        instance.write_config(make_config(
-            shape=shape, skeleton=skeleton, paths=paths, args=["/bin/true"], env={},
-            cgroups=runtime.cgroups, cgroup_path=instance.cgroup_path))
+        instance.configure(shape=shape, skeleton=skeleton, paths=paths, args=["/bin/true"],
+                           env={})
         err_path = path + "/stderr"
         fd = os.open(err_path, STREAM_MODE, 0o600)
         try:
