@@ -16,7 +16,7 @@ from wasmbox.monitor import Monitor, Sample
 from wasmbox.policy import Plan
 from wasmbox.tiers.base import Outcome
 from wasmbox.tiers.wasm import hostcalls
-from wasmbox.tiers.wasm.engine import EngineHandle, Watchdog
+from wasmbox.tiers.wasm.engine import EngineHandle, Watchdog, first_line
 from wasmbox.tiers.watch import RunWatch
 from wasmbox.workspace import Workspace
 
@@ -136,6 +136,18 @@ def wasi_config(
         except wasmtime.WasmtimeError as exc:
             raise ConfigError(f"filesystem mount {guest} -> {host} cannot be opened") from exc
     return wasi, origin_ns
+
+
+def record_exit(outcome: Outcome, exc: wasmtime.ExitTrap | wasmtime.Trap) -> None:
+    """Put how the guest ended in `outcome`: its exit code (``proc_exit``, an `ExitTrap`),
+    or the status and trap name of a wasm trap."""
+    if isinstance(exc, wasmtime.ExitTrap):
+        outcome.exit_code = exc.code
+        outcome.status = Status.COMPLETED if exc.code == 0 else Status.FAILED
+        return
+    outcome.exit_code = None
+    outcome.status, outcome.trap = classify_trap(exc)
+    outcome.reason = first_line(exc.message)
 
 
 def classify_trap(exc: wasmtime.Trap) -> tuple[Status, str]:

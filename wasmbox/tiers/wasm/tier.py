@@ -32,7 +32,7 @@ from wasmbox.tiers.wasm.engine import (
     Watchdog,
     first_line,
 )
-from wasmbox.tiers.wasm.run import arm, classify_trap, close_store, settle, wasi_config
+from wasmbox.tiers.wasm.run import arm, close_store, record_exit, settle, wasi_config
 from wasmbox.tiers.wasm.source_scan import imported_modules
 from wasmbox.workspace import Workspace
 
@@ -204,13 +204,8 @@ def _execute(
             outcome.run_s = time.perf_counter() - t1
             outcome.cpu_s = time.thread_time() - cpu0
             outcome.startup_s = t1 - t0
-    except wasmtime.ExitTrap as exc:
-        outcome.exit_code = exc.code
-        outcome.status = Status.COMPLETED if exc.code == 0 else Status.FAILED
-    except wasmtime.Trap as exc:
-        outcome.exit_code = None
-        outcome.status, outcome.trap = classify_trap(exc)
-        outcome.reason = first_line(exc.message)
+    except (wasmtime.ExitTrap, wasmtime.Trap) as exc:
+        record_exit(outcome, exc)
     except wasmtime.WasmtimeError as exc:
         outcome.exit_code = None
         outcome.status, outcome.reason = _classify_error(exc, watchdog, instance is None, plan)
