@@ -5,12 +5,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import threading
 import time
 from dataclasses import dataclass
 
 from wasmbox._config import HostConfig
-from wasmbox._lazy import Lazy
+from wasmbox._lazy import Lazy, LazyMap
 from wasmbox._owned import make_owned_dir, reclaim_owned
 from wasmbox.errors import HostFailure, SandboxError, TierUnavailable
 from wasmbox.lifecycle import Closeable, Deadline, process_alive, shielded
@@ -73,10 +72,9 @@ class ContainerTier(Closeable):
         self.pool_size = pool_size
         self.pool_max = pool_max
         self.default_runtime = runtime
-        self._runtimes: dict[str, Runtime] = {}
+        self._runtimes: LazyMap[str, Runtime] = LazyMap()
         self._skeleton: Lazy[RootSkeleton] = Lazy(self._make_root_skeleton)
-        self._pools: dict[tuple[str, Shape], ContainerPool] = {}
-        self._lock = threading.Lock()
+        self._pools: LazyMap[tuple[str, Shape], ContainerPool] = LazyMap()
 
     # --- probing --------------------------------------------------------------------------
 
@@ -117,7 +115,7 @@ class ContainerTier(Closeable):
         """Traces of containers that should not exist between runs: cgroups, runtime state,
         mounts and staging dirs of any wasmbox container tier (of process `pid` only, when
         given: names carry their owner's pid). Empty when all is clean."""
-        runtimes = list(self._runtimes.values()) or [self._runtime(self.default_runtime)]
+        runtimes = self._runtimes.values() or [self._runtime(self.default_runtime)]
         found: list[str] = []
         for runtime in runtimes:
             for parent in runtime.cgroups.parents():
@@ -191,18 +189,15 @@ class ContainerTier(Closeable):
 
     def _runtime(self, requested: str | None) -> Runtime:
         choice = choose_runtime(requested)
-        found = self._runtimes.get(choice.name)
-        if found is not None:
-            return found
-        with self._lock:
+
+        def make() -> Runtime:
             self._ensure_open()
-            found = self._runtimes.get(choice.name)
-            if found is None:
-                reaper.become_subreaper()
-                found = Runtime(choice)
-                _sweep(found, str(self.config.workspace_root))
-                self._runtimes[choice.name] = found
-        return found
+            reaper.become_subreaper()
+            found = Runtime(choice)
+            _sweep(found, str(self.config.workspace_root))
+            return found
+
+        return self._runtimes.get(choice.name, make)
 
     def _root_skeleton(self) -> RootSkeleton:
         return self._skeleton.get()
@@ -212,21 +207,15 @@ class ContainerTier(Closeable):
         return RootSkeleton(str(self.config.workspace_root))
 
     def _pool(self, runtime: Runtime, shape: Shape, skeleton: RootSkeleton) -> ContainerPool:
-        key = (runtime.name, shape)
-        pool = self._pools.get(key)
-        if pool is None:
-            with self._lock:
-                self._ensure_open()
-                pool = self._pools.get(key)
-                if pool is None:
-                    pool = ContainerPool(runtime, shape, skeleton, self.pool_size, self.pool_max)
-                    self._pools[key] = pool
-        return pool
+        def make() -> ContainerPool:
+            self._ensure_open()
+            return ContainerPool(runtime, shape, skeleton, self.pool_size, self.pool_max)
+
+        return self._pools.get((runtime.name, shape), make)
 
     def _release(self) -> None:
-        with self._lock:
-            pools, self._pools = list(self._pools.values()), {}
-            runtimes, self._runtimes = list(self._runtimes.values()), {}
+        pools = self._pools.take_all()
+        runtimes = self._runtimes.take_all()
         skeleton = self._skeleton.take()
         for pool in pools:
             pool.close()

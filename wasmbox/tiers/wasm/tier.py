@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from wasmtime import _ffi as ffi
 from wasmtime._extern import wrap_extern
 
 from wasmbox._config import HostConfig
-from wasmbox._lazy import Lazy
+from wasmbox._lazy import Lazy, LazyMap
 from wasmbox.errors import HostFailure, TierUnavailable
 from wasmbox.lifecycle import Closeable, Deadline
 from wasmbox.models import MiB, Status, TaskKind, TierName
@@ -67,8 +66,7 @@ class WasmTier(Closeable):
         if cache_dir is _NO_CACHE:
             cache_dir = (config or HostConfig.from_env()).module_cache
         self._cache_dir = cache_dir
-        self._engines: dict[Flavour, tuple[EngineHandle, ModuleCache]] = {}
-        self._lock = threading.Lock()
+        self._engines: LazyMap[Flavour, tuple[EngineHandle, ModuleCache]] = LazyMap()
         self._python: Lazy[PythonRuntime] = Lazy(self._make_python_runtime)
 
     def availability(self) -> Availability:
@@ -148,27 +146,20 @@ class WasmTier(Closeable):
         return PythonRuntime(self._cache_dir, lambda flavour: self._engine_for(flavour)[0])
 
     def _engine_for(self, flavour: Flavour) -> tuple[EngineHandle, ModuleCache]:
-        found = self._engines.get(flavour)
-        if found is not None:
-            return found
-        with self._lock:
+        def make() -> tuple[EngineHandle, ModuleCache]:
             self._ensure_open()
-            found = self._engines.get(flavour)
-            if found is None:
-                handle = EngineHandle(flavour)
-                found = (handle, ModuleCache(handle, self._cache_dir))
-                self._engines[flavour] = found
-        return found
+            handle = EngineHandle(flavour)
+            return handle, ModuleCache(handle, self._cache_dir)
+
+        return self._engines.get(flavour, make)
 
     def _release(self) -> None:
         runtime = self._python.take()
         if runtime is not None:
             runtime.close()
-        with self._lock:
-            for handle, cache in self._engines.values():
-                cache.clear()
-                handle.close()
-            self._engines.clear()
+        for handle, cache in self._engines.take_all():
+            cache.clear()
+            handle.close()
 
 
 def _execute(
