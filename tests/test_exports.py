@@ -69,8 +69,7 @@ NOT_YET_MARKED = {
     "wasmbox.sandbox", "wasmbox.telemetry", "wasmbox.workspace",
     "wasmbox.service.config", "wasmbox.service.limits", "wasmbox.service.metrics",
     "wasmbox.service.schemas",
-    "wasmbox.tiers.container.bundle", "wasmbox.tiers.container.cgroups",
-    "wasmbox.tiers.container.instance", "wasmbox.tiers.container.network",
+    "wasmbox.tiers.container.cgroups", "wasmbox.tiers.container.instance",
     "wasmbox.tiers.container.pool", "wasmbox.tiers.container.reaper",
     "wasmbox.tiers.container.runs", "wasmbox.tiers.container.runtime",
     "wasmbox.tiers.container.seccomp", "wasmbox.tiers.container.tier",
@@ -79,7 +78,7 @@ NOT_YET_MARKED = {
     "wasmbox.tiers.vm.qmp", "wasmbox.tiers.vm.snapshot", "wasmbox.tiers.vm.tier",
     "wasmbox.tiers.wasm.cache", "wasmbox.tiers.wasm.clock_shim",
     "wasmbox.tiers.wasm.compile_worker", "wasmbox.tiers.wasm.engine",
-    "wasmbox.tiers.wasm.hostcalls", "wasmbox.tiers.wasm.run", "wasmbox.tiers.wasm.source_scan",
+    "wasmbox.tiers.wasm.run", "wasmbox.tiers.wasm.source_scan",
     "wasmbox.tiers.wasm.tier",
 }
 

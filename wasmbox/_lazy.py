@@ -35,8 +35,50 @@ class Lazy(Generic[T]):
                     box = self._box = (self._make(),)
         return box[0]
 
+    def peek(self) -> T | None:
+        """The value if it was made (None otherwise), without making it."""
+        box = self._box
+        return None if box is None else box[0]
+
     def take(self) -> T | None:
         """The value if it was made (None otherwise), which this no longer holds."""
         with self._lock:
             box, self._box = self._box, None
         return None if box is None else box[0]
+
+
+K = TypeVar("K")
+
+
+class LazyMap(Generic[K, T]):
+    """One value per key, made by the first `get` of that key, exactly once; thread-safe.
+
+    Makes run one at a time (under one lock); a `make` that raises stores nothing.
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[K, T] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: K, make: Callable[[], T]) -> T:
+        """The value of `key`, made now by `make` if there is none yet."""
+        try:
+            return self._items[key]  # the fast path: no lock once the value exists
+        except KeyError:
+            pass
+        with self._lock:
+            try:
+                return self._items[key]
+            except KeyError:
+                value = self._items[key] = make()
+                return value
+
+    def values(self) -> list[T]:
+        """The values made so far."""
+        return list(self._items.values())
+
+    def take_all(self) -> list[T]:
+        """Every value made so far, which this no longer holds."""
+        with self._lock:
+            items, self._items = list(self._items.values()), {}
+        return items

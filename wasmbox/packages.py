@@ -21,7 +21,8 @@ only after every member name is checked (no absolute path, no ``..``), within
 Scans are cached per directory, keyed by the (device, inode, mtime) of the directory and of
 each of its top-level entries: ``pip install --target`` replaces top-level package
 directories, so a reinstall is seen; an edit deep inside a package is not, until its
-top-level directory changes.
+top-level directory changes. The walk and the wheel checks themselves are in
+`wasmbox._package_walk`; the limits, the caches and what the tiers ask are here.
 """
 
 from __future__ import annotations
@@ -29,15 +30,17 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
-import stat
-import tempfile
 import threading
 import zipfile
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from wasmbox._fs import atomic_path
+from wasmbox._package_walk import EXTENSION_SUFFIXES as EXTENSION_SUFFIXES
+from wasmbox._package_walk import PackageDir as PackageDir
+from wasmbox._package_walk import describe_wheel, normalise_modes, scan, wheel_members
+from wasmbox._package_walk import is_extension as is_extension
+from wasmbox._package_walk import stamp as walk_stamp
 from wasmbox.errors import ConfigError
 
 MAX_ENTRIES = 100_000  # files and directories under one listed directory
@@ -45,47 +48,8 @@ MAX_DEPTH = 32
 MAX_WHEEL_MEMBERS = 100_000
 MAX_WHEEL_BYTES = 2 << 30  # uncompressed, as the wheel declares it (zipfile enforces it)
 _CACHE_SIZE = 256
-EXTENSION_SUFFIXES = (".so", ".pyd", ".dylib")
-_CPYTHON_TAG = re.compile(r"\.cpython-(\d{2,4})[a-z]*[-.]")
 GUEST_PYTHON = "/usr/bin/python3"  # the container's and VM's python3 (the host's, read-only)
 _CHUNK = 1 << 20
-
-
-@dataclass(frozen=True, slots=True)
-class PackageDir:
-    """What one listed entry holds: importable top-level names and their C extensions.
-
-    `extensions` maps each top-level name to the first few extension files found under it
-    (paths relative to `root`); pure-Python names map to an empty tuple.
-    """
-
-    source: Path  # as listed in the policy
-    root: Path  # the directory (a wheel: its member names, relative to the unpack root)
-    extensions: dict[str, tuple[str, ...]]
-    # CPython versions ("311") the extensions of each name are tagged for (``.cpython-311-``);
-    # untagged and ``abi3`` extensions add none.
-    cpython: dict[str, frozenset[str]] = field(default_factory=dict)
-
-    def with_extensions(self, names: frozenset[str] | set[str]) -> dict[str, tuple[str, ...]]:
-        """The names among `names` this entry provides that hold C extensions."""
-        return {n: self.extensions[n] for n in sorted(names)
-                if self.extensions.get(n)}
-
-
-def is_extension(name: str) -> bool:
-    """Whether a file name is a compiled module or shared library."""
-    return name.endswith(EXTENSION_SUFFIXES) or ".so." in name
-
-
-def _top_name(name: str, is_dir: bool) -> str | None:
-    """The importable top-level module an entry of a sys.path directory provides, or None."""
-    if is_dir:
-        return name if name.isidentifier() else None  # numpy.libs, *.dist-info: not modules
-    stem = name.partition(".")[0]
-    if name.endswith(".py") or is_extension(name):
-        return stem if stem.isidentifier() else None
-    return None
-
 
 _lock = threading.Lock()
 _scans: OrderedDict[str, tuple[object, PackageDir]] = OrderedDict()
@@ -97,126 +61,23 @@ def describe(package: Path) -> PackageDir:
     missing, unsafe (a symlink out of it, a wheel member outside it) or over the bounds."""
     path = Path(package)
     if path.is_file() and path.suffix == ".whl":
-        return _describe_wheel(path)
+        return describe_wheel(path, MAX_WHEEL_MEMBERS, MAX_WHEEL_BYTES)
     if not path.is_dir():
         raise ConfigError(f"python.packages: {package} is not a directory or a .whl")
     root = Path(os.path.realpath(path))
-    stamp = _stamp(root)
+    stamp = walk_stamp(root, MAX_ENTRIES)
     key = str(root)
     with _lock:
         found = _scans.get(key)
         if found is not None and found[0] == stamp:
             _scans.move_to_end(key)
             return found[1]
-    described = _scan(path, root)
+    described = scan(path, root, MAX_ENTRIES, MAX_DEPTH)
     with _lock:
         _scans[key] = (stamp, described)
         while len(_scans) > _CACHE_SIZE:
             _scans.popitem(last=False)
     return described
-
-
-def _stamp(root: Path) -> tuple[tuple[str, int, int, int], ...]:
-    """What the cache entry of `root` is valid for (see the module docstring)."""
-    st = os.lstat(root)
-    stamp = [("", st.st_dev, st.st_ino, st.st_mtime_ns)]
-    try:
-        with os.scandir(root) as it:
-            for count, entry in enumerate(it):
-                if count >= MAX_ENTRIES:
-                    break  # _scan reports the bound
-                s = entry.stat(follow_symlinks=False)
-                stamp.append((entry.name, s.st_dev, s.st_ino, s.st_mtime_ns))
-    except OSError as exc:
-        raise ConfigError(f"python.packages: cannot read {root}: {exc}") from exc
-    return tuple(sorted(stamp))
-
-
-def _scan(listed: Path, root: Path) -> PackageDir:
-    """Walk `root` without recursion or following symlinks; bounded."""
-    single = (root / "__init__.py").is_file()  # the directory is one package itself
-    extensions: dict[str, list[str]] = {root.name: []} if single else {}
-    tags: dict[str, set[str]] = {}
-    # (directory, depth, the top-level name it belongs to; None at the root of a path dir)
-    stack: list[tuple[str, int, str | None]] = [(str(root), 0, root.name if single else None)]
-    seen = 0
-    prefix = str(root).rstrip("/") + "/"
-    while stack:
-        directory, depth, top = stack.pop()
-        try:
-            with os.scandir(directory) as it:
-                for entry in it:
-                    seen += 1
-                    if seen > MAX_ENTRIES:
-                        raise ConfigError(f"python.packages: {listed} holds over {MAX_ENTRIES} "
-                                          "files: list the packages' own directory instead")
-                    if entry.is_symlink():
-                        target = os.path.realpath(entry.path)
-                        if not (target + "/").startswith(prefix):
-                            raise ConfigError(f"python.packages: {entry.path} is a symlink to "
-                                              f"{target}, outside {listed}")
-                        continue  # its target, inside, is scanned as itself
-                    is_dir = entry.is_dir(follow_symlinks=False)
-                    name = top
-                    if depth == 0 and not single:
-                        name = _top_name(entry.name, is_dir)
-                        if name is not None:
-                            extensions.setdefault(name, [])
-                    if is_dir:
-                        if depth + 1 > MAX_DEPTH:
-                            raise ConfigError(f"python.packages: {entry.path} is nested over "
-                                              f"{MAX_DEPTH} directories deep")
-                        stack.append((entry.path, depth + 1, name))
-                    elif name is not None and is_extension(entry.name):
-                        _note(entry.path[len(prefix):], entry.name, extensions[name],
-                              tags.setdefault(name, set()))
-        except OSError as exc:
-            raise ConfigError(f"python.packages: cannot read {directory}: {exc}") from exc
-    return PackageDir(listed, root, {n: tuple(v) for n, v in extensions.items()},
-                      {n: frozenset(v) for n, v in tags.items() if v})
-
-
-def _note(path: str, name: str, found: list[str], tags: set[str]) -> None:
-    """Record one extension file: the first few paths, and every CPython tag."""
-    if len(found) < 3:
-        found.append(path)
-    tag = _CPYTHON_TAG.search(name)
-    if tag is not None:
-        tags.add(tag.group(1))
-
-
-def _describe_wheel(wheel: Path) -> PackageDir:
-    extensions: dict[str, list[str]] = {}
-    tags: dict[str, set[str]] = {}
-    for name in _wheel_members(wheel):
-        parts = name.split("/")
-        is_dir = len(parts) > 1
-        top = _top_name(parts[0], is_dir)
-        if top is None:
-            continue
-        found = extensions.setdefault(top, [])
-        if is_extension(parts[-1]):
-            _note(name, parts[-1], found, tags.setdefault(top, set()))
-    return PackageDir(wheel, wheel, {n: tuple(v) for n, v in extensions.items()},
-                      {n: frozenset(v) for n, v in tags.items() if v})
-
-
-def _wheel_members(wheel: Path) -> list[str]:
-    """The wheel's member names, each checked; `ConfigError` for an unsafe or huge wheel."""
-    try:
-        with zipfile.ZipFile(wheel) as zf:
-            infos = zf.infolist()
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise ConfigError(f"python.packages: cannot read {wheel}: {exc}") from exc
-    if len(infos) > MAX_WHEEL_MEMBERS:
-        raise ConfigError(f"python.packages: {wheel} has over {MAX_WHEEL_MEMBERS} members")
-    if sum(info.file_size for info in infos) > MAX_WHEEL_BYTES:
-        raise ConfigError(f"python.packages: {wheel} unpacks to over {MAX_WHEEL_BYTES} bytes")
-    for info in infos:
-        name = info.filename
-        if name.startswith("/") or "\\" in name or ".." in name.split("/") or "\0" in name:
-            raise ConfigError(f"python.packages: {wheel} has an unsafe path {name!r}")
-    return [info.filename for info in infos if not info.is_dir()]
 
 
 def unpack_wheel(wheel: Path, root: Path) -> Path:
@@ -227,40 +88,18 @@ def unpack_wheel(wheel: Path, root: Path) -> Path:
     target = root / digest
     if target.is_dir():
         return target
-    _wheel_members(wheel)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    wheel_members(wheel, MAX_WHEEL_MEMBERS, MAX_WHEEL_BYTES)
     try:
-        with zipfile.ZipFile(wheel) as zf:
+        with atomic_path(target, directory=True) as tmp, zipfile.ZipFile(wheel) as zf:
             zf.extractall(tmp)
-        _normalise_modes(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not target.is_dir():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another process unpacked it first
-    except (OSError, zipfile.BadZipFile) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+            normalise_modes(tmp)
+    except OSError as exc:
+        if target.is_dir():
+            return target  # another process unpacked it first (the rename met a full dir)
         raise ConfigError(f"python.packages: cannot unpack {wheel}: {exc}") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except zipfile.BadZipFile as exc:
+        raise ConfigError(f"python.packages: cannot unpack {wheel}: {exc}") from exc
     return target
-
-
-def _normalise_modes(top: Path) -> None:
-    os.chmod(top, 0o755)
-    stack = [str(top)]
-    while stack:
-        with os.scandir(stack.pop()) as it:
-            for entry in it:
-                mode = entry.stat(follow_symlinks=False).st_mode
-                if stat.S_ISDIR(mode):
-                    os.chmod(entry.path, 0o755)
-                    stack.append(entry.path)
-                elif stat.S_ISREG(mode):
-                    os.chmod(entry.path, 0o755 if mode & 0o100 else 0o644)
 
 
 def _digest(wheel: Path) -> str:

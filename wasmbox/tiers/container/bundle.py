@@ -1,35 +1,27 @@
-"""OCI bundles: the shared read-only root skeleton and one config.json per container."""
+"""Internal: OCI bundles: one config.json per container over the shared read-only root skeleton
+(`wasmbox.tiers.container._rootfs`, re-exported here)."""
 
 from __future__ import annotations
 
 import json
 import os
 import resource
-import shutil
-import tempfile
-import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from wasmbox.models import TaskKind
 from wasmbox.packages import host_dirs
 from wasmbox.policy import Plan
 from wasmbox.runner import package_mounts
+from wasmbox.tiers.container._rootfs import CODE_MOUNT as CODE_MOUNT
+from wasmbox.tiers.container._rootfs import ROOTFS_PREFIX as ROOTFS_PREFIX
+from wasmbox.tiers.container._rootfs import RootSkeleton as RootSkeleton
 from wasmbox.tiers.container.cgroups import CgroupLayout
 from wasmbox.tiers.container.seccomp import seccomp_profile
 
 GUEST_UID = 65534
 GUEST_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
-ROOTFS_PREFIX = "wasmbox-rootfs-"
-CODE_MOUNT = "/.wasmbox"
 RESOLV_CONF = "/etc/resolv.conf"  # runner + task source (Python tasks), or the pooled spec
-_HOST_DIRS = ("usr", "bin", "lib", "lib32", "lib64", "libx32", "sbin")
-_HOST_ETC = ("ld.so.cache", "alternatives", "localtime")
-_MOUNTPOINTS = ("proc", "dev", "tmp", "task", CODE_MOUNT.lstrip("/"))
-_PASSWD = "root:x:0:0:root:/:/usr/sbin/nologin\nnobody:x:65534:65534:nobody:/:/usr/sbin/nologin\n"
-_GROUP = "root:x:0:\nnogroup:x:65534:\n"
-_HOSTS = "127.0.0.1 localhost\n::1 localhost\n"
 # A short CFS period spreads throttling evenly (a task gets its share every 20 ms, not in
 # 100 ms bursts), so monitoring samples see it as sustained; the kernel minimum quota is 1 ms.
 _CPU_PERIOD = 20_000
@@ -109,65 +101,6 @@ class Paths:
     task_dir: str
     output_dir: str
     code_dir: str
-
-
-class RootSkeleton:
-    """An empty root directory whose only content is mount points, symlinks and a tiny /etc.
-
-    Host directories (/usr, /lib...) are bound over it read-only; nothing of the host's
-    /etc, /home, /root, /var or /run is ever visible.
-    """
-
-    def __init__(self, parent: str) -> None:
-        self.path = tempfile.mkdtemp(prefix=f"{ROOTFS_PREFIX}{os.getpid()}-", dir=parent)
-        self._lock = threading.Lock()
-        self.binds: list[tuple[str, str]] = []  # (host, guest) read-only binds
-        try:
-            self._build()
-        except BaseException:
-            self.remove()
-            raise
-
-    def _build(self) -> None:
-        root = self.path
-        for name in _HOST_DIRS:
-            host = "/" + name
-            if os.path.islink(host):
-                os.symlink(os.readlink(host), f"{root}/{name}")
-            elif os.path.isdir(host):
-                os.mkdir(f"{root}/{name}")
-                self.binds.append((host, host))
-        for name in _MOUNTPOINTS:
-            os.mkdir(f"{root}/{name}")
-        # runc gives a tmpfs the mode of the directory it is mounted on (mode= is ignored).
-        os.chmod(f"{root}/tmp", 0o1777)
-        os.mkdir(f"{root}/etc")
-        for name, text in (("passwd", _PASSWD), ("group", _GROUP), ("hosts", _HOSTS)):
-            Path(f"{root}/etc/{name}").write_text(text)
-        for name in _HOST_ETC:
-            host = "/etc/" + name
-            if os.path.isdir(host) and not os.path.islink(host):
-                os.mkdir(f"{root}/etc/{name}")
-                self.binds.append((host, host))
-            elif os.path.isfile(host):
-                shutil.copyfile(host, f"{root}/etc/{name}")
-        os.chmod(root, 0o755)
-
-    def ensure_mountpoint(self, guest: str, is_dir: bool) -> None:
-        """Create a mount point for a policy mount, so the runtime never writes the root."""
-        target = self.path + guest
-        with self._lock:
-            if os.path.lexists(target):
-                return
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            if is_dir:
-                os.mkdir(target)
-            else:
-                open(target, "x").close()
-
-    def remove(self) -> None:
-        """Delete the skeleton (it holds no mounts: they live in containers' namespaces)."""
-        shutil.rmtree(self.path, ignore_errors=True)
 
 
 def make_config(

@@ -17,7 +17,8 @@ from wasmbox.errors import HostFailure
 from wasmbox.lifecycle import Deadline
 from wasmbox.models import Status
 from wasmbox.tiers.container import reaper
-from wasmbox.tiers.container.bundle import write_config
+from wasmbox.tiers.container.bundle import Paths, RootSkeleton, Shape, make_config, write_config
+from wasmbox.tiers.container.cgroups import PARENT
 from wasmbox.tiers.container.runtime import Runtime
 
 _FIRST_POLL = 0.001
@@ -66,6 +67,25 @@ class Instance:
         self._proc: subprocess.Popen[bytes] | None = None  # runsc's foreground `run`
         self._status: int | None = None
         self.seccomp_digest: str | None = None  # set: keep the filter crun compiles for it
+
+    @classmethod
+    def fresh(cls, runtime: Runtime, bundle_dir: str,
+              container_id: str | None = None) -> Instance:
+        """A container not created yet: a new id (or `container_id`) and its own cgroup,
+        ``/wasmbox/<id>``."""
+        cid = container_id or new_container_id()
+        return cls(runtime, cid, bundle_dir, f"/{PARENT}/{cid}")
+
+    def configure(self, *, shape: Shape, skeleton: RootSkeleton, paths: Paths,
+                  args: list[str], env: dict[str, str], netns: str | None = None,
+                  resolv_conf: str | None = None) -> None:
+        """Write the bundle's config.json (`bundle.make_config`) for this container's
+        runtime and cgroup."""
+        self.write_config(make_config(
+            shape=shape, skeleton=skeleton, paths=paths, args=args, env=env,
+            cgroups=self.runtime.cgroups, cgroup_path=self.cgroup_path, netns=netns,
+            resolv_conf=resolv_conf,
+        ))
 
     def write_config(self, config: dict[str, Any]) -> None:
         """Write the bundle's config.json, with the seccomp filter crun compiled before for

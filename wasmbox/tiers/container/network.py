@@ -1,4 +1,4 @@
-"""A network for one container task: its own network namespace, pasta, and an egress filter.
+"""Internal: one container task's own network namespace, pasta, and an egress filter.
 
 Only tasks whose plan has network access get one; every other container keeps the runtime's
 fresh, empty network namespace (only ``lo``).
@@ -19,6 +19,8 @@ fresh, empty network namespace (only ``lo``).
   reset, an ICMP admin-prohibited for the rest; nothing leaves to hang.
 - ``net_rx_bytes``/``net_tx_bytes`` are the namespace's interface counters (the tap, plus
   ``lo``, which carries the traffic to forwarded loopback ports).
+
+What the network is (pasta's command line, the filter) is worked out in `_netrules`.
 """
 
 from __future__ import annotations
@@ -40,9 +42,12 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from wasmbox.errors import HostFailure, TierUnavailable
-from wasmbox.models import Endpoint
 from wasmbox.policy import NetworkPlan
 from wasmbox.tiers.container import reaper
+from wasmbox.tiers.container._netrules import loopback_of, resolve_names
+from wasmbox.tiers.container._netrules import nft_rules as nft_rules
+from wasmbox.tiers.container._netrules import pasta_argv as pasta_argv
+from wasmbox.tiers.container._netrules import unsupported as unsupported
 
 NETNS_DIR = "/run/netns"
 NETNS_PREFIX = "wbx-"
@@ -53,7 +58,6 @@ _MNT_DETACH = 2
 _SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
 _READY_TIMEOUT = 10.0
 _NFT_TIMEOUT = 10.0
-_LOOPBACK = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
 _ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 _libc = ctypes.CDLL(None, use_errno=True)
 T = TypeVar("T")
@@ -64,25 +68,6 @@ def missing_tools() -> str | None:
     for tool, package in (("pasta", "passt"), ("nft", "nftables")):
         if not any(os.access(f"{d}/{tool}", os.X_OK) for d in _ENV["PATH"].split(":")):
             return f"networked containers need {tool} (Debian package {package!r})"
-    return None
-
-
-def unsupported(plan: NetworkPlan) -> str | None:
-    """Why this tier cannot enforce `plan` exactly, or None."""
-    for ep in plan.endpoints:
-        if ep.network is None:
-            continue
-        net = ipaddress.ip_network(ep.network)
-        if net.is_loopback and net not in _LOOPBACK:
-            return (f"endpoint {ep.text}: only 127.0.0.1 and ::1 of the host's loopback can "
-                    "be reached")
-        if net in _LOOPBACK and ep.port is None and not plan.allowed_ports:
-            return (f"endpoint {ep.text}: a host loopback endpoint needs a port (or "
-                    "[network] allowed_ports)")
-    if plan.resolver is not None:
-        ip, port = plan.resolver
-        if not ipaddress.ip_address(ip).is_loopback and port != 53:
-            return f"resolver {ip}:{port}: a resolver off the host's loopback must use port 53"
     return None
 
 
@@ -113,11 +98,11 @@ class TaskNetwork:
         if self.plan.resolver is None:
             return None
         ip, _ = self.plan.resolver
-        inside = _loopback_of(ip) if ipaddress.ip_address(ip).is_loopback else ip
+        inside = loopback_of(ip) if ipaddress.ip_address(ip).is_loopback else ip
         return f"nameserver {inside}\noptions attempts:1 timeout:2\n"
 
     def _open(self, log_path: str) -> None:
-        rules = nft_rules(self.plan, _resolve_names(self.plan.endpoints))
+        rules = nft_rules(self.plan, resolve_names(self.plan.endpoints))
         os.makedirs(NETNS_DIR, mode=0o755, exist_ok=True)
         with open(self.bind_path, "x"):
             pass
@@ -219,88 +204,6 @@ def sweep(dead: Callable[[str], bool]) -> None:
                 os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)  # re-parented to us (the subreaper): reap it
-
-
-def pasta_argv(plan: NetworkPlan, netns: str, pid_file: str) -> list[str]:
-    """pasta's command line: no inbound ports, no gateway mapping, loopback ports only when
-    an allowed endpoint names them."""
-    tcp, udp = _loopback_ports(plan)
-    if plan.resolver is not None and ipaddress.ip_address(plan.resolver[0]).is_loopback:
-        udp.add((53, plan.resolver[1]))
-        tcp.add((53, plan.resolver[1]))
-    return [
-        "pasta", "--foreground", "--quiet", "--runas", "0:0", "--config-net",
-        "--netns", netns, "--no-netns-quit", "--pid", pid_file, "--no-map-gw",
-        "--no-dhcp", "--no-ndp", "--no-dhcpv6", "--no-ra",
-        "-t", "none", "-u", "none", "-T", _spec(tcp), "-U", _spec(udp),
-    ]
-
-
-def _spec(ports: set[tuple[int, int]]) -> str:
-    return ",".join(f"{a}:{b}" if a != b else str(a) for a, b in sorted(ports)) or "none"
-
-
-def _loopback_ports(plan: NetworkPlan) -> tuple[set[tuple[int, int]], set[tuple[int, int]]]:
-    ports: set[tuple[int, int]] = set()
-    for ep in plan.endpoints:
-        if ep.network is not None and ipaddress.ip_network(ep.network) in _LOOPBACK:
-            for port in ([ep.port] if ep.port is not None else plan.allowed_ports):
-                ports.add((port, port))
-    return ports, set(ports)
-
-
-def _loopback_of(ip: str) -> str:
-    return "::1" if ipaddress.ip_address(ip).version == 6 else "127.0.0.1"
-
-
-def nft_rules(plan: NetworkPlan, resolved: dict[str, list[str]]) -> str:
-    """The egress filter: exactly the allowed endpoints (and DNS), everything else rejected."""
-    lines = [
-        "table inet wasmbox {",
-        "  chain out {",
-        "    type filter hook output priority 0; policy drop;",
-        '    oifname "lo" accept',  # the task's own sockets and pasta's loopback forwards
-        "    ct state established,related accept",
-    ]
-    for ep in plan.endpoints:
-        addrs = resolved.get(ep.name, []) if ep.name is not None else [str(ep.network)]
-        ports = [ep.port] if ep.port is not None else list(plan.allowed_ports)
-        for addr in addrs:
-            family = "ip6" if ipaddress.ip_network(addr).version == 6 else "ip"
-            if ipaddress.ip_network(addr) in _LOOPBACK:
-                continue  # reached through lo and pasta's forwards, never the tap
-            if ports:
-                port_set = "{ " + ", ".join(str(p) for p in sorted(set(ports))) + " }"
-                lines += [f"    {family} daddr {addr} {proto} dport {port_set} accept"
-                          for proto in ("tcp", "udp")]
-            else:
-                lines.append(f"    {family} daddr {addr} accept")
-    if plan.resolver is not None and not ipaddress.ip_address(plan.resolver[0]).is_loopback:
-        ip, port = plan.resolver
-        family = "ip6" if ipaddress.ip_address(ip).version == 6 else "ip"
-        lines += [f"    {family} daddr {ip} {proto} dport {port} accept"
-                  for proto in ("udp", "tcp")]
-    lines += [
-        "    meta l4proto tcp reject with tcp reset",
-        "    reject with icmpx type admin-prohibited",
-        "  }",
-        "}",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _resolve_names(endpoints: tuple[Endpoint, ...]) -> dict[str, list[str]]:
-    """Addresses of the policy's ``name:port`` endpoints, resolved by the host now."""
-    found: dict[str, list[str]] = {}
-    for ep in endpoints:
-        if ep.name is None or ep.name in found:
-            continue
-        try:
-            infos = socket.getaddrinfo(ep.name, ep.port, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            raise HostFailure(f"cannot resolve allowed endpoint {ep.text}: {exc}") from exc
-        found[ep.name] = sorted({str(info[4][0]) for info in infos})
-    return found
 
 
 def _setup_inside(bind_path: str, rules: str) -> int:

@@ -25,9 +25,7 @@ from wasmbox.tiers.container.bundle import (
     Paths,
     RootSkeleton,
     Shape,
-    make_config,
 )
-from wasmbox.tiers.container.cgroups import PARENT
 from wasmbox.tiers.container.instance import Instance, new_container_id
 from wasmbox.tiers.container.runtime import Runtime
 from wasmbox.workspace import remove_tree
@@ -66,18 +64,13 @@ class Pooled:
         self.stdout_path = self.path + "/stdout"
         self.stderr_path = self.path + "/stderr"
         bundle = self.path + "/bundle"
-        cgroup_path = f"/{PARENT}/{container_id}"
-        self.instance = Instance(runtime, container_id, bundle, cgroup_path)
+        self.instance = Instance.fresh(runtime, bundle, container_id)
         try:
             os.makedirs(self.paths.output_dir)
             os.mkdir(self.paths.code_dir)
             os.chown(self.paths.output_dir, GUEST_UID, GUEST_UID)
-            config = make_config(
-                shape=shape, skeleton=skeleton, paths=self.paths, env={},
-                args=["/bin/sh", f"{CODE_MOUNT}/{SPEC}"],
-                cgroups=runtime.cgroups, cgroup_path=cgroup_path,
-            )
-            self.instance.write_config(config)
+            self.instance.configure(shape=shape, skeleton=skeleton, paths=self.paths, env={},
+                                    args=["/bin/sh", f"{CODE_MOUNT}/{SPEC}"])
             out = os.open(self.stdout_path, _FLAGS, 0o600)
             err = os.open(self.stderr_path, _FLAGS, 0o600)
             try:

@@ -21,15 +21,13 @@ from wasmbox.tiers.container.bundle import (
     Paths,
     RootSkeleton,
     Shape,
-    make_config,
 )
-from wasmbox.tiers.container.cgroups import PARENT, CgroupLayout
+from wasmbox.tiers.container.cgroups import CgroupLayout
 from wasmbox.tiers.container.instance import (
     Check,
     Ended,
     ExecFailed,
     Instance,
-    new_container_id,
 )
 from wasmbox.tiers.container.network import TaskNetwork
 from wasmbox.tiers.container.pool import Pooled, spec_script
@@ -116,9 +114,7 @@ def _run_cold(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Mon
               net: TaskNetwork | None) -> Outcome:
     bundle = workspace.path + "/bundle"  # host-only: beside task/, removed with the workspace
     code = bundle + "/code"
-    cid = new_container_id()
-    cgroup_path = f"/{PARENT}/{cid}"
-    instance = Instance(runtime, cid, bundle, cgroup_path)
+    instance = Instance.fresh(runtime, bundle)
     try:
         os.makedirs(code)
         args = guest_argv(plan, code)
@@ -130,12 +126,11 @@ def _run_cold(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Mon
             with open(resolv, "w", encoding="ascii") as f:
                 f.write(text)
             os.chmod(resolv, 0o444)
-        config = make_config(
-            shape=shape, skeleton=skeleton, args=args, env=plan.env, cgroups=runtime.cgroups,
-            paths=Paths(workspace.task_dir, workspace.output_dir, code), cgroup_path=cgroup_path,
+        instance.configure(
+            shape=shape, skeleton=skeleton, args=args, env=plan.env,
+            paths=Paths(workspace.task_dir, workspace.output_dir, code),
             netns=net.path if net is not None else None, resolv_conf=resolv,
         )
-        instance.write_config(config)
     except OSError as exc:
         raise HostFailure(f"cannot stage the container bundle: {exc}") from exc
     metrics: dict[str, float] = {}
@@ -151,11 +146,11 @@ def _run_cold(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Mon
             os.close(out)
             os.close(err)
         t1 = time.perf_counter()
-        probe = CgroupProbe(plan, runtime.cgroups, cgroup_path,
+        probe = CgroupProbe(plan, runtime.cgroups, instance.cgroup_path,
                             keep_metrics=runtime.name == "runsc")
         ended = instance.wait(deadline, plan.kill_grace, probe.watch(deadline, monitor, workspace))
         t2 = time.perf_counter()
-        metrics = {**probe.last_metrics, **runtime.cgroups.metrics(cgroup_path)}
+        metrics = {**probe.last_metrics, **runtime.cgroups.metrics(instance.cgroup_path)}
         if net is not None:
             rx, tx = net.counters()
             metrics.update(net_rx_bytes=float(rx), net_tx_bytes=float(tx))

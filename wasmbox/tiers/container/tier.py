@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import threading
 import time
 from dataclasses import dataclass
 
 from wasmbox._config import HostConfig
+from wasmbox._lazy import Lazy, LazyMap
 from wasmbox._owned import make_owned_dir, reclaim_owned
 from wasmbox.errors import HostFailure, SandboxError, TierUnavailable
 from wasmbox.lifecycle import Closeable, Deadline, process_alive, shielded
@@ -24,10 +24,9 @@ from wasmbox.tiers.container.bundle import (
     Paths,
     RootSkeleton,
     Shape,
-    make_config,
 )
 from wasmbox.tiers.container.cgroups import PARENT
-from wasmbox.tiers.container.instance import ExecFailed, Instance, new_container_id, owner_pid
+from wasmbox.tiers.container.instance import ExecFailed, Instance, owner_pid
 from wasmbox.tiers.container.pool import POOL_PREFIX, ContainerPool
 from wasmbox.tiers.container.runs import STREAM_MODE, run_cold, run_pooled
 from wasmbox.tiers.container.runtime import STATE_ROOT, Runtime, choose_runtime
@@ -73,10 +72,9 @@ class ContainerTier(Closeable):
         self.pool_size = pool_size
         self.pool_max = pool_max
         self.default_runtime = runtime
-        self._runtimes: dict[str, Runtime] = {}
-        self._skeleton: RootSkeleton | None = None
-        self._pools: dict[tuple[str, Shape], ContainerPool] = {}
-        self._lock = threading.Lock()
+        self._runtimes: LazyMap[str, Runtime] = LazyMap()
+        self._skeleton: Lazy[RootSkeleton] = Lazy(self._make_root_skeleton)
+        self._pools: LazyMap[tuple[str, Shape], ContainerPool] = LazyMap()
 
     # --- probing --------------------------------------------------------------------------
 
@@ -117,7 +115,7 @@ class ContainerTier(Closeable):
         """Traces of containers that should not exist between runs: cgroups, runtime state,
         mounts and staging dirs of any wasmbox container tier (of process `pid` only, when
         given: names carry their owner's pid). Empty when all is clean."""
-        runtimes = list(self._runtimes.values()) or [self._runtime(self.default_runtime)]
+        runtimes = self._runtimes.values() or [self._runtime(self.default_runtime)]
         found: list[str] = []
         for runtime in runtimes:
             for parent in runtime.cgroups.parents():
@@ -131,7 +129,8 @@ class ContainerTier(Closeable):
             found += [f"mount {line}" for line in runtime.mount_table().splitlines()
                       if any(mark in line for mark in ours)]
         root = str(self.config.workspace_root)
-        own = self._skeleton.path if self._skeleton is not None else None
+        skeleton = self._skeleton.peek()
+        own = skeleton.path if skeleton is not None else None
         found += [f"dir {root}/{n}" for n in os.listdir(root)
                   if n.startswith((POOL_PREFIX, ROOTFS_PREFIX, PROBE_PREFIX))
                   and f"{root}/{n}" != own]
@@ -190,46 +189,34 @@ class ContainerTier(Closeable):
 
     def _runtime(self, requested: str | None) -> Runtime:
         choice = choose_runtime(requested)
-        found = self._runtimes.get(choice.name)
-        if found is not None:
-            return found
-        with self._lock:
+
+        def make() -> Runtime:
             self._ensure_open()
-            found = self._runtimes.get(choice.name)
-            if found is None:
-                reaper.become_subreaper()
-                found = Runtime(choice)
-                _sweep(found, str(self.config.workspace_root))
-                self._runtimes[choice.name] = found
-        return found
+            reaper.become_subreaper()
+            found = Runtime(choice)
+            _sweep(found, str(self.config.workspace_root))
+            return found
+
+        return self._runtimes.get(choice.name, make)
 
     def _root_skeleton(self) -> RootSkeleton:
-        skeleton = self._skeleton
-        if skeleton is None:
-            with self._lock:
-                self._ensure_open()
-                if self._skeleton is None:
-                    self._skeleton = RootSkeleton(str(self.config.workspace_root))
-                skeleton = self._skeleton
-        return skeleton
+        return self._skeleton.get()
+
+    def _make_root_skeleton(self) -> RootSkeleton:
+        self._ensure_open()
+        return RootSkeleton(str(self.config.workspace_root))
 
     def _pool(self, runtime: Runtime, shape: Shape, skeleton: RootSkeleton) -> ContainerPool:
-        key = (runtime.name, shape)
-        pool = self._pools.get(key)
-        if pool is None:
-            with self._lock:
-                self._ensure_open()
-                pool = self._pools.get(key)
-                if pool is None:
-                    pool = ContainerPool(runtime, shape, skeleton, self.pool_size, self.pool_max)
-                    self._pools[key] = pool
-        return pool
+        def make() -> ContainerPool:
+            self._ensure_open()
+            return ContainerPool(runtime, shape, skeleton, self.pool_size, self.pool_max)
+
+        return self._pools.get((runtime.name, shape), make)
 
     def _release(self) -> None:
-        with self._lock:
-            pools, self._pools = list(self._pools.values()), {}
-            runtimes, self._runtimes = list(self._runtimes.values()), {}
-            skeleton, self._skeleton = self._skeleton, None
+        pools = self._pools.take_all()
+        runtimes = self._runtimes.take_all()
+        skeleton = self._skeleton.take()
         for pool in pools:
             pool.close()
         for runtime in runtimes:
@@ -271,8 +258,7 @@ def _for_runtime(runtime: Runtime, shape: Shape) -> Shape:
 def _smoke_test(runtime: Runtime, skeleton: RootSkeleton, root: str) -> None:
     """Run /bin/true in a default-shaped container; raises with the runtime's complaint."""
     path = make_owned_dir(root, PROBE_PREFIX)
-    cid = new_container_id()
-    instance = Instance(runtime, cid, path + "/bundle", f"/{PARENT}/{cid}")
+    instance = Instance.fresh(runtime, path + "/bundle")
     try:
         paths = Paths(path + "/task", path + "/task/output", path + "/code")
         os.makedirs(paths.output_dir)
@@ -280,9 +266,8 @@ def _smoke_test(runtime: Runtime, skeleton: RootSkeleton, root: str) -> None:
         shape = _for_runtime(runtime, Shape(
             memory=256 << 20, cpus=1.0, pids=16, tmpfs=1 << 20, fsize=1 << 20,
             readonly_mounts=(), writable_mounts=()))
-        instance.write_config(make_config(
-            shape=shape, skeleton=skeleton, paths=paths, args=["/bin/true"], env={},
-            cgroups=runtime.cgroups, cgroup_path=instance.cgroup_path))
+        instance.configure(shape=shape, skeleton=skeleton, paths=paths, args=["/bin/true"],
+                           env={})
         err_path = path + "/stderr"
         fd = os.open(err_path, STREAM_MODE, 0o600)
         try:

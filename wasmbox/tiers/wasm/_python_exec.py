@@ -24,7 +24,7 @@ from wasmbox.policy import Plan
 from wasmbox.tiers.base import Outcome
 from wasmbox.tiers.wasm.engine import EngineHandle, first_line
 from wasmbox.tiers.wasm.instance_pool import Pooled
-from wasmbox.tiers.wasm.run import arm, classify_trap, close_store, settle, wasi_config
+from wasmbox.tiers.wasm.run import arm, close_store, record_exit, settle, wasi_config
 from wasmbox.workspace import RESULT_FILE, Workspace
 
 TASK_FILENAME = "<task>"
@@ -77,14 +77,10 @@ def execute(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monit
         finally:
             outcome.run_s = time.perf_counter() - t1
             outcome.cpu_s = time.thread_time() - cpu0
-    except wasmtime.ExitTrap as exc:  # os._exit() inside the task
-        outcome.exit_code = exc.code
-        outcome.status = Status.COMPLETED if exc.code == 0 else Status.FAILED
-        outcome.reason = None if exc.code == 0 else f"the task exited with code {exc.code}"
-    except wasmtime.Trap as exc:
-        outcome.exit_code = None
-        outcome.status, outcome.trap = classify_trap(exc)
-        outcome.reason = first_line(exc.message)
+    except (wasmtime.ExitTrap, wasmtime.Trap) as exc:
+        record_exit(outcome, exc)
+        if isinstance(exc, wasmtime.ExitTrap) and exc.code != 0:  # os._exit() inside the task
+            outcome.reason = f"the task exited with code {exc.code}"
     except wasmtime.WasmtimeError as exc:
         outcome.exit_code = None
         if watchdog.tripped is None:

@@ -30,11 +30,11 @@ from pathlib import Path
 import wasmtime
 
 from wasmbox._config import HostConfig
+from wasmbox._fs import write_atomic
 from wasmbox.errors import HostFailure, ModuleRejected, PolicyViolation
 from wasmbox.models import GiB
 from wasmbox.tiers.wasm import compile_worker
 from wasmbox.tiers.wasm.engine import EngineHandle, Flavour, first_line
-from wasmbox.tiers.wasm.run import write_atomic
 
 MAX_MODULE_BYTES = 256 * 1024 * 1024
 _MEMORY_ENTRIES = 64

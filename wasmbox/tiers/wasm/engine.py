@@ -19,6 +19,7 @@ from importlib.metadata import version
 import wasmtime
 from wasmtime import _ffi as ffi
 
+from wasmbox._lazy import Lazy
 from wasmbox.errors import ConfigError
 from wasmbox.lifecycle import Closeable
 from wasmbox.models import KiB, MiB
@@ -79,18 +80,15 @@ class _Ticker:
     def __init__(self, engine: wasmtime.Engine) -> None:
         self._engine = engine
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._thread: Lazy[threading.Thread] = Lazy(self._start)
 
     def ensure_started(self) -> None:
-        if self._thread is not None:
-            return
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._loop, name="wasmbox-epoch", daemon=True
-                )
-                self._thread.start()
+        self._thread.get()
+
+    def _start(self) -> threading.Thread:
+        thread = threading.Thread(target=self._loop, name="wasmbox-epoch", daemon=True)
+        thread.start()
+        return thread
 
     def _loop(self) -> None:
         while not self._stop.wait(TICK_SECONDS):
@@ -98,8 +96,9 @@ class _Ticker:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        thread = self._thread.take()
+        if thread is not None:
+            thread.join()
 
 
 # --- per-store watchdog, called by wasmtime on every epoch tick ----------------------------

@@ -52,7 +52,6 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,7 +62,7 @@ import wasmtime
 from wasmtime import component
 
 from wasmbox._fs import write_atomic
-from wasmbox._lazy import Lazy
+from wasmbox._lazy import Lazy, LazyMap
 from wasmbox.errors import HostFailure
 from wasmbox.lifecycle import Closeable, Deadline
 from wasmbox.models import Policy, Resources, Status, Task, TierName
@@ -142,10 +141,9 @@ class PythonRuntime(Closeable):
         self._engine_for = engine_for
         # Our own directory when there is no disk cache.
         self._scratch = Lazy(lambda: Path(tempfile.mkdtemp(prefix="wasmbox-python-")))
-        self._interpreters: dict[Flavour, Interpreter] = {}
+        self._interpreters: LazyMap[Flavour, Interpreter] = LazyMap()
         self._modules = Lazy(self._list_modules)
         self._stdlib = Lazy(self._unpack_stdlib)
-        self._lock = threading.Lock()
         self.pool = InstancePool()  # pre-instantiated interpreters (see instance_pool)
 
     def availability(self) -> Availability:
@@ -162,16 +160,11 @@ class PythonRuntime(Closeable):
 
     def prepare(self, flavour: Flavour) -> Interpreter:
         """The compiled interpreter for `flavour`: built, compiled and cached on first use."""
-        found = self._interpreters.get(flavour)
-        if found is not None:
-            return found
-        with self._lock:
+        def make() -> Interpreter:
             self._ensure_open()
-            found = self._interpreters.get(flavour)
-            if found is None:
-                found = self._load(flavour)
-                self._interpreters[flavour] = found
-        return found
+            return self._load(flavour)
+
+        return self._interpreters.get(flavour, make)
 
     def _stdlib_dir(self) -> Path:
         """The interpreter's own standard library, unpacked once into the cache, read-only."""
@@ -281,12 +274,10 @@ class PythonRuntime(Closeable):
 
     def _release(self) -> None:
         self.pool.close()
-        with self._lock:
-            for interp in self._interpreters.values():
-                interp.linker.close()
-                interp.component.close()  # engines belong to the WasmTier
-            self._interpreters.clear()
-            self._stdlib.take()
-            scratch = self._scratch.take()
-            if scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
+        for interp in self._interpreters.take_all():
+            interp.linker.close()
+            interp.component.close()  # engines belong to the WasmTier
+        self._stdlib.take()
+        scratch = self._scratch.take()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +16,7 @@ from wasmbox.monitor import Monitor, Sample
 from wasmbox.policy import Plan
 from wasmbox.tiers.base import Outcome
 from wasmbox.tiers.wasm import hostcalls
-from wasmbox.tiers.wasm.engine import EngineHandle, Watchdog
+from wasmbox.tiers.wasm.engine import EngineHandle, Watchdog, first_line
 from wasmbox.tiers.watch import RunWatch
 from wasmbox.workspace import Workspace
 
@@ -140,6 +138,18 @@ def wasi_config(
     return wasi, origin_ns
 
 
+def record_exit(outcome: Outcome, exc: wasmtime.ExitTrap | wasmtime.Trap) -> None:
+    """Put how the guest ended in `outcome`: its exit code (``proc_exit``, an `ExitTrap`),
+    or the status and trap name of a wasm trap."""
+    if isinstance(exc, wasmtime.ExitTrap):
+        outcome.exit_code = exc.code
+        outcome.status = Status.COMPLETED if exc.code == 0 else Status.FAILED
+        return
+    outcome.exit_code = None
+    outcome.status, outcome.trap = classify_trap(exc)
+    outcome.reason = first_line(exc.message)
+
+
 def classify_trap(exc: wasmtime.Trap) -> tuple[Status, str]:
     """Status and trap name for a wasm trap."""
     code = exc.trap_code
@@ -182,15 +192,3 @@ def settle(
         outcome.fuel_consumed = plan.fuel - store.get_fuel()
     close(store)
 
-
-def write_atomic(path: Path, data: bytes | bytearray) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from wasmtime import _ffi as ffi
 from wasmtime._extern import wrap_extern
 
 from wasmbox._config import HostConfig
+from wasmbox._lazy import Lazy, LazyMap
 from wasmbox.errors import HostFailure, TierUnavailable
 from wasmbox.lifecycle import Closeable, Deadline
 from wasmbox.models import MiB, Status, TaskKind, TierName
@@ -31,7 +31,7 @@ from wasmbox.tiers.wasm.engine import (
     Watchdog,
     first_line,
 )
-from wasmbox.tiers.wasm.run import arm, classify_trap, close_store, settle, wasi_config
+from wasmbox.tiers.wasm.run import arm, close_store, record_exit, settle, wasi_config
 from wasmbox.tiers.wasm.source_scan import imported_modules
 from wasmbox.workspace import Workspace
 
@@ -66,9 +66,8 @@ class WasmTier(Closeable):
         if cache_dir is _NO_CACHE:
             cache_dir = (config or HostConfig.from_env()).module_cache
         self._cache_dir = cache_dir
-        self._engines: dict[Flavour, tuple[EngineHandle, ModuleCache]] = {}
-        self._lock = threading.Lock()
-        self._python: PythonRuntime | None = None
+        self._engines: LazyMap[Flavour, tuple[EngineHandle, ModuleCache]] = LazyMap()
+        self._python: Lazy[PythonRuntime] = Lazy(self._make_python_runtime)
 
     def availability(self) -> Availability:
         """The wasm tier runs wherever the wasmtime wheel loads."""
@@ -138,40 +137,29 @@ class WasmTier(Closeable):
         return outcome
 
     def _python_runtime(self) -> PythonRuntime:
-        runtime = self._python
-        if runtime is None:
-            with self._lock:
-                self._ensure_open()
-                if self._python is None:
-                    from wasmbox.tiers.wasm.python import PythonRuntime
+        return self._python.get()
 
-                    self._python = PythonRuntime(
-                        self._cache_dir, lambda flavour: self._engine_for(flavour)[0]
-                    )
-                runtime = self._python
-        return runtime
+    def _make_python_runtime(self) -> PythonRuntime:
+        self._ensure_open()
+        from wasmbox.tiers.wasm.python import PythonRuntime
+
+        return PythonRuntime(self._cache_dir, lambda flavour: self._engine_for(flavour)[0])
 
     def _engine_for(self, flavour: Flavour) -> tuple[EngineHandle, ModuleCache]:
-        found = self._engines.get(flavour)
-        if found is not None:
-            return found
-        with self._lock:
+        def make() -> tuple[EngineHandle, ModuleCache]:
             self._ensure_open()
-            found = self._engines.get(flavour)
-            if found is None:
-                handle = EngineHandle(flavour)
-                found = (handle, ModuleCache(handle, self._cache_dir))
-                self._engines[flavour] = found
-        return found
+            handle = EngineHandle(flavour)
+            return handle, ModuleCache(handle, self._cache_dir)
+
+        return self._engines.get(flavour, make)
 
     def _release(self) -> None:
-        with self._lock:
-            if self._python is not None:
-                self._python.close()
-            for handle, cache in self._engines.values():
-                cache.clear()
-                handle.close()
-            self._engines.clear()
+        runtime = self._python.take()
+        if runtime is not None:
+            runtime.close()
+        for handle, cache in self._engines.take_all():
+            cache.clear()
+            handle.close()
 
 
 def _execute(
@@ -207,13 +195,8 @@ def _execute(
             outcome.run_s = time.perf_counter() - t1
             outcome.cpu_s = time.thread_time() - cpu0
             outcome.startup_s = t1 - t0
-    except wasmtime.ExitTrap as exc:
-        outcome.exit_code = exc.code
-        outcome.status = Status.COMPLETED if exc.code == 0 else Status.FAILED
-    except wasmtime.Trap as exc:
-        outcome.exit_code = None
-        outcome.status, outcome.trap = classify_trap(exc)
-        outcome.reason = first_line(exc.message)
+    except (wasmtime.ExitTrap, wasmtime.Trap) as exc:
+        record_exit(outcome, exc)
     except wasmtime.WasmtimeError as exc:
         outcome.exit_code = None
         outcome.status, outcome.reason = _classify_error(exc, watchdog, instance is None, plan)
