@@ -20,7 +20,6 @@ Run standalone: ``python3 benchmarks/bench_dask.py [--quick]``, or in the suite:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import os
@@ -36,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import CORES, GUESTS, NoProgress, Progress, Row  # noqa: E402
-from benchmarks.report import print_rows, scaling_lines  # noqa: E402
+from benchmarks.common import CORES, GUESTS, Progress, Row, check_all  # noqa: E402
+from benchmarks.report import scaling_lines, standalone  # noqa: E402
 from guests.build import build  # noqa: E402
 from wasmbox import Sandbox, Task  # noqa: E402
 from wasmbox.models import Result  # noqa: E402
@@ -92,7 +91,7 @@ def measure(quick: bool, progress: Progress) -> list[Row]:
                      compare_to=f"dask:{kind}-1"), sandboxes[2].map),
             ]
             for _, run in ways:  # warm: every worker's sandbox and compiled module
-                _check(run(_batch(task, 8)))
+                check_all(run(_batch(task, 8)))
             progress.step(f"dask: {kind} rounds")
             cpu: dict[str, list[tuple[float, float]]] = {row.id: [] for row, _ in ways}
             for i in range(rounds):
@@ -102,7 +101,7 @@ def measure(quick: bool, progress: Progress) -> list[Row]:
                     width = int(row.id.rsplit("-", 1)[1]) if row.id[-1].isdigit() else 0
                     c0, w0 = time.process_time(), _cpu(pids.get(width, []))
                     t0 = time.perf_counter()
-                    _check(run(batch))
+                    check_all(run(batch))
                     took = time.perf_counter() - t0
                     row.rates.append(n / took)
                     here = time.process_time() - c0 - (idle * took if width else 0.0)
@@ -163,20 +162,9 @@ def _batch(task: Task, n: int) -> list[Task]:
             for i in range(n)]
 
 
-def _check(results: list[Result]) -> None:
-    bad = [r for r in results if not r.ok]
-    if bad:
-        raise RuntimeError(f"{len(bad)} benchmark tasks failed: {bad[0].status} {bad[0].reason}")
-
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    args = parser.parse_args(argv)
-    rows = measure(args.quick, NoProgress(STEPS))
-    print_rows(rows)
-    print("\n".join(scaling_lines(rows)))
-    return 0
+    return standalone(argv, __doc__, measure, STEPS, scaling_lines)
 
 
 if __name__ == "__main__":

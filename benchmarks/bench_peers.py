@@ -17,7 +17,6 @@ Run standalone: ``python3 benchmarks/bench_peers.py [--quick]``
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import importlib
 import json
@@ -35,8 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import GUESTS, NoProgress, Progress, Row, check, missing  # noqa: E402
-from benchmarks.report import print_rows  # noqa: E402
+from benchmarks.common import GUESTS, Progress, Row, check, missing  # noqa: E402
 from guests.build import build  # noqa: E402
 from wasmbox import Sandbox, Task  # noqa: E402
 from wasmbox.models import Limits, Policy  # noqa: E402
@@ -491,15 +489,9 @@ def _version(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    args = parser.parse_args(argv)
-    rows = measure(args.quick, NoProgress(STEPS))
-    print_rows(rows)
-    from benchmarks.report import peer_lines
+    from benchmarks.report import peer_lines, standalone
 
-    print("\n".join(peer_lines(rows)))
-    return 0
+    return standalone(argv, __doc__, measure, STEPS, peer_lines)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Run standalone: ``python3 benchmarks/bench_scaling.py [--quick]``
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -27,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import CORES, GUESTS, NoProgress, Progress, Row  # noqa: E402
-from benchmarks.report import print_rows, scaling_lines  # noqa: E402
+from benchmarks.common import CORES, GUESTS, Progress, Row, check_all  # noqa: E402
+from benchmarks.report import scaling_lines, standalone  # noqa: E402
 from guests.build import build  # noqa: E402
 from wasmbox import Sandbox, Task  # noqa: E402
 from wasmbox.models import Result  # noqa: E402
@@ -65,7 +64,7 @@ def measure(quick: bool, progress: Progress) -> list[Row]:
                          compare_to="scaling:procs-1"), lambda ts: many.map(ts)),
                 ]
                 for _, run in ways:  # warm: compiled module, first workspaces, page cache
-                    _check(run([hello] * (4 * cores)))
+                    check_all(run([hello] * (4 * cores)))
                 progress.step("scaling: rounds")
                 workers = {"scaling:procs-1": one, "scaling:procs-n": many}
                 cpu: dict[str, list[tuple[float, float]]] = {r.id: [] for r, _ in ways}
@@ -76,7 +75,7 @@ def measure(quick: bool, progress: Progress) -> list[Row]:
                         pids = pool.pids if pool is not None else []
                         c0, w0 = time.process_time(), _cpu(pids)
                         t0 = time.perf_counter()
-                        _check(run([hello] * n))
+                        check_all(run([hello] * n))
                         row.rates.append(n / (time.perf_counter() - t0))
                         cpu[row.id].append(((time.process_time() - c0) / n,
                                             (_cpu(pids) - w0) / n))
@@ -123,20 +122,9 @@ def _cpu(pids: list[int]) -> float:
     return total
 
 
-def _check(results: list[Result]) -> None:
-    bad = [r for r in results if not r.ok]
-    if bad:
-        raise RuntimeError(f"{len(bad)} benchmark tasks failed: {bad[0].status} {bad[0].reason}")
-
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    args = parser.parse_args(argv)
-    rows = measure(args.quick, NoProgress(STEPS))
-    print_rows(rows)
-    print("\n".join(scaling_lines(rows)))
-    return 0
+    return standalone(argv, __doc__, measure, STEPS, scaling_lines)
 
 
 if __name__ == "__main__":

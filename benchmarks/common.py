@@ -111,6 +111,13 @@ def check(result: Any) -> Any:
     return result
 
 
+def check_all(results: Sequence[Any]) -> None:
+    """A batch in which any task failed stops the benchmark."""
+    bad = [r for r in results if not r.ok]
+    if bad:
+        raise RuntimeError(f"{len(bad)} benchmark tasks failed: {bad[0].status} {bad[0].reason}")
+
+
 def median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Row, median, p95, summary
+from benchmarks.common import NoProgress, Progress, Row, median, p95, summary
 
 # The seed document's table (sandboxed_execution_environments.md), by the row it names.
 CLAIMS: dict[str, dict[str, str]] = {
@@ -263,3 +264,16 @@ def _bytes(values: Sequence[float]) -> str:
     if mid is None or hi is None:
         return "—"
     return f"{mid / 2**20:.1f} MiB ({hi / 2**20:.1f})"
+
+
+def standalone(argv: list[str] | None, doc: str | None,
+               measure: Callable[[bool, Progress], list[Row]], steps: int,
+               lines: Callable[[list[Row]], list[str]]) -> int:
+    """The `main` of a benchmark script run on its own: ``--quick``, its rows, its summary."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    args = parser.parse_args(argv)
+    rows = measure(args.quick, NoProgress(steps))
+    print_rows(rows)
+    print("\n".join(lines(rows)))
+    return 0
