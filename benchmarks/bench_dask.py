@@ -29,13 +29,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import psutil
-
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import CORES, GUESTS, Progress, Row, check_all  # noqa: E402
+from benchmarks.common import CORES, GUESTS, Progress, Row, check_all, cpu_seconds  # noqa: E402
 from benchmarks.report import scaling_lines, standalone  # noqa: E402
 from guests.build import build  # noqa: E402
 from wasmbox import Sandbox, Task  # noqa: E402
@@ -99,14 +97,14 @@ def measure(quick: bool, progress: Progress) -> list[Row]:
                 for row, run in ways[shift:] + ways[:shift]:
                     batch = _batch(task, n)
                     width = int(row.id.rsplit("-", 1)[1]) if row.id[-1].isdigit() else 0
-                    c0, w0 = time.process_time(), _cpu(pids.get(width, []))
+                    c0, w0 = time.process_time(), cpu_seconds(pids.get(width, []))
                     t0 = time.perf_counter()
                     check_all(run(batch))
                     took = time.perf_counter() - t0
                     row.rates.append(n / took)
                     here = time.process_time() - c0 - (idle * took if width else 0.0)
                     cpu[row.id].append((max(here, 0.0) / n,
-                                        (_cpu(pids.get(width, [])) - w0) / n))
+                                        (cpu_seconds(pids.get(width, [])) - w0) / n))
             local_rate = statistics.median(ways[0][0].rates)
             one = statistics.median(ways[1][0].rates)
             two = statistics.median(ways[2][0].rates)
@@ -146,14 +144,6 @@ def measure(quick: bool, progress: Progress) -> list[Row]:
     progress.step("dask: done")
     return rows
 
-
-def _cpu(pids: list[int]) -> float:
-    """CPU seconds (user + system) the processes `pids` have used so far."""
-    total = 0.0
-    for pid in pids:
-        times = psutil.Process(pid).cpu_times()
-        total += times.user + times.system
-    return total
 
 
 def _batch(task: Task, n: int) -> list[Task]:

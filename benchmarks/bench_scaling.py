@@ -20,13 +20,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import psutil
-
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import CORES, GUESTS, Progress, Row, check_all  # noqa: E402
+from benchmarks.common import CORES, GUESTS, Progress, Row, check_all, cpu_seconds  # noqa: E402
 from benchmarks.report import scaling_lines, standalone  # noqa: E402
 from guests.build import build  # noqa: E402
 from wasmbox import Sandbox, Task  # noqa: E402
@@ -73,12 +71,12 @@ def measure(quick: bool, progress: Progress) -> list[Row]:
                     for row, run in ways[shift:] + ways[:shift]:
                         pool = workers.get(row.id)
                         pids = pool.pids if pool is not None else []
-                        c0, w0 = time.process_time(), _cpu(pids)
+                        c0, w0 = time.process_time(), cpu_seconds(pids)
                         t0 = time.perf_counter()
                         check_all(run([hello] * n))
                         row.rates.append(n / (time.perf_counter() - t0))
                         cpu[row.id].append(((time.process_time() - c0) / n,
-                                            (_cpu(pids) - w0) / n))
+                                            (cpu_seconds(pids) - w0) / n))
             finally:
                 many.close()
         finally:
@@ -112,14 +110,6 @@ def measure(quick: bool, progress: Progress) -> list[Row]:
     progress.step("scaling: done")
     return rows
 
-
-def _cpu(pids: list[int]) -> float:
-    """CPU seconds (user + system) the processes `pids` have used so far."""
-    total = 0.0
-    for pid in pids:
-        times = psutil.Process(pid).cpu_times()
-        total += times.user + times.system
-    return total
 
 
 

@@ -111,6 +111,17 @@ def check(result: Any) -> Any:
     return result
 
 
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """CPU seconds (user + system) the processes `pids` have used so far."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        times = psutil.Process(pid).cpu_times()
+        total += times.user + times.system
+    return total
+
+
 def check_all(results: Sequence[Any]) -> None:
     """A batch in which any task failed stops the benchmark."""
     bad = [r for r in results if not r.ok]

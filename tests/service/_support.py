@@ -2,16 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
+
+if TYPE_CHECKING:
+    from distributed import LocalCluster
+
+@contextlib.contextmanager
+def local_cluster(n_workers: int = 2) -> Iterator[LocalCluster]:
+    """A loopback LocalCluster of spawned worker processes (as wasmtime requires), one thread
+    each, with wasmbox's Dask settings."""
+    import dask
+    from distributed import LocalCluster
+
+    from wasmbox.distributed import cluster_config
+
+    with dask.config.set(cluster_config()), LocalCluster(
+        n_workers=n_workers, processes=True, threads_per_worker=1, host="127.0.0.1",
+        dashboard_address=None,
+    ) as cluster:
+        yield cluster
+
 
 ALICE, BOB, CAROL, DAVE = "alice-secret", "bob-secret", "carol-secret", "dave-secret"
 

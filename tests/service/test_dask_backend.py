@@ -8,23 +8,27 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import dask
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client
 from fastapi.testclient import TestClient
 
-from tests.service._support import ALICE, BOB, CAROL, auth, config_data, wait_final
-from wasmbox.distributed import KEY_PREFIX, cluster_config
+from tests.service._support import (
+    ALICE,
+    BOB,
+    CAROL,
+    auth,
+    config_data,
+    local_cluster,
+    wait_final,
+)
+from wasmbox.distributed import KEY_PREFIX
 from wasmbox.service import ServiceConfig, create_app
 
 
 @pytest.fixture(scope="module")
 def scheduler() -> Iterator[str]:
     """A two-process loopback cluster (spawned workers, as wasmtime requires); its address."""
-    with dask.config.set(cluster_config()), LocalCluster(
-        n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1",
-        dashboard_address=None,
-    ) as cluster:
+    with local_cluster() as cluster:
         yield cluster.scheduler_address
 
 

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import dask
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client
 
+from tests.service._support import local_cluster
 from wasmbox import Result, Status, Task
 from wasmbox.distributed import (
     KEY_PREFIX,
@@ -25,7 +25,6 @@ from wasmbox.distributed import (
     _decode,
     _portable,
     _Shipped,
-    cluster_config,
 )
 from wasmbox.errors import HostFailure
 from wasmbox.models import TierName
@@ -33,10 +32,7 @@ from wasmbox.models import TierName
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[Client]:
-    with dask.config.set(cluster_config()), LocalCluster(
-        n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1",
-        dashboard_address=None,
-    ) as cluster, Client(cluster) as dask_client:
+    with local_cluster() as cluster, Client(cluster) as dask_client:
         yield dask_client
 
 
@@ -125,10 +121,7 @@ def _seen_closed(dask_worker: Any = None) -> list[bool]:
 def test_each_worker_keeps_one_warm_sandbox_and_closes_it_on_teardown(
     guests: dict[str, Path]
 ) -> None:
-    with dask.config.set(cluster_config()), LocalCluster(
-        n_workers=1, processes=True, threads_per_worker=1, host="127.0.0.1",
-        dashboard_address=None,
-    ) as cluster, Client(cluster) as own:
+    with local_cluster(1) as cluster, Client(cluster) as own:
         sandbox = DistributedSandbox(own)
         hello = [Task.wasm(guests["hello"]) for _ in range(40)]
         assert all(r.ok for r in sandbox.map(hello))

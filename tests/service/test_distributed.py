@@ -10,17 +10,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import dask
 import pytest
 from distributed import Client, LocalCluster
 
+from tests.service._support import local_cluster
 from wasmbox import Resources, Result, Status, Task
 from wasmbox.distributed import (
     KEY_PREFIX,
     MAX_RESULT_DEPTH,
     DistributedSandbox,
     _Shipped,
-    cluster_config,
     run_many,
 )
 from wasmbox.errors import ModuleRejected
@@ -29,10 +28,7 @@ from wasmbox.models import AnomalyRule, Event, Metrics, TierName
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[Client]:
-    with dask.config.set(cluster_config()), LocalCluster(
-        n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1",
-        dashboard_address=None,
-    ) as cluster, Client(cluster) as dask_client:
+    with local_cluster() as cluster, Client(cluster) as dask_client:
         yield dask_client
 
 
