@@ -1,4 +1,7 @@
-"""Reading a finished guest: its exit line into an outcome, its output disk into the workspace."""
+"""Reading a finished guest: its exit line into an outcome, its output disk into the workspace.
+
+Internal: part of the VM tier (`wasmbox.tiers.vm`).
+"""
 
 from __future__ import annotations
 

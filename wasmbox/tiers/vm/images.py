@@ -1,5 +1,8 @@
 """The guest's images: the initramfs (busybox, modules, ``/init``, the helpers, a command's
-root) and the read-only python image (the host's python3 and its stdlib, ``mkfs.ext4 -d``)."""
+root) and the read-only python image (the host's python3 and its stdlib, ``mkfs.ext4 -d``).
+
+Internal: part of the VM tier (`wasmbox.tiers.vm`).
+"""
 
 from __future__ import annotations
 

@@ -5,6 +5,8 @@ on (the generic kernel: the cloud one has no 9p), fetched with ``apt-get downloa
 unpacked with ``dpkg -x``, never installed on the host. Only the wanted modules and their
 dependencies are kept (``modules.tar``), in an order computed from each module's
 ``.modinfo``: the guest has no depmod.
+
+Internal: part of the VM tier (`wasmbox.tiers.vm`).
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 `MachineSupply` holds the tier's machine-making half (the pool's refill callback, the
 per-shape templates and why a shape has none); `VmTier` adds preparing and running tasks.
+
+Internal: part of the VM tier (`wasmbox.tiers.vm`).
 """
 
 from __future__ import annotations
