@@ -10,10 +10,8 @@ booted cold.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import shutil
-import tarfile
 import threading
 import time
 from dataclasses import dataclass
@@ -23,17 +21,16 @@ from wasmbox._config import HostConfig
 from wasmbox.errors import HostFailure, TierUnavailable
 from wasmbox.lifecycle import Deadline, shielded
 from wasmbox.models import Status, TaskKind, TierName
-from wasmbox.monitor import Monitor, Sample
+from wasmbox.monitor import Monitor
 from wasmbox.policy import Plan
 from wasmbox.tiers.base import Availability, Outcome, TierCapabilities, check_capabilities
 from wasmbox.tiers.vm.assets import PREPARE_COMMAND, AssetError, Assets, load_assets
-from wasmbox.tiers.vm.collect import classify as _classify
-from wasmbox.tiers.vm.collect import unpack as _unpack
+from wasmbox.tiers.vm.collect import unpack as _unpack  # noqa: F401 (tests import it here)
+from wasmbox.tiers.vm.finish import finish
 from wasmbox.tiers.vm.guest import Bundle, guest_sizes, make_bundle, output_disk_bytes
 from wasmbox.tiers.vm.janitor import claim_run_dir, kill_machines
 from wasmbox.tiers.vm.machine import (
     QEMU,
-    ExitLine,
     Machine,
     Shape,
     guest_memory_mib,
@@ -42,7 +39,6 @@ from wasmbox.tiers.vm.machine import (
 from wasmbox.tiers.vm.pool import MachinePool
 from wasmbox.tiers.vm.snapshot import Snapshot
 from wasmbox.tiers.vm.supply import MachineSupply
-from wasmbox.tiers.watch import RunWatch
 from wasmbox.workspace import Workspace, remove_tree
 
 BOOT_TIMEOUT = 20.0  # a TCG boot takes 1.3-1.7 s here; far past that the boot has hung
@@ -178,8 +174,7 @@ class VmTier(MachineSupply):
                 if machine is None:
                     return _timeout("cancelled while the guest booted", t0)
                 startup = time.monotonic() - t0
-            return self._finish(plan, workspace, deadline, monitor, machine, bundle, t0,
-                                startup)
+            return finish(plan, workspace, deadline, monitor, machine, self._kvm, t0, startup)
         finally:
             if machine is not None:
                 with shielded():
@@ -263,42 +258,6 @@ class VmTier(MachineSupply):
         left = deadline.remaining()
         return 3600.0 if left is None else max(0.05, left - boot - SHIP_MARGIN)
 
-    def _finish(self, plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monitor,
-                machine: Machine, bundle: Bundle, t0: float, startup: float) -> Outcome:
-        line, anomaly = _wait(machine, monitor, deadline, max(plan.kill_grace, 1.0))
-        outcome = Outcome(status=Status.COMPLETED, startup_s=startup)
-        outcome.run_s = time.monotonic() - t0 - startup
-        outcome.extra["guest_memory_mib"] = float(machine.shape.memory_mib)
-        outcome.extra["kvm"] = 1.0 if self._kvm else 0.0
-        outcome.extra["restored"] = 1.0 if machine.restored else 0.0
-        if machine.ready_at is not None:  # boot or restore: QEMU start until it took tasks
-            outcome.extra["machine_ready_s"] = machine.ready_at - machine.started
-        rss = machine.rss_bytes()
-        if rss is not None:
-            outcome.extra["qemu_rss_bytes"] = float(rss)
-        if anomaly is not None:
-            outcome.status, outcome.reason = Status.ANOMALY, anomaly
-            return outcome
-        if line is None:
-            if machine.alive or deadline.expired:
-                outcome.status, outcome.reason = Status.TIMEOUT, "wall-clock deadline passed"
-            else:
-                outcome.status = Status.CRASHED
-                # For diagnosis only: the last console line and what QEMU itself said.
-                tail = machine.serial_tail().strip().splitlines()[-1:] or [""]
-                outcome.reason = (f"the guest stopped without reporting (kernel panic?): "
-                                  f"{tail[0][:200]!r} {machine.qemu_errors()[-300:]}").strip()
-            return outcome
-        machine.stop()  # the guest synced its output disk before printing the line
-        _classify(outcome, line, plan)
-        if not line.flags & {"ship", "empty"}:  # "empty": the guest had nothing to ship
-            try:
-                _unpack(machine.output_image, workspace, plan)
-            except (tarfile.TarError, OSError) as exc:
-                outcome.status = Status.OUTPUT_REJECTED
-                outcome.reason = f"the output disk is unreadable: {exc}"
-        return outcome
-
     def _release(self) -> None:
         with self._lock:
             pool, self._pool = self._pool, None
@@ -331,26 +290,6 @@ def _packages_unsuitable(plan: Plan) -> str | None:
             return (f"the VM tier's task user cannot read {package}: make it readable and "
                     "searchable by others (chmod o+rx)")
     return None
-
-
-def _wait(machine: Machine, monitor: Monitor, deadline: Deadline,
-          grace: float) -> tuple[ExitLine | None, str | None]:
-    """Wait for the exit line, sampling QEMU for the monitor; (line, anomaly reason).
-
-    The guest keeps its own timer, so the host waits `grace` past the deadline for its
-    report; a cancelled run stops the guest at once (within a step, at most 100 ms)."""
-    def probe(base: Sample) -> Sample:
-        # From outside the guest only QEMU itself is visible: its CPU time is the task's
-        # plus the guest kernel's; its RSS is not the task's memory, so none is reported.
-        return dataclasses.replace(base, cpu_s=machine.cpu_seconds())
-
-    step = min(monitor.policy.interval, 0.1) if monitor.policy.enabled else 0.1
-    watch = RunWatch(deadline, monitor, probe, grace=grace)
-    stop = watch.wait(lambda t: machine.wait_exit(t) is not None or not machine.alive, step)
-    if stop is not None and (deadline.cancelled or stop.status is Status.ANOMALY):
-        machine.stop()
-    line = machine.wait_exit(0.0)
-    return line, stop.reason if stop is not None and stop.status is Status.ANOMALY else None
 
 
 def _left(deadline: Deadline, cap: float) -> float:
