@@ -9,6 +9,7 @@ dependencies are kept (``modules.tar``), in an order computed from each module's
 
 from __future__ import annotations
 
+import graphlib
 import io
 import lzma
 import os
@@ -79,30 +80,27 @@ def _apt_download(package: str, into: Path) -> Path:
 
 
 def module_order(wanted: tuple[str, ...], index: Mapping[str, bytes]) -> list[str]:
-    """`wanted` and everything they depend on, dependencies first (a depth-first topo sort).
+    """`wanted` and everything they depend on, dependencies first (`graphlib`).
 
-    `index` maps a module name (``-`` read as ``_``) to the module's ELF bytes.
+    `index` maps a module name (``-`` read as ``_``) to the module's ELF bytes. The
+    dependency graph is gathered with an explicit stack (never recursion) and sorted with
+    sorted dependency lists, so the order is the same on every run.
     """
-    order: list[str] = []
-    visiting: set[str] = set()
-
-    def visit(name: str) -> None:
-        if name in order:
-            return
-        if name in visiting:
-            raise AssetError(f"module dependency cycle through {name}")
+    graph: dict[str, list[str]] = {}
+    todo = list(reversed(wanted))
+    while todo:
+        name = todo.pop()
+        if name in graph:
+            continue
         if name not in index:
             raise AssetError(f"module {name} is not in the kernel package")
-        visiting.add(name)
-        for dep in modinfo(index[name]).get("depends", "").split(","):
-            if dep:
-                visit(dep.replace("-", "_"))
-        visiting.discard(name)
-        order.append(name)
-
-    for name in wanted:
-        visit(name)
-    return order
+        depends = modinfo(index[name]).get("depends", "").split(",")
+        graph[name] = sorted({dep.replace("-", "_") for dep in depends if dep})
+        todo.extend(reversed(graph[name]))
+    try:
+        return list(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as exc:
+        raise AssetError(f"module dependency cycle through {exc.args[1][0]}") from exc
 
 
 def modinfo(elf: bytes) -> dict[str, str]:
