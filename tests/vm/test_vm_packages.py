@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.container.test_packages import NUMPY_TASK, numpy_dir
 from wasmbox import Policy, Sandbox, Task
 from wasmbox.errors import TierUnavailable
 from wasmbox.models import PythonPolicy, Status, TierName
@@ -18,6 +19,7 @@ from wasmbox.tiers.vm.assets import AssetReport
 from wasmbox.tiers.vm.tier import VmTier
 
 pytestmark = pytest.mark.vm
+__all__ = ["numpy_dir"]  # the container tests' cached `pip install --target numpy` fixture
 
 C_EXTENSION = r"""
 #include <Python.h>
@@ -115,3 +117,15 @@ def test_a_wheel_is_unsuitable_with_the_reason(tmp_path: Path) -> None:
             tier.prepare(plan)
     finally:
         tier.close()
+
+
+def test_numpy_from_pip_install_target_runs_in_the_vm(vm_assets: AssetReport,
+                                                       numpy_dir: Path) -> None:
+    """The README's workflow on the VM tier: a wheel with C extensions (and libstdc++ beside
+    python3's own libraries) from `pip install --target`."""
+    policy = Policy(python=PythonPolicy(packages=(numpy_dir,)))
+    with Sandbox(policy, tiers={TierName.VM: lambda: VmTier(pool_size=0, boot_timeout=60)}) as sb:
+        r = sb.run(Task.python(NUMPY_TASK, tier="vm"))
+    assert r.status is Status.COMPLETED, (r.reason, r.stderr[-2000:])
+    assert r.output == {"sum": 66.0, "det": 8.0,
+                        "file": "/opt/wasmbox/packages/0/numpy/__init__.py"}

@@ -34,6 +34,7 @@ from wasmbox.tiers.vm.images import (
     BUSYBOX,
     HOST_LD_CACHE,
     HOST_PYTHON,
+    RUNTIME_LIBRARIES,
     USERLAND_DIRS,
     atomic_write,
     build_initramfs,
@@ -50,7 +51,7 @@ from wasmbox.tiers.vm.kernel import (
 __all__ = ["PREPARE_COMMAND", "AssetError", "AssetReport", "Assets", "cache_dir", "load_assets",
            "main", "modinfo", "module_order", "prepare_assets"]
 
-FORMAT = 5  # bump when the layout of any asset changes
+FORMAT = 6  # bump when the layout of any asset changes
 PREPARE_COMMAND = "python3 -m wasmbox.tiers.vm.assets"
 
 
@@ -159,6 +160,7 @@ def _recipe() -> str:
     h.update(SEED_HELPER.encode())
     h.update(RUN_HELPER.encode())
     h.update(b"cc" if shutil.which("cc") or shutil.which("gcc") else b"no-cc")
+    h.update(repr(RUNTIME_LIBRARIES).encode())  # copied into the python image
     h.update(_fingerprint_text(BUSYBOX).encode())
     # The task root copies the host's layout, loader cache and alternatives links.
     h.update(_fingerprint_text(HOST_LD_CACHE).encode())

@@ -131,8 +131,17 @@ _SKIP_STDLIB = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "site-p
                 "dist-packages", "lib2to3", "__phello__", "config-3.11-x86_64-linux-gnu"}
 
 
+# Libraries compiled extension modules commonly link against beyond python3's own (manylinux
+# wheels such as numpy's need libstdc++ and glibc's split-out libpthread/libdl/librt; OpenMP
+# builds libgomp): copied in when the host has them, so a `pip install --target` package that
+# imports in a container imports in a VM too.
+RUNTIME_LIBRARIES = ("libstdc++.so.6", "libgcc_s.so.1", "libgomp.so.1", "libpthread.so.0",
+                     "libdl.so.2", "librt.so.1", "libm.so.6", "libutil.so.1", "libz.so.1")
+
+
 def build_python_image(root: Path) -> None:
-    """Write ``python.ext4``: the host's python3, its stdlib and shared libraries."""
+    """Write ``python.ext4``: the host's python3, its stdlib and shared libraries (with
+    `RUNTIME_LIBRARIES`)."""
     exe = HOST_PYTHON.resolve()
     stdlib = Path(run_tool([str(exe), "-c",
                             "import sysconfig; print(sysconfig.get_paths()['stdlib'])"]).strip())
@@ -150,13 +159,25 @@ def build_python_image(root: Path) -> None:
         shutil.copyfile(BUSYBOX, tree / "bin/busybox")
         os.chmod(tree / "bin/busybox", 0o755)
         dynload = [str(p) for p in (tree / stdlib.relative_to("/")).rglob("*.so")]
-        for lib in _shared_libraries([str(exe), *dynload]):
+        runtime = [str(p) for p in _host_libraries(RUNTIME_LIBRARIES)]
+        for lib in _shared_libraries([str(exe), *dynload, *runtime]) | set(map(Path, runtime)):
             _copy_into(tree, lib)
         size_mib = _tree_bytes(tree) * 13 // 10 // (1 << 20) + 16
         image = Path(tmp) / "python.ext4"
         run_tool(["mkfs.ext4", "-q", "-F", "-L", "wbxpy", "-O", "^has_journal", "-E",
               "root_owner=0:0", "-d", str(tree), str(image), f"{size_mib}M"])
         os.replace(image, root / "python.ext4")
+
+
+def _host_libraries(names: tuple[str, ...]) -> list[Path]:
+    """The host's copies of the libraries `names` (by the loader's cache), those it has."""
+    out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout
+    found: dict[str, Path] = {}
+    for line in out.splitlines():
+        m = re.match(r"\s*(\S+) \(libc6,x86-64[^)]*\) => (/\S+)$", line)
+        if m and m.group(1) in names and m.group(1) not in found:
+            found[m.group(1)] = Path(m.group(2))
+    return [found[n] for n in names if n in found]
 
 
 def _shared_libraries(binaries: list[str]) -> set[Path]:

@@ -46,6 +46,11 @@ def guest_memory_mib(task_memory: int) -> int:
     return max(MIN_GUEST_MIB, -(-task_memory // (1 << 20)) + GUEST_OVERHEAD_MIB)
 
 
+# TCG's default qemu64 model lacks the x86-64-v2 baseline (SSSE3, SSE4.1/4.2, POPCNT,
+# CMPXCHG16B, LAHF/SAHF) that current manylinux wheels assume: numpy 2 dies of SIGILL without it.
+TCG_CPU = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16,+lahf-lm"
+
+
 def qemu_argv(directory: Path, assets: Assets, shape: Shape, *, kvm: bool, initrd: Path,
               extra_cmdline: str = "", ram: RamFile | None = None, monitor: bool = False,
               incoming: bool = False) -> list[str]:
@@ -54,7 +59,8 @@ def qemu_argv(directory: Path, assets: Assets, shape: Shape, *, kvm: bool, initr
     A template and its restores differ only in paths, the RAM file's sharing and
     ``-incoming``: the devices must match for the saved state to load.
     """
-    accel = ["-enable-kvm", "-cpu", "host"] if kvm else ["-accel", f"tcg,tb-size={TB_SIZE_MIB}"]
+    accel = (["-enable-kvm", "-cpu", "host"] if kvm
+             else ["-accel", f"tcg,tb-size={TB_SIZE_MIB}", "-cpu", TCG_CPU])
     memory = ["-m", str(shape.memory_mib)]
     if ram is not None:
         memory += [
