@@ -21,14 +21,15 @@ Two rows for the default configuration, a pool that restores guests from a templ
 - vm-sustained: ``true`` tasks run back to back after a warm-up, never waiting for the pool
   (the issue-15 figure: the pool must keep up by restoring); startup is the wait for a guest.
 
-Run standalone: ``python3 benchmarks/bench_vm.py [--quick]`` (needs qemu-system-x86 and the
-VM assets: ``python3 -m wasmbox.tiers.vm.assets`` or the tier's prepare command).
+Run standalone: ``python3 benchmarks/bench_vm.py [--quick]`` (needs qemu-system-x86; missing
+or stale VM assets are prepared first, as ``python3 -m wasmbox.tiers.vm.assets`` would).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import statistics
 import sys
 from collections.abc import Callable
@@ -54,6 +55,9 @@ from benchmarks.report import print_rows  # noqa: E402
 from wasmbox import Policy, Result, Sandbox, Task  # noqa: E402
 from wasmbox.models import TierName, TimeoutPolicy  # noqa: E402
 from wasmbox.policy import apply  # noqa: E402
+from wasmbox.tiers.base import Availability  # noqa: E402
+from wasmbox.tiers.vm.assets import AssetError, prepare_assets  # noqa: E402
+from wasmbox.tiers.vm.qemu import QEMU  # noqa: E402
 from wasmbox.tiers.vm.tier import VmTier  # noqa: E402
 
 STEPS = 7
@@ -64,11 +68,27 @@ def loop(iterations: int) -> str:
     return f"i=0; while [ $i -lt {iterations} ]; do i=$((i+1)); done"
 
 
+def _with_assets() -> Availability:
+    """The VM tier's availability once its assets are prepared: missing or stale assets are
+    built here, once, as the test suite's fixture does (the kernel download and images are
+    one-off host costs, never part of a row)."""
+    probe = VmTier(pool_size=0)
+    try:
+        available = probe.availability()
+        if not available.ok and shutil.which(QEMU) is not None:
+            try:
+                prepare_assets()
+            except (AssetError, OSError) as exc:
+                return Availability(TierName.VM, False, f"VM assets cannot be prepared: {exc}")
+            available = probe.availability()
+        return available
+    finally:
+        probe.close()
+
+
 def measure(quick: bool, progress: Progress) -> list[Row]:
     """Rows vm-cold, vm-pooled, vm-snapshot and vm-sustained."""
-    probe = VmTier(pool_size=0)
-    available = probe.availability()
-    probe.close()
+    available = _with_assets()
     if not available.ok:
         for _ in range(STEPS):
             progress.step("vm: missing")
