@@ -18,16 +18,13 @@ The guest-side sleep slicing is bypassed on purpose below (the original ``time.s
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import wasmtime
 
-from wasmbox import Policy, Resources, Sandbox, Status, Task
+from wasmbox import Resources, Sandbox, Status, Task
 from wasmbox.models import TierName
-from wasmbox.tiers.wasm import WasmTier
-from wasmbox.tiers.wasm.python import PythonRuntime
 
 # Unguarded, a test below blocks its thread for up to an hour: fail it instead (generous:
 # building and compiling the Python interpreter on a loaded machine counts too).
@@ -149,24 +146,15 @@ def main(_):
 """
 
 
-@pytest.fixture(scope="module")
-def py_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    cache = tmp_path_factory.getbasetemp() / "adversarial-python-cache"
-    cache.mkdir(exist_ok=True)
-    with WasmTier(cache) as tier:
-        report = PythonRuntime(cache, lambda f: tier._engine_for(f)[0]).availability()
-        if not report.ok:
-            pytest.skip(report.reason)
-    policy = Policy.model_validate({"allowed_tiers": ["wasm"]})
-    with Sandbox(policy, tiers={TierName.WASM: lambda: WasmTier(cache)}) as sb:
-        yield sb
 
 
 @pytest.mark.parametrize("source", [_ORIGINAL_SLEEP, _SELECT], ids=["sleep-globals", "select"])
-def test_python_blocking_wait_is_cut_at_the_deadline(py_sandbox: Sandbox, source: str) -> None:
+def test_python_blocking_wait_is_cut_at_the_deadline(
+    python_wasm_sandbox: Sandbox, source: str
+) -> None:
     # Without the clock shim the host thread is held the full 6 s.
     task = Task.python(source.format(seconds=6), tier=TierName.WASM, resources={"timeout": 1})
-    r = py_sandbox.run(task)
+    r = python_wasm_sandbox.run(task)
     assert r.tier is TierName.WASM
     assert r.status is Status.TIMEOUT, (r.reason, r.stderr[-300:])
     assert r.output is None
@@ -177,10 +165,12 @@ def test_python_blocking_wait_is_cut_at_the_deadline(py_sandbox: Sandbox, source
 
 
 @pytest.mark.parametrize("mode", ["sleep", "monotonic-select"])
-def test_python_wait_the_deadline_allows_is_waited_in_full(py_sandbox: Sandbox, mode: str) -> None:
+def test_python_wait_the_deadline_allows_is_waited_in_full(
+    python_wasm_sandbox: Sandbox, mode: str
+) -> None:
     waits = {"sleep": "time.sleep(0.2)", "monotonic-select": "time.sleep(0.1); time.sleep(0.1)"}
     source = (f"import time\ndef main(_):\n    t = time.monotonic()\n    {waits[mode]}\n"
               "    return time.monotonic() - t\n")
-    r = py_sandbox.run(Task.python(source, tier=TierName.WASM, resources={"timeout": 30}))
+    r = python_wasm_sandbox.run(Task.python(source, tier=TierName.WASM, resources={"timeout": 30}))
     assert r.status is Status.COMPLETED, r.reason
     assert isinstance(r.output, float) and r.output >= 0.2  # by the guest's clock

@@ -10,14 +10,10 @@ outcome, never a host exception.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
-from wasmbox import Policy, Sandbox, Status, Task, apply
+from wasmbox import Sandbox, Status, Task, apply
 from wasmbox.models import TierName
-from wasmbox.tiers.wasm import WasmTier
-from wasmbox.tiers.wasm.python import PythonRuntime
 from wasmbox.tiers.wasm.source_scan import MAX_SCAN_CHARS, imported_modules
 
 NESTED = {
@@ -57,32 +53,23 @@ def test_scan_gives_up_on_oversized_source() -> None:
     assert imported_modules("import zlib\n" + "#" * MAX_SCAN_CHARS) is None
 
 
-@pytest.fixture(scope="module")
-def auto_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    cache = tmp_path_factory.getbasetemp() / "adversarial-python-cache"  # shared, built once
-    cache.mkdir(exist_ok=True)
-    with WasmTier(cache) as tier:
-        report = PythonRuntime(cache, lambda f: tier._engine_for(f)[0]).availability()
-        if not report.ok:
-            pytest.skip(report.reason)
-    policy = Policy.model_validate({"allowed_tiers": ["wasm"]})
-    with Sandbox(policy, tiers={TierName.WASM: lambda: WasmTier(cache)}) as sb:
-        yield sb
 
 
 @pytest.mark.parametrize("name", ["plus_chain", "not_chain"])
-def test_nested_source_with_tier_auto_is_a_task_outcome(auto_sandbox: Sandbox, name: str) -> None:
+def test_nested_source_with_tier_auto_is_a_task_outcome(
+    python_wasm_sandbox: Sandbox, name: str
+) -> None:
     # Before the fix, Sandbox.run raised RecursionError from the host-side ast.parse.
     task = Task.python(NESTED[name], tier=TierName.AUTO, resources={"timeout": 30})
-    r = auto_sandbox.run(task)
+    r = python_wasm_sandbox.run(task)
     assert r.tier is TierName.WASM
     # Whatever the guest's own compiler makes of it (a result, a RecursionError, a
     # MemoryError), it is a status of the run, never a host exception.
     assert isinstance(r.status, Status)
 
 
-def test_auto_still_sees_imports_after_the_change(auto_sandbox: Sandbox) -> None:
-    plan = apply(auto_sandbox.policy, Task.python("import zlib\nimport no_such_mod_xyz\n"))
-    tier = auto_sandbox._tier(TierName.WASM)
+def test_auto_still_sees_imports_after_the_change(python_wasm_sandbox: Sandbox) -> None:
+    plan = apply(python_wasm_sandbox.policy, Task.python("import zlib\nimport no_such_mod_xyz\n"))
+    tier = python_wasm_sandbox._tier(TierName.WASM)
     reason = tier.unsuitable(tier.prepare(plan))
     assert reason is not None and "no_such_mod_xyz" in reason
