@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,9 +24,12 @@ from wasmbox import (
     Status,
     Task,
 )
+from wasmbox._batch import Cancel
 from wasmbox.errors import HostFailure, PolicyViolation, TierUnavailable
 from wasmbox.models import FilesystemPolicy
 from wasmbox.policy import apply
+from wasmbox.tiers.base import TierName
+from wasmbox.tiers.wasm import WasmTier
 
 
 def test_command_refuses_a_string_argv_and_suggests_the_split() -> None:
@@ -128,6 +133,39 @@ def test_imap_unordered_yields_every_index(sandbox: Sandbox, guests: dict[str, P
     tasks = [Task.wasm(guests["hello"])] * 7
     indexes = sorted(i for i, _ in sandbox.imap(tasks, concurrency=2, ordered=False))
     assert indexes == list(range(7))
+
+
+class _FirstWaits(Sandbox):
+    """Runs the first task of a batch only after three others finished: the in-order window
+    then drains completely before anything is yielded (the case that once ended a batch
+    after its first window)."""
+
+    def __init__(self, first_id: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._first_id, self._others = first_id, 0
+        self._others_done, self._count_lock = threading.Event(), threading.Lock()
+
+    def _run_registered(self, task: Task, token: Cancel) -> Result:
+        if task.id == self._first_id:
+            assert self._others_done.wait(30), "the other tasks never finished"
+            return super()._run_registered(task, token)
+        result = super()._run_registered(task, token)
+        with self._count_lock:
+            self._others += 1
+            if self._others == 3:
+                self._others_done.set()
+        return result
+
+
+def test_map_refills_after_an_out_of_order_window(
+    module_cache: Path, guests: dict[str, Path]
+) -> None:
+    tasks = [Task.wasm(guests["json_transform"], input={"xs": [i, 1]}) for i in range(9)]
+    sb = _FirstWaits(tasks[0].id, tiers={TierName.WASM: lambda: WasmTier(module_cache)})
+    with sb:
+        results = sb.map(tasks, concurrency=2)
+    assert [r.task_id for r in results] == [t.id for t in tasks]
+    assert [r.output["sum"] for r in results] == [i + 1 for i in range(9)]  # type: ignore[index]
 
 
 def test_clamping_is_reported_as_warnings(sandbox: Sandbox, guests: dict[str, Path]) -> None:

@@ -143,7 +143,8 @@ class Batching(Closeable):
                     if ordered and next_index in done_early:
                         yield unwrap(next_index, done_early.pop(next_index))
                         next_index += 1
-                        continue
+                        fill()  # the yielded slot is free: without this, a batch whose
+                        continue  # window drained out of order ended early
                     finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for future in finished:
                         index = pending.pop(future)
