@@ -22,6 +22,7 @@ from pathlib import Path
 
 from wasmbox.errors import HostFailure
 from wasmbox.lifecycle import Closeable
+from wasmbox.tiers.vm import procstat
 from wasmbox.tiers.vm.assets import Assets
 from wasmbox.tiers.vm.console import ExitLine, arming_line, parse_exit
 from wasmbox.tiers.vm.guest import ARMED, EXIT, READY
@@ -47,6 +48,7 @@ __all__ = [
 ]
 
 _SERIAL_KEEP = 16384
+_STARVED_WAIT = 4.0  # a starved boot may take this many boot timeouts of wall time
 
 
 class Machine(Closeable):
@@ -132,13 +134,29 @@ class Machine(Closeable):
             except OSError as exc:
                 raise HostFailure(f"cannot arm the guest: {exc}") from exc
 
-    def wait_ready(self, timeout: float) -> bool:
+    def wait_ready(self, timeout: float, *, starved_grace: bool = False) -> bool:
         """True once the guest can take a task (READY, or ARMED for an armed guest); False on
-        timeout or early death."""
-        end = time.monotonic() + timeout
+        timeout or early death.
+
+        With `starved_grace`, time QEMU spent runnable but waiting for a CPU (a host too busy
+        to run it) does not count: a slow boot is not a hung one. The wait still ends at
+        `_STARVED_WAIT` times `timeout`.
+        """
+        start = time.monotonic()
+        queued_start = self.queued_seconds() if starved_grace else None
+        end = start + timeout
         while not self._ready.wait(min(0.05, max(0.0, end - time.monotonic()))):
-            if self._exited.is_set() or time.monotonic() >= end:
+            if self._exited.is_set():
                 return self._ready.is_set()
+            now = time.monotonic()
+            if now < end:
+                continue
+            queued = self.queued_seconds() if queued_start is not None else None
+            if (queued is None or queued_start is None
+                    or now - start - (queued - queued_start) >= timeout
+                    or now - start >= _STARVED_WAIT * timeout):
+                return self._ready.is_set()
+            end = now + min(0.5, timeout)  # starved, not hung: look again shortly
         return True
 
     def send(self, payload: bytes, nonce: str, timeout: float) -> None:
@@ -181,23 +199,15 @@ class Machine(Closeable):
 
     def rss_bytes(self) -> int | None:
         """Resident memory of the QEMU process."""
-        try:
-            with open(f"/proc/{self.process.pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-        return None
+        return procstat.rss_bytes(self.process.pid)
 
     def cpu_seconds(self) -> float | None:
         """CPU time QEMU has used (all its threads)."""
-        try:
-            with open(f"/proc/{self.process.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return procstat.cpu_seconds(self.process.pid)
+
+    def queued_seconds(self) -> float | None:
+        """The longest time one QEMU thread was runnable but waiting for a CPU."""
+        return procstat.queued_seconds(self.process.pid)
 
     def _read_serial(self) -> None:
         stream = self.process.stdout

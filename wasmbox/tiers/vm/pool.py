@@ -35,7 +35,7 @@ class MachinePool(Pool[Shape, Machine]):
         machine = self.take(shape)
         if machine is None:
             return None
-        if machine.wait_ready(wait) and machine.alive:
+        if machine.wait_ready(wait, starved_grace=True) and machine.alive:
             return machine
         machine.close()
         return None

@@ -232,7 +232,7 @@ class VmTier(MachineSupply):
                 machine = self._boot_machine(shape, initrd)
                 try:
                     machine.expect(bundle.nonce)
-                    ready = machine.wait_ready(self._boot_timeout)
+                    ready = machine.wait_ready(self._boot_timeout, starved_grace=True)
                 except BaseException:
                     machine.close()
                     raise
