@@ -99,3 +99,24 @@ def test_read_connections_of_ended_threads_are_closed(
         assert me.num_fds() - before < 10
     finally:
         store.close()
+
+
+def test_a_failing_write_leaves_nothing_behind_alone_or_in_a_batch(tmp_path: Path) -> None:
+    store = TaskStore(tmp_path / "tasks.db")
+
+    def half_done(db: sqlite3.Connection) -> None:
+        db.execute("INSERT INTO charges (token, finished_at, charge) VALUES ('x', 1, 1)")
+        raise ValueError("half done")
+
+    try:
+        with pytest.raises(ValueError, match="half done"):
+            store._write(half_done)  # alone in its batch: no savepoint, the batch rolled back
+        futures = [store._queue_write(half_done) for _ in range(5)]  # batched, mostly
+        for future in futures:
+            with pytest.raises(ValueError, match="half done"):
+                future.result(timeout=10)
+        assert store.charges("x", 0) == []
+        store.add("alice", "default", Task.python("x = 1"))
+        assert store.in_flight("alice") == 1  # the journal still takes writes
+    finally:
+        store.close()
