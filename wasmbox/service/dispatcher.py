@@ -233,8 +233,7 @@ class Dispatcher(Closeable):
                 self._running -= 1
 
     def _execute(self, task_id: str, policy: str, task: Task, started: float) -> None:
-        """Run the task and journal how it ended. The worker does not wait for that commit:
-        `_finished` notifies once it is durable."""
+        """Run the task and journal how it ended, not waiting for that (see `_finished`)."""
         try:
             result = self._runner.run(policy, task)
         except SandboxError as exc:
@@ -253,21 +252,19 @@ class Dispatcher(Closeable):
         try:
             ended = future.result()
         except Exception as exc:  # the commit failed: the task is rejected instead
+            log.error("task %s: its result could not be journaled: %r", task_id, exc)
             return self._reject(task_id, f"internal error: {type(exc).__name__}: {exc}", charge)
-        if ended is not None:
-            final, submitted_at = ended
-            self.metrics.observe(final, time.time() - submitted_at)
+        if ended is not None:  # (the stored result, when it was submitted)
+            self.metrics.observe(ended[0], time.time() - ended[1])
         self._notify(task_id)
 
     def _reject(self, task_id: str, error: str, charge: float, reason: str = "internal") -> None:
-        """Reject a task and charge it, without waiting: waiters hear once it is durable. If
-        even the journal fails, log it (the task stays ``running`` there and is queued again
-        at the next start)."""
+        """Reject and charge a task without waiting (waiters hear once that is durable); if
+        even the journal fails, log it: the task stays ``running``, to run at the next start."""
 
         def journaled(future: Future[None]) -> None:
-            if future.exception() is not None:
-                log.error("could not record the rejection of task %s: %r", task_id,
-                          future.exception())
+            if (failure := future.exception()) is not None:
+                log.error("could not record the rejection of task %s: %r", task_id, failure)
             self._notify(task_id)
 
         try:
