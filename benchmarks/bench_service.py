@@ -22,6 +22,7 @@ import base64
 import hashlib
 import importlib.util
 import json
+import json as _json
 import os
 import socket
 import subprocess
@@ -52,11 +53,13 @@ REQUEST_TIMEOUT_S = 60.0  # one request; a whole cell is bounded by its task cou
 
 
 def measure(quick: bool, progress: Progress, workers: int = 2,
-            tasks: int | None = None, by: str = "sha256") -> list[Row]:
+            tasks: int | None = None, by: str = "sha256", client: str = "httpx") -> list[Row]:
     """One row per (form, concurrency level), plus base64-in-every-request at the lowest.
 
     `by`: how the cells name the module, ``sha256`` or ``b64`` (every request carries it;
-    the only way before module_sha256 existed, for before/after runs).
+    the only way before module_sha256 existed, for before/after runs). `client`: the load
+    generator's HTTP client, ``httpx`` or ``raw`` (one plain keep-alive HTTP/1.1 connection
+    per simulated client: a fraction of httpx's CPU, which shares the cores with the service).
     """
     progress.show("service: starting the service")
     absent = [name for name in ("httpx", "fastapi", "uvicorn")
@@ -74,33 +77,34 @@ def measure(quick: bool, progress: Progress, workers: int = 2,
         load_before = os.getloadavg()[0]
         by_b64 = {"kind": "wasm", "module_b64": base64.b64encode(hello).decode()}
         by_ref = {"kind": "wasm", "module_sha256": hashlib.sha256(hello).hexdigest()}
-        asyncio.run(_load(url, by_b64, "poll", 4, 8))  # warm: journal the module, compile it
+        asyncio.run(_load(url, by_b64, "poll", 4, 8, client))  # warm: journal, compile
         progress.step("service: submit + long-poll")
         for form in FORMS:
             if form == "wait":
                 progress.step("service: submit-and-wait")
             for level in LEVELS:
                 body = by_ref if by == "sha256" else by_b64
-                rows.append(_row(form, level, body, url, n, workers, server))
+                rows.append(_row(form, level, body, url, n, workers, server, client))
         progress.step("service: module as base64 in every request")
         if by == "sha256":
-            b64 = _row("poll", LEVELS[0], by_b64, url, max(50, n // 4), workers, server)
+            b64 = _row("poll", LEVELS[0], by_b64, url, max(50, n // 4), workers, server,
+                       client)
             b64.id, b64.label = "service:poll-b64", f"{b64.label}, module as base64 each time"
             rows.append(b64)
         rows[0].notes.insert(0, (
             f"{n} hello tasks a cell (module by {'module_sha256' if by == 'sha256' else 'base64'}"
-            f"), service with {workers} worker "
-            f"threads, load generator and service on the same {CORES} cores; load average "
+            f"), service with {workers} worker threads, load generator ({client} client) "
+            f"and service on the same {CORES} cores; load average "
             f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after (the machine is shared)"))
     progress.step("service: done")
     return rows
 
 
 def _row(form: str, level: int, body: dict[str, str], url: str, n: int, workers: int,
-         server: psutil.Process) -> Row:
+         server: psutil.Process, client: str = "httpx") -> Row:
     s0, c0 = server.cpu_times(), time.process_time()
     t0 = time.perf_counter()
-    latencies = asyncio.run(_load(url, body, form, level, n))
+    latencies = asyncio.run(_load(url, body, form, level, n, client))
     elapsed = time.perf_counter() - t0
     s1, c1 = server.cpu_times(), time.process_time()
     service_cpu = (s1.user + s1.system - s0.user - s0.system) / n
@@ -120,12 +124,22 @@ def _row(form: str, level: int, body: dict[str, str], url: str, n: int, workers:
     return row
 
 
-async def _load(url: str, body: dict[str, str], form: str, level: int, n: int) -> list[float]:
+async def _load(url: str, body: dict[str, str], form: str, level: int, n: int,
+                client: str = "httpx") -> list[float]:
     """Run `n` tasks from `level` concurrent clients; each task's submit-to-result seconds."""
     import httpx
 
     latencies: list[float] = []
     remaining = iter(range(n))
+    if client == "raw":
+        async def one_raw_client() -> None:
+            async with _RawClient(url) as raw:
+                for _ in remaining:
+                    latencies.append(await _task(raw, body, form))
+
+        await asyncio.wait_for(asyncio.gather(*(one_raw_client() for _ in range(level))),
+                               timeout=REQUEST_TIMEOUT_S * max(1, n // level + 1))
+        return latencies
     limits = httpx.Limits(max_connections=level, max_keepalive_connections=level)
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {SECRET}"},
                                  timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
@@ -154,6 +168,53 @@ async def _task(client: Any, body: dict[str, str], form: str) -> float:
         poll.raise_for_status()
         view = poll.json()
     raise RuntimeError(f"bench task {view['id']} did not finish")
+
+
+class _RawClient:
+    """The little of an HTTP/1.1 client `_task` needs, on one keep-alive connection."""
+
+    def __init__(self, url: str) -> None:
+        self._host, _, port = url.removeprefix("http://").partition(":")
+        self._port = int(port)
+
+    async def __aenter__(self) -> _RawClient:
+        self._reader, self._writer = await asyncio.open_connection(self._host, self._port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._writer.close()
+        await self._writer.wait_closed()
+
+    async def post(self, path: str, json: Any, params: dict[str, Any] | None) -> _RawResponse:
+        return await self._request("POST", path, params, _json.dumps(json).encode())
+
+    async def get(self, path: str, params: dict[str, Any] | None) -> _RawResponse:
+        return await self._request("GET", path, params, b"")
+
+    async def _request(self, method: str, path: str, params: dict[str, Any] | None,
+                       body: bytes) -> _RawResponse:
+        query = "?" + "&".join(f"{k}={v}" for k, v in params.items()) if params else ""
+        self._writer.write(
+            f"{method} {path}{query} HTTP/1.1\r\nHost: {self._host}\r\n"
+            f"Authorization: Bearer {SECRET}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        head = await asyncio.wait_for(self._reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_S)
+        lines = head.decode("latin-1").split("\r\n")
+        length = next(int(line.split(":", 1)[1]) for line in lines
+                      if line.lower().startswith("content-length:"))
+        return _RawResponse(int(lines[0].split()[1]), await self._reader.readexactly(length))
+
+
+class _RawResponse:
+    def __init__(self, status: int, content: bytes) -> None:
+        self.status_code, self.content = status, content
+
+    def raise_for_status(self) -> None:
+        if self.status_code >= 400:
+            raise RuntimeError(f"HTTP {self.status_code}: {self.content[:200]!r}")
+
+    def json(self) -> Any:
+        return _json.loads(self.content)
 
 
 @contextmanager
@@ -215,9 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="service worker threads")
     parser.add_argument("--by", choices=("sha256", "b64"), default="sha256",
                         help="name the module by digest (default) or send it every time")
+    parser.add_argument("--client", choices=("httpx", "raw"), default="httpx",
+                        help="the load generator's HTTP client (raw: a minimal keep-alive one)")
     parser.add_argument("--json", action="store_true", help="one JSON line per row")
     args = parser.parse_args(argv)
-    rows = measure(args.quick, NoProgress(STEPS), args.workers, args.tasks, args.by)
+    rows = measure(args.quick, NoProgress(STEPS), args.workers, args.tasks, args.by,
+                   args.client)
     if args.json:
         for row in rows:
             print(json.dumps({"id": row.id, **row.throughput,

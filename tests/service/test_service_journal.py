@@ -1,17 +1,23 @@
 """The group-committing journal: a write whose caller gave up still lands, and the writer
 thread serves the next one; one failing write is undone alone; closing commits what is
-queued; the read connections of threads that ended do not pile up."""
+queued; the read connections of threads that ended do not pile up; a result's commit that
+fails (the worker did not wait for it) still ends the task."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
 import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import psutil
 import pytest
+from fastapi.testclient import TestClient
 
+from tests.service._support import ALICE, auth
 from wasmbox import Task
 from wasmbox.service.store import State, TaskStore
 
@@ -99,3 +105,48 @@ def test_read_connections_of_ended_threads_are_closed(
         assert me.num_fds() - before < 10
     finally:
         store.close()
+
+
+def test_a_failing_write_leaves_nothing_behind_alone_or_in_a_batch(tmp_path: Path) -> None:
+    store = TaskStore(tmp_path / "tasks.db")
+
+    def half_done(db: sqlite3.Connection) -> None:
+        db.execute("INSERT INTO charges (token, finished_at, charge) VALUES ('x', 1, 1)")
+        raise ValueError("half done")
+
+    try:
+        with pytest.raises(ValueError, match="half done"):
+            store._write(half_done)  # alone in its batch: no savepoint, the batch rolled back
+        futures = [store._queue_write(half_done) for _ in range(5)]  # batched, mostly
+        for future in futures:
+            with pytest.raises(ValueError, match="half done"):
+                future.result(timeout=10)
+        assert store.charges("x", 0) == []
+        store.add("alice", "default", Task.python("x = 1"))
+        assert store.in_flight("alice") == 1  # the journal still takes writes
+    finally:
+        store.close()
+
+
+def test_a_result_whose_commit_fails_rejects_the_task_and_wakes_its_waiters(
+    make_client: Callable[..., TestClient], wasm_b64: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Workers do not wait for a result's commit: its failure arrives on the writer thread.
+    def finish_failing(self: TaskStore, task_id: str, result: object, charge: float,
+                       done: Callable[[Future[object]], None] | None = None) -> None:
+        def fail(db: sqlite3.Connection) -> None:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        assert done is not None
+        self._queue_write(fail).add_done_callback(done)
+
+    client = make_client(workers=1)
+    monkeypatch.setattr(TaskStore, "finish", finish_failing)
+    task_id = client.post("/v1/tasks", headers=auth(ALICE), json={
+        "kind": "wasm", "module_b64": wasm_b64["hello"]}).json()["id"]
+    started = time.monotonic()
+    view = client.get(f"/v1/tasks/{task_id}", headers=auth(ALICE), params={"wait": 15}).json()
+    assert time.monotonic() - started < 10  # woken, not timed out
+    assert view["state"] == "rejected", view
+    assert view["error"] == "internal error: OperationalError: disk I/O error"

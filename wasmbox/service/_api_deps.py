@@ -12,6 +12,8 @@ from fastapi.security import HTTPBearer
 from wasmbox.service.dispatcher import Dispatcher
 
 _bearer = HTTPBearer(auto_error=False, description="a token from the service config")
+# The largest ``wait`` a request may ask for (seconds; the service waits at most max_wait).
+MAX_WAIT_PARAM = 3600
 
 
 class _Waiters:

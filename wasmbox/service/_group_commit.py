@@ -101,18 +101,23 @@ class _GroupCommit(Closeable):
                 db.execute(f"PRAGMA synchronous={'FULL' if synced else 'NORMAL'}")
                 self._synced = synced
             db.execute("BEGIN IMMEDIATE")
+            # A write alone in its batch needs no savepoint: undoing it undoes the transaction
+            # (each statement costs a round trip through the GIL, which is contended here).
+            alone = len(batch) == 1
             for write in batch:
-                db.execute("SAVEPOINT one")
+                if not alone:
+                    db.execute("SAVEPOINT one")
                 try:
                     value = write.op(db)
                 except Exception as exc:  # this write alone is undone
-                    db.execute("ROLLBACK TO one")
-                    db.execute("RELEASE one")
+                    db.execute("ROLLBACK" if alone else "ROLLBACK TO one")
                     outcomes.append((write.future, False, exc))
                 else:
-                    db.execute("RELEASE one")
                     outcomes.append((write.future, True, value))
-            db.execute("COMMIT")
+                if not alone:
+                    db.execute("RELEASE one")
+            if db.in_transaction:
+                db.execute("COMMIT")
         except BaseException as exc:  # nothing of the batch is stored
             with suppress(sqlite3.Error):
                 if db.in_transaction:

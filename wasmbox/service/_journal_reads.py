@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+
 from wasmbox.models import Result
 from wasmbox.service._group_commit import _GroupCommit
 from wasmbox.service._journal_schema import UNSTORABLE, Record, State
@@ -43,11 +46,29 @@ class _JournalReads(_GroupCommit):
 
     def module(self, token: str, sha256: str) -> bytes | None:
         """The module of SHA-256 `sha256` if `token` submitted it and it is still kept."""
+        kept = "EXISTS (SELECT 1 FROM tasks WHERE module_sha256 = ? AND token = ?)"
+        with _recent_lock:
+            cached = _recent.get(sha256)
+            if cached is not None:
+                _recent.move_to_end(sha256)
+        if cached is not None:  # the bytes are known: only whether the token may use them
+            (found,) = self._reader().execute(
+                f"SELECT {kept} AND EXISTS (SELECT 1 FROM modules WHERE sha256 = ?)",
+                (sha256, token, sha256),
+            ).fetchone()
+            return cached if found else None
         row = self._reader().execute(
-            "SELECT data FROM modules WHERE sha256 = ? AND EXISTS (SELECT 1 FROM tasks"
-            " WHERE module_sha256 = ? AND token = ?)", (sha256, sha256, token),
+            f"SELECT data FROM modules WHERE sha256 = ? AND {kept}", (sha256, sha256, token),
         ).fetchone()
-        return None if row is None else bytes(row[0])
+        if row is None:
+            return None
+        data = bytes(row[0])
+        if len(data) <= RECENT_MODULE_BYTES // RECENT_MODULES:
+            with _recent_lock:
+                _recent[sha256] = data
+                while len(_recent) > RECENT_MODULES:
+                    _recent.popitem(last=False)
+        return data
 
     def file(self, task_id: str, name: str) -> bytes | None:
         """One output file of a finished task, by its exact name."""
@@ -105,3 +126,13 @@ class _JournalReads(_GroupCommit):
             (token, State.QUEUED, State.RUNNING),
         ).fetchone()
         return float(held)
+
+
+# The bytes of the modules most recently named by digest, so that submitting by digest does
+# not read a whole module from the journal each time. Keyed by SHA-256 (the journal stores a
+# module under the digest of its bytes), so an entry cannot go stale; who may use a module is
+# still asked of the journal every time. At most RECENT_MODULES entries, each at most its
+# share of RECENT_MODULE_BYTES.
+RECENT_MODULES, RECENT_MODULE_BYTES = 16, 64 * 2**20
+_recent: OrderedDict[str, bytes] = OrderedDict()
+_recent_lock = threading.Lock()

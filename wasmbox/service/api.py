@@ -18,8 +18,9 @@ from starlette.concurrency import run_in_threadpool
 from wasmbox.errors import InputRejected, ModuleRejected, PolicyViolation, SandboxError
 from wasmbox.models import Policy
 from wasmbox.sandbox import Sandbox
-from wasmbox.service._api_deps import St, _bearer, _State, _Waiters, only_query
+from wasmbox.service._api_deps import MAX_WAIT_PARAM, St, _bearer, _State, _Waiters, only_query
 from wasmbox.service._api_errors import _ERRORS, install_error_handlers
+from wasmbox.service._api_fast import add_lean_routes
 from wasmbox.service._api_meta import add_meta_routes, mount_docs_assets
 from wasmbox.service.config import ServiceConfig
 from wasmbox.service.dispatcher import Dispatcher, QuotaExceeded, Runner, make_runner
@@ -147,8 +148,27 @@ def create_app(
         return record
 
     Wait = Annotated[float, Query(
-        ge=0, le=3600, description="seconds to wait for the final result (at most the "
+        ge=0, le=MAX_WAIT_PARAM, description="seconds to wait for the final result (at most the "
         "service's max_wait)")]
+
+    async def submit_view(
+        st: _State, name: str, body: AnyTaskRequest, wait: float
+    ) -> tuple[TaskView, int]:
+        """Submit; the view and status to answer with (200: final within `wait` seconds)."""
+        if (isinstance(body, WasmTaskRequest) and body.module_sha256 is not None
+                and body.output_schema is None):
+            # A module by reference: admission is a few index lookups (its validation is
+            # cached), so it runs here and only the commit is waited for, off the loop.
+            view = TaskView.of(await asyncio.wrap_future(admit(st, name, body, None)))
+        else:  # decoding and validating a module, or scanning source, can take a while
+            view = await run_in_threadpool(submit, st, name, body, None)
+        if wait <= 0:
+            return view, 202
+        record = await until_final(st, name, owned(st, name, view.id), wait)
+        return TaskView.of(record), 200 if record.state in FINAL else 202
+
+    async def poll_view(st: _State, name: str, task_id: str, wait: float) -> TaskView:
+        return TaskView.of(await until_final(st, name, owned(st, name, task_id), wait))
 
     @app.post("/v1/tasks", status_code=202, response_model=TaskView,
               dependencies=[only_query("wait")], responses={
@@ -160,19 +180,8 @@ def create_app(
         """Submit a task (a module as base64, Python source, or a command's argv); it is
         journaled before the answer. With `wait`, answer 200 with the final view if it ends
         within that many seconds, else 202 with the view as it is then."""
-        if (isinstance(body, WasmTaskRequest) and body.module_sha256 is not None
-                and body.output_schema is None):
-            # A module by reference: admission is a few index lookups (its validation is
-            # cached), so it runs here and only the commit is waited for, off the loop.
-            view = TaskView.of(await asyncio.wrap_future(admit(st, name, body, None)))
-        else:  # decoding and validating a module, or scanning source, can take a while
-            view = await run_in_threadpool(submit, st, name, body, None)
-        if wait <= 0:
-            return view
-        record = await until_final(st, name, owned(st, name, view.id), wait)
-        if record.state in FINAL:
-            response.status_code = 200
-        return TaskView.of(record)
+        view, response.status_code = await submit_view(st, name, body, wait)
+        return view
 
     @app.get("/v1/tasks", responses=_ERRORS, response_model=TaskList,
              dependencies=[only_query("state", "limit", "cursor")])
@@ -218,7 +227,7 @@ def create_app(
         wait: Wait = 0,
     ) -> TaskView:
         """A task's state and result; with `wait`, block until it is final or time is up."""
-        return TaskView.of(await until_final(st, name, owned(st, name, task_id), wait))
+        return await poll_view(st, name, task_id, wait)
 
     @app.get(
         "/v1/tasks/{task_id}/files/{file_name:path}",
@@ -248,6 +257,7 @@ def create_app(
         """The policies this token may name; the first is its default."""
         return PolicyList(policies=list(config.tokens[name].policies))
     add_meta_routes(app, metrics)
+    add_lean_routes(app, config.authenticate, submit_view, poll_view)
     return app
 
 

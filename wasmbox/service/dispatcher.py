@@ -35,7 +35,7 @@ from wasmbox.service._runners import ThreadRunner as ThreadRunner
 from wasmbox.service._runners import make_runner as make_runner
 from wasmbox.service.config import ServiceConfig
 from wasmbox.service.metrics import ServiceMetrics
-from wasmbox.service.store import Record, TaskStore
+from wasmbox.service.store import Ended, Record, TaskStore
 from wasmbox.validation import compile_schema
 
 log = logging.getLogger("wasmbox.service")
@@ -49,7 +49,8 @@ SWEEP_MIN_S, SWEEP_MAX_S = 0.1, 600.0
 class Dispatcher(Closeable):
     """Accepts tasks into the journal and runs them on `workers` threads.
 
-    `on_final(task_id)` is called (from a worker thread) whenever a task reaches a final state.
+    `on_final(task_id)` is called (from a worker or the journal's writer thread) whenever a
+    task reaches a final state, once that state is durable.
     """
 
     def __init__(
@@ -135,12 +136,7 @@ class Dispatcher(Closeable):
     ) -> Future[Record]:
         """`submit` without waiting for the journal: checks and admission happen now (and
         raise as `submit` does); the future gives the record once it is durable, by which
-        time the task is queued.
-
-        Raises `SandboxError` for a task the policy refuses or that is malformed (a module
-        that is not WebAssembly: `ModuleRejected`; text that cannot be stored:
-        `InputRejected`) and `QuotaExceeded`.
-        """
+        time the task is queued."""
         self._ensure_open()
         plan = apply(self.config.policies[policy_name], task)
         if task.kind is TaskKind.WASM and task.module_bytes is not None:
@@ -220,7 +216,6 @@ class Dispatcher(Closeable):
         except Exception as exc:
             self._reject(task_id, "internal error: the journaled task cannot be read: "
                          f"{type(exc).__name__}", 0.0)
-            self._notify(task_id)
             raise
         if claimed is None:
             return  # cancelled while queued
@@ -236,33 +231,48 @@ class Dispatcher(Closeable):
         finally:
             with self._running_lock:
                 self._running -= 1
-            self._notify(task_id)
 
     def _execute(self, task_id: str, policy: str, task: Task, started: float) -> None:
+        """Run the task and journal how it ended, not waiting for that (see `_finished`)."""
         try:
             result = self._runner.run(policy, task)
         except SandboxError as exc:
-            self._reject(task_id, f"{type(exc).__name__}: {exc}", time.monotonic() - started,
-                         type(exc).__name__)
-            return
+            return self._reject(task_id, f"{type(exc).__name__}: {exc}",
+                                time.monotonic() - started, type(exc).__name__)
         except Exception as exc:
             log.exception("task %s failed on the host", task_id)
-            self._reject(task_id, f"internal error: {type(exc).__name__}: {exc}",
-                         time.monotonic() - started)
-            return
+            return self._reject(task_id, f"internal error: {type(exc).__name__}: {exc}",
+                                time.monotonic() - started)
         charge = max(time.monotonic() - started, result.metrics.cpu_s or 0.0)
-        record = self.store.finish(task_id, result, charge)
-        if record is not None and record.result is not None:
-            self.metrics.observe(record.result, time.time() - record.submitted_at)
+        self.store.finish(task_id, result, charge,
+                          lambda future: self._finished(task_id, future, charge))
+
+    def _finished(self, task_id: str, future: Future[Ended], charge: float) -> None:
+        """On the journal's writer thread, once a task's result is durable (or not)."""
+        try:
+            ended = future.result()
+        except Exception as exc:  # the commit failed: the task is rejected instead
+            log.error("task %s: its result could not be journaled: %r", task_id, exc)
+            return self._reject(task_id, f"internal error: {type(exc).__name__}: {exc}", charge)
+        if ended is not None:  # (the stored result, when it was submitted)
+            self.metrics.observe(ended[0], time.time() - ended[1])
+        self._notify(task_id)
 
     def _reject(self, task_id: str, error: str, charge: float, reason: str = "internal") -> None:
-        """Reject a task and charge it; if even the journal fails, log it (the task stays
-        ``running`` there and is queued again at the next start)."""
+        """Reject and charge a task without waiting (waiters hear once that is durable); if
+        even the journal fails, log it: the task stays ``running``, to run at the next start."""
+
+        def journaled(future: Future[None]) -> None:
+            if (failure := future.exception()) is not None:
+                log.error("could not record the rejection of task %s: %r", task_id, failure)
+            self._notify(task_id)
+
         try:
             self.metrics.rejected.labels(reason=reason).inc()
-            self.store.reject(task_id, error, charge)
+            self.store.reject(task_id, error, charge, journaled)
         except Exception:
             log.exception("could not record the rejection of task %s", task_id)
+            self._notify(task_id)
 
     def _notify(self, task_id: str) -> None:
         try:

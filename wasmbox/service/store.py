@@ -25,6 +25,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from typing import TypeAlias, TypeVar
 
 from wasmbox.errors import InputRejected
 from wasmbox.models import Result, Status, Task
@@ -39,6 +40,13 @@ from wasmbox.service._journal_schema import UNSTORABLE as UNSTORABLE
 from wasmbox.service._journal_schema import Record as Record
 from wasmbox.service._journal_schema import State as State
 from wasmbox.service._journal_schema import cancelled as cancelled
+
+T = TypeVar("T")
+# What `TaskStore.finish` stored: the final result and when the task was submitted; None
+# for a duplicate completion.
+Ended: TypeAlias = tuple[Result, float] | None
+# Called on the journal's writer thread with a write's future once its fate is known.
+Done: TypeAlias = Callable[[Future[T]], None]
 
 
 class TaskStore(_JournalReads):
@@ -135,22 +143,28 @@ class TaskStore(_JournalReads):
             data["module_bytes"] = bytes(module)
         return policy, Task.model_validate(data)
 
-    def finish(self, task_id: str, result: Result, charge: float) -> Record | None:
+    def finish(
+        self, task_id: str, result: Result, charge: float, done: Done[Ended] | None = None,
+    ) -> Record | None:
         """Record the result of a running task and its charge (seconds against its budget).
 
         A pending cancel turns it into CANCELLED. A result that could not be read back (JSON
         nested past the parser's limit, a lone surrogate in a string or a file name) is stored
         as OUTPUT_REJECTED without the guest's data, so one hostile result breaks no reader.
+
+        With `done`, returns None at once: `done(future)` runs on the journal's writer thread
+        once the write is durable (or failed); the future gives the stored result and when the
+        task was submitted, or None for a duplicate completion (the first one stands).
         """
         stored = _storable(result)  # serialised here, not on the writer thread
 
-        def finish(db: sqlite3.Connection) -> bool:
+        def finish(db: sqlite3.Connection) -> Ended:
             row = db.execute(
-                "SELECT cancel_requested FROM tasks WHERE id = ? AND state = ?",
+                "SELECT cancel_requested, submitted_at FROM tasks WHERE id = ? AND state = ?",
                 (task_id, State.RUNNING),
             ).fetchone()
             if row is None:
-                return False  # a duplicate completion: the first one stands
+                return None  # a duplicate completion: the first one stands
             final, result_json = stored
             if row[0]:
                 final, result_json = _storable(cancelled(
@@ -165,14 +179,21 @@ class TaskStore(_JournalReads):
                 "INSERT OR REPLACE INTO files (task_id, name, data) VALUES (?, ?, ?)",
                 [(task_id, name, data) for name, data in final.files.items()],
             )
-            return True
+            return final, float(row[1])
 
-        if not self._write(finish):
+        if done is not None:
+            self._queue_write(finish).add_done_callback(done)
+            return None
+        if self._write(finish) is None:
             return None
         return self.get(task_id)
 
-    def reject(self, task_id: str, error: str, charge: float = 0.0) -> Record | None:
-        """Record that the host refused to run a claimed task; the time it took is charged."""
+    def reject(
+        self, task_id: str, error: str, charge: float = 0.0, done: Done[None] | None = None,
+    ) -> Record | None:
+        """Record that the host refused to run a claimed task; the time it took is charged.
+
+        With `done`, returns None at once and calls it as `finish` does."""
         if len(error) > MAX_ERROR_CHARS:
             error = error[:MAX_ERROR_CHARS] + "..."
         error = error.encode("utf-8", "replace").decode("utf-8")
@@ -185,6 +206,9 @@ class TaskStore(_JournalReads):
                  State.QUEUED),
             )
 
+        if done is not None:
+            self._queue_write(reject).add_done_callback(done)
+            return None
         self._write(reject)
         return self.get(task_id)
 

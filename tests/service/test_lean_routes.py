@@ -1,0 +1,112 @@
+"""The lean submit and poll routes answer as the FastAPI routes do, and hand them the rest."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.service._support import ALICE, BOB, auth, wait_final
+from wasmbox.service import _api_fast
+
+# Parsed as JSON by FastAPI (a ``+json`` type), not taken by the lean path.
+VENDOR_JSON = "application/vnd.wasmbox+json"
+VOLATILE = ("id", "submitted_at", "started_at", "finished_at", "charged_s", "attempts")
+
+
+@pytest.fixture
+def fallbacks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths of the requests the lean routes handed to FastAPI."""
+    seen: list[str] = []
+    real = _api_fast._Lean.fall_back
+
+    async def spy(self: _api_fast._Lean, scope: Any, *args: Any) -> None:
+        seen.append(scope["path"])
+        await real(self, scope, *args)
+
+    monkeypatch.setattr(_api_fast._Lean, "fall_back", spy)
+    return seen
+
+
+def _stable(view: dict[str, Any]) -> dict[str, Any]:
+    result = view.get("result") or {}
+    return {**{k: v for k, v in view.items() if k not in VOLATILE and k != "result"},
+            "result": {k: v for k, v in result.items() if k in ("status", "output", "files")}}
+
+
+def test_both_paths_give_the_same_answers(
+    client: TestClient, wasm_b64: dict[str, str], fallbacks: list[str]
+) -> None:
+    body = {"kind": "wasm", "module_b64": wasm_b64["hello"]}
+    answers = []
+    for content_type in ("application/json", VENDOR_JSON):
+        headers = {**auth(ALICE), "Content-Type": content_type}
+        submitted = client.post("/v1/tasks", headers=headers, json=body)
+        waited = client.post("/v1/tasks", headers=headers, json=body, params={"wait": "10"})
+        polled = client.get(f"/v1/tasks/{submitted.json()['id']}", headers=auth(ALICE),
+                            params={"wait": "10"})
+        answers.append([(r.status_code, r.headers["content-type"], _stable(r.json()))
+                        for r in (submitted, waited, polled)])
+    assert answers[0] == answers[1]
+    assert answers[0][0][0] == 202 and answers[0][1][0] == 200
+    assert fallbacks == ["/v1/tasks"] * 2  # only the vendor type's submissions went to FastAPI
+
+
+@pytest.mark.parametrize(("method", "path", "kwargs", "status"), [
+    ("post", "/v1/tasks", {"json": {"kind": "wasm"}}, 422),  # no module
+    ("post", "/v1/tasks", {"content": b"{", "headers": {"Content-Type": "application/json"}},
+     422),
+    ("post", "/v1/tasks", {"content": b"[" * 100_000,  # too deep for the JSON parser
+                           "headers": {"Content-Type": "application/json"}}, 400),
+    ("post", "/v1/tasks", {"json": {"kind": "python", "source": "x"}, "params": {"wiat": 1}},
+     422),
+    ("post", "/v1/tasks", {"json": {"kind": "python", "source": "x"},
+                           "params": {"wait": "-1"}}, 422),
+    ("post", "/v1/tasks", {"json": {"kind": "python", "source": "x"},
+                           "params": {"wait": "3601"}}, 422),
+    ("get", "/v1/tasks/nope", {"params": {"wait": "1e1"}}, 404),  # FastAPI reads 1e1 too
+    ("get", "/v1/tasks/nope", {"params": {"wait": "nan"}}, 422),
+])
+def test_what_the_lean_path_does_not_take_fastapi_answers(
+    client: TestClient, fallbacks: list[str], method: str, path: str, kwargs: dict[str, Any],
+    status: int,
+) -> None:
+    headers = {**auth(ALICE), **kwargs.pop("headers", {})}
+    response = getattr(client, method)(path, headers=headers, **kwargs)
+    assert response.status_code == status, response.text
+    assert fallbacks == [path]
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"},
+                                     {"Authorization": f"Basic {ALICE}"}])
+def test_no_valid_token_is_a_401_on_both_routes(
+    client: TestClient, headers: dict[str, str], fallbacks: list[str]
+) -> None:
+    submitted = client.post("/v1/tasks", headers=headers, json={"kind": "python", "source": "x"})
+    polled = client.get("/v1/tasks/anything", headers=headers)
+    assert submitted.status_code == polled.status_code == 401
+    assert submitted.headers["www-authenticate"] == "Bearer"
+    assert len(fallbacks) == 2
+
+
+def test_errors_of_admission_and_ownership_are_the_apps(
+    client: TestClient, wasm_b64: dict[str, str], fallbacks: list[str]
+) -> None:
+    forbidden = client.post("/v1/tasks", headers=auth(BOB), json={
+        "kind": "wasm", "module_b64": wasm_b64["hello"], "policy": "strict"})
+    assert forbidden.status_code == 403
+    assert forbidden.json() == {"detail": "policy 'strict' is not available to this token"}
+    view = client.post("/v1/tasks", headers=auth(ALICE),
+                       json={"kind": "wasm", "module_b64": wasm_b64["hello"]}).json()
+    assert client.get(f"/v1/tasks/{view['id']}", headers=auth(BOB)).json() == {
+        "detail": "no such task"}
+    assert wait_final(client, view["id"])["result"]["status"] == "completed"
+    assert fallbacks == []
+
+
+def test_methods_the_routes_do_not_have_are_405_as_before(client: TestClient) -> None:
+    head = client.head("/v1/tasks/anything", headers=auth(ALICE))
+    put = client.put("/v1/tasks/upload", headers=auth(ALICE))
+    assert (head.status_code, head.headers["allow"]) == (405, "GET")
+    assert (put.status_code, put.headers["allow"]) == (405, "POST")
