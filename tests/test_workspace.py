@@ -176,6 +176,36 @@ def test_close_removes_unreadable_dirs_and_dangling_links(tmp_path: Path) -> Non
     assert not Path(ws.path).exists()
 
 
+@pytest.mark.parametrize("plant", ["root-file", "root-dir", "task-dir", "deep", "no-streams"])
+def test_close_removes_whatever_is_left_beside_the_known_layout(tmp_path: Path,
+                                                                 plant: str) -> None:
+    # close() removes the usual layout by name; anything else must still go, and a link
+    # out of the workspace is removed, never followed.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("x")
+    (tmp_path / "root").mkdir()
+    ws = workspace(tmp_path / "root")
+    Path(ws.stdout_path).write_text("out")
+    Path(ws.stderr_path).write_text("err")
+    os.symlink(outside, Path(ws.output_dir, "link"))
+    Path(ws.output_dir, "result.json").write_text("{}")
+    if plant == "root-file":
+        Path(ws.path, "pasta.log").write_text("x")
+    elif plant == "root-dir":
+        Path(ws.path, "bundle", "rootfs").mkdir(parents=True)
+    elif plant == "task-dir":
+        Path(ws.task_dir, "code").mkdir()
+    elif plant == "deep":
+        Path(ws.output_dir, "a", "b", "c", "d").mkdir(parents=True)
+    else:
+        os.unlink(ws.stdout_path)
+        os.unlink(ws.stderr_path)
+    ws.close()
+    assert list((tmp_path / "root").iterdir()) == []
+    assert (outside / "keep").read_text() == "x"
+
+
 def test_deny_pattern_rejects_naming_the_file(tmp_path: Path) -> None:
     policy = Policy(output=OutputPolicy(deny_patterns=("AKIA[0-9A-Z]{16}",)))
     with workspace(tmp_path, policy) as ws:

@@ -21,7 +21,13 @@ from wasmbox import _outputs
 from wasmbox._config import HostConfig
 from wasmbox._filters import REDACTED, filter_bytes, filter_stream, redact, redact_text
 from wasmbox._outputs import RESULT_FILE, RUNNING, Collected, Streams, flood_limit
-from wasmbox._owned import make_owned_dir, reclaim_owned, remove_owned, remove_tree
+from wasmbox._owned import (
+    clear_shallow,
+    make_owned_dir,
+    reclaim_owned,
+    remove_owned,
+    remove_tree,
+)
 from wasmbox._staging import encode_input, json_depth, json_too_deep
 from wasmbox.lifecycle import Closeable
 from wasmbox.policy import Plan
@@ -76,7 +82,22 @@ class Workspace(Closeable):
             raise
 
     def _release(self) -> None:
-        remove_owned(self.path, PREFIX)
+        # The layout is ours and known: remove it by name, listing only the guest's output
+        # directory. `rmdir` only removes an empty directory, so anything unexpected (a
+        # tier's own files, a deep or locked output tree) leaves a step failing, and the
+        # thorough removal takes over.
+        try:
+            for name in (self.stdout_path, self.stderr_path, self.input_path):
+                try:
+                    os.unlink(name)
+                except FileNotFoundError:
+                    continue  # a tier that captured no stream here
+            clear_shallow(self.output_dir, 2)
+            os.rmdir(self.output_dir)
+            os.rmdir(self.task_dir)
+            os.rmdir(self.path)
+        except Exception:
+            remove_owned(self.path, PREFIX)
 
     def output_bytes(self) -> int:
         """Bytes in /task/output now (a monitoring sample, not a cap check)."""
