@@ -44,16 +44,15 @@ from wasmtime import _ffi as ffi  # noqa: E402
 
 from benchmarks.common import GUESTS  # noqa: E402
 from guests.build import build  # noqa: E402
-from wasmbox import Sandbox, Task  # noqa: E402
-from wasmbox._results import assemble, collect  # noqa: E402
-from wasmbox.lifecycle import Deadline  # noqa: E402
-from wasmbox.models import Limits, Status, TierName  # noqa: E402
+from wasmbox import Sandbox, Task, telemetry  # noqa: E402
+from wasmbox._results import assemble, check_task_json, collect  # noqa: E402
+from wasmbox.lifecycle import Deadline, shielded  # noqa: E402
+from wasmbox.models import Limits, Status  # noqa: E402
 from wasmbox.monitor import Monitor  # noqa: E402
 from wasmbox.policy import apply  # noqa: E402
 from wasmbox.tiers.base import Outcome  # noqa: E402
-from wasmbox.tiers.wasm import WasmTier  # noqa: E402
-from wasmbox.tiers.wasm.run import arm, close_store, settle, wasi_config  # noqa: E402
-from wasmbox.tiers.wasm.tier import _export, _memories  # noqa: E402
+from wasmbox.tiers.wasm.run import arm, call_start, close_store, settle, wasi_config  # noqa: E402
+from wasmbox.tiers.wasm.tier import WasmPrepared, _export, _memories  # noqa: E402
 from wasmbox.workspace import Workspace, remove_tree  # noqa: E402
 
 PHASES = ("plan", "prepare", "workspace", "wasi config", "arm", "instantiate", "guest _start",
@@ -63,8 +62,9 @@ PHASES = ("plan", "prepare", "workspace", "wasi config", "arm", "instantiate", "
 # --- part 1: the real path, phase by phase -------------------------------------------------
 
 
-def walk(sb: Sandbox, tier: WasmTier, task: Task) -> dict[str, float]:
-    """One hello run through the sandbox's and the tier's own steps; seconds per phase."""
+def walk(sb: Sandbox, task: Task) -> dict[str, float]:
+    """One hello run through the sandbox's and the tier's own steps, in the sandbox's order
+    and with its arguments; seconds per phase."""
     marks: list[tuple[str, float]] = []
     t0 = time.perf_counter()
 
@@ -72,13 +72,15 @@ def walk(sb: Sandbox, tier: WasmTier, task: Task) -> dict[str, float]:
         marks.append((name, time.perf_counter()))
 
     plan = apply(sb.policy, task)
+    data = check_task_json(plan)
     mark("plan")
-    ready = tier.prepare(plan)
-    handle, prepared, pre = ready.handle, ready.module, ready.pre
+    _, ready, _, _ = sb._choose(plan)
+    assert isinstance(ready, WasmPrepared)
+    handle, prepared, pre, plan = ready.handle, ready.module, ready.pre, ready.plan
     assert prepared is not None and pre is not None
     mark("prepare")
     deadline, monitor = Deadline(plan.timeout), Monitor(plan.policy.monitor)
-    workspace = Workspace(plan)
+    workspace = Workspace(plan, sb.config.workspace_root, data=data)
     mark("workspace")
     store = wasmtime.Store(handle.engine)
     wasi, clock_origin = wasi_config(plan, workspace, ["hello.wasm"])
@@ -93,7 +95,7 @@ def walk(sb: Sandbox, tier: WasmTier, task: Task) -> dict[str, float]:
     mark("instantiate")
     outcome = Outcome(status=Status.COMPLETED, exit_code=0)
     try:
-        start(store)
+        call_start(store, start, prepared.plain_start)
     except wasmtime.ExitTrap as exc:
         outcome.exit_code = exc.code
     mark("guest _start")
@@ -104,9 +106,11 @@ def walk(sb: Sandbox, tier: WasmTier, task: Task) -> dict[str, float]:
     mark("store drop")
     collected = collect(plan, workspace, outcome)
     mark("collect")
-    workspace.close()
+    with shielded():
+        workspace.close()
     mark("cleanup")
     result = assemble(plan, outcome, collected, monitor, cleanup_s=0.0, wall_s=0.0)
+    telemetry.record(result)
     mark("result")
     assert result.ok and result.output == {"greeting": "hello"}, result
     out, last = {}, t0
@@ -119,15 +123,13 @@ def walk(sb: Sandbox, tier: WasmTier, task: Task) -> dict[str, float]:
 def part1(module: Path, runs: int) -> None:
     task = Task.wasm(module)
     with Sandbox() as sb:
-        tier = sb._tier(TierName.WASM)
-        assert isinstance(tier, WasmTier)
         for _ in range(30):
-            walk(sb, tier, task)
+            walk(sb, task)
             sb.run(task)
         phases: dict[str, list[float]] = {name: [] for name in PHASES}
         totals, real = [], []
         for _ in range(runs):
-            sample = walk(sb, tier, task)
+            sample = walk(sb, task)
             for name, seconds in sample.items():
                 phases[name].append(seconds)
             totals.append(sum(sample.values()))
