@@ -206,6 +206,17 @@ def test_close_removes_whatever_is_left_beside_the_known_layout(tmp_path: Path,
     assert (outside / "keep").read_text() == "x"
 
 
+def test_close_after_collect_removes_files_that_appeared_since(tmp_path: Path) -> None:
+    # close() removes what collect() listed by name; rmdir proves nothing else is there.
+    ws = workspace(tmp_path)
+    Path(ws.output_dir, "result.json").write_text("{}")
+    assert ws.collect().rejection is None
+    Path(ws.output_dir, "late").write_text("x")
+    Path(ws.output_dir, "later", "deeper").mkdir(parents=True)
+    ws.close()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_deny_pattern_rejects_naming_the_file(tmp_path: Path) -> None:
     policy = Policy(output=OutputPolicy(deny_patterns=("AKIA[0-9A-Z]{16}",)))
     with workspace(tmp_path, policy) as ws:

@@ -44,6 +44,9 @@ class Collected:
     rejection: str | None = None
     total_bytes: int = 0
     streams: Streams = Streams()
+    # Internal: the output directory's entries when all were regular files (so the
+    # workspace can remove them by name instead of listing the directory again).
+    listed: list[str] | None = None
 
 
 def flood_limit(cap: int) -> int:
@@ -133,6 +136,7 @@ def collect(plan: Plan, output_dir: str) -> Collected:
 
 
 def _collect_files(caps: OutputPolicy, output_dir: str, into: Collected) -> None:
+    listed: list[str] | None = []
     for count, (rel, name, st, dir_fd) in enumerate(
         walk(output_dir, caps.max_depth, ordered=True), start=1,
     ):
@@ -141,6 +145,7 @@ def _collect_files(caps: OutputPolicy, output_dir: str, into: Collected) -> None
         if stat.S_ISLNK(st.st_mode):
             raise Rejected(f"{rel} is a symlink")
         if stat.S_ISDIR(st.st_mode):
+            listed = None
             continue
         if not stat.S_ISREG(st.st_mode):
             raise Rejected(f"{rel} is not a regular file")
@@ -154,6 +159,9 @@ def _collect_files(caps: OutputPolicy, output_dir: str, into: Collected) -> None
         if key in into.files:
             raise Rejected("two output file names are the same once redacted")
         into.files[key] = filter_bytes(data, caps, "an output file" if key != rel else rel)
+        if listed is not None:
+            listed.append(name)
+    into.listed = listed
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -61,6 +61,7 @@ class Workspace(Closeable):
         if data is None:
             data = encode_input(plan)
         self.plan = plan
+        self._listed: list[str] | None = None  # what `collect` found in the output dir
         # Plain strings, not Paths: pathlib costs tens of microseconds per run here.
         self.path = make_owned_dir(str(root or workspace_root()), PREFIX)
         try:
@@ -92,7 +93,11 @@ class Workspace(Closeable):
                     os.unlink(name)
                 except FileNotFoundError:
                     continue  # a tier that captured no stream here
-            clear_shallow(self.output_dir, 2)
+            if self._listed is None:
+                clear_shallow(self.output_dir, 2)
+            else:  # collect() saw only these files; rmdir below proves nothing else is left
+                for name in self._listed:
+                    os.unlink(f"{self.output_dir}/{name}")
             os.rmdir(self.output_dir)
             os.rmdir(self.task_dir)
             os.rmdir(self.path)
@@ -125,4 +130,6 @@ class Workspace(Closeable):
     def collect(self) -> Collected:
         """Read /task/output under the plan's caps, filters and output schema."""
         self._ensure_open()
-        return _outputs.collect(self.plan, self.output_dir)
+        collected = _outputs.collect(self.plan, self.output_dir)
+        self._listed = collected.listed
+        return collected
