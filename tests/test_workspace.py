@@ -217,6 +217,27 @@ def test_close_after_collect_removes_files_that_appeared_since(tmp_path: Path) -
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("size", [0, 1, 9, 10, 11, (1 << 20) + 5, (2 << 20) + 1])
+def test_streams_and_outputs_are_read_whole_or_cut_at_their_cap(tmp_path: Path,
+                                                                  size: int) -> None:
+    # Reads stop at a short read (a regular file's end); the caps hold at every boundary.
+    from wasmbox._outputs import read_stream
+
+    cap = 10 if size < 1 << 20 else 2 << 20
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    path = tmp_path / "stream"
+    path.write_bytes(data)
+    assert read_stream(str(path), cap) == (data[:cap], size > cap)
+    policy = Policy(output=OutputPolicy(max_file_bytes=cap, max_total_bytes=4 << 20))
+    with workspace(tmp_path, policy) as ws:
+        Path(ws.output_dir, "f").write_bytes(data)
+        collected = ws.collect()
+    if size > cap:
+        assert collected.rejection == f"f exceeds {cap} bytes"
+    else:
+        assert collected.rejection is None and collected.files == {"f": data}
+
+
 def test_deny_pattern_rejects_naming_the_file(tmp_path: Path) -> None:
     policy = Policy(output=OutputPolicy(deny_patterns=("AKIA[0-9A-Z]{16}",)))
     with workspace(tmp_path, policy) as ws:

@@ -44,9 +44,7 @@ class Collected:
     rejection: str | None = None
     total_bytes: int = 0
     streams: Streams = Streams()
-    # Internal: the output directory's entries when all were regular files (so the
-    # workspace can remove them by name instead of listing the directory again).
-    listed: list[str] | None = None
+    listed: list[str] | None = None  # internal: the entries, when all were regular files
 
 
 def flood_limit(cap: int) -> int:
@@ -70,9 +68,13 @@ def read_stream(path: str, cap: int) -> tuple[bytes, bool]:
         return b"", False
     try:
         chunks, size = [], 0
-        while size <= cap and (chunk := os.read(fd, cap + 1 - size)):
+        while size <= cap:
+            want = cap + 1 - size
+            chunk = os.read(fd, want)
             chunks.append(chunk)
             size += len(chunk)
+            if len(chunk) < want:  # a short read of a file is its end: no read for b""
+                break
     finally:
         os.close(fd)
     data = b"".join(chunks)
@@ -252,12 +254,15 @@ def _read_capped(dir_fd: int, name: str, cap: int, rel: str) -> bytes:
         if not stat.S_ISREG(st.st_mode):
             raise Rejected(f"{rel} is not a regular file")
         chunks, size = [], 0
-        while chunk := os.read(fd, min(1 << 20, cap + 1 - size)):
+        while True:
+            want = min(1 << 20, cap + 1 - size)
+            chunk = os.read(fd, want)
             chunks.append(chunk)
             size += len(chunk)
             if size > cap:
                 raise Rejected(f"{rel} exceeds {cap} bytes")
-        return b"".join(chunks)
+            if len(chunk) < want:  # a short read of a regular file is its end
+                return b"".join(chunks)
     finally:
         os.close(fd)
 
