@@ -228,6 +228,9 @@ def test_streams_and_outputs_are_read_whole_or_cut_at_their_cap(tmp_path: Path,
     path = tmp_path / "stream"
     path.write_bytes(data)
     assert read_stream(str(path), cap) == (data[:cap], size > cap)
+    os.symlink(path, tmp_path / "link")  # never followed, empty target or not
+    with pytest.raises(OSError, match="Too many levels of symbolic links"):
+        read_stream(str(tmp_path / "link"), cap)
     policy = Policy(output=OutputPolicy(max_file_bytes=cap, max_total_bytes=4 << 20))
     with workspace(tmp_path, policy) as ws:
         Path(ws.output_dir, "f").write_bytes(data)

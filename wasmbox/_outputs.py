@@ -63,14 +63,16 @@ def file_size(path: str) -> int:
 def read_stream(path: str, cap: int) -> tuple[bytes, bool]:
     """At most `cap` bytes of a captured stream, and whether there was more."""
     try:
+        st = os.lstat(path)  # its writer is gone: an empty file needs no open, read, close
+        if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+            return b"", False
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return b"", False
     try:
         chunks, size = [], 0
         while size <= cap:
-            want = cap + 1 - size
-            chunk = os.read(fd, want)
+            chunk = os.read(fd, want := cap + 1 - size)
             chunks.append(chunk)
             size += len(chunk)
             if len(chunk) < want:  # a short read of a file is its end: no read for b""
@@ -255,8 +257,7 @@ def _read_capped(dir_fd: int, name: str, cap: int, rel: str) -> bytes:
             raise Rejected(f"{rel} is not a regular file")
         chunks, size = [], 0
         while True:
-            want = min(1 << 20, cap + 1 - size)
-            chunk = os.read(fd, want)
+            chunk = os.read(fd, want := min(1 << 20, cap + 1 - size))
             chunks.append(chunk)
             size += len(chunk)
             if size > cap:
