@@ -70,11 +70,11 @@ def read_stream(path: str, cap: int) -> tuple[bytes, bool]:
     except FileNotFoundError:
         return b"", False
     try:
-        chunks, size = [], 0
+        chunks, size, hint = [], 0, st.st_size + 1  # a buffer the size of the file, not cap
         while size <= cap:
-            chunk = os.read(fd, want := cap + 1 - size)
+            chunk = os.read(fd, want := min(cap + 1 - size, hint))
             chunks.append(chunk)
-            size += len(chunk)
+            size, hint = size + len(chunk), cap
             if len(chunk) < want:  # a short read of a file is its end: no read for b""
                 break
     finally:
@@ -255,11 +255,11 @@ def _read_capped(dir_fd: int, name: str, cap: int, rel: str) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise Rejected(f"{rel} is not a regular file")
-        chunks, size = [], 0
+        chunks, size, hint = [], 0, st.st_size + 1  # a buffer the size of the file
         while True:
-            chunk = os.read(fd, want := min(1 << 20, cap + 1 - size))
+            chunk = os.read(fd, want := min(1 << 20, cap + 1 - size, hint))
             chunks.append(chunk)
-            size += len(chunk)
+            size, hint = size + len(chunk), cap + 1
             if size > cap:
                 raise Rejected(f"{rel} exceeds {cap} bytes")
             if len(chunk) < want:  # a short read of a regular file is its end
