@@ -1,6 +1,7 @@
 """The wasm hello path phase by phase, and what three candidate fixes would save.
 
-Run: ``python3 benchmarks/bench_wasm_phases.py [--runs N]`` (wasmbox + wasmtime only).
+Run: ``python3 benchmarks/bench_wasm_phases.py [--runs N] [--cpu] [--part1]`` (wasmbox +
+wasmtime only; ``--cpu``: part 1 in thread CPU time, ``--part1``: part 1 only).
 
 Part 1 walks one ``Sandbox.run(Task.wasm(hello))`` step by step with the same functions the
 sandbox and the wasm tier call (plan, prepare, workspace, WASI config, arm, instantiate,
@@ -44,16 +45,15 @@ from wasmtime import _ffi as ffi  # noqa: E402
 
 from benchmarks.common import GUESTS  # noqa: E402
 from guests.build import build  # noqa: E402
-from wasmbox import Sandbox, Task  # noqa: E402
-from wasmbox._results import assemble, collect  # noqa: E402
-from wasmbox.lifecycle import Deadline  # noqa: E402
-from wasmbox.models import Limits, Status, TierName  # noqa: E402
+from wasmbox import Sandbox, Task, telemetry  # noqa: E402
+from wasmbox._results import assemble, check_task_json, collect  # noqa: E402
+from wasmbox.lifecycle import Deadline, shielded  # noqa: E402
+from wasmbox.models import Limits, Status  # noqa: E402
 from wasmbox.monitor import Monitor  # noqa: E402
 from wasmbox.policy import apply  # noqa: E402
 from wasmbox.tiers.base import Outcome  # noqa: E402
-from wasmbox.tiers.wasm import WasmTier  # noqa: E402
-from wasmbox.tiers.wasm.run import arm, close_store, settle, wasi_config  # noqa: E402
-from wasmbox.tiers.wasm.tier import _export, _memories  # noqa: E402
+from wasmbox.tiers.wasm.run import arm, call_start, close_store, settle, wasi_config  # noqa: E402
+from wasmbox.tiers.wasm.tier import WasmPrepared, _export, _memories  # noqa: E402
 from wasmbox.workspace import Workspace, remove_tree  # noqa: E402
 
 PHASES = ("plan", "prepare", "workspace", "wasi config", "arm", "instantiate", "guest _start",
@@ -63,22 +63,26 @@ PHASES = ("plan", "prepare", "workspace", "wasi config", "arm", "instantiate", "
 # --- part 1: the real path, phase by phase -------------------------------------------------
 
 
-def walk(sb: Sandbox, tier: WasmTier, task: Task) -> dict[str, float]:
-    """One hello run through the sandbox's and the tier's own steps; seconds per phase."""
+def walk(sb: Sandbox, task: Task, clock: Callable[[], float] = time.perf_counter,
+         ) -> dict[str, float]:
+    """One hello run through the sandbox's and the tier's own steps, in the sandbox's order
+    and with its arguments; seconds of `clock` per phase."""
     marks: list[tuple[str, float]] = []
-    t0 = time.perf_counter()
+    t0 = clock()
 
     def mark(name: str) -> None:
-        marks.append((name, time.perf_counter()))
+        marks.append((name, clock()))
 
     plan = apply(sb.policy, task)
+    data = check_task_json(plan)
     mark("plan")
-    ready = tier.prepare(plan)
-    handle, prepared, pre = ready.handle, ready.module, ready.pre
+    _, ready, _, _ = sb._choose(plan)
+    assert isinstance(ready, WasmPrepared)
+    handle, prepared, pre, plan = ready.handle, ready.module, ready.pre, ready.plan
     assert prepared is not None and pre is not None
     mark("prepare")
     deadline, monitor = Deadline(plan.timeout), Monitor(plan.policy.monitor)
-    workspace = Workspace(plan)
+    workspace = Workspace(plan, sb.config.workspace_root, data=data)
     mark("workspace")
     store = wasmtime.Store(handle.engine)
     wasi, clock_origin = wasi_config(plan, workspace, ["hello.wasm"])
@@ -93,7 +97,7 @@ def walk(sb: Sandbox, tier: WasmTier, task: Task) -> dict[str, float]:
     mark("instantiate")
     outcome = Outcome(status=Status.COMPLETED, exit_code=0)
     try:
-        start(store)
+        call_start(store, start, prepared.plain_start)
     except wasmtime.ExitTrap as exc:
         outcome.exit_code = exc.code
     mark("guest _start")
@@ -104,9 +108,11 @@ def walk(sb: Sandbox, tier: WasmTier, task: Task) -> dict[str, float]:
     mark("store drop")
     collected = collect(plan, workspace, outcome)
     mark("collect")
-    workspace.close()
+    with shielded():
+        workspace.close()
     mark("cleanup")
     result = assemble(plan, outcome, collected, monitor, cleanup_s=0.0, wall_s=0.0)
+    telemetry.record(result)
     mark("result")
     assert result.ok and result.output == {"greeting": "hello"}, result
     out, last = {}, t0
@@ -116,25 +122,27 @@ def walk(sb: Sandbox, tier: WasmTier, task: Task) -> dict[str, float]:
     return out
 
 
-def part1(module: Path, runs: int) -> None:
+def part1(module: Path, runs: int, cpu: bool = False) -> None:
+    """Wall time per phase, or with `cpu` this thread's CPU time (what the host spends,
+    without the waits a loaded machine adds; wasmtime's worker threads are not counted)."""
     task = Task.wasm(module)
+    clock = time.thread_time if cpu else time.perf_counter
     with Sandbox() as sb:
-        tier = sb._tier(TierName.WASM)
-        assert isinstance(tier, WasmTier)
         for _ in range(30):
-            walk(sb, tier, task)
+            walk(sb, task, clock)
             sb.run(task)
         phases: dict[str, list[float]] = {name: [] for name in PHASES}
         totals, real = [], []
         for _ in range(runs):
-            sample = walk(sb, tier, task)
+            sample = walk(sb, task, clock)
             for name, seconds in sample.items():
                 phases[name].append(seconds)
             totals.append(sum(sample.values()))
-            t0 = time.perf_counter()
+            t0 = clock()
             sb.run(task)
-            real.append(time.perf_counter() - t0)
-    print(f"Part 1: Sandbox.run(Task.wasm(hello)) by phase, {runs} runs, median µs (p90)")
+            real.append(clock() - t0)
+    what = "thread CPU" if cpu else "wall"
+    print(f"Part 1: Sandbox.run(Task.wasm(hello)) by phase, {runs} runs, median {what} µs (p90)")
     whole = statistics.median(totals)
     for name in PHASES:
         mid = statistics.median(phases[name])
@@ -330,11 +338,15 @@ def _shm() -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--runs", type=int, default=300)
+    parser.add_argument("--cpu", action="store_true",
+                        help="part 1 in this thread's CPU time (steadier on a shared machine)")
+    parser.add_argument("--part1", action="store_true", help="skip the part 2 prototypes")
     args = parser.parse_args(argv)
     module = build(GUESTS, ["hello"])["hello"]
     print(f"wasmtime {version('wasmtime')}, load average {os.getloadavg()[0]:.2f}")
-    part1(module, args.runs)
-    part2(module, args.runs)
+    part1(module, args.runs, args.cpu)
+    if not args.part1:
+        part2(module, args.runs)
     print(f"load average {os.getloadavg()[0]:.2f}")
     return 0
 

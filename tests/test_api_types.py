@@ -26,7 +26,7 @@ from wasmbox import (
 )
 from wasmbox._batch import Cancel
 from wasmbox.errors import HostFailure, PolicyViolation, TierUnavailable
-from wasmbox.models import FilesystemPolicy
+from wasmbox.models import FilesystemPolicy, Metrics
 from wasmbox.policy import apply
 from wasmbox.tiers.base import TierName
 from wasmbox.tiers.wasm import WasmTier
@@ -212,3 +212,27 @@ def test_a_root_mount_is_refused_for_containers_and_vms() -> None:
     for tier in ("container", "vm"):
         with pytest.raises(PolicyViolation, match="only the wasm tier"):
             apply(policy, Task.command(["true"], tier=tier))
+
+
+@pytest.mark.parametrize("update", [{}, {"warnings": ("clamped",)},
+                                    {"escalated_from": TierName.WASM,
+                                     "escalation_reason": "why"}])
+def test_results_built_on_the_hot_path_match_model_construct(update: dict[str, Any]) -> None:
+    # `_results.trusted` skips pydantic's per-call field loop; every observable trait of a
+    # `Result` (fields set, defaults, equality, repr, JSON, pickling) must stay the same.
+    from wasmbox._results import trusted
+
+    metrics = {"wall_s": 0.5, "fuel_consumed": 7, "extra": {"compile_s": 0.0}}
+    values: dict[str, Any] = {"task_id": "t", "run_id": "r", "tier": TierName.WASM,
+                              "status": Status.COMPLETED, "exit_code": 0, "output": {"a": [1]},
+                              "files": {"result.json": b"{}"}, "stdout": "hi\n", **update}
+    fast = trusted(Result, {**values, "metrics": trusted(Metrics, dict(metrics))})
+    slow = Result.model_construct(**values, metrics=Metrics.model_construct(**metrics))
+    assert fast == slow
+    assert fast.model_fields_set == slow.model_fields_set
+    assert fast.metrics.model_fields_set == slow.metrics.model_fields_set
+    assert repr(fast) == repr(slow)
+    assert fast.model_dump_json() == slow.model_dump_json()
+    assert fast.model_dump(exclude_unset=True) == slow.model_dump(exclude_unset=True)
+    assert pickle.loads(pickle.dumps(fast)) == slow
+    assert fast.events == () and fast.metrics.stdout_bytes == 0  # defaults filled in

@@ -81,6 +81,20 @@ def test_a_module_without_start_is_rejected(sandbox: Sandbox) -> None:
         sandbox.run(Task.wasm(wasmtime.wat2wasm("(module (memory (export \"memory\") 1))")))
 
 
+@pytest.mark.parametrize(("start", "status", "reason"), [
+    ("(func (export \"_start\") (param i32))", Status.CRASHED, "too few parameters"),
+    ("(func (export \"_start\") (result i32) i32.const 7)", Status.COMPLETED, None),
+    ("(func (export \"_start\") unreachable)", Status.CRASHED, "unreachable"),
+])
+def test_start_of_any_signature_ends_as_a_status(sandbox: Sandbox, start: str, status: Status,
+                                                 reason: str | None) -> None:
+    # A plain `() -> ()` _start is called directly, any other through wasmtime-py's checks.
+    wat = f'(module (memory (export "memory") 1) {start})'
+    result = sandbox.run(Task.wasm(wasmtime.wat2wasm(wat)))
+    assert result.status is status
+    assert (result.reason is None) if reason is None else (reason in (result.reason or ""))
+
+
 def test_an_import_outside_the_allowlist_is_a_policy_violation(sandbox: Sandbox) -> None:
     wat = """(module
       (import "wasi_snapshot_preview1" "sock_accept" (func (param i32 i32 i32) (result i32)))

@@ -176,6 +176,71 @@ def test_close_removes_unreadable_dirs_and_dangling_links(tmp_path: Path) -> Non
     assert not Path(ws.path).exists()
 
 
+@pytest.mark.parametrize("plant", ["root-file", "root-dir", "task-dir", "deep", "no-streams"])
+def test_close_removes_whatever_is_left_beside_the_known_layout(tmp_path: Path,
+                                                                 plant: str) -> None:
+    # close() removes the usual layout by name; anything else must still go, and a link
+    # out of the workspace is removed, never followed.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("x")
+    (tmp_path / "root").mkdir()
+    ws = workspace(tmp_path / "root")
+    Path(ws.stdout_path).write_text("out")
+    Path(ws.stderr_path).write_text("err")
+    os.symlink(outside, Path(ws.output_dir, "link"))
+    Path(ws.output_dir, "result.json").write_text("{}")
+    if plant == "root-file":
+        Path(ws.path, "pasta.log").write_text("x")
+    elif plant == "root-dir":
+        Path(ws.path, "bundle", "rootfs").mkdir(parents=True)
+    elif plant == "task-dir":
+        Path(ws.task_dir, "code").mkdir()
+    elif plant == "deep":
+        Path(ws.output_dir, "a", "b", "c", "d").mkdir(parents=True)
+    else:
+        os.unlink(ws.stdout_path)
+        os.unlink(ws.stderr_path)
+    ws.close()
+    assert list((tmp_path / "root").iterdir()) == []
+    assert (outside / "keep").read_text() == "x"
+
+
+def test_close_after_collect_removes_files_that_appeared_since(tmp_path: Path) -> None:
+    # close() removes what collect() listed by name; rmdir proves nothing else is there.
+    ws = workspace(tmp_path)
+    Path(ws.output_dir, "result.json").write_text("{}")
+    assert ws.collect().rejection is None
+    Path(ws.output_dir, "late").write_text("x")
+    Path(ws.output_dir, "later", "deeper").mkdir(parents=True)
+    ws.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("size", [0, 1, 9, 10, 11, (1 << 20) + 5, (2 << 20) + 1])
+def test_streams_and_outputs_are_read_whole_or_cut_at_their_cap(tmp_path: Path,
+                                                                  size: int) -> None:
+    # Reads stop at a short read (a regular file's end); the caps hold at every boundary.
+    from wasmbox._outputs import read_stream
+
+    cap = 10 if size < 1 << 20 else 2 << 20
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    path = tmp_path / "stream"
+    path.write_bytes(data)
+    assert read_stream(str(path), cap) == (data[:cap], size > cap)
+    os.symlink(path, tmp_path / "link")  # never followed, empty target or not
+    with pytest.raises(OSError, match="Too many levels of symbolic links"):
+        read_stream(str(tmp_path / "link"), cap)
+    policy = Policy(output=OutputPolicy(max_file_bytes=cap, max_total_bytes=4 << 20))
+    with workspace(tmp_path, policy) as ws:
+        Path(ws.output_dir, "f").write_bytes(data)
+        collected = ws.collect()
+    if size > cap:
+        assert collected.rejection == f"f exceeds {cap} bytes"
+    else:
+        assert collected.rejection is None and collected.files == {"f": data}
+
+
 def test_deny_pattern_rejects_naming_the_file(tmp_path: Path) -> None:
     policy = Policy(output=OutputPolicy(deny_patterns=("AKIA[0-9A-Z]{16}",)))
     with workspace(tmp_path, policy) as ws:

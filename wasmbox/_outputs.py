@@ -44,6 +44,7 @@ class Collected:
     rejection: str | None = None
     total_bytes: int = 0
     streams: Streams = Streams()
+    listed: list[str] | None = None  # internal: the entries, when all were regular files
 
 
 def flood_limit(cap: int) -> int:
@@ -62,14 +63,20 @@ def file_size(path: str) -> int:
 def read_stream(path: str, cap: int) -> tuple[bytes, bool]:
     """At most `cap` bytes of a captured stream, and whether there was more."""
     try:
+        st = os.lstat(path)  # its writer is gone: an empty file needs no open, read, close
+        if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+            return b"", False
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return b"", False
     try:
-        chunks, size = [], 0
-        while size <= cap and (chunk := os.read(fd, cap + 1 - size)):
+        chunks, size, hint = [], 0, st.st_size + 1  # a buffer the size of the file, not cap
+        while size <= cap:
+            chunk = os.read(fd, want := min(cap + 1 - size, hint))
             chunks.append(chunk)
-            size += len(chunk)
+            size, hint = size + len(chunk), cap
+            if len(chunk) < want:  # a short read of a file is its end: no read for b""
+                break
     finally:
         os.close(fd)
     data = b"".join(chunks)
@@ -133,6 +140,7 @@ def collect(plan: Plan, output_dir: str) -> Collected:
 
 
 def _collect_files(caps: OutputPolicy, output_dir: str, into: Collected) -> None:
+    listed: list[str] | None = []
     for count, (rel, name, st, dir_fd) in enumerate(
         walk(output_dir, caps.max_depth, ordered=True), start=1,
     ):
@@ -141,6 +149,7 @@ def _collect_files(caps: OutputPolicy, output_dir: str, into: Collected) -> None
         if stat.S_ISLNK(st.st_mode):
             raise Rejected(f"{rel} is a symlink")
         if stat.S_ISDIR(st.st_mode):
+            listed = None
             continue
         if not stat.S_ISREG(st.st_mode):
             raise Rejected(f"{rel} is not a regular file")
@@ -154,6 +163,9 @@ def _collect_files(caps: OutputPolicy, output_dir: str, into: Collected) -> None
         if key in into.files:
             raise Rejected("two output file names are the same once redacted")
         into.files[key] = filter_bytes(data, caps, "an output file" if key != rel else rel)
+        if listed is not None:
+            listed.append(name)
+    into.listed = listed
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -243,13 +255,15 @@ def _read_capped(dir_fd: int, name: str, cap: int, rel: str) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise Rejected(f"{rel} is not a regular file")
-        chunks, size = [], 0
-        while chunk := os.read(fd, min(1 << 20, cap + 1 - size)):
+        chunks, size, hint = [], 0, st.st_size + 1  # a buffer the size of the file
+        while True:
+            chunk = os.read(fd, want := min(1 << 20, cap + 1 - size, hint))
             chunks.append(chunk)
-            size += len(chunk)
+            size, hint = size + len(chunk), cap + 1
             if size > cap:
                 raise Rejected(f"{rel} exceeds {cap} bytes")
-        return b"".join(chunks)
+            if len(chunk) < want:  # a short read of a regular file is its end
+                return b"".join(chunks)
     finally:
         os.close(fd)
 

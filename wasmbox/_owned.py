@@ -92,7 +92,7 @@ def remove_owned(path: str, prefix: str) -> None:
         raise RuntimeError(f"refusing to remove {path}: not a {prefix}* directory")
     try:
         try:
-            _clear_shallow(path, _SHALLOW)  # the usual few entries, cheaply
+            clear_shallow(path, _SHALLOW)  # the usual few entries, cheaply
             os.rmdir(path)
         except (OSError, _TooDeep):
             remove_tree(path)  # the thorough way: any depth, locked dirs, links
@@ -107,7 +107,7 @@ class _TooDeep(Exception):
     pass
 
 
-def _clear_shallow(path: str, levels: int) -> None:
+def clear_shallow(path: str, levels: int) -> None:
     """Empty `path` with path-based calls, at most `levels` deep (bounded recursion).
 
     About half the cost of `remove_tree` for a typical workspace; anything unusual (a
@@ -118,7 +118,7 @@ def _clear_shallow(path: str, levels: int) -> None:
             if entry.is_dir(follow_symlinks=False):
                 if levels == 0:
                     raise _TooDeep
-                _clear_shallow(entry.path, levels - 1)
+                clear_shallow(entry.path, levels - 1)
                 os.rmdir(entry.path)
             else:
                 os.unlink(entry.path)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from wasmbox.models import Metrics, Result, Status
 from wasmbox.monitor import Monitor
@@ -43,7 +46,9 @@ def collect(plan: Plan, workspace: Workspace, outcome: Outcome) -> Collected:
     rejection = out_rejection or err_rejection
     if rejection and collected.rejection is None and outcome.status in COLLECTED:
         collected = Collected(rejection=rejection)
-    collected.streams = dataclasses.replace(streams, stdout=stdout, stderr=stderr)
+    if stdout is not streams.stdout or stderr is not streams.stderr:
+        streams = dataclasses.replace(streams, stdout=stdout, stderr=stderr)
+    collected.streams = streams
     return collected
 
 
@@ -55,14 +60,17 @@ def assemble(
     *,
     cleanup_s: float,
     wall_s: float,
+    update: dict[str, Any] | None = None,
 ) -> Result:
+    """The run's `Result`; `update` sets fields left at their defaults otherwise
+    (``warnings``, ``escalated_from``...)."""
     status, reason, streams = outcome.status, outcome.reason, collected.streams
     if collected.rejection is not None:
         status, reason = Status.OUTPUT_REJECTED, collected.rejection
     if reason is not None:  # reasons quote guest text (exceptions, schema messages)
         reason = redact_text(reason, plan.output)
     # Everything below is produced by our own code: skip re-validation on the hot path.
-    metrics = Metrics.model_construct(
+    metrics = trusted(Metrics, dict(
         startup_s=outcome.startup_s,
         run_s=outcome.run_s,
         cleanup_s=cleanup_s,
@@ -77,8 +85,8 @@ def assemble(
         net_rx_bytes=_count(outcome.extra.pop("net_rx_bytes", None)),
         net_tx_bytes=_count(outcome.extra.pop("net_tx_bytes", None)),
         extra=outcome.extra,
-    )
-    return Result.model_construct(
+    ))
+    values: dict[str, Any] = dict(
         task_id=plan.task.id,
         run_id=uuid.uuid4().hex,
         tier=plan.tier,
@@ -95,6 +103,41 @@ def assemble(
         metrics=metrics,
         events=tuple(monitor.events),
     )
+    if update:
+        values.update(update)
+    return trusted(Result, values)
+
+
+M = TypeVar("M", bound=BaseModel)
+_SET = object.__setattr__
+# Per model class: its fields in order and how to make each default (pydantic's own).
+_FIELDS: dict[type[BaseModel], tuple[tuple[str, Any], ...]] = {}
+
+
+def trusted(cls: type[M], values: dict[str, Any]) -> M:
+    """``cls.model_construct(**values)`` (no validation: the values are our own) without
+    pydantic's per-call field loop; the same instance, `model_fields_set` included.
+
+    Falls back to `model_construct` for a model with a post-init hook or private
+    attributes, which this shortcut does not run.
+    """
+    fields = _FIELDS.get(cls)
+    if fields is None:
+        if cls.__pydantic_post_init__ or cls.__private_attributes__:
+            return cls.model_construct(**values)
+        fields = _FIELDS[cls] = tuple(cls.__pydantic_fields__.items())
+    data = {}
+    for name, field in fields:
+        if name in values:
+            data[name] = values[name]
+        elif not field.is_required():
+            data[name] = field.get_default(call_default_factory=True, validated_data=data)
+    model = cls.__new__(cls)
+    _SET(model, "__dict__", data)
+    _SET(model, "__pydantic_fields_set__", set(values))
+    _SET(model, "__pydantic_extra__", None)
+    _SET(model, "__pydantic_private__", None)
+    return model
 
 
 def _count(value: float | None) -> int | None:

@@ -20,7 +20,7 @@ def encode_input(plan: Plan) -> bytes:
     task = plan.task
     depth = plan.policy.limits.input_depth
     try:
-        data = json.dumps(task.input, allow_nan=False, separators=(",", ":")).encode()
+        data = _ENCODER.encode(task.input).encode()
     except RecursionError:
         raise InputRejected(f"input nests deeper than {depth} levels "
                             "(the policy's [limits] input_depth)") from None
@@ -37,6 +37,8 @@ def encode_input(plan: Plan) -> bytes:
     return data
 
 
+# What json.dumps(allow_nan=False, separators=(",", ":")) builds on every call; stateless.
+_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
 _NOT_BRACKET = bytes(sorted(set(range(256)) - set(b"[]{}")))
 _SQUARE = bytes.maketrans(b"{}", b"[]")
 # Openers count 2, closers 0: the running sum minus the position is the nesting depth.

@@ -252,6 +252,8 @@ _CAPS: tuple[tuple[str, str, str], ...] = (
 
 def clamp_warnings(policy: Policy, task: Task) -> tuple[str, ...]:
     """One line per request the policy lowered: what was asked, what applies, which key."""
+    if not any(value is not None for value in task.resources.__dict__.values()):
+        return ()  # nothing asked (the usual task): nothing lowered
     found = []
     for field, table, key in _CAPS:
         asked = getattr(task.resources, field)

@@ -98,18 +98,16 @@ class Sandbox(Batching):
             t_cleanup = time.perf_counter()
             with shielded():
                 workspace.close()
-        t_end = time.perf_counter()
-        result = assemble(
-            plan, outcome, collected, monitor,
-            cleanup_s=t_end - t_cleanup, wall_s=t_end - t0,
-        )
         update: dict[str, object] = {}
         if escalated_from is not None:
             update.update(escalated_from=escalated_from, escalation_reason=why)
         if plan.warnings:
             update["warnings"] = plan.warnings
-        if update:
-            result = result.model_copy(update=update)
+        t_end = time.perf_counter()
+        result = assemble(
+            plan, outcome, collected, monitor,
+            cleanup_s=t_end - t_cleanup, wall_s=t_end - t0, update=update,
+        )
         telemetry.record(result)
         return result
 

@@ -21,7 +21,13 @@ from wasmbox import _outputs
 from wasmbox._config import HostConfig
 from wasmbox._filters import REDACTED, filter_bytes, filter_stream, redact, redact_text
 from wasmbox._outputs import RESULT_FILE, RUNNING, Collected, Streams, flood_limit
-from wasmbox._owned import make_owned_dir, reclaim_owned, remove_owned, remove_tree
+from wasmbox._owned import (
+    clear_shallow,
+    make_owned_dir,
+    reclaim_owned,
+    remove_owned,
+    remove_tree,
+)
 from wasmbox._staging import encode_input, json_depth, json_too_deep
 from wasmbox.lifecycle import Closeable
 from wasmbox.policy import Plan
@@ -55,6 +61,7 @@ class Workspace(Closeable):
         if data is None:
             data = encode_input(plan)
         self.plan = plan
+        self._listed: list[str] | None = None  # what `collect` found in the output dir
         # Plain strings, not Paths: pathlib costs tens of microseconds per run here.
         self.path = make_owned_dir(str(root or workspace_root()), PREFIX)
         try:
@@ -76,7 +83,26 @@ class Workspace(Closeable):
             raise
 
     def _release(self) -> None:
-        remove_owned(self.path, PREFIX)
+        # The layout is ours and known: remove it by name, listing only the guest's output
+        # directory. `rmdir` only removes an empty directory, so anything unexpected (a
+        # tier's own files, a deep or locked output tree) leaves a step failing, and the
+        # thorough removal takes over.
+        try:
+            for name in (self.stdout_path, self.stderr_path, self.input_path):
+                try:
+                    os.unlink(name)
+                except FileNotFoundError:
+                    continue  # a tier that captured no stream here
+            if self._listed is None:
+                clear_shallow(self.output_dir, 2)
+            else:  # collect() saw only these files; rmdir below proves nothing else is left
+                for name in self._listed:
+                    os.unlink(f"{self.output_dir}/{name}")
+            os.rmdir(self.output_dir)
+            os.rmdir(self.task_dir)
+            os.rmdir(self.path)
+        except Exception:
+            remove_owned(self.path, PREFIX)
 
     def output_bytes(self) -> int:
         """Bytes in /task/output now (a monitoring sample, not a cap check)."""
@@ -104,4 +130,6 @@ class Workspace(Closeable):
     def collect(self) -> Collected:
         """Read /task/output under the plan's caps, filters and output schema."""
         self._ensure_open()
-        return _outputs.collect(self.plan, self.output_dir)
+        collected = _outputs.collect(self.plan, self.output_dir)
+        self._listed = collected.listed
+        return collected

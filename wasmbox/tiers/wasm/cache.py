@@ -67,6 +67,8 @@ class Prepared:
     # Names of the module's memory exports: a run looks up just these and `_start`, not
     # every export (wrapping each costs a few microseconds per run).
     memory_exports: tuple[str, ...] = ()
+    # ``_start`` takes and returns nothing (every WASI command): a run calls it directly.
+    plain_start: bool = False
 
 
 class ModuleCache:
@@ -146,17 +148,19 @@ class ModuleCache:
             self._to_disk(digest, compiled)
         imports = frozenset(f"{i.module}.{i.name}" for i in module.imports)
         exports = {e.name: e.type for e in module.exports}
-        if not isinstance(exports.get("_start"), wasmtime.FuncType):
+        start = exports.get("_start")
+        if not isinstance(start, wasmtime.FuncType):
             raise ModuleRejected("the module exports no _start: only WASI commands can run")
+        plain = not start.params and not start.results
         memories = tuple(n for n, t in exports.items() if isinstance(t, wasmtime.MemoryType))
         try:
             pre = self._handle.linker.instantiate_pre(module)
         except wasmtime.WasmtimeError as exc:
             # Kept, not raised: the policy's import check names the culprit more precisely.
             return Prepared(digest, imports, None, module, first_line(str(exc)), compile_s,
-                            memories)
+                            memories, plain)
         return Prepared(digest, imports, pre, module, compile_s=compile_s,
-                        memory_exports=memories)
+                        memory_exports=memories, plain_start=plain)
 
     def _path(self, digest: str) -> Path | None:
         if self._dir is None:

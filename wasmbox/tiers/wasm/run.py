@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import wasmtime
+from wasmtime import _ffi as ffi
+from wasmtime._func import enter_wasm
 
 from wasmbox.errors import ConfigError
 from wasmbox.lifecycle import Deadline
@@ -118,7 +121,8 @@ def wasi_config(
     wasi = wasmtime.WasiConfig()
     origin_ns = time.monotonic_ns()
     wasi.argv = argv
-    wasi.env = list(plan.env.items())
+    if plan.env:  # a new config has no environment: setting an empty one is a no-op
+        wasi.env = list(plan.env.items())
     # Files, not stdout_custom: a Python callback per write costs ~70 us a run. The watchdog
     # stops a guest that writes far past the cap; the cap itself is applied when reading.
     wasi.stdout_file = workspace.stdout_path
@@ -136,6 +140,22 @@ def wasi_config(
         except wasmtime.WasmtimeError as exc:
             raise ConfigError(f"filesystem mount {guest} -> {host} cannot be opened") from exc
     return wasi, origin_ns
+
+
+def call_start(store: wasmtime.Store, start: wasmtime.Func, plain: bool) -> None:
+    """``start(store)``; for a `plain` ``() -> ()`` function without wasmtime-py's per-call
+    type lookup and value conversion (the same C call, traps and errors raised alike)."""
+    if not plain:
+        start(store)
+        return
+    with enter_wasm(store) as trap:
+        error = ffi.wasmtime_func_call(store._context(), ctypes.byref(start._func), _NO_VALS,
+                                       0, _NO_VALS, 0, trap)
+        if error:
+            raise wasmtime.WasmtimeError._from_ptr(error)
+
+
+_NO_VALS = (ffi.wasmtime_val_t * 0)()
 
 
 def record_exit(outcome: Outcome, exc: wasmtime.ExitTrap | wasmtime.Trap) -> None:

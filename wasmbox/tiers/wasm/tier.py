@@ -31,7 +31,14 @@ from wasmbox.tiers.wasm.engine import (
     Watchdog,
     first_line,
 )
-from wasmbox.tiers.wasm.run import arm, close_store, record_exit, settle, wasi_config
+from wasmbox.tiers.wasm.run import (
+    arm,
+    call_start,
+    close_store,
+    record_exit,
+    settle,
+    wasi_config,
+)
 from wasmbox.tiers.wasm.source_scan import imported_modules
 from wasmbox.workspace import Workspace
 
@@ -190,7 +197,7 @@ def _execute(
         t1 = time.perf_counter()
         cpu0 = time.thread_time()
         try:
-            start(store)
+            call_start(store, start, prepared.plain_start)
         finally:
             outcome.run_s = time.perf_counter() - t1
             outcome.cpu_s = time.thread_time() - cpu0
@@ -228,7 +235,10 @@ def _memories(exports: Iterable[wasmtime.AsExtern | None]) -> list[wasmtime.Memo
     # Each memory once, however many names export it: identity is the raw handle's fields
     # (store id and the two private indices; the struct's padding bytes are not stable).
     found: dict[tuple[int, int, int], wasmtime.Memory] = {}
-    for item in exports:
+    items = list(exports)
+    if len(items) == 1:  # the usual single export: nothing to tell apart
+        return [item for item in items if isinstance(item, wasmtime.Memory)]
+    for item in items:
         if isinstance(item, wasmtime.Memory):
             raw = item._memory
             key = (raw._anon_1.store_id, getattr(raw._anon_1, "__private1"),
