@@ -99,10 +99,12 @@ def restore(snapshot: Snapshot, start: Callable[[RamFile, int], Machine],
     try:
         monitor = Qmp(machine.monitor_path, min(_MONITOR_TIMEOUT, timeout))
         try:
-            monitor.execute("migrate-set-capabilities", capabilities=_IGNORE_SHARED)
-            monitor.execute("migrate-incoming", uri=f"fd:{fd}")
-            # Nothing may reach the guest's devices before its state is loaded and running.
-            _await_running(monitor, end)
+            # One round trip for both; then QEMU loads and starts the guest on its own.
+            monitor.execute_all([("migrate-set-capabilities", {"capabilities": _IGNORE_SHARED}),
+                                 ("migrate-incoming", {"uri": f"fd:{fd}"})])
+            # Nothing may reach the guest's devices before its state is loaded and running:
+            # QEMU says RESUME when it starts the loaded guest (a failed load ends QEMU).
+            monitor.wait_event("RESUME", max(0.0, end - time.monotonic()))
         finally:
             monitor.close()
         machine.arm()
@@ -113,16 +115,6 @@ def restore(snapshot: Snapshot, start: Callable[[RamFile, int], Machine],
         machine.close()
         raise
     return machine
-
-
-def _await_running(monitor: Qmp, end: float) -> None:
-    while True:
-        status = (monitor.execute("query-status") or {}).get("status")
-        if status == "running":
-            return
-        if status != "inmigrate" or time.monotonic() >= end:
-            raise SnapshotError(f"the restored guest is {status}, not running")
-        time.sleep(0.002)
 
 
 def _save(template: Machine, state: Path) -> None:
