@@ -7,13 +7,15 @@ per-shape templates and why a shape has none); `VmTier` adds preparing and runni
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 from wasmbox.errors import HostFailure, SandboxClosed
 from wasmbox.lifecycle import Closeable
 from wasmbox.tiers.vm.assets import PREPARE_COMMAND, Assets
 from wasmbox.tiers.vm.machine import Machine, RamFile, Shape
-from wasmbox.tiers.vm.snapshot import Snapshot, restore, take_snapshot
+from wasmbox.tiers.vm.reaper import Reaper
+from wasmbox.tiers.vm.snapshot import Snapshot, launch, resume, take_snapshot
 
 RESTORE_TIMEOUT = 10.0  # a TCG restore takes ~0.2 s here; far past that it has failed
 REFILL_WAIT = 2.0  # how long a task awaits a restore in progress rather than booting cold
@@ -35,6 +37,28 @@ class MachineSupply(Closeable):
     _run_dir: Path | None
     _kvm: bool | None
     _counter: int
+    _reaper: Reaper | None
+    _spare: tuple[Snapshot, Machine] | None = None  # the next restore's QEMU, started ahead
+
+    @property
+    def snapshots(self) -> dict[Shape, Snapshot]:
+        """The saved templates, by shape (a copy)."""
+        with self._snapshot_lock:
+            return dict(self._snapshots)
+
+    @property
+    def snapshot_failures(self) -> dict[Shape, str]:
+        """Why a shape's pool boots instead of restoring, by shape (a copy)."""
+        with self._snapshot_lock:
+            return dict(self._snapshot_failures)
+
+    def _dispose(self, machine: Machine) -> None:
+        """Stop and remove a machine whose task is done, off the task's critical path."""
+        reaper = self._reaper
+        if reaper is None:
+            machine.close()
+        else:
+            reaper.reap(machine)
 
     def _refill_wait(self, shape: Shape) -> float:
         """How long a task awaits the pool's next machine rather than booting its own: a
@@ -48,13 +72,43 @@ class MachineSupply(Closeable):
         snapshot = self._snapshot_for(shape)
         if snapshot is not None:
             try:
-                return restore(snapshot, lambda ram, fd: self._start(
-                    shape, ram=ram, incoming_fd=fd), min(RESTORE_TIMEOUT, self._boot_timeout))
+                return self._restored(shape, snapshot)
             except HostFailure as exc:
                 if self.closed:
                     raise
                 self._drop_snapshot(shape, f"restore failed: {exc}")
+        self._close_spare()  # a shape that boots needs none
         return self._boot_machine(shape, arm=True)
+
+    def _restored(self, shape: Shape, snapshot: Snapshot) -> Machine:
+        """A guest restored from `snapshot`, on the spare QEMU started by the previous call
+        if it is still good; a new spare is started before this guest resumes, so its QEMU
+        start-up (tens of ms, mostly the dynamic linker) is off the next restore's path."""
+        spare, self._spare = self._spare, None
+        machine = None
+        if spare is not None:
+            if spare[0] is snapshot and spare[1].alive:
+                machine = spare[1]
+                machine.started = time.monotonic()  # its restore starts now (for metrics)
+            else:
+                spare[1].close()
+
+        def start(ram: RamFile, fd: int) -> Machine:
+            return self._start(shape, ram=ram, incoming_fd=fd)
+
+        if machine is None:
+            machine = launch(snapshot, start)
+        try:
+            self._spare = (snapshot, launch(snapshot, start))
+        except BaseException:
+            machine.close()
+            raise
+        return resume(machine, min(RESTORE_TIMEOUT, self._boot_timeout))
+
+    def _close_spare(self) -> None:
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            spare[1].close()
 
     def _snapshot_for(self, shape: Shape) -> Snapshot | None:
         assets, run_dir = self._assets, self._run_dir
@@ -97,6 +151,7 @@ class MachineSupply(Closeable):
         return None if self.closed else snapshot
 
     def _drop_snapshot(self, shape: Shape, reason: str) -> None:
+        self._close_spare()
         with self._snapshot_lock:
             snapshot = self._snapshots.pop(shape, None)
             self._snapshot_failures[shape] = reason
