@@ -82,7 +82,7 @@ class MachineSupply(Closeable):
 
     def _restored(self, shape: Shape, snapshot: Snapshot) -> Machine:
         """A guest restored from `snapshot`, on the spare QEMU started by the previous call
-        if it is still good; a new spare is started before this guest resumes, so its QEMU
+        if it is still good; a new spare is started once this guest is ready, so its QEMU
         start-up (tens of ms, mostly the dynamic linker) is off the next restore's path."""
         spare, self._spare = self._spare, None
         machine = None
@@ -98,12 +98,16 @@ class MachineSupply(Closeable):
 
         if machine is None:
             machine = launch(snapshot, start)
+        machine = resume(machine, min(RESTORE_TIMEOUT, self._boot_timeout))
+        # After the resume, not beside it: the running task already shares the cores with it.
         try:
             self._spare = (snapshot, launch(snapshot, start))
+        except HostFailure:
+            pass  # the next restore launches its own QEMU, and says why it cannot
         except BaseException:
             machine.close()
             raise
-        return resume(machine, min(RESTORE_TIMEOUT, self._boot_timeout))
+        return machine
 
     def _close_spare(self) -> None:
         spare, self._spare = self._spare, None
