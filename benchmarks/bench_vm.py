@@ -15,9 +15,8 @@
 
 Two rows for the default configuration, a pool that restores guests from a template snapshot:
 
-- vm-snapshot: startup is the restore itself (loading the state into a QEMU the pool started
-  with ``-incoming`` during the previous restore, until the guest, reseeded, says it can take a
-  task), measured on guests the pool restored; end to end
+- vm-snapshot: startup is the restore itself (a new QEMU started with ``-incoming`` until the
+  guest, reseeded, says it can take a task), measured on guests the pool restored; end to end
   is ``true`` on such a guest, waiting for the pool to be warm first;
 - vm-sustained: ``true`` tasks run back to back after a warm-up, never waiting for the pool
   (the issue-15 figure: the pool must keep up by restoring); startup is the wait for a guest.
@@ -174,8 +173,7 @@ def _snapshot_rows(policy: Policy, true: Task, reps: int, sequential: int, tasks
                 snapshot.startup_s[-1] = ready  # the restore, not the (zero) wait for it
                 restored += 1
         snapshot.notes.append(f"{restored}/{reps} tasks ran on restored guests; startup = "
-                              "the restore: state load (in a QEMU started with -incoming "
-                              "ahead of it) until the reseeded guest is armed")
+                              "QEMU start with -incoming until the reseeded guest is armed")
         progress.step("vm-sustained: sequential")
         results = _sequential(sb, true, sequential)
         for r in results:

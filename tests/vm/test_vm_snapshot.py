@@ -159,31 +159,6 @@ def test_corrupt_snapshot_falls_back_to_booting_and_leaks_nothing(
     assert processes_naming({run_dir}) == []
 
 
-def test_the_next_restore_starts_ahead_and_is_closed_with_the_tier(
-    vm_assets: AssetReport, processes_naming: ProcessesNaming,
-) -> None:
-    with _own_tier() as (sandbox, tier, run_dir):
-        first = _run_restored(sandbox, tier, TRUE)
-        assert tier.wait_warm(WARM_TIMEOUT)
-        spare = tier._spare
-        assert spare is not None, "no QEMU was started ahead for the next restore"
-        ahead = spare[1]
-        assert ahead.alive and ahead.restored and ahead.ready_at is None  # not resumed yet
-        second = _run_restored(sandbox, tier, TRUE)
-        assert first.status is second.status is Status.COMPLETED
-        assert tier.wait_warm(WARM_TIMEOUT)
-        assert ahead.ready_at is not None  # the pool's next guest was resumed on it
-        # The finished guests are gone: the pooled guest and the next spare are left.
-        assert len(list(run_dir.glob("m*"))) == 2
-        spare = tier._spare
-        assert spare is not None
-        last = spare[1]
-    assert tier._spare is None
-    assert ahead.closed and last.closed and not last.alive
-    assert not run_dir.exists()
-    assert processes_naming({run_dir}) == []
-
-
 _OWNER = """
 import sys, time
 from wasmbox import Policy, Sandbox, Task

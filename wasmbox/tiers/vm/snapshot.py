@@ -6,8 +6,8 @@ and blocks reading the entropy line that arms it. We migrate it then, with QEMU'
 the RAM file is the memory image. A restore starts a new QEMU with the same devices, maps the
 RAM file private (copy on write: pages a guest never writes stay shared among its siblings)
 and loads the state through an inherited fd (``-sandbox spawn=deny`` forbids ``exec:``).
-A restore is two steps, `launch` (QEMU starts, tens of ms of its own) and `resume` (the state
-is loaded, the guest armed), so the next guest's QEMU can start while this one resumes.
+A restore is two steps, `launch` (QEMU starts: 45-60 ms of its own under TCG here) and
+`resume` (the state is loaded, the guest armed).
 Every restored guest is a new process, armed with fresh entropy before a task can reach it,
 and serves one task. The files live in the tier's run directory: removed on close, reclaimed
 by the janitor when their owner died.
@@ -84,7 +84,7 @@ def take_snapshot(directory: Path, shape: Shape, start: Callable[[Path, RamFile]
 
 def launch(snapshot: Snapshot, start: Callable[[RamFile, int], Machine]) -> Machine:
     """A new QEMU for a guest of `snapshot`, started with `start(ram, state_fd)`: it maps
-    the RAM file and waits for `resume` (QEMU's own start-up can run ahead of it).
+    the RAM file and waits for `resume`.
 
     Raises `SnapshotError` when the snapshot cannot be opened.
     """

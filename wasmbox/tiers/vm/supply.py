@@ -7,7 +7,6 @@ per-shape templates and why a shape has none); `VmTier` adds preparing and runni
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 from wasmbox.errors import HostFailure, SandboxClosed
@@ -38,7 +37,6 @@ class MachineSupply(Closeable):
     _kvm: bool | None
     _counter: int
     _reaper: Reaper | None
-    _spare: tuple[Snapshot, Machine] | None = None  # the next restore's QEMU, started ahead
 
     @property
     def snapshots(self) -> dict[Shape, Snapshot]:
@@ -72,47 +70,13 @@ class MachineSupply(Closeable):
         snapshot = self._snapshot_for(shape)
         if snapshot is not None:
             try:
-                return self._restored(shape, snapshot)
+                return resume(launch(snapshot, lambda ram, fd: self._start(
+                    shape, ram=ram, incoming_fd=fd)), min(RESTORE_TIMEOUT, self._boot_timeout))
             except HostFailure as exc:
                 if self.closed:
                     raise
                 self._drop_snapshot(shape, f"restore failed: {exc}")
-        self._close_spare()  # a shape that boots needs none
         return self._boot_machine(shape, arm=True)
-
-    def _restored(self, shape: Shape, snapshot: Snapshot) -> Machine:
-        """A guest restored from `snapshot`, on the spare QEMU started by the previous call
-        if it is still good; a new spare is started once this guest is ready, so its QEMU
-        start-up (tens of ms, mostly the dynamic linker) is off the next restore's path."""
-        spare, self._spare = self._spare, None
-        machine = None
-        if spare is not None:
-            if spare[0] is snapshot and spare[1].alive:
-                machine = spare[1]
-                machine.started = time.monotonic()  # its restore starts now (for metrics)
-            else:
-                spare[1].close()
-
-        def start(ram: RamFile, fd: int) -> Machine:
-            return self._start(shape, ram=ram, incoming_fd=fd)
-
-        if machine is None:
-            machine = launch(snapshot, start)
-        machine = resume(machine, min(RESTORE_TIMEOUT, self._boot_timeout))
-        # After the resume, not beside it: the running task already shares the cores with it.
-        try:
-            self._spare = (snapshot, launch(snapshot, start))
-        except HostFailure:
-            pass  # the next restore launches its own QEMU, and says why it cannot
-        except BaseException:
-            machine.close()
-            raise
-        return machine
-
-    def _close_spare(self) -> None:
-        spare, self._spare = self._spare, None
-        if spare is not None:
-            spare[1].close()
 
     def _snapshot_for(self, shape: Shape) -> Snapshot | None:
         assets, run_dir = self._assets, self._run_dir
@@ -155,7 +119,6 @@ class MachineSupply(Closeable):
         return None if self.closed else snapshot
 
     def _drop_snapshot(self, shape: Shape, reason: str) -> None:
-        self._close_spare()
         with self._snapshot_lock:
             snapshot = self._snapshots.pop(shape, None)
             self._snapshot_failures[shape] = reason

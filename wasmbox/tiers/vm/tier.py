@@ -265,8 +265,7 @@ class VmTier(MachineSupply):
             for snapshot_dir in run_dir.glob("s*"):
                 kill_machines(snapshot_dir)
         if pool is not None:
-            pool.close()  # its refill thread is the only one using the spare
-        self._close_spare()
+            pool.close()
         with self._snapshot_lock:
             snapshots, self._snapshots = list(self._snapshots.values()), {}
         for snapshot in snapshots:
