@@ -1,8 +1,8 @@
 """A minimal QMP client: the few monitor commands snapshots need, every wait bounded.
 
 Only commands QEMU 7.2 documents are used (``qmp_capabilities``, ``getfd``,
-``migrate-set-capabilities``, ``migrate``, ``migrate-incoming``, ``query-migrate``,
-``query-status``) and one event, ``RESUME``.
+``migrate-set-capabilities``, ``migrate``, ``migrate-incoming``, ``query-migrate``) and one
+event, ``RESUME``.
 Replies are read line by line with a size cap; asynchronous events are set aside by name, so
 `wait_event` finds one that arrived while a reply was awaited. Commands can be pipelined
 (`execute_all`): one round trip for several.
@@ -80,8 +80,8 @@ class Qmp:
         return results
 
     def wait_event(self, name: str, timeout: float) -> None:
-        """Return once QEMU sent the event `name` (before this call too, since the last
-        command). Raises `QmpError` on timeout or when the monitor goes away."""
+        """Return once QEMU sent the event `name` (also if it came while a command's reply
+        was awaited). Raises `QmpError` on timeout or when the monitor goes away."""
         if name in self._events:
             return
         self._sock.settimeout(max(0.01, timeout))
