@@ -22,13 +22,15 @@ Two rows for the default configuration, a pool that restores guests from a templ
   (the issue-15 figure: the pool must keep up by restoring); startup is the wait for a guest.
 
 Run standalone: ``python3 benchmarks/bench_vm.py [--quick]`` (needs qemu-system-x86; missing
-or stale VM assets are prepared first, as ``python3 -m wasmbox.tiers.vm.assets`` would).
+or stale VM assets are prepared first, as ``python3 -m wasmbox.tiers.vm.assets`` would);
+``--sustained 20 --runs 5`` prints the vm-sustained figure alone, five times.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -173,22 +175,54 @@ def _snapshot_rows(policy: Policy, true: Task, reps: int, sequential: int, tasks
         snapshot.notes.append(f"{restored}/{reps} tasks ran on restored guests; startup = "
                               "QEMU start with -incoming until the reseeded guest is armed")
         progress.step("vm-sustained: sequential")
-        for _ in range(3):  # warm-up
-            check(sb.run(true))
-        restored = 0
-        for _ in range(sequential):
-            r = check(sb.run(true))
+        results = _sequential(sb, true, sequential)
+        for r in results:
             _record(sustained, r)
-            restored += int(r.metrics.extra.get("restored", 0.0))
-        walls = sorted(sustained.wall_s[-sequential:])
-        p95 = walls[max(0, math.ceil(0.95 * len(walls)) - 1)]
-        sustained.notes.append(f"{sequential} back-to-back tasks after 3 warm-up, "
-                               f"{restored} on restored guests (the rest booted cold); "
-                               f"end to end median {statistics.median(walls) * 1000:.0f} ms, "
-                               f"p95 {p95 * 1000:.0f} ms (issue 15 target: median <= 250 ms)")
+        sustained.notes.append(_sequential_note(results))
         progress.step("vm-sustained: throughput")
         _throughput(sustained, tasks, lambda: check(sb.run(true)))
     return snapshot, sustained
+
+
+def _sequential(sb: Sandbox, true: Task, n: int) -> list[Result]:
+    """`n` back-to-back tasks after 3 warm-up ones, never waiting for the pool."""
+    for _ in range(3):
+        check(sb.run(true))
+    return [check(sb.run(true)) for _ in range(n)]
+
+
+def _sequential_note(results: list[Result]) -> str:
+    walls = sorted(r.metrics.wall_s for r in results)
+    p95 = walls[max(0, math.ceil(0.95 * len(walls)) - 1)]
+    restored = sum(int(r.metrics.extra.get("restored", 0.0)) for r in results)
+    over = [r.metrics.extra["qemu_rss_bytes"] - float(r.metrics.peak_memory_bytes or 0)
+            for r in results if "qemu_rss_bytes" in r.metrics.extra]
+    rss = (f", QEMU RSS over the task's peak {statistics.median(over) / 2**20:.1f} MiB"
+           if over else "")
+    return (f"{len(walls)} back-to-back tasks after 3 warm-up, {restored} on restored guests "
+            f"(the rest booted cold); end to end median {statistics.median(walls) * 1000:.0f} ms, "
+            f"p95 {p95 * 1000:.0f} ms (issue 15 target: median <= 250 ms){rss}")
+
+
+def sustained(n: int, runs: int) -> None:
+    """Print the vm-sustained figure alone, `runs` times: `n` sequential ``/bin/true`` after
+    3 warm-up, on a fresh tier each run (its template made first, as in the row)."""
+    if not _with_assets().ok:
+        print("vm: not available")
+        return
+    true = Task.command(["/bin/true"], tier="vm")
+    policy = Policy(timeouts=TimeoutPolicy(run=60.0))
+    for i in range(runs):
+        tier = VmTier(pool_size=1)
+        with Sandbox(policy, tiers={TierName.VM: lambda t=tier: t}) as sb:
+            tier.prepare(apply(policy, true))
+            tier.wait_warm(WARM_TIMEOUT)
+            check(sb.run(true))  # the shape's first guest boots; the template follows
+            if not tier.wait_warm(WARM_TIMEOUT) or not tier.snapshots:
+                print(f"run {i + 1}: no snapshot: {tier.snapshot_failures}")
+                continue
+            note = _sequential_note(_sequential(sb, true, n))
+        print(f"run {i + 1}: {note}; load average {os.getloadavg()[0]:.2f}", flush=True)
 
 
 def _throughput(row: Row, n: int, once: Callable[[], object]) -> None:
@@ -232,7 +266,13 @@ def _exec_pairs(sb: Sandbox, tier: VmTier, iterations: int, reps: int) -> list[P
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--sustained", type=int, metavar="N",
+                        help="only the vm-sustained figure: N back-to-back tasks after 3 warm-up")
+    parser.add_argument("--runs", type=int, default=1, help="with --sustained: how many times")
     args = parser.parse_args(argv)
+    if args.sustained:
+        sustained(args.sustained, args.runs)
+        return 0
     print_rows(measure(args.quick, NoProgress(STEPS)))
     return 0
 

@@ -3,6 +3,7 @@ random state, fall back to booting when a snapshot is broken, and leave nothing 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -123,16 +124,23 @@ def _our_run_dirs(before: set[Path]) -> set[Path]:
     return {d for d in root.glob(f"{PREFIX}{os.getpid()}-*") if d not in before}
 
 
-def test_corrupt_snapshot_falls_back_to_booting_and_leaks_nothing(
-    vm_assets: AssetReport, processes_naming: ProcessesNaming,
-) -> None:
+@contextlib.contextmanager
+def _own_tier() -> Iterator[tuple[Sandbox, VmTier, Path]]:
+    """A restoring tier of its own, its template made, and its run dir (gone after close)."""
     before = set(Path(workspace_root()).glob(f"{PREFIX}{os.getpid()}-*"))
     tier = VmTier(pool_size=1)
     with Sandbox(Policy(), tiers={TierName.VM: lambda: tier}) as sandbox:
         _make_template(sandbox, tier)
+        [run_dir] = _our_run_dirs(before)
+        yield sandbox, tier, run_dir
+
+
+def test_corrupt_snapshot_falls_back_to_booting_and_leaks_nothing(
+    vm_assets: AssetReport, processes_naming: ProcessesNaming,
+) -> None:
+    with _own_tier() as (sandbox, tier, run_dir):
         [(shape, snapshot)] = tier.snapshots.items()
         snapshot.state.write_bytes(b"not a QEMU migration stream" * 100)
-        [run_dir] = _our_run_dirs(before)
 
         first = sandbox.run(TRUE)  # takes the guest restored before the damage
         assert tier.wait_warm(WARM_TIMEOUT), "the pool did not fall back to booting"

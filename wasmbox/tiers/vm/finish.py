@@ -46,9 +46,11 @@ def finish(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monito
             outcome.reason = (f"the guest stopped without reporting (kernel panic?): "
                               f"{tail[0][:200]!r} {machine.qemu_errors()[-300:]}").strip()
         return outcome
-    machine.stop()  # the guest synced its output disk before printing the line
     _classify(outcome, line, plan)
     if not line.flags & {"ship", "empty"}:  # "empty": the guest had nothing to ship
+        # The guest synced its output disk before printing the line; stopped, it cannot
+        # write it any more. With nothing to read, the guest is stopped after the result.
+        machine.stop()
         try:
             _unpack(machine.output_image, workspace, plan)
         except (tarfile.TarError, OSError) as exc:

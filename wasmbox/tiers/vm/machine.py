@@ -66,6 +66,7 @@ class Machine(Closeable):
         self.dir = directory
         self.shape = shape
         self.restored = incoming_fd is not None
+        self.incoming_fd = incoming_fd  # the state's fd number, inside QEMU too
         self.started = time.monotonic()
         self.ready_at: float | None = None
         self._arm_on_ready = arm

@@ -13,7 +13,8 @@ from wasmbox.errors import HostFailure, SandboxClosed
 from wasmbox.lifecycle import Closeable
 from wasmbox.tiers.vm.assets import PREPARE_COMMAND, Assets
 from wasmbox.tiers.vm.machine import Machine, RamFile, Shape
-from wasmbox.tiers.vm.snapshot import Snapshot, restore, take_snapshot
+from wasmbox.tiers.vm.reaper import Reaper
+from wasmbox.tiers.vm.snapshot import Snapshot, launch, resume, take_snapshot
 
 RESTORE_TIMEOUT = 10.0  # a TCG restore takes ~0.2 s here; far past that it has failed
 REFILL_WAIT = 2.0  # how long a task awaits a restore in progress rather than booting cold
@@ -35,6 +36,27 @@ class MachineSupply(Closeable):
     _run_dir: Path | None
     _kvm: bool | None
     _counter: int
+    _reaper: Reaper | None
+
+    @property
+    def snapshots(self) -> dict[Shape, Snapshot]:
+        """The saved templates, by shape (a copy)."""
+        with self._snapshot_lock:
+            return dict(self._snapshots)
+
+    @property
+    def snapshot_failures(self) -> dict[Shape, str]:
+        """Why a shape's pool boots instead of restoring, by shape (a copy)."""
+        with self._snapshot_lock:
+            return dict(self._snapshot_failures)
+
+    def _dispose(self, machine: Machine) -> None:
+        """Stop and remove a machine whose task is done, off the task's critical path."""
+        reaper = self._reaper
+        if reaper is None:
+            machine.close()
+        else:
+            reaper.reap(machine)
 
     def _refill_wait(self, shape: Shape) -> float:
         """How long a task awaits the pool's next machine rather than booting its own: a
@@ -48,8 +70,8 @@ class MachineSupply(Closeable):
         snapshot = self._snapshot_for(shape)
         if snapshot is not None:
             try:
-                return restore(snapshot, lambda ram, fd: self._start(
-                    shape, ram=ram, incoming_fd=fd), min(RESTORE_TIMEOUT, self._boot_timeout))
+                return resume(launch(snapshot, lambda ram, fd: self._start(
+                    shape, ram=ram, incoming_fd=fd)), min(RESTORE_TIMEOUT, self._boot_timeout))
             except HostFailure as exc:
                 if self.closed:
                     raise

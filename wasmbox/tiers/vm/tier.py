@@ -37,6 +37,7 @@ from wasmbox.tiers.vm.machine import (
     probe_kvm,
 )
 from wasmbox.tiers.vm.pool import MachinePool
+from wasmbox.tiers.vm.reaper import Reaper
 from wasmbox.tiers.vm.snapshot import Snapshot
 from wasmbox.tiers.vm.supply import MachineSupply
 from wasmbox.workspace import Workspace, remove_tree
@@ -83,6 +84,7 @@ class VmTier(MachineSupply):
         self._kvm: bool | None = None
         self._counter = 0
         self._pool: MachinePool | None = None
+        self._reaper: Reaper | None = None
         self._boot_estimate = 1.5
 
     def availability(self) -> Availability:
@@ -130,26 +132,18 @@ class VmTier(MachineSupply):
         """The guests booted ahead (None before the first task, or with `pool_size=0`)."""
         return self._pool
 
-    @property
-    def snapshots(self) -> dict[Shape, Snapshot]:
-        """The saved templates, by shape (a copy)."""
-        with self._snapshot_lock:
-            return dict(self._snapshots)
-
-    @property
-    def snapshot_failures(self) -> dict[Shape, str]:
-        """Why a shape's pool boots instead of restoring, by shape (a copy)."""
-        with self._snapshot_lock:
-            return dict(self._snapshot_failures)
-
     def wait_warm(self, timeout: float) -> bool:
-        """Block until a pooled guest is ready (True) or `timeout` passes; for benchmarks."""
-        pool = self._pool
-        return pool is not None and pool.wait_ready(timeout)
+        """Block until finished guests are removed and a pooled guest is ready (True), or
+        `timeout` passes; for benchmarks and tests."""
+        end = time.monotonic() + timeout
+        pool, reaper = self._pool, self._reaper
+        return (pool is not None and (reaper is None or reaper.wait_idle(timeout))
+                and pool.wait_ready(max(0.0, end - time.monotonic())))
 
     def run(self, prepared: VmPrepared, workspace: Workspace, deadline: Deadline,
             monitor: Monitor) -> Outcome:
-        """Run the task in a fresh guest; the guest and its files are gone when this returns."""
+        """Run the task in a fresh guest, never reused: it is stopped and removed when this
+        returns, or just after (by the tier's reaper, and by `close()` at the latest)."""
         t0 = time.monotonic()
         self._ensure_open()
         plan, run_dir, shape = prepared.plan, prepared.run_dir, prepared.shape
@@ -178,7 +172,7 @@ class VmTier(MachineSupply):
         finally:
             if machine is not None:
                 with shielded():
-                    machine.close()
+                    self._dispose(machine)
 
     def _setup(self) -> tuple[Assets, Path]:
         with self._lock:
@@ -194,6 +188,7 @@ class VmTier(MachineSupply):
                     raise HostFailure(f"cannot create the VM run directory: {exc}") from exc
                 root = self._assets_dir
                 self._kvm = probe_kvm(self._assets, self._run_dir, root / "kvm-probe.json")
+                self._reaper = Reaper()
                 if self._pool_size > 0:
                     self._pool = MachinePool(self._pool_size, self._pooled_machine)
             return self._assets, self._run_dir
@@ -262,6 +257,9 @@ class VmTier(MachineSupply):
         with self._lock:
             pool, self._pool = self._pool, None
             run_dir, self._run_dir = self._run_dir, None
+            reaper, self._reaper = self._reaper, None
+        if reaper is not None:
+            reaper.close()  # the guests of finished tasks, before the run dir goes
         if run_dir is not None:
             # A template booting in the refill thread would hold up `pool.close()`.
             for snapshot_dir in run_dir.glob("s*"):
