@@ -113,12 +113,9 @@ class Machine(Closeable):
         return self.dir / "qmp.sock"
 
     def wait_booted(self, timeout: float) -> bool:
-        """True once the guest printed READY (a template is snapshotted then)."""
-        end = time.monotonic() + timeout
-        while not self._booted.wait(min(0.05, max(0.0, end - time.monotonic()))):
-            if self._exited.is_set() or time.monotonic() >= end:
-                return self._booted.is_set()
-        return True
+        """True once the guest printed READY (a template is snapshotted then); a boot the
+        host is too busy to run is given time as in `wait_ready`."""
+        return self._wait(self._booted, timeout, starved_grace=True)
 
     def arm(self) -> None:
         """Send the guest its entropy and the time; it says ARMED once they are credited.
@@ -143,12 +140,15 @@ class Machine(Closeable):
         to run it) does not count: a slow boot is not a hung one. The wait still ends at
         `_STARVED_WAIT` times `timeout`.
         """
+        return self._wait(self._ready, timeout, starved_grace=starved_grace)
+
+    def _wait(self, event: threading.Event, timeout: float, *, starved_grace: bool) -> bool:
         start = time.monotonic()
         queued_start = self.queued_seconds() if starved_grace else None
         end = start + timeout
-        while not self._ready.wait(min(0.05, max(0.0, end - time.monotonic()))):
+        while not event.wait(min(0.05, max(0.0, end - time.monotonic()))):
             if self._exited.is_set():
-                return self._ready.is_set()
+                return event.is_set()
             now = time.monotonic()
             if now < end:
                 continue
@@ -156,7 +156,7 @@ class Machine(Closeable):
             if (queued is None or queued_start is None
                     or now - start - (queued - queued_start) >= timeout
                     or now - start >= _STARVED_WAIT * timeout):
-                return self._ready.is_set()
+                return event.is_set()
             end = now + min(0.5, timeout)  # starved, not hung: look again shortly
         return True
 
