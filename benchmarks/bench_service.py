@@ -142,11 +142,11 @@ async def _load(url: str, body: dict[str, str], form: str, level: int, n: int,
         return latencies
     limits = httpx.Limits(max_connections=level, max_keepalive_connections=level)
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {SECRET}"},
-                                 timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
+                                 timeout=REQUEST_TIMEOUT_S, limits=limits) as http:
 
         async def one_client() -> None:
             for _ in remaining:
-                latencies.append(await _task(client, body, form))
+                latencies.append(await _task(http, body, form))
 
         await asyncio.wait_for(asyncio.gather(*(one_client() for _ in range(level))),
                                timeout=REQUEST_TIMEOUT_S * max(1, n // level + 1))

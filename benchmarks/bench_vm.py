@@ -214,7 +214,7 @@ def sustained(n: int, runs: int) -> None:
     policy = Policy(timeouts=TimeoutPolicy(run=60.0))
     for i in range(runs):
         tier = VmTier(pool_size=1)
-        with Sandbox(policy, tiers={TierName.VM: lambda t=tier: t}) as sb:
+        with tier, Sandbox(policy, tiers={TierName.VM: tier}) as sb:
             tier.prepare(apply(policy, true))
             tier.wait_warm(WARM_TIMEOUT)
             check(sb.run(true))  # the shape's first guest boots; the template follows
