@@ -70,17 +70,24 @@ def read_stream(path: str, cap: int) -> tuple[bytes, bool]:
     except FileNotFoundError:
         return b"", False
     try:
-        chunks, size, hint = [], 0, st.st_size + 1  # a buffer the size of the file, not cap
-        while size <= cap:
-            chunk = os.read(fd, want := min(cap + 1 - size, hint))
-            chunks.append(chunk)
-            size, hint = size + len(chunk), cap
-            if len(chunk) < want:  # a short read of a file is its end: no read for b""
-                break
+        data = _read_upto(fd, cap + 1, st.st_size + 1)
     finally:
         os.close(fd)
-    data = b"".join(chunks)
     return data[:cap], len(data) > cap
+
+
+def _read_upto(fd: int, limit: int, size_hint: int, chunk_max: int = 1 << 62) -> bytes:
+    """At most `limit` bytes of an open regular file. The first buffer is `size_hint` (the
+    file's size + 1, not the cap), later ones at most `chunk_max`; a short read is the end,
+    so a file read whole costs no extra read for ``b""``."""
+    chunks, size, want_next = [], 0, size_hint
+    while size < limit:
+        chunk = os.read(fd, want := min(limit - size, want_next, chunk_max))
+        chunks.append(chunk)
+        size, want_next = size + len(chunk), limit
+        if len(chunk) < want:
+            break
+    return b"".join(chunks)
 
 
 def output_bytes(output_dir: str, max_depth: int) -> int:
@@ -255,15 +262,10 @@ def _read_capped(dir_fd: int, name: str, cap: int, rel: str) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise Rejected(f"{rel} is not a regular file")
-        chunks, size, hint = [], 0, st.st_size + 1  # a buffer the size of the file
-        while True:
-            chunk = os.read(fd, want := min(1 << 20, cap + 1 - size, hint))
-            chunks.append(chunk)
-            size, hint = size + len(chunk), cap + 1
-            if size > cap:
-                raise Rejected(f"{rel} exceeds {cap} bytes")
-            if len(chunk) < want:  # a short read of a regular file is its end
-                return b"".join(chunks)
+        data = _read_upto(fd, cap + 1, st.st_size + 1, 1 << 20)
+        if len(data) > cap:
+            raise Rejected(f"{rel} exceeds {cap} bytes")
+        return data
     finally:
         os.close(fd)
 
