@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from wasmbox._procstat import stat_fields
 from wasmbox.errors import HostFailure
 from wasmbox.lifecycle import Deadline
 from wasmbox.models import Status
@@ -258,11 +259,10 @@ def _reap_when_reparented(pid: int) -> int:
     """
     give_up = time.monotonic() + _REPARENT_WAIT
     while time.monotonic() < give_up:
-        try:
-            with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
-                ppid = int(f.read().rpartition(")")[2].split()[1])
-        except (OSError, ValueError, IndexError):
+        fields = stat_fields(pid)
+        if len(fields) < 2 or not fields[1].isdigit():
             return 0xFF00  # gone: someone else reaped it; the status is unknown (exit 255)
+        ppid = int(fields[1])
         if ppid == os.getpid():
             try:
                 return os.waitpid(pid, 0)[1]

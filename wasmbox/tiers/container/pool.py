@@ -16,6 +16,7 @@ import shlex
 import shutil
 
 from wasmbox._owned import make_owned_dir
+from wasmbox._procstat import stat_fields
 from wasmbox.lifecycle import shielded
 from wasmbox.models import TierName
 from wasmbox.pool import Pool
@@ -85,13 +86,9 @@ class Pooled:
 
     def waiting(self) -> bool:
         """Whether the container's init still waits for its task (it may have been killed)."""
-        try:
-            with open(f"/proc/{self.instance.pid}/stat", encoding="utf-8",
-                      errors="replace") as f:
-                state = f.read().rpartition(")")[2].split()[0]
-        except (OSError, IndexError):
-            return False
-        return state not in ("Z", "X")
+        pid = self.instance.pid
+        fields = stat_fields(pid) if pid is not None else []
+        return bool(fields) and fields[0] not in ("Z", "X")
 
     def hand_back(self, output_dir: str, stdout_path: str, stderr_path: str) -> None:
         """Move what the (dead) container wrote into the task's workspace."""

@@ -20,9 +20,9 @@ import threading
 import time
 from pathlib import Path
 
+from wasmbox import _procstat as procstat
 from wasmbox.errors import HostFailure
 from wasmbox.lifecycle import Closeable
-from wasmbox.tiers.vm import procstat
 from wasmbox.tiers.vm.assets import Assets
 from wasmbox.tiers.vm.console import ExitLine, arming_line, parse_exit
 from wasmbox.tiers.vm.guest import ARMED, EXIT, READY
