@@ -61,6 +61,7 @@ class Workspace(Closeable):
         if data is None:
             data = encode_input(plan)
         self.plan = plan
+        self.input_bytes = data  # what input.json holds (a tier may pass it on, not re-read)
         self._listed: list[str] | None = None  # what `collect` found in the output dir
         # Plain strings, not Paths: pathlib costs tens of microseconds per run here.
         self.path = make_owned_dir(str(root or workspace_root()), PREFIX)

@@ -6,10 +6,10 @@ A fresh Store under the plan's limits, one instance of the snapshot and one call
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from wasmbox.policy import Plan
 from wasmbox.tiers.base import Outcome
 from wasmbox.tiers.wasm.engine import EngineHandle, first_line
 from wasmbox.tiers.wasm.instance_pool import Pooled
-from wasmbox.tiers.wasm.run import arm, close_store, record_exit, settle, wasi_config
+from wasmbox.tiers.wasm.run import arm, limit_store, record_exit, settle, wasi_config
 from wasmbox.workspace import RESULT_FILE, Workspace
 
 TASK_FILENAME = "<task>"
@@ -32,6 +32,17 @@ TASK_FILENAME = "<task>"
 # task cannot create instances itself, so the runtime's own need is the floor.
 MIN_INSTANCES = 32
 _REASON_CHARS = 500
+ARGV = ("python",)
+# The pool's first call into each new instance (`warm_up`): ours, no task code and no I/O, a
+# main that takes and returns JSON like a task's. The first call into an instance costs ~3x
+# a later one (its memory and the interpreter's lazy state touched for the first time).
+WARM_SOURCE = (
+    "import json\n"
+    "def main(inp):\n"
+    "    return {'n': len(json.dumps(inp)), 'xs': sorted(inp['xs'])}\n"
+)
+WARM_INPUT = '{"xs": [2.5, 1], "s": "x", "n": null, "b": true}'
+_WARM_VALUE = json.dumps({"n": len(json.dumps(json.loads(WARM_INPUT))), "xs": [1, 2.5]})
 
 
 @dataclass(frozen=True)
@@ -46,11 +57,11 @@ class Interpreter:
 def execute(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monitor,
             interp: Interpreter,
             store: wasmtime.Store, payload: str, paths: list[str], mounts: dict[str, Path],
-            t0: float, pooled: Pooled | None = None,
-            close: Callable[[wasmtime.Store], None] = close_store) -> Outcome:
-    """Run the plan's source in a fresh instance in `store` (or the `pooled` one made for
-    it, never used before); guest faults are statuses. `close` ends the store."""
-    wasi, clock_origin = wasi_config(plan, workspace, ["python"], mounts)
+            t0: float, pooled: Pooled | None = None) -> Outcome:
+    """Run the plan's source in a fresh instance in `store` (or the `pooled` one made and
+    warmed for it, never used by a task before); guest faults are statuses. Closes the
+    store."""
+    wasi, clock_origin = wasi_config(plan, workspace, list(ARGV), mounts)
     store.set_wasi(wasi)
     watchdog, _ = arm(store, plan, workspace, deadline, monitor, interp.handle, clock_origin,
                       min_instances=MIN_INSTANCES)
@@ -88,8 +99,41 @@ def execute(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monit
 
     if verdict is not None:
         _apply_verdict(outcome, verdict, plan, workspace)
-    settle(outcome, plan, store, watchdog, deadline, monitor, close)
+    settle(outcome, plan, store, watchdog, deadline, monitor)
     return outcome
+
+
+def pool_world(store: wasmtime.Store, plan: Plan) -> None:
+    """A pooled instance's Store before its warm-up: the task's argv and env (the
+    interpreter reads them once, on its first call) and nothing else: no preopens, no stdio;
+    the plan's store limits and fuel."""
+    wasi = wasmtime.WasiConfig()
+    wasi.argv = list(ARGV)
+    if plan.env:
+        wasi.env = list(plan.env.items())
+    store.set_wasi(wasi)
+    limit_store(store, plan, MIN_INSTANCES)
+
+
+def warm_up(store: wasmtime.Store, instance: component.Instance, fuel: bool) -> int:
+    """The first call into a pooled instance (`WARM_SOURCE`); raises `HostFailure` unless
+    it returned its known value, and the pool drops the instance.
+
+    With `fuel`, calls it a second time and returns what the first call burnt beyond the
+    second: the interpreter's lazy start, which the fresh path charges to the task's call.
+    """
+    run = instance.get_func(store, "run")
+    if run is None:
+        raise HostFailure("the Python component exports no run function")
+    burnt = []
+    for _ in range(2 if fuel else 1):
+        before = store.get_fuel() if fuel else 0
+        verdict = run(store, WARM_SOURCE, "<warm-up>", "main", WARM_INPUT, [])
+        if verdict.code != 0 or verdict.value != _WARM_VALUE:
+            raise HostFailure(f"the interpreter's warm-up failed: {verdict.code} "
+                              f"{verdict.error}")
+        burnt.append(before - store.get_fuel() if fuel else 0)
+    return burnt[0] - burnt[-1]
 
 
 def _apply_verdict(outcome: Outcome, verdict: component.Record, plan: Plan,
