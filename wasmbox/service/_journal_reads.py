@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
 
@@ -15,20 +16,14 @@ class _JournalReads(_GroupCommit):
 
     def get(self, task_id: str) -> Record | None:
         """The task's record, or None if no such task was accepted."""
-        db = self._reader()
-        db.execute("BEGIN")  # the row and its files from one snapshot
-        try:
-            row = db.execute(
-                "SELECT id, token, policy, state, cancel_requested, attempts, result_json,"
-                " error, submitted_at, started_at, finished_at, cpu_s, reserved_s"
-                " FROM tasks WHERE id = ?",
-                (task_id,),
-            ).fetchone()
-            sizes = {} if row is None else dict(db.execute(
-                "SELECT name, length(data) FROM files WHERE task_id = ?", (task_id,)
-            ).fetchall())
-        finally:
-            db.execute("COMMIT")
+        # One statement: the row and its files' sizes from one snapshot, no transaction.
+        row = self._reader().execute(
+            "SELECT id, token, policy, state, cancel_requested, attempts, result_json,"
+            " error, submitted_at, started_at, finished_at, cpu_s, reserved_s,"
+            " (SELECT json_group_object(name, length(data)) FROM files"
+            " WHERE task_id = tasks.id) FROM tasks WHERE id = ?",
+            (task_id,),
+        ).fetchone()
         if row is None:
             return None
         result, error = None, row[7]
@@ -40,17 +35,14 @@ class _JournalReads(_GroupCommit):
         return Record(
             id=row[0], token=row[1], policy=row[2], state=State(row[3]),
             cancel_requested=bool(row[4]), attempts=row[5], result=result, error=error,
-            submitted_at=row[8], started_at=row[9], finished_at=row[10], file_sizes=sizes,
-            charged_s=row[11], reserved_s=row[12],
+            submitted_at=row[8], started_at=row[9], finished_at=row[10],
+            file_sizes=json.loads(row[13]), charged_s=row[11], reserved_s=row[12],
         )
 
     def module(self, token: str, sha256: str) -> bytes | None:
         """The module of SHA-256 `sha256` if `token` submitted it and it is still kept."""
         kept = "EXISTS (SELECT 1 FROM tasks WHERE module_sha256 = ? AND token = ?)"
-        with _recent_lock:
-            cached = _recent.get(sha256)
-            if cached is not None:
-                _recent.move_to_end(sha256)
+        cached = recent_module(sha256)
         if cached is not None:  # the bytes are known: only whether the token may use them
             (found,) = self._reader().execute(
                 f"SELECT {kept} AND EXISTS (SELECT 1 FROM modules WHERE sha256 = ?)",
@@ -60,15 +52,7 @@ class _JournalReads(_GroupCommit):
         row = self._reader().execute(
             f"SELECT data FROM modules WHERE sha256 = ? AND {kept}", (sha256, sha256, token),
         ).fetchone()
-        if row is None:
-            return None
-        data = bytes(row[0])
-        if len(data) <= RECENT_MODULE_BYTES // RECENT_MODULES:
-            with _recent_lock:
-                _recent[sha256] = data
-                while len(_recent) > RECENT_MODULES:
-                    _recent.popitem(last=False)
-        return data
+        return None if row is None else remember_module(sha256, bytes(row[0]))
 
     def file(self, task_id: str, name: str) -> bytes | None:
         """One output file of a finished task, by its exact name."""
@@ -128,11 +112,31 @@ class _JournalReads(_GroupCommit):
         return float(held)
 
 
-# The bytes of the modules most recently named by digest, so that submitting by digest does
-# not read a whole module from the journal each time. Keyed by SHA-256 (the journal stores a
-# module under the digest of its bytes), so an entry cannot go stale; who may use a module is
-# still asked of the journal every time. At most RECENT_MODULES entries, each at most its
-# share of RECENT_MODULE_BYTES.
+# The bytes of the modules most recently named by digest or run, so that submitting by
+# digest or claiming a task does not read a whole module from the journal each time. Keyed by
+# SHA-256 (the journal stores a module under the digest of its bytes), so an entry cannot go
+# stale; who may use a module is still asked of the journal every time. At most
+# RECENT_MODULES entries, each at most its share of RECENT_MODULE_BYTES.
 RECENT_MODULES, RECENT_MODULE_BYTES = 16, 64 * 2**20
 _recent: OrderedDict[str, bytes] = OrderedDict()
 _recent_lock = threading.Lock()
+
+
+def recent_module(sha256: str) -> bytes | None:
+    """The bytes of module `sha256` if they are among the recently used ones."""
+    with _recent_lock:
+        cached = _recent.get(sha256)
+        if cached is not None:
+            _recent.move_to_end(sha256)
+    return cached
+
+
+def remember_module(sha256: str, data: bytes) -> bytes:
+    """Keep `data` (the module whose SHA-256 is `sha256`) among the recent ones if it is
+    small enough; returns it."""
+    if len(data) <= RECENT_MODULE_BYTES // RECENT_MODULES:
+        with _recent_lock:
+            _recent[sha256] = data
+            while len(_recent) > RECENT_MODULES:
+                _recent.popitem(last=False)
+    return data
