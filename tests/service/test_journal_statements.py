@@ -3,13 +3,16 @@
 Each statement is a round trip through the GIL that the service's threads contend for: a
 task is read with one statement, claimed and finished with one each, and a batch of writes
 takes no savepoints unless one of its writes fails. A long-poll registers its waiter before
-it reads the journal, so it reads the task once before waiting and once after.
+it reads the journal, so it reads the task once before waiting and once after. A token that
+was seen owning a module is not asked again until the next purge.
 """
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -209,3 +212,31 @@ def test_a_poll_without_wait_reads_the_task_once(
     assert client.get(f"/v1/tasks/{task_id}", params={"wait": 1},
                       headers=auth("bob-secret")).status_code == 404
     assert task_id not in client.app.state.wasmbox.waiters._events  # type: ignore[attr-defined]
+
+
+def test_a_module_its_owner_names_again_costs_no_query(
+    store: TaskStore, guests: dict[str, Path]
+) -> None:
+    task = hello(guests)
+    store.add("alice", "default", task)
+    assert task.module_bytes is not None
+    sha = hashlib.sha256(task.module_bytes).hexdigest()
+    assert store.module("alice", sha) == task.module_bytes
+    with statements(store._reader()) as seen:
+        assert store.module("alice", sha) == task.module_bytes
+    assert seen == []
+    assert store.module("bob", sha) is None  # another token is asked of the journal
+    assert store.module("bob", sha) is None
+
+
+def test_a_purge_forgets_which_token_owned_a_module(
+    store: TaskStore, guests: dict[str, Path]
+) -> None:
+    task = running(store, guests)
+    assert task.module_bytes is not None
+    sha = hashlib.sha256(task.module_bytes).hexdigest()
+    store.finish(task.id, ended(task), 0.1)
+    assert store.module("alice", sha) == task.module_bytes
+    later = time.time() + 60
+    assert store.purge(later, 0, later) == 1  # the task and its module are gone
+    assert store.module("alice", sha) is None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 from collections import OrderedDict
+from pathlib import Path
 
 from wasmbox.models import Result
 from wasmbox.service._group_commit import _GroupCommit
@@ -13,6 +15,19 @@ from wasmbox.service._journal_schema import UNSTORABLE, Record, State
 
 class _JournalReads(_GroupCommit):
     """Queries of the journal (the writes are `TaskStore`'s); none of them waits for a commit."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        # Only `purge` deletes tasks or modules, so a token that was seen owning a kept module
+        # owns it until the next purge: (token, SHA-256) -> `_purges` when it was seen.
+        # `_purged()` moves it on before a purge deletes anything and again once it committed.
+        self._purge_marks = itertools.count(1)
+        self._purges = 0
+        self._owners: dict[tuple[str, str], int] = {}
+
+    def _purged(self) -> None:
+        """Forget every remembered module owner (a purge is under way or just committed)."""
+        self._purges = next(self._purge_marks)
 
     def get(self, task_id: str) -> Record | None:
         """The task's record, or None if no such task was accepted."""
@@ -42,17 +57,27 @@ class _JournalReads(_GroupCommit):
     def module(self, token: str, sha256: str) -> bytes | None:
         """The module of SHA-256 `sha256` if `token` submitted it and it is still kept."""
         kept = "EXISTS (SELECT 1 FROM tasks WHERE module_sha256 = ? AND token = ?)"
+        purges = self._purges
         cached = recent_module(sha256)
         if cached is not None:  # the bytes are known: only whether the token may use them
+            if self._owners.get((token, sha256)) == purges:
+                return cached  # no query: each one on the event loop waits for the GIL
             (found,) = self._reader().execute(
                 f"SELECT {kept} AND EXISTS (SELECT 1 FROM modules WHERE sha256 = ?)",
                 (sha256, token, sha256),
             ).fetchone()
-            return cached if found else None
-        row = self._reader().execute(
-            f"SELECT data FROM modules WHERE sha256 = ? AND {kept}", (sha256, sha256, token),
-        ).fetchone()
-        return None if row is None else remember_module(sha256, bytes(row[0]))
+            data = cached if found else None
+        else:
+            row = self._reader().execute(
+                f"SELECT data FROM modules WHERE sha256 = ? AND {kept}",
+                (sha256, sha256, token),
+            ).fetchone()
+            data = None if row is None else remember_module(sha256, bytes(row[0]))
+        if data is not None:
+            if len(self._owners) >= MAX_OWNERS:
+                self._owners.clear()
+            self._owners[(token, sha256)] = purges
+        return data
 
     def file(self, task_id: str, name: str) -> bytes | None:
         """One output file of a finished task, by its exact name."""
@@ -118,6 +143,8 @@ class _JournalReads(_GroupCommit):
 # stale; who may use a module is still asked of the journal every time. At most
 # RECENT_MODULES entries, each at most its share of RECENT_MODULE_BYTES.
 RECENT_MODULES, RECENT_MODULE_BYTES = 16, 64 * 2**20
+# (token, module) pairs whose ownership is remembered between purges, at most.
+MAX_OWNERS = 4096
 _recent: OrderedDict[str, bytes] = OrderedDict()
 _recent_lock = threading.Lock()
 

@@ -257,6 +257,7 @@ class TaskStore(_JournalReads):
             modules_before = finished_before
 
         def purge(db: sqlite3.Connection) -> int:
+            self._purged()  # before anything is deleted, and again below once committed
             old = "state IN (?, ?) AND finished_at < ?"
             params = (State.FINISHED, State.REJECTED, finished_before)
             db.execute(
@@ -276,7 +277,10 @@ class TaskStore(_JournalReads):
             )
             return int(deleted)
 
-        return self._write(purge)
+        try:
+            return self._write(purge)
+        finally:
+            self._purged()
 
     def recover(self, max_attempts: int) -> list[str]:
         """Queue again every task a crash interrupted; return all queued ids, oldest first.
