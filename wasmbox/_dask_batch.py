@@ -26,8 +26,9 @@ if TYPE_CHECKING:
 
 KEY_PREFIX = "wasmbox-task-"
 WATCH_INTERVAL = 1.0  # seconds between checks for workers while a batch waits
-CHUNK_TARGET_S = 0.2  # worker seconds a chunk aims to carry; a chunk costs the client and
-# scheduler ~5-15 ms of CPU, so at 200 ms that stays a small share of a core
+CHUNK_TARGET_S = 0.5  # worker seconds a chunk aims to carry; a chunk costs the client and
+# scheduler ~5-15 ms of CPU, so at 500 ms that stays a small share of a core (at 200 ms their
+# CPU per CPU-bound task was nearly twice as much, taken from the workers' two cores)
 MAX_CHUNK = 256  # tasks a chunk carries at most
 CHUNKS_PER_THREAD = 2  # chunks in flight per worker thread: the next one waits on the worker
 

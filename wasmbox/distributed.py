@@ -17,7 +17,9 @@ Runs and retries (the documented bound): a single task's chunk has the task's id
 key, so the same task submitted twice at once runs once; within one batch a task id runs
 once. A chunk whose worker dies is run again elsewhere at most once (the scheduler's
 ``allowed-failures`` is lowered to 1), so a task runs at most twice, and only when its
-chunk's worker died: the tasks of that chunk that had already finished run again. A host
+chunk's worker died: the tasks of that chunk that had already finished run again. Dask also
+recomputes a chunk that had finished on the dead worker but whose result the client had not
+fetched yet (the result lived only there): its tasks run once more too. A host
 error (`HostFailure`) on a worker is retried once in place. Each task is settled on its own:
 whatever goes wrong with one never discards the others' results, and tasks no worker is left
 to run fail with `HostFailure` after ``no_workers_timeout`` seconds instead of waiting

@@ -30,8 +30,8 @@ log = logging.getLogger("wasmbox.service")
 class _GroupCommit(Closeable):
     """The journal's connections: one writer thread committing batches, a reader per thread.
 
-    One failing write is rolled back alone (a savepoint); a failing commit fails the whole
-    batch, none of it stored.
+    One failing write is rolled back alone (the batch is run again with a savepoint per
+    write); a failing commit fails the whole batch, none of it stored.
     """
 
     def __init__(self, path: Path) -> None:
@@ -62,7 +62,9 @@ class _GroupCommit(Closeable):
         """Queue `op` for the next batch; the future resolves once the batch is durable.
 
         `after(committed)` runs on the writer thread once the batch's fate is known, before
-        the future resolves (True: `op` succeeded and its batch committed).
+        the future resolves (True: `op` succeeded and its batch committed). `op` may run
+        twice (undone in between, when another write of its batch failed): it must change
+        nothing but the journal.
         """
         future: Future[T] = Future()
         # Running from the start: cancelling it (a client that went away while its
@@ -94,28 +96,17 @@ class _GroupCommit(Closeable):
 
     def _commit(self, batch: list[_Write[Any]]) -> None:
         db = self._db
-        outcomes: list[tuple[Future[Any], bool, Any]] = []
         try:
             synced = any(write.durable for write in batch)
             if synced != self._synced:  # WAL: FULL fsyncs at each commit, NORMAL does not
                 db.execute(f"PRAGMA synchronous={'FULL' if synced else 'NORMAL'}")
                 self._synced = synced
-            db.execute("BEGIN IMMEDIATE")
-            # A write alone in its batch needs no savepoint: undoing it undoes the transaction
-            # (each statement costs a round trip through the GIL, which is contended here).
-            alone = len(batch) == 1
-            for write in batch:
-                if not alone:
-                    db.execute("SAVEPOINT one")
-                try:
-                    value = write.op(db)
-                except Exception as exc:  # this write alone is undone
-                    db.execute("ROLLBACK" if alone else "ROLLBACK TO one")
-                    outcomes.append((write.future, False, exc))
-                else:
-                    outcomes.append((write.future, True, value))
-                if not alone:
-                    db.execute("RELEASE one")
+            # Savepoints cost two statements a write (each a round trip through the contended
+            # GIL) and are almost never needed: the batch runs without them, and only if one
+            # of its writes fails is it undone whole and run again with a savepoint each, so
+            # that the failing write alone is undone. A write alone in its batch needs none.
+            outcomes = (self._apply(batch, savepoints=False)
+                        or self._apply(batch, savepoints=True))
             if db.in_transaction:
                 db.execute("COMMIT")
         except BaseException as exc:  # nothing of the batch is stored
@@ -127,12 +118,38 @@ class _GroupCommit(Closeable):
                 write.future.set_exception(exc)
             return
         # Only now, after the commit's fsync, does any caller hear back.
-        for write, (future, ok, value) in zip(batch, outcomes, strict=True):
+        for write, (ok, value) in zip(batch, outcomes, strict=True):
             _after(write, ok)
             if ok:
-                future.set_result(value)
+                write.future.set_result(value)
             else:
-                future.set_exception(value)
+                write.future.set_exception(value)
+
+    def _apply(self, batch: list[_Write[Any]], savepoints: bool) -> list[tuple[bool, Any]]:
+        """Run the batch's writes in one open transaction: (succeeded, value or exception)
+        each. Without `savepoints`, a failing write undoes the transaction and, unless it was
+        alone, the answer is empty (run the batch again with them)."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        outcomes: list[tuple[bool, Any]] = []
+        for write in batch:
+            if savepoints:
+                db.execute("SAVEPOINT one")
+            try:
+                value = write.op(db)
+            except Exception as exc:  # this write alone is undone
+                if savepoints:
+                    db.execute("ROLLBACK TO one")
+                else:
+                    db.execute("ROLLBACK")
+                    if len(batch) > 1:
+                        return []
+                outcomes.append((False, exc))
+            else:
+                outcomes.append((True, value))
+            if savepoints:
+                db.execute("RELEASE one")
+        return outcomes
 
     def _reader(self) -> sqlite3.Connection:
         """This thread's read connection."""

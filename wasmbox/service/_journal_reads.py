@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import threading
 from collections import OrderedDict
+from pathlib import Path
 
 from wasmbox.models import Result
 from wasmbox.service._group_commit import _GroupCommit
@@ -13,22 +16,29 @@ from wasmbox.service._journal_schema import UNSTORABLE, Record, State
 class _JournalReads(_GroupCommit):
     """Queries of the journal (the writes are `TaskStore`'s); none of them waits for a commit."""
 
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        # Only `purge` deletes tasks or modules, so a token that was seen owning a kept module
+        # owns it until the next purge: (token, SHA-256) -> `_purges` when it was seen.
+        # `_purged()` moves it on before a purge deletes anything and again once it committed.
+        self._purge_marks = itertools.count(1)
+        self._purges = 0
+        self._owners: dict[tuple[str, str], int] = {}
+
+    def _purged(self) -> None:
+        """Forget every remembered module owner (a purge is under way or just committed)."""
+        self._purges = next(self._purge_marks)
+
     def get(self, task_id: str) -> Record | None:
         """The task's record, or None if no such task was accepted."""
-        db = self._reader()
-        db.execute("BEGIN")  # the row and its files from one snapshot
-        try:
-            row = db.execute(
-                "SELECT id, token, policy, state, cancel_requested, attempts, result_json,"
-                " error, submitted_at, started_at, finished_at, cpu_s, reserved_s"
-                " FROM tasks WHERE id = ?",
-                (task_id,),
-            ).fetchone()
-            sizes = {} if row is None else dict(db.execute(
-                "SELECT name, length(data) FROM files WHERE task_id = ?", (task_id,)
-            ).fetchall())
-        finally:
-            db.execute("COMMIT")
+        # One statement: the row and its files' sizes from one snapshot, no transaction.
+        row = self._reader().execute(
+            "SELECT id, token, policy, state, cancel_requested, attempts, result_json,"
+            " error, submitted_at, started_at, finished_at, cpu_s, reserved_s,"
+            " (SELECT json_group_object(name, length(data)) FROM files"
+            " WHERE task_id = tasks.id) FROM tasks WHERE id = ?",
+            (task_id,),
+        ).fetchone()
         if row is None:
             return None
         result, error = None, row[7]
@@ -40,34 +50,33 @@ class _JournalReads(_GroupCommit):
         return Record(
             id=row[0], token=row[1], policy=row[2], state=State(row[3]),
             cancel_requested=bool(row[4]), attempts=row[5], result=result, error=error,
-            submitted_at=row[8], started_at=row[9], finished_at=row[10], file_sizes=sizes,
-            charged_s=row[11], reserved_s=row[12],
+            submitted_at=row[8], started_at=row[9], finished_at=row[10],
+            file_sizes=json.loads(row[13]), charged_s=row[11], reserved_s=row[12],
         )
 
     def module(self, token: str, sha256: str) -> bytes | None:
         """The module of SHA-256 `sha256` if `token` submitted it and it is still kept."""
         kept = "EXISTS (SELECT 1 FROM tasks WHERE module_sha256 = ? AND token = ?)"
-        with _recent_lock:
-            cached = _recent.get(sha256)
-            if cached is not None:
-                _recent.move_to_end(sha256)
+        purges = self._purges
+        cached = recent_module(sha256)
         if cached is not None:  # the bytes are known: only whether the token may use them
+            if self._owners.get((token, sha256)) == purges:
+                return cached  # no query: each one on the event loop waits for the GIL
             (found,) = self._reader().execute(
                 f"SELECT {kept} AND EXISTS (SELECT 1 FROM modules WHERE sha256 = ?)",
                 (sha256, token, sha256),
             ).fetchone()
-            return cached if found else None
-        row = self._reader().execute(
-            f"SELECT data FROM modules WHERE sha256 = ? AND {kept}", (sha256, sha256, token),
-        ).fetchone()
-        if row is None:
-            return None
-        data = bytes(row[0])
-        if len(data) <= RECENT_MODULE_BYTES // RECENT_MODULES:
-            with _recent_lock:
-                _recent[sha256] = data
-                while len(_recent) > RECENT_MODULES:
-                    _recent.popitem(last=False)
+            data = cached if found else None
+        else:
+            row = self._reader().execute(
+                f"SELECT data FROM modules WHERE sha256 = ? AND {kept}",
+                (sha256, sha256, token),
+            ).fetchone()
+            data = None if row is None else remember_module(sha256, bytes(row[0]))
+        if data is not None:
+            if len(self._owners) >= MAX_OWNERS:
+                self._owners.clear()
+            self._owners[(token, sha256)] = purges
         return data
 
     def file(self, task_id: str, name: str) -> bytes | None:
@@ -128,11 +137,33 @@ class _JournalReads(_GroupCommit):
         return float(held)
 
 
-# The bytes of the modules most recently named by digest, so that submitting by digest does
-# not read a whole module from the journal each time. Keyed by SHA-256 (the journal stores a
-# module under the digest of its bytes), so an entry cannot go stale; who may use a module is
-# still asked of the journal every time. At most RECENT_MODULES entries, each at most its
-# share of RECENT_MODULE_BYTES.
+# The bytes of the modules most recently named by digest or run, so that submitting by
+# digest or claiming a task does not read a whole module from the journal each time. Keyed by
+# SHA-256 (the journal stores a module under the digest of its bytes), so an entry cannot go
+# stale; who may use a module is still asked of the journal every time. At most
+# RECENT_MODULES entries, each at most its share of RECENT_MODULE_BYTES.
 RECENT_MODULES, RECENT_MODULE_BYTES = 16, 64 * 2**20
+# (token, module) pairs whose ownership is remembered between purges, at most.
+MAX_OWNERS = 4096
 _recent: OrderedDict[str, bytes] = OrderedDict()
 _recent_lock = threading.Lock()
+
+
+def recent_module(sha256: str) -> bytes | None:
+    """The bytes of module `sha256` if they are among the recently used ones."""
+    with _recent_lock:
+        cached = _recent.get(sha256)
+        if cached is not None:
+            _recent.move_to_end(sha256)
+    return cached
+
+
+def remember_module(sha256: str, data: bytes) -> bytes:
+    """Keep `data` (the module whose SHA-256 is `sha256`) among the recent ones if it is
+    small enough; returns it."""
+    if len(data) <= RECENT_MODULE_BYTES // RECENT_MODULES:
+        with _recent_lock:
+            _recent[sha256] = data
+            while len(_recent) > RECENT_MODULES:
+                _recent.popitem(last=False)
+    return data

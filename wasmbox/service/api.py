@@ -131,20 +131,24 @@ def create_app(
             raise HTTPException(404, "no such task")
         return record
 
-    async def until_final(st: _State, name: str, record: Record, wait: float) -> Record:
-        """The task's record once it is final, or after `wait` (at most ``max_wait``) seconds."""
+    async def until_final(st: _State, name: str, task_id: str, wait: float) -> Record:
+        """The caller's task's record once it is final, or after `wait` (at most
+        ``max_wait``) seconds; 404 for a task that is not the caller's."""
         timeout = min(wait, config.service.max_wait)
-        if record.state in FINAL or timeout <= 0:
-            return record
-        event = st.waiters.register(record.id)
+        if timeout <= 0:
+            return owned(st, name, task_id)
+        # Registered before the journal is read: a task that ends after the read wakes this
+        # wait, and one that ended before it is final in what the read returns.
+        event = st.waiters.register(task_id)
         try:
-            record = owned(st, name, record.id)  # it may have finished before we registered
+            record = owned(st, name, task_id)
             if record.state not in FINAL:
                 with suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), timeout)
-                record = owned(st, name, record.id)
+                    async with asyncio.timeout(timeout):
+                        await event.wait()
+                record = owned(st, name, task_id)
         finally:
-            st.waiters.discard(record.id, event)
+            st.waiters.discard(task_id, event)
         return record
 
     Wait = Annotated[float, Query(
@@ -164,11 +168,11 @@ def create_app(
             view = await run_in_threadpool(submit, st, name, body, None)
         if wait <= 0:
             return view, 202
-        record = await until_final(st, name, owned(st, name, view.id), wait)
+        record = await until_final(st, name, view.id, wait)
         return TaskView.of(record), 200 if record.state in FINAL else 202
 
     async def poll_view(st: _State, name: str, task_id: str, wait: float) -> TaskView:
-        return TaskView.of(await until_final(st, name, owned(st, name, task_id), wait))
+        return TaskView.of(await until_final(st, name, task_id, wait))
 
     @app.post("/v1/tasks", status_code=202, response_model=TaskView,
               dependencies=[only_query("wait")], responses={

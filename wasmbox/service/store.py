@@ -32,7 +32,7 @@ from wasmbox.models import Result, Status, Task
 
 # `X as X`: re-exported, defined here before the journal was split into internal modules.
 from wasmbox.service._group_commit import MAX_BATCH as MAX_BATCH
-from wasmbox.service._journal_reads import _JournalReads
+from wasmbox.service._journal_reads import _JournalReads, recent_module, remember_module
 from wasmbox.service._journal_schema import BUSY_TIMEOUT_S as BUSY_TIMEOUT_S
 from wasmbox.service._journal_schema import FINAL as FINAL
 from wasmbox.service._journal_schema import MAX_ERROR_CHARS, _storable
@@ -118,29 +118,34 @@ class TaskStore(_JournalReads):
     def claim(self, task_id: str) -> tuple[str, Task] | None:
         """Mark a queued task running and return (policy name, task); None if not queued."""
 
-        def claim(db: sqlite3.Connection) -> tuple[str, str, bytes | None] | None:
-            cur = db.execute(
+        def claim(db: sqlite3.Connection) -> tuple[str, str, bytes | None, str | None] | None:
+            # fetchall: a RETURNING statement is stepped to its end, never left open.
+            rows: list[tuple[str, str, bytes | None, str | None]] = db.execute(
                 "UPDATE tasks SET state = ?, started_at = ?, attempts = attempts + 1"
-                " WHERE id = ? AND state = ?",
+                " WHERE id = ? AND state = ? RETURNING policy, task_json, module, module_sha256",
                 (State.RUNNING, time.time(), task_id, State.QUEUED),
-            )
-            if cur.rowcount != 1:
-                return None
-            row: tuple[str, str, bytes | None] = db.execute(
-                "SELECT policy, task_json, coalesce(module, (SELECT data FROM modules"
-                " WHERE sha256 = tasks.module_sha256)) FROM tasks WHERE id = ?", (task_id,)
-            ).fetchone()
-            return row
+            ).fetchall()
+            row = rows[0] if rows else None
+            if row is None or row[2] is not None or row[3] is None:
+                return row  # not queued, no module, or one stored in its row (older journals)
+            # A recently used module's bytes are taken from memory, not copied out again.
+            data = recent_module(row[3])
+            if data is None:
+                kept = db.execute("SELECT data FROM modules WHERE sha256 = ?",
+                                  (row[3],)).fetchone()
+                data = None if kept is None else kept[0]
+            return (*row[:2], data, row[3])
 
         # Not fsynced on its own: a claim lost with the machine's power only undercounts the
         # task's attempts by one; the next durable commit (its finish, say) covers it too.
         found = self._write(claim, durable=False)
         if found is None:
             return None
-        policy, task_json, module = found
+        policy, task_json, module, digest = found
         data = json.loads(task_json)
         if module is not None:
-            data["module_bytes"] = bytes(module)
+            module = bytes(module)
+            data["module_bytes"] = module if digest is None else remember_module(digest, module)
         return policy, Task.model_validate(data)
 
     def finish(
@@ -159,26 +164,27 @@ class TaskStore(_JournalReads):
         stored = _storable(result)  # serialised here, not on the writer thread
 
         def finish(db: sqlite3.Connection) -> Ended:
-            row = db.execute(
-                "SELECT cancel_requested, submitted_at FROM tasks WHERE id = ? AND state = ?",
-                (task_id, State.RUNNING),
-            ).fetchone()
-            if row is None:
-                return None  # a duplicate completion: the first one stands
             final, result_json = stored
-            if row[0]:
+            rows = db.execute(
+                "UPDATE tasks SET state = ?, result_json = ?, cpu_s = ?, finished_at = ?,"
+                " module = NULL WHERE id = ? AND state = ? RETURNING cancel_requested,"
+                " submitted_at",
+                (State.FINISHED, result_json, charge, time.time(), task_id, State.RUNNING),
+            ).fetchall()
+            if not rows:
+                return None  # a duplicate completion: the first one stands
+            row = rows[0]
+            if row[0]:  # cancelled while it ran: that result replaces this one
                 final, result_json = _storable(cancelled(
                     result, "cancelled while running" if result.status is Status.CANCELLED
                     else f"cancelled while running (it ended {result.status})"))
-            db.execute(
-                "UPDATE tasks SET state = ?, result_json = ?, cpu_s = ?, finished_at = ?,"
-                " module = NULL WHERE id = ?",
-                (State.FINISHED, result_json, charge, time.time(), task_id),
-            )
-            db.executemany(
-                "INSERT OR REPLACE INTO files (task_id, name, data) VALUES (?, ?, ?)",
-                [(task_id, name, data) for name, data in final.files.items()],
-            )
+                db.execute("UPDATE tasks SET result_json = ? WHERE id = ?",
+                           (result_json, task_id))
+            if final.files:
+                db.executemany(
+                    "INSERT OR REPLACE INTO files (task_id, name, data) VALUES (?, ?, ?)",
+                    [(task_id, name, data) for name, data in final.files.items()],
+                )
             return final, float(row[1])
 
         if done is not None:
@@ -251,6 +257,7 @@ class TaskStore(_JournalReads):
             modules_before = finished_before
 
         def purge(db: sqlite3.Connection) -> int:
+            self._purged()  # before anything is deleted, and again below once committed
             old = "state IN (?, ?) AND finished_at < ?"
             params = (State.FINISHED, State.REJECTED, finished_before)
             db.execute(
@@ -270,7 +277,10 @@ class TaskStore(_JournalReads):
             )
             return int(deleted)
 
-        return self._write(purge)
+        try:
+            return self._write(purge)
+        finally:
+            self._purged()
 
     def recover(self, max_attempts: int) -> list[str]:
         """Queue again every task a crash interrupted; return all queued ids, oldest first.

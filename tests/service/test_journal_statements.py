@@ -1,0 +1,242 @@
+"""What the journal costs a task in SQLite statements, and the long-poll's order of work.
+
+Each statement is a round trip through the GIL that the service's threads contend for: a
+task is read with one statement, claimed and finished with one each, and a batch of writes
+takes no savepoints unless one of its writes fails. A long-poll registers its waiter before
+it reads the journal, so it reads the task once before waiting and once after. A token that
+was seen owning a module is not asked again until the next purge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from httpx import Response
+
+from tests.service._support import ALICE, auth
+from wasmbox import Result, Status, Task
+from wasmbox.service._journal_reads import _recent, _recent_lock
+from wasmbox.service.store import Record, State, TaskStore
+
+# Statements that frame a batch, not a task's own work.
+FRAMING = ("BEGIN", "COMMIT", "PRAGMA")
+
+
+@contextmanager
+def statements(db: sqlite3.Connection) -> Iterator[list[str]]:
+    """The statements `db` runs meanwhile, batch framing left out."""
+    seen: list[str] = []
+    db.set_trace_callback(lambda sql: seen.append(sql.strip()))
+    try:
+        yield seen
+    finally:
+        db.set_trace_callback(None)
+        seen[:] = [sql for sql in seen if not sql.upper().startswith(FRAMING)]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[TaskStore]:
+    journal = TaskStore(tmp_path / "tasks.db")
+    try:
+        yield journal
+    finally:
+        journal.close()
+
+
+def hello(guests: dict[str, Path]) -> Task:
+    return Task.wasm(guests["hello"].read_bytes())
+
+
+def running(store: TaskStore, guests: dict[str, Path]) -> Task:
+    """A hello task, journaled and claimed."""
+    task = hello(guests)
+    store.add("alice", "default", task)
+    assert store.claim(task.id) is not None
+    return task
+
+
+def ended(task: Task, status: Status = Status.COMPLETED, **files: bytes) -> Result:
+    return Result(task_id=task.id, run_id="r", tier="wasm", status=status, files=files)
+
+
+def test_a_task_with_files_is_read_with_one_statement(
+    store: TaskStore, guests: dict[str, Path]
+) -> None:
+    task = running(store, guests)
+    files = {"a.txt": b"abc", "dir/b \"q\".bin": b"\0" * 7}
+    store.finish(task.id, ended(task, **files), 0.1)
+    with statements(store._reader()) as seen:
+        record = store.get(task.id)
+    assert len(seen) == 1, seen
+    assert record is not None and record.state is State.FINISHED
+    assert record.file_sizes == {"a.txt": 3, "dir/b \"q\".bin": 7}
+    assert store.get("no-such-task") is None
+
+
+def test_a_task_is_claimed_and_finished_with_one_statement_each(
+    store: TaskStore, guests: dict[str, Path]
+) -> None:
+    task = hello(guests)
+    store.add("alice", "default", task)
+    with statements(store._db) as seen:
+        claimed = store.claim(task.id)  # its module is among the recent ones
+    assert len(seen) == 1, seen
+    assert claimed is not None and claimed[1].module_bytes == task.module_bytes
+    with statements(store._db) as seen:
+        store.finish(task.id, ended(task), 0.1)
+    assert len(seen) == 1, seen
+    record = store.get(task.id)
+    assert record is not None and record.state is State.FINISHED
+
+
+def test_a_claim_reads_a_module_not_in_memory_from_the_journal(
+    store: TaskStore, guests: dict[str, Path]
+) -> None:
+    task = hello(guests)
+    store.add("alice", "default", task)
+    with _recent_lock:
+        _recent.clear()  # as after a restart
+    claimed = store.claim(task.id)
+    assert claimed is not None and claimed[1].module_bytes == task.module_bytes
+
+
+def test_a_cancel_requested_while_running_still_wins_over_the_result(
+    store: TaskStore, guests: dict[str, Path]
+) -> None:
+    task = running(store, guests)
+    store.cancel(task.id)
+    record = store.finish(task.id, ended(task, f=b"x"), 0.1)
+    assert record is not None and record.result is not None
+    assert record.result.status is Status.CANCELLED and record.file_sizes == {}
+    # A second completion changes nothing: the first one stands.
+    assert store.finish(task.id, ended(task, Status.FAILED), 0.1) is None
+
+
+def _batched(store: TaskStore, writes: list[Callable[[sqlite3.Connection], object]]
+             ) -> list[object]:
+    """Run `writes` as one batch (the writer is held until all are queued); each one's value
+    or exception."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold(db: sqlite3.Connection) -> None:
+        holding.set()
+        release.wait(30)
+
+    held = store._queue_write(hold)
+    assert holding.wait(30)
+    futures = [store._queue_write(write) for write in writes]
+    release.set()
+    held.result(timeout=30)
+    return [f.exception(timeout=30) or f.result() for f in futures]
+
+
+def test_a_batch_takes_no_savepoints_unless_a_write_fails(store: TaskStore) -> None:
+    def charge(n: int) -> Callable[[sqlite3.Connection], int]:
+        def write(db: sqlite3.Connection) -> int:
+            db.execute("INSERT INTO charges (token, finished_at, charge) VALUES ('t', ?, 1)",
+                       (n,))
+            return n
+        return write
+
+    def half_done(db: sqlite3.Connection) -> None:
+        charge(100)(db)
+        raise ValueError("half done")
+
+    with statements(store._db) as seen:
+        assert _batched(store, [charge(1), charge(2), charge(3)]) == [1, 2, 3]
+    assert not [sql for sql in seen if "SAVEPOINT" in sql.upper()], seen
+    # One failing write in a batch: it alone is undone, the others are stored once each.
+    outcomes = _batched(store, [charge(4), half_done, charge(5)])
+    assert outcomes[0] == 4 and outcomes[2] == 5 and isinstance(outcomes[1], ValueError)
+    assert [at for at, _ in store.charges("t", 0)] == [1, 2, 3, 4, 5]
+
+
+def _reads(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
+    """Each journal read of a task from now on, and whether a waiter for it was registered
+    when it was read."""
+    st = client.app.state.wasmbox  # type: ignore[attr-defined]
+    store, waiters = st.dispatcher.store, st.waiters
+    real = store.get
+    reads: list[tuple[str, bool]] = []
+
+    def get(task_id: str) -> Record | None:
+        reads.append((task_id, task_id in waiters._events))
+        return real(task_id)
+
+    monkeypatch.setattr(store, "get", get)
+    return reads
+
+
+def submit(client: TestClient, wasm_b64: dict[str, str], **params: float) -> Response:
+    return client.post("/v1/tasks", headers=auth(ALICE), params=params,
+                       json={"kind": "wasm", "module_b64": wasm_b64["hello"]})
+
+
+def test_a_long_poll_registers_its_waiter_before_it_reads_the_task(
+    idle_client: TestClient, wasm_b64: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task_id = submit(idle_client, wasm_b64).json()["id"]
+    reads = _reads(idle_client, monkeypatch)
+    view = idle_client.get(f"/v1/tasks/{task_id}", headers=auth(ALICE),
+                           params={"wait": 0.2}).json()  # no worker: the wait runs out
+    assert view["state"] == "queued"
+    assert reads == [(task_id, True), (task_id, True)]  # once before the wait, once after
+
+
+def test_submit_and_wait_registers_its_waiter_before_it_reads_the_task(
+    idle_client: TestClient, wasm_b64: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads = _reads(idle_client, monkeypatch)
+    response = submit(idle_client, wasm_b64, wait=0.2)
+    assert response.status_code == 202
+    task_id = response.json()["id"]
+    assert reads == [(task_id, True), (task_id, True)]
+
+
+def test_a_poll_without_wait_reads_the_task_once(
+    client: TestClient, wasm_b64: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task_id = submit(client, wasm_b64).json()["id"]
+    reads = _reads(client, monkeypatch)
+    assert client.get(f"/v1/tasks/{task_id}", headers=auth(ALICE)).status_code == 200
+    assert len(reads) == 1
+    # Another token's task is not found, and leaves no waiter behind.
+    assert client.get(f"/v1/tasks/{task_id}", params={"wait": 1},
+                      headers=auth("bob-secret")).status_code == 404
+    assert task_id not in client.app.state.wasmbox.waiters._events  # type: ignore[attr-defined]
+
+
+def test_a_module_its_owner_names_again_costs_no_query(
+    store: TaskStore, guests: dict[str, Path]
+) -> None:
+    task = hello(guests)
+    store.add("alice", "default", task)
+    assert task.module_bytes is not None
+    sha = hashlib.sha256(task.module_bytes).hexdigest()
+    assert store.module("alice", sha) == task.module_bytes
+    with statements(store._reader()) as seen:
+        assert store.module("alice", sha) == task.module_bytes
+    assert seen == []
+    assert store.module("bob", sha) is None  # another token is asked of the journal
+    assert store.module("bob", sha) is None
+
+
+def test_a_purge_forgets_which_token_owned_a_module(
+    store: TaskStore, guests: dict[str, Path]
+) -> None:
+    task = running(store, guests)
+    assert task.module_bytes is not None
+    sha = hashlib.sha256(task.module_bytes).hexdigest()
+    store.finish(task.id, ended(task), 0.1)
+    assert store.module("alice", sha) == task.module_bytes
+    later = time.time() + 60
+    assert store.purge(later, 0, later) == 1  # the task and its module are gone
+    assert store.module("alice", sha) is None
