@@ -63,7 +63,7 @@ def refilled(sb: wasmbox.Sandbox) -> None:
     is full again, as it is for a caller whose tasks come with gaps between them."""
     pool = sb._tier(TierName.WASM)._python_runtime().pool  # type: ignore[attr-defined]
     end = time.monotonic() + REFILL_WAIT_S
-    while pool.ready < pool.size and time.monotonic() < end:
+    while pool.warmed < pool.size and time.monotonic() < end:
         time.sleep(0.001)
 
 

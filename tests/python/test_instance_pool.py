@@ -14,7 +14,7 @@ import wasmtime
 
 from wasmbox import Policy, Result, Sandbox, Status, Task
 from wasmbox.models import Limits, Resources, TierName
-from wasmbox.tiers.wasm import WasmTier, instance_pool, python
+from wasmbox.tiers.wasm import WasmTier, _python_exec, instance_pool, python
 from wasmbox.tiers.wasm._python_exec import warm_up
 from wasmbox.tiers.wasm.instance_pool import InstancePool, Pooled
 
@@ -241,6 +241,25 @@ def test_the_componentize_py_probe_is_made_once(
     with runtime:
         assert all(runtime.availability().ok for _ in range(3))
     assert calls == ["componentize-py"]
+
+
+def test_a_warm_up_that_returns_the_wrong_value_stops_the_pool_for_that_key(
+        tier: WasmTier, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interpreter whose warm-up did not answer what it should is never handed out:
+    the key fails and its tasks take the fresh path, which still runs them."""
+    monkeypatch.setattr(_python_exec, "_WARM_VALUE", '"not what it returns"')
+    sb = _sandbox(tier)
+    pool = _pool(tier)
+    task = Task.python("def main(inp):\n    return 1\n", tier=TierName.WASM)
+    assert sb.run(task).output == 1  # starts the pool
+    end = time.monotonic() + WAIT_S
+    while not pool._failed and pool.warmed < 1:
+        assert time.monotonic() < end, "the pool never tried to warm an instance"
+        time.sleep(0.01)
+    assert pool._failed and pool.warmed == 0
+    hits = pool.hits
+    assert sb.run(task).output == 1
+    assert pool.hits == hits
 
 
 _FAILING = {
