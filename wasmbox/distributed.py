@@ -57,10 +57,19 @@ NO_WORKERS_TIMEOUT = 60.0  # seconds a batch waits with no worker at all before 
 
 
 def cluster_config() -> dict[str, Any]:
-    """Dask settings a wasmbox cluster needs: spawned workers, one re-run after a crash."""
+    """Dask settings a wasmbox cluster needs: spawned workers, one re-run after a crash.
+
+    It also quiets Dask's own diagnostics, whose CPU comes out of the cores the tasks run on
+    (a nanny passes these to its worker): the worker's statistical profiler (a stack sample
+    every 10 ms), the event-loop health tick (every 20 ms; a blocked loop is still reported
+    after ``distributed.admin.tick.limit``) and the system monitor (psutil every 500 ms).
+    """
     return {
         "distributed.worker.multiprocessing-method": "spawn",
         "distributed.scheduler.allowed-failures": 1,
+        "distributed.worker.profile.enabled": False,
+        "distributed.admin.tick.interval": "1s",
+        "distributed.admin.system-monitor.interval": "2s",
     }
 
 

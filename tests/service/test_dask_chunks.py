@@ -131,3 +131,22 @@ def test_each_worker_keeps_one_warm_sandbox_and_closes_it_on_teardown(
         assert [len(ids) for ids in first.values()] == [1]
         own.unregister_worker_plugin(PLUGIN_NAME)  # the worker tears the plugin down
         assert list(own.run(_seen_closed).values()) == [[True]]
+
+
+def _diagnostics(dask_worker: Any = None) -> dict[str, Any]:
+    import dask
+
+    return {"profiler": "profile" in dask_worker.periodic_callbacks,
+            "tick_ms": dask_worker.periodic_callbacks["tick"].callback_time,
+            "monitor_ms": dask_worker.periodic_callbacks["monitor"].callback_time,
+            "spawn": dask.config.get("distributed.worker.multiprocessing-method")}
+
+
+def test_workers_made_under_cluster_config_run_without_the_sampling_profiler(
+    client: Client
+) -> None:
+    # Their CPU comes out of the cores the tasks run on: a sample every 10 ms, a tick every
+    # 20 ms and psutil every 500 ms cost a worker's event loop several % of a core.
+    for seen in client.run(_diagnostics).values():
+        assert seen == {"profiler": False, "tick_ms": 1000, "monitor_ms": 2000,
+                        "spawn": "spawn"}
