@@ -2,12 +2,14 @@
 
 The first wave carries one task a chunk; once the workers have said what a task costs, a
 chunk carries about `CHUNK_TARGET_S` of work (at most `MAX_CHUNK` tasks, and never more than
-its share of what is left), with `CHUNKS_PER_THREAD` chunks in flight per worker thread.
+its share of what is left, but at least `MIN_CHUNK_S` of work), with `CHUNKS_PER_THREAD`
+chunks in flight per worker thread.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import queue
 import time
 from collections import deque
@@ -30,6 +32,8 @@ CHUNK_TARGET_S = 0.5  # worker seconds a chunk aims to carry; a chunk costs the 
 # scheduler ~5-15 ms of CPU, so at 500 ms that stays a small share of a core (at 200 ms their
 # CPU per CPU-bound task was nearly twice as much, taken from the workers' two cores)
 MAX_CHUNK = 256  # tasks a chunk carries at most
+MIN_CHUNK_S = 0.01  # worker seconds a chunk carries at least (while that many tasks are left):
+# a chunk costs the client, scheduler and worker event loops ~10 ms of CPU on the same cores
 CHUNKS_PER_THREAD = 2  # chunks in flight per worker thread: the next one waits on the worker
 
 
@@ -38,8 +42,9 @@ class _Batch:
 
     The first wave is one task a chunk; after that a chunk carries about `CHUNK_TARGET_S`
     of work (at most `MAX_CHUNK` tasks, and never more than its share of what is left, so
-    the tail spreads over every worker). At most `CHUNKS_PER_THREAD` chunks per worker
-    thread are in flight, so a worker always has its next chunk while it runs one.
+    the tail spreads over every worker, but at least `MIN_CHUNK_S` of work: a chunk shorter
+    than its own cost wastes the cores it shares). At most `CHUNKS_PER_THREAD` chunks per
+    worker thread are in flight, so a worker always has its next chunk while it runs one.
     """
 
     def __init__(self, owner: DistributedSandbox, tasks: list[Task],
@@ -110,7 +115,8 @@ class _Batch:
             return 1  # nothing measured yet: one round trip a worker tells us the task's cost
         per_task = max(self.per_task_s, 1e-5)
         share = -(-len(self.queue) // (max(1, self.threads) * CHUNKS_PER_THREAD))
-        return max(1, min(round(CHUNK_TARGET_S / per_task), MAX_CHUNK, share))
+        floor = min(math.ceil(MIN_CHUNK_S / per_task), MAX_CHUNK)
+        return max(1, floor, min(round(CHUNK_TARGET_S / per_task), MAX_CHUNK, share))
 
     def _settle(self, future: Future[Any], ids: list[str]) -> None:
         outcome = _unwrap(future, ids)

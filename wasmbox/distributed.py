@@ -4,8 +4,9 @@ Each worker keeps warm sandboxes (one per policy) in a `SandboxPlugin`, created 
 and closed when the worker shuts down. A batch travels in chunks, one Dask future each: the
 first wave carries one task a chunk, and once the workers have said what a task costs, a
 chunk carries about `CHUNK_TARGET_S` of work (at most `MAX_CHUNK` tasks, and never more than
-its share of what is left), with `CHUNKS_PER_THREAD` chunks in flight per worker thread. A
-module shared by the tasks of a chunk is pickled once for the chunk.
+its share of what is left, but at least `MIN_CHUNK_S` of work), with `CHUNKS_PER_THREAD`
+chunks in flight per worker thread. A module shared by the tasks of a chunk is pickled once
+for the chunk.
 
 Tasks travel as pydantic models; a result travels as a `_Shipped`: its fields as a flat dict,
 its output as JSON text encoded once on the worker, its files as bytes, so what it costs to
@@ -43,6 +44,7 @@ from wasmbox._dask_batch import CHUNK_TARGET_S as CHUNK_TARGET_S
 from wasmbox._dask_batch import CHUNKS_PER_THREAD as CHUNKS_PER_THREAD
 from wasmbox._dask_batch import KEY_PREFIX as KEY_PREFIX
 from wasmbox._dask_batch import MAX_CHUNK as MAX_CHUNK
+from wasmbox._dask_batch import MIN_CHUNK_S as MIN_CHUNK_S
 from wasmbox._dask_batch import WATCH_INTERVAL, _Batch
 from wasmbox._dask_wire import MAX_RESULT_DEPTH as MAX_RESULT_DEPTH
 from wasmbox._dask_wire import _decode as _decode

@@ -18,6 +18,7 @@ from distributed import Client
 
 from tests.service._support import local_cluster
 from wasmbox import Result, Status, Task
+from wasmbox._dask_batch import _Batch
 from wasmbox.distributed import (
     KEY_PREFIX,
     PLUGIN_NAME,
@@ -150,3 +151,25 @@ def test_workers_made_under_cluster_config_run_without_the_sampling_profiler(
     for seen in client.run(_diagnostics).values():
         assert seen == {"profiler": False, "tick_ms": 1000, "monitor_ms": 2000,
                         "spawn": "spawn"}
+
+
+class _TwoThreads:
+    """Stands in for a `DistributedSandbox` whose cluster has two worker threads."""
+
+    def _threads(self) -> int:
+        return 2
+
+
+@pytest.mark.parametrize(("per_task_s", "left", "size"), [
+    (0.001, 20, 10),  # 1 ms tasks: at least MIN_CHUNK_S (10 ms) of them, not a quarter of 20
+    (0.001, 4, 4),  # never more than are left
+    (0.05, 3, 1),  # a slow task is a chunk of its own at the end
+    (0.01, 100, 25),  # mid-batch: a quarter of what is left (2 threads x 2 chunks each)
+    (0.01, 400, 50),  # early on: CHUNK_TARGET_S (500 ms) of work
+])
+def test_a_chunk_carries_at_least_min_chunk_s_of_work_while_that_many_are_left(
+    guests: dict[str, Path], per_task_s: float, left: int, size: int
+) -> None:
+    batch = _Batch(_TwoThreads(), [Task.wasm(guests["hello"]) for _ in range(left)], {})  # type: ignore[arg-type]
+    batch.per_task_s = per_task_s
+    assert min(batch._size(), left) == size
