@@ -2,7 +2,8 @@
 
 Each worker keeps warm sandboxes (one per policy) in a `SandboxPlugin`, created on first use
 and closed when the worker shuts down. A batch travels in chunks, one Dask future each: the
-first wave carries one task a chunk, and once the workers have said what a task costs, a
+first wave carries one task a chunk (unless an earlier batch ran tasks of the same code and
+arguments: it starts from their cost), and once the workers have said what a task costs, a
 chunk carries about `CHUNK_TARGET_S` of work (at most `MAX_CHUNK` tasks, and never more than
 its share of what is left, but at least `MIN_CHUNK_S` of work), with `CHUNKS_PER_THREAD`
 chunks in flight per worker thread. A module shared by the tasks of a chunk is pickled once
@@ -45,7 +46,7 @@ from wasmbox._dask_batch import CHUNKS_PER_THREAD as CHUNKS_PER_THREAD
 from wasmbox._dask_batch import KEY_PREFIX as KEY_PREFIX
 from wasmbox._dask_batch import MAX_CHUNK as MAX_CHUNK
 from wasmbox._dask_batch import MIN_CHUNK_S as MIN_CHUNK_S
-from wasmbox._dask_batch import WATCH_INTERVAL, _Batch
+from wasmbox._dask_batch import WATCH_INTERVAL, _Batch, _Costs
 from wasmbox._dask_wire import MAX_RESULT_DEPTH as MAX_RESULT_DEPTH
 from wasmbox._dask_wire import _decode as _decode
 from wasmbox._dask_wire import _Shipped as _Shipped
@@ -97,6 +98,7 @@ class DistributedSandbox:
         self.client = client
         self.policy = policy or Policy()
         self.no_workers_timeout = no_workers_timeout
+        self._costs = _Costs()  # what each kind of task cost in earlier batches
         _prepare_cluster(client)
 
     def run(self, task: Task) -> Result:

@@ -18,7 +18,7 @@ from distributed import Client
 
 from tests.service._support import local_cluster
 from wasmbox import Result, Status, Task
-from wasmbox._dask_batch import _Batch
+from wasmbox._dask_batch import _Batch, _Costs
 from wasmbox.distributed import (
     KEY_PREFIX,
     PLUGIN_NAME,
@@ -156,6 +156,9 @@ def test_workers_made_under_cluster_config_run_without_the_sampling_profiler(
 class _TwoThreads:
     """Stands in for a `DistributedSandbox` whose cluster has two worker threads."""
 
+    def __init__(self) -> None:
+        self._costs = _Costs()
+
     def _threads(self) -> int:
         return 2
 
@@ -173,3 +176,44 @@ def test_a_chunk_carries_at_least_min_chunk_s_of_work_while_that_many_are_left(
     batch = _Batch(_TwoThreads(), [Task.wasm(guests["hello"]) for _ in range(left)], {})  # type: ignore[arg-type]
     batch.per_task_s = per_task_s
     assert min(batch._size(), left) == size
+
+
+def _first_chunk(client: Client, before: int) -> str:
+    """The key of the first wasmbox chunk sent to a worker after `before` log entries."""
+    log = client.run_on_scheduler(lambda dask_scheduler: [
+        str(entry[0]) for entry in list(dask_scheduler.transition_log)[before:]
+        if entry[2] == "processing"])
+    return next(key for key in log if key.startswith(KEY_PREFIX))
+
+
+def _log_length(client: Client) -> int:
+    return int(client.run_on_scheduler(
+        lambda dask_scheduler: len(dask_scheduler.transition_log)))
+
+
+def test_a_batch_of_a_kind_seen_before_starts_with_sized_chunks(
+    client: Client, guests: dict[str, Path]
+) -> None:
+    # One round trip a task to learn what a task costs is paid once per kind of task, not
+    # once per batch: each single-task chunk costs the shared cores a chunk's overhead.
+    sandbox = DistributedSandbox(client)
+    hello = [Task.wasm(guests["hello"]) for _ in range(20)]
+    before = _log_length(client)
+    assert all(r.ok for r in sandbox.map(hello))
+    assert "chunk-" not in _first_chunk(client, before)  # new: one task first
+    before = _log_length(client)
+    assert all(r.ok for r in sandbox.map([Task.wasm(guests["hello"]) for _ in range(20)]))
+    assert "chunk-" in _first_chunk(client, before)  # known: sized from the start
+    before = _log_length(client)
+    other = [Task.wasm(guests["hello"], args=("other",)) for _ in range(20)]
+    assert all(r.ok for r in sandbox.map(other))
+    assert "chunk-" not in _first_chunk(client, before)  # other arguments: another kind
+
+
+def test_costs_remember_a_bounded_number_of_kinds() -> None:
+    costs = _Costs()
+    for kind in range(_Costs.LIMIT + 10):
+        costs.put(kind, kind / 1000)
+    assert costs.get(0) is None and costs.get(_Costs.LIMIT + 9) == (_Costs.LIMIT + 9) / 1000
+    costs.put(10, 1.0)  # refreshed: the newest again
+    assert costs.get(10) == 1.0
