@@ -1,16 +1,21 @@
 """Internal: one `DistributedSandbox.gather` in flight: chunking, settling, refilling.
 
-The first wave carries one task a chunk; once the workers have said what a task costs, a
-chunk carries about `CHUNK_TARGET_S` of work (at most `MAX_CHUNK` tasks, and never more than
-its share of what is left), with `CHUNKS_PER_THREAD` chunks in flight per worker thread.
+The first wave carries one task a chunk (unless an earlier batch of the same sandbox ran
+tasks of the same code and arguments: it starts from their cost); once the workers have said
+what a task costs, a chunk carries about `CHUNK_TARGET_S` of work (at most `MAX_CHUNK` tasks,
+and never more than its share of what is left, but at least `MIN_CHUNK_S` of work), with
+`CHUNKS_PER_THREAD` chunks in flight per worker thread.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import queue
+import threading
 import time
 from collections import deque
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
 from distributed import Future
@@ -30,16 +35,51 @@ CHUNK_TARGET_S = 0.5  # worker seconds a chunk aims to carry; a chunk costs the 
 # scheduler ~5-15 ms of CPU, so at 500 ms that stays a small share of a core (at 200 ms their
 # CPU per CPU-bound task was nearly twice as much, taken from the workers' two cores)
 MAX_CHUNK = 256  # tasks a chunk carries at most
+MIN_CHUNK_S = 0.01  # worker seconds a chunk carries at least (while that many tasks are left):
+# a chunk costs the client, scheduler and worker event loops ~10 ms of CPU on the same cores
 CHUNKS_PER_THREAD = 2  # chunks in flight per worker thread: the next one waits on the worker
+
+
+class _Costs:
+    """Worker seconds a task of each kind took in earlier batches (bounded, thread-safe).
+
+    A batch whose kind of task was seen before starts with sized chunks instead of a first
+    wave of one task a chunk; the kind is the task's code and arguments, not its input.
+    """
+
+    LIMIT = 256  # kinds remembered; the oldest is forgotten first
+
+    def __init__(self) -> None:
+        self._seconds: dict[Hashable, float] = {}
+        self._lock = threading.Lock()
+
+    def get(self, kind: Hashable) -> float | None:
+        with self._lock:
+            return self._seconds.get(kind)
+
+    def put(self, kind: Hashable, seconds: float) -> None:
+        with self._lock:
+            self._seconds.pop(kind, None)
+            self._seconds[kind] = seconds
+            while len(self._seconds) > self.LIMIT:
+                del self._seconds[next(iter(self._seconds))]
+
+
+def _kind_of(task: Task) -> Hashable:
+    """What a task's cost depends on besides its input (a module's bytes by their hash)."""
+    code = hash(task.module_bytes) if task.module_bytes is not None else task.module
+    return (task.kind, task.tier, code, task.source, task.entry, task.argv, task.args)
 
 
 class _Batch:
     """One `gather` in flight: tasks go out in chunks sized from what earlier chunks took.
 
-    The first wave is one task a chunk; after that a chunk carries about `CHUNK_TARGET_S`
-    of work (at most `MAX_CHUNK` tasks, and never more than its share of what is left, so
-    the tail spreads over every worker). At most `CHUNKS_PER_THREAD` chunks per worker
-    thread are in flight, so a worker always has its next chunk while it runs one.
+    The first wave is one task a chunk, unless `_Costs` knows the kind of task; after that a
+    chunk carries about `CHUNK_TARGET_S` of work (at most `MAX_CHUNK` tasks, and never more
+    than its share of what is left, so the tail spreads over every worker, but at least
+    `MIN_CHUNK_S` of work: a chunk shorter than its own cost wastes the cores it shares). At
+    most `CHUNKS_PER_THREAD` chunks per worker thread are in flight, so a worker always has
+    its next chunk while it runs one.
     """
 
     def __init__(self, owner: DistributedSandbox, tasks: list[Task],
@@ -52,7 +92,9 @@ class _Batch:
         self.finished: queue.SimpleQueue[str] = queue.SimpleQueue()
         self.threads = owner._threads() if len(tasks) > 1 else 1
         self.counted_at = time.monotonic()
-        self.per_task_s: float | None = None  # worker seconds a task, recent chunks weigh most
+        self.kind = _kind_of(tasks[0])
+        # worker seconds a task, recent chunks weigh most; an earlier batch's to start with
+        self.per_task_s: float | None = owner._costs.get(self.kind)
 
     def run(self) -> None:
         """Submit, settle and refill until every task is settled; cancels what is left."""
@@ -80,6 +122,8 @@ class _Batch:
                     self._count()
                     self._fill()
         finally:
+            if self.per_task_s is not None:
+                self.owner._costs.put(self.kind, self.per_task_s)
             pending = [f for f in self.futures.values() if not f.done()]  # type: ignore[no-untyped-call]
             if pending:
                 self.owner.client.cancel(pending)  # type: ignore[no-untyped-call]
@@ -110,7 +154,8 @@ class _Batch:
             return 1  # nothing measured yet: one round trip a worker tells us the task's cost
         per_task = max(self.per_task_s, 1e-5)
         share = -(-len(self.queue) // (max(1, self.threads) * CHUNKS_PER_THREAD))
-        return max(1, min(round(CHUNK_TARGET_S / per_task), MAX_CHUNK, share))
+        floor = min(math.ceil(MIN_CHUNK_S / per_task), MAX_CHUNK)
+        return max(1, floor, min(round(CHUNK_TARGET_S / per_task), MAX_CHUNK, share))
 
     def _settle(self, future: Future[Any], ids: list[str]) -> None:
         outcome = _unwrap(future, ids)

@@ -2,10 +2,12 @@
 
 Each worker keeps warm sandboxes (one per policy) in a `SandboxPlugin`, created on first use
 and closed when the worker shuts down. A batch travels in chunks, one Dask future each: the
-first wave carries one task a chunk, and once the workers have said what a task costs, a
+first wave carries one task a chunk (unless an earlier batch ran tasks of the same code and
+arguments: it starts from their cost), and once the workers have said what a task costs, a
 chunk carries about `CHUNK_TARGET_S` of work (at most `MAX_CHUNK` tasks, and never more than
-its share of what is left), with `CHUNKS_PER_THREAD` chunks in flight per worker thread. A
-module shared by the tasks of a chunk is pickled once for the chunk.
+its share of what is left, but at least `MIN_CHUNK_S` of work), with `CHUNKS_PER_THREAD`
+chunks in flight per worker thread. A module shared by the tasks of a chunk is pickled once
+for the chunk.
 
 Tasks travel as pydantic models; a result travels as a `_Shipped`: its fields as a flat dict,
 its output as JSON text encoded once on the worker, its files as bytes, so what it costs to
@@ -43,7 +45,8 @@ from wasmbox._dask_batch import CHUNK_TARGET_S as CHUNK_TARGET_S
 from wasmbox._dask_batch import CHUNKS_PER_THREAD as CHUNKS_PER_THREAD
 from wasmbox._dask_batch import KEY_PREFIX as KEY_PREFIX
 from wasmbox._dask_batch import MAX_CHUNK as MAX_CHUNK
-from wasmbox._dask_batch import WATCH_INTERVAL, _Batch
+from wasmbox._dask_batch import MIN_CHUNK_S as MIN_CHUNK_S
+from wasmbox._dask_batch import WATCH_INTERVAL, _Batch, _Costs
 from wasmbox._dask_wire import MAX_RESULT_DEPTH as MAX_RESULT_DEPTH
 from wasmbox._dask_wire import _decode as _decode
 from wasmbox._dask_wire import _Shipped as _Shipped
@@ -57,10 +60,19 @@ NO_WORKERS_TIMEOUT = 60.0  # seconds a batch waits with no worker at all before 
 
 
 def cluster_config() -> dict[str, Any]:
-    """Dask settings a wasmbox cluster needs: spawned workers, one re-run after a crash."""
+    """Dask settings a wasmbox cluster needs: spawned workers, one re-run after a crash.
+
+    It also quiets Dask's own diagnostics, whose CPU comes out of the cores the tasks run on
+    (a nanny passes these to its worker): the worker's statistical profiler (a stack sample
+    every 10 ms), the event-loop health tick (every 20 ms; a blocked loop is still reported
+    after ``distributed.admin.tick.limit``) and the system monitor (psutil every 500 ms).
+    """
     return {
         "distributed.worker.multiprocessing-method": "spawn",
         "distributed.scheduler.allowed-failures": 1,
+        "distributed.worker.profile.enabled": False,
+        "distributed.admin.tick.interval": "1s",
+        "distributed.admin.system-monitor.interval": "2s",
     }
 
 
@@ -86,6 +98,7 @@ class DistributedSandbox:
         self.client = client
         self.policy = policy or Policy()
         self.no_workers_timeout = no_workers_timeout
+        self._costs = _Costs()  # what each kind of task cost in earlier batches
         _prepare_cluster(client)
 
     def run(self, task: Task) -> Result:

@@ -18,6 +18,7 @@ from distributed import Client
 
 from tests.service._support import local_cluster
 from wasmbox import Result, Status, Task
+from wasmbox._dask_batch import _Batch, _Costs
 from wasmbox.distributed import (
     KEY_PREFIX,
     PLUGIN_NAME,
@@ -131,3 +132,88 @@ def test_each_worker_keeps_one_warm_sandbox_and_closes_it_on_teardown(
         assert [len(ids) for ids in first.values()] == [1]
         own.unregister_worker_plugin(PLUGIN_NAME)  # the worker tears the plugin down
         assert list(own.run(_seen_closed).values()) == [[True]]
+
+
+def _diagnostics(dask_worker: Any = None) -> dict[str, Any]:
+    import dask
+
+    return {"profiler": "profile" in dask_worker.periodic_callbacks,
+            "tick_ms": dask_worker.periodic_callbacks["tick"].callback_time,
+            "monitor_ms": dask_worker.periodic_callbacks["monitor"].callback_time,
+            "spawn": dask.config.get("distributed.worker.multiprocessing-method")}
+
+
+def test_workers_made_under_cluster_config_run_without_the_sampling_profiler(
+    client: Client
+) -> None:
+    # Their CPU comes out of the cores the tasks run on: a sample every 10 ms, a tick every
+    # 20 ms and psutil every 500 ms cost a worker's event loop several % of a core.
+    for seen in client.run(_diagnostics).values():
+        assert seen == {"profiler": False, "tick_ms": 1000, "monitor_ms": 2000,
+                        "spawn": "spawn"}
+
+
+class _TwoThreads:
+    """Stands in for a `DistributedSandbox` whose cluster has two worker threads."""
+
+    def __init__(self) -> None:
+        self._costs = _Costs()
+
+    def _threads(self) -> int:
+        return 2
+
+
+@pytest.mark.parametrize(("per_task_s", "left", "size"), [
+    (0.001, 20, 10),  # 1 ms tasks: at least MIN_CHUNK_S (10 ms) of them, not a quarter of 20
+    (0.001, 4, 4),  # never more than are left
+    (0.05, 3, 1),  # a slow task is a chunk of its own at the end
+    (0.01, 100, 25),  # mid-batch: a quarter of what is left (2 threads x 2 chunks each)
+    (0.01, 400, 50),  # early on: CHUNK_TARGET_S (500 ms) of work
+])
+def test_a_chunk_carries_at_least_min_chunk_s_of_work_while_that_many_are_left(
+    guests: dict[str, Path], per_task_s: float, left: int, size: int
+) -> None:
+    batch = _Batch(_TwoThreads(), [Task.wasm(guests["hello"]) for _ in range(left)], {})  # type: ignore[arg-type]
+    batch.per_task_s = per_task_s
+    assert min(batch._size(), left) == size
+
+
+def _first_chunk(client: Client, before: int) -> str:
+    """The key of the first wasmbox chunk sent to a worker after `before` log entries."""
+    log = client.run_on_scheduler(lambda dask_scheduler: [
+        str(entry[0]) for entry in list(dask_scheduler.transition_log)[before:]
+        if entry[2] == "processing"])
+    return next(key for key in log if key.startswith(KEY_PREFIX))
+
+
+def _log_length(client: Client) -> int:
+    return int(client.run_on_scheduler(
+        lambda dask_scheduler: len(dask_scheduler.transition_log)))
+
+
+def test_a_batch_of_a_kind_seen_before_starts_with_sized_chunks(
+    client: Client, guests: dict[str, Path]
+) -> None:
+    # One round trip a task to learn what a task costs is paid once per kind of task, not
+    # once per batch: each single-task chunk costs the shared cores a chunk's overhead.
+    sandbox = DistributedSandbox(client)
+    hello = [Task.wasm(guests["hello"]) for _ in range(20)]
+    before = _log_length(client)
+    assert all(r.ok for r in sandbox.map(hello))
+    assert "chunk-" not in _first_chunk(client, before)  # new: one task first
+    before = _log_length(client)
+    assert all(r.ok for r in sandbox.map([Task.wasm(guests["hello"]) for _ in range(20)]))
+    assert "chunk-" in _first_chunk(client, before)  # known: sized from the start
+    before = _log_length(client)
+    other = [Task.wasm(guests["hello"], args=("other",)) for _ in range(20)]
+    assert all(r.ok for r in sandbox.map(other))
+    assert "chunk-" not in _first_chunk(client, before)  # other arguments: another kind
+
+
+def test_costs_remember_a_bounded_number_of_kinds() -> None:
+    costs = _Costs()
+    for kind in range(_Costs.LIMIT + 10):
+        costs.put(kind, kind / 1000)
+    assert costs.get(0) is None and costs.get(_Costs.LIMIT + 9) == (_Costs.LIMIT + 9) / 1000
+    costs.put(10, 1.0)  # refreshed: the newest again
+    assert costs.get(10) == 1.0
