@@ -20,7 +20,7 @@ from wasmbox.models import Policy
 from wasmbox.sandbox import Sandbox
 from wasmbox.service._api_deps import MAX_WAIT_PARAM, St, _bearer, _State, _Waiters, only_query
 from wasmbox.service._api_errors import _ERRORS, install_error_handlers
-from wasmbox.service._api_fast import add_lean_routes
+from wasmbox.service._api_fast import LeanApp, add_lean_routes
 from wasmbox.service._api_meta import add_meta_routes, mount_docs_assets
 from wasmbox.service.config import ServiceConfig
 from wasmbox.service.dispatcher import Dispatcher, QuotaExceeded, Runner, make_runner
@@ -66,7 +66,7 @@ def create_app(
             await run_in_threadpool(dispatcher.close)
             store.close()
 
-    app = FastAPI(
+    app = LeanApp(
         title="wasmbox task service",
         version="1",
         description="Run untrusted tasks in wasmbox sandboxes over HTTP.",
@@ -261,7 +261,8 @@ def create_app(
         """The policies this token may name; the first is its default."""
         return PolicyList(policies=list(config.tokens[name].policies))
     add_meta_routes(app, metrics)
-    add_lean_routes(app, config.authenticate, submit_view, poll_view)
+    add_lean_routes(app, config.authenticate, submit_view, poll_view,
+                    config.service.max_body_bytes)
     return app
 
 
