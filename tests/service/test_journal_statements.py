@@ -3,8 +3,9 @@
 Each statement is a round trip through the GIL that the service's threads contend for: a
 task is read with one statement, claimed and finished with one each, and a batch of writes
 takes no savepoints unless one of its writes fails. A long-poll registers its waiter before
-it reads the journal, so it reads the task once before waiting and once after. A token that
-was seen owning a module is not asked again until the next purge.
+it reads the journal; it reads the task once before waiting and once after, and not before
+when the task is its caller's and known not to be final (journaled since the start and not
+ended). A token that was seen owning a module is not asked again until the next purge.
 """
 
 from __future__ import annotations
@@ -188,6 +189,21 @@ def test_a_long_poll_registers_its_waiter_before_it_reads_the_task(
     view = idle_client.get(f"/v1/tasks/{task_id}", headers=auth(ALICE),
                            params={"wait": 0.2}).json()  # no worker: the wait runs out
     assert view["state"] == "queued"
+    assert reads == [(task_id, True)]  # known not final: read once, after the wait
+
+
+def test_a_long_poll_reads_a_task_not_known_to_be_live_before_waiting(
+    make_client: Callable[..., TestClient], wasm_b64: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    first = make_client(workers=0)
+    task_id = submit(first, wasm_b64).json()["id"]
+    first.__exit__(None, None, None)
+    restarted = make_client(workers=0)  # the task is queued again from the journal
+    reads = _reads(restarted, monkeypatch)
+    view = restarted.get(f"/v1/tasks/{task_id}", headers=auth(ALICE),
+                         params={"wait": 0.2}).json()
+    assert view["state"] == "queued"
     assert reads == [(task_id, True), (task_id, True)]  # once before the wait, once after
 
 
@@ -198,7 +214,18 @@ def test_submit_and_wait_registers_its_waiter_before_it_reads_the_task(
     response = submit(idle_client, wasm_b64, wait=0.2)
     assert response.status_code == 202
     task_id = response.json()["id"]
-    assert reads == [(task_id, True), (task_id, True)]
+    assert reads == [(task_id, True)]
+
+
+def test_a_task_cancelled_after_a_worker_took_it_is_not_live(
+    idle_client: TestClient, wasm_b64: dict[str, str]
+) -> None:
+    dispatcher = idle_client.app.state.wasmbox.dispatcher  # type: ignore[attr-defined]
+    task_id = submit(idle_client, wasm_b64).json()["id"]
+    assert dispatcher.live_token(task_id) == "alice"
+    dispatcher._queued.discard(task_id)  # as a worker does just before it claims the task
+    assert idle_client.post(f"/v1/tasks/{task_id}/cancel", headers=auth(ALICE)).json()["final"]
+    assert dispatcher.live_token(task_id) is None  # a long-poll reads it, and sees it final
 
 
 def test_a_poll_without_wait_reads_the_task_once(

@@ -141,8 +141,11 @@ def create_app(
         # wait, and one that ended before it is final in what the read returns.
         event = st.waiters.register(task_id)
         try:
-            record = owned(st, name, task_id)
-            if record.state not in FINAL:
+            # The caller's task that is known not to be final is waited for at once; any
+            # other is read first (404 if it is not the caller's).
+            live = st.dispatcher.live_token(task_id) == name
+            record = None if live else owned(st, name, task_id)
+            if record is None or record.state not in FINAL:
                 with suppress(TimeoutError):
                     async with asyncio.timeout(timeout):
                         await event.wait()

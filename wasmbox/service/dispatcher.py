@@ -71,6 +71,9 @@ class Dispatcher(Closeable):
         self._admission = threading.Lock()
         # Per token: tasks admitted but not yet committed, and the seconds they reserve.
         self._pending: dict[str, tuple[int, float]] = {}
+        # Tasks journaled since the start and not final yet: their tokens, by id (until each
+        # one's final state is durable and `on_final` is called).
+        self._live: dict[str, str] = {}
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._sweeper: threading.Thread | None = None
@@ -172,6 +175,7 @@ class Dispatcher(Closeable):
                     self._pending[token] = (count - 1, held - reserve)
             if committed:
                 self.metrics.accepted.inc()
+                self._live[task.id] = token
                 self._enqueue(task.id)
 
         try:
@@ -181,11 +185,18 @@ class Dispatcher(Closeable):
             journaled(False)
             raise
 
+    def live_token(self, task_id: str) -> str | None:
+        """The token of a task journaled since the start that is not final yet, as far as
+        waiters know (None: not known to be; read the journal)."""
+        return self._live.get(task_id)
+
     def cancel(self, task_id: str) -> Record | None:
         """Cancel a task: a queued one ends now; a running one has its guest stopped (on the
         thread back end, within a watchdog tick) and ends cancelled."""
         record = self.store.cancel(task_id)
-        if record is not None and record.result is not None and task_id in self._queued:
+        if record is not None and record.result is not None:
+            # Final (cancelled while queued, even if a worker had just taken it from the
+            # queue, or final before): its waiters hear it.
             self._queued.discard(task_id)
             self._notify(task_id)
         elif record is not None and record.result is None:
@@ -275,6 +286,7 @@ class Dispatcher(Closeable):
             self._notify(task_id)
 
     def _notify(self, task_id: str) -> None:
+        self._live.pop(task_id, None)
         try:
             self.on_final(task_id)
         except Exception:
