@@ -4,8 +4,9 @@ Each statement is a round trip through the GIL that the service's threads conten
 task is read with one statement, claimed and finished with one each, and a batch of writes
 takes no savepoints unless one of its writes fails. A long-poll registers its waiter before
 it reads the journal; it reads the task once before waiting and once after, and not before
-when the task is its caller's and known not to be final (journaled since the start and not
-ended). A token that was seen owning a module is not asked again until the next purge.
+when the task is its caller's and known not to be final (queued or running). Admission
+counts a token's tasks in flight without a query. A token that was seen owning a module is
+not asked again until the next purge.
 """
 
 from __future__ import annotations
@@ -192,19 +193,14 @@ def test_a_long_poll_registers_its_waiter_before_it_reads_the_task(
     assert reads == [(task_id, True)]  # known not final: read once, after the wait
 
 
-def test_a_long_poll_reads_a_task_not_known_to_be_live_before_waiting(
-    make_client: Callable[..., TestClient], wasm_b64: dict[str, str],
-    monkeypatch: pytest.MonkeyPatch,
+def test_a_long_poll_reads_another_tokens_task_before_waiting(
+    idle_client: TestClient, wasm_b64: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first = make_client(workers=0)
-    task_id = submit(first, wasm_b64).json()["id"]
-    first.__exit__(None, None, None)
-    restarted = make_client(workers=0)  # the task is queued again from the journal
-    reads = _reads(restarted, monkeypatch)
-    view = restarted.get(f"/v1/tasks/{task_id}", headers=auth(ALICE),
-                         params={"wait": 0.2}).json()
-    assert view["state"] == "queued"
-    assert reads == [(task_id, True), (task_id, True)]  # once before the wait, once after
+    task_id = submit(idle_client, wasm_b64).json()["id"]
+    reads = _reads(idle_client, monkeypatch)
+    assert idle_client.get(f"/v1/tasks/{task_id}", headers=auth("bob-secret"),
+                           params={"wait": 5}).status_code == 404
+    assert reads == [(task_id, True)]  # read before any wait: not found
 
 
 def test_submit_and_wait_registers_its_waiter_before_it_reads_the_task(
@@ -267,3 +263,26 @@ def test_a_purge_forgets_which_token_owned_a_module(
     later = time.time() + 60
     assert store.purge(later, 0, later) == 1  # the task and its module are gone
     assert store.module("alice", sha) is None
+
+
+def test_admission_counts_tasks_in_flight_without_a_query(
+    make_client: Callable[..., TestClient], wasm_b64: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    body = {"kind": "wasm", "module_b64": wasm_b64["hello"]}
+    first = make_client(workers=0)
+    ids = [first.post("/v1/tasks", headers=auth("bob-secret"), json=body).json()["id"]
+           for _ in range(2)]  # bob may have 2 queued or running
+    first.__exit__(None, None, None)
+    restarted = make_client(workers=0)  # both are queued again from the journal
+    dispatcher = restarted.app.state.wasmbox.dispatcher  # type: ignore[attr-defined]
+    assert [dispatcher.live_token(task_id) for task_id in ids] == ["bob", "bob"]
+
+    def no_query(token: str) -> int:
+        raise AssertionError("admission queried the journal")
+
+    monkeypatch.setattr(dispatcher.store, "in_flight", no_query)
+    assert restarted.post("/v1/tasks", headers=auth("bob-secret"), json=body).status_code == 429
+    restarted.post(f"/v1/tasks/{ids[0]}/cancel", headers=auth("bob-secret"))
+    assert restarted.post("/v1/tasks", headers=auth("bob-secret"), json=body).status_code == 202
+    assert restarted.post("/v1/tasks", headers=auth("bob-secret"), json=body).status_code == 429
