@@ -3,8 +3,10 @@
 Each statement is a round trip through the GIL that the service's threads contend for: a
 task is read with one statement, claimed and finished with one each, and a batch of writes
 takes no savepoints unless one of its writes fails. A long-poll registers its waiter before
-it reads the journal, so it reads the task once before waiting and once after. A token that
-was seen owning a module is not asked again until the next purge.
+it reads the journal; it reads the task once before waiting and once after, and not before
+when the task is its caller's and known not to be final (queued or running). Admission
+counts a token's tasks in flight without a query. A token that was seen owning a module is
+not asked again until the next purge.
 """
 
 from __future__ import annotations
@@ -188,7 +190,17 @@ def test_a_long_poll_registers_its_waiter_before_it_reads_the_task(
     view = idle_client.get(f"/v1/tasks/{task_id}", headers=auth(ALICE),
                            params={"wait": 0.2}).json()  # no worker: the wait runs out
     assert view["state"] == "queued"
-    assert reads == [(task_id, True), (task_id, True)]  # once before the wait, once after
+    assert reads == [(task_id, True)]  # known not final: read once, after the wait
+
+
+def test_a_long_poll_reads_another_tokens_task_before_waiting(
+    idle_client: TestClient, wasm_b64: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task_id = submit(idle_client, wasm_b64).json()["id"]
+    reads = _reads(idle_client, monkeypatch)
+    assert idle_client.get(f"/v1/tasks/{task_id}", headers=auth("bob-secret"),
+                           params={"wait": 5}).status_code == 404
+    assert reads == [(task_id, True)]  # read before any wait: not found
 
 
 def test_submit_and_wait_registers_its_waiter_before_it_reads_the_task(
@@ -198,7 +210,18 @@ def test_submit_and_wait_registers_its_waiter_before_it_reads_the_task(
     response = submit(idle_client, wasm_b64, wait=0.2)
     assert response.status_code == 202
     task_id = response.json()["id"]
-    assert reads == [(task_id, True), (task_id, True)]
+    assert reads == [(task_id, True)]
+
+
+def test_a_task_cancelled_after_a_worker_took_it_is_not_live(
+    idle_client: TestClient, wasm_b64: dict[str, str]
+) -> None:
+    dispatcher = idle_client.app.state.wasmbox.dispatcher  # type: ignore[attr-defined]
+    task_id = submit(idle_client, wasm_b64).json()["id"]
+    assert dispatcher.live_token(task_id) == "alice"
+    dispatcher._queued.discard(task_id)  # as a worker does just before it claims the task
+    assert idle_client.post(f"/v1/tasks/{task_id}/cancel", headers=auth(ALICE)).json()["final"]
+    assert dispatcher.live_token(task_id) is None  # a long-poll reads it, and sees it final
 
 
 def test_a_poll_without_wait_reads_the_task_once(
@@ -240,3 +263,26 @@ def test_a_purge_forgets_which_token_owned_a_module(
     later = time.time() + 60
     assert store.purge(later, 0, later) == 1  # the task and its module are gone
     assert store.module("alice", sha) is None
+
+
+def test_admission_counts_tasks_in_flight_without_a_query(
+    make_client: Callable[..., TestClient], wasm_b64: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    body = {"kind": "wasm", "module_b64": wasm_b64["hello"]}
+    first = make_client(workers=0)
+    ids = [first.post("/v1/tasks", headers=auth("bob-secret"), json=body).json()["id"]
+           for _ in range(2)]  # bob may have 2 queued or running
+    first.__exit__(None, None, None)
+    restarted = make_client(workers=0)  # both are queued again from the journal
+    dispatcher = restarted.app.state.wasmbox.dispatcher  # type: ignore[attr-defined]
+    assert [dispatcher.live_token(task_id) for task_id in ids] == ["bob", "bob"]
+
+    def no_query(token: str) -> int:
+        raise AssertionError("admission queried the journal")
+
+    monkeypatch.setattr(dispatcher.store, "in_flight", no_query)
+    assert restarted.post("/v1/tasks", headers=auth("bob-secret"), json=body).status_code == 429
+    restarted.post(f"/v1/tasks/{ids[0]}/cancel", headers=auth("bob-secret"))
+    assert restarted.post("/v1/tasks", headers=auth("bob-secret"), json=body).status_code == 202
+    assert restarted.post("/v1/tasks", headers=auth("bob-secret"), json=body).status_code == 429

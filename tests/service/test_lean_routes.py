@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.service._support import ALICE, BOB, auth, wait_final
-from wasmbox.service import _api_fast
+from wasmbox.service import _api_fast, limits
 
 # Parsed as JSON by FastAPI (a ``+json`` type), not taken by the lean path.
 VENDOR_JSON = "application/vnd.wasmbox+json"
@@ -110,3 +110,27 @@ def test_methods_the_routes_do_not_have_are_405_as_before(client: TestClient) ->
     put = client.put("/v1/tasks/upload", headers=auth(ALICE))
     assert (head.status_code, head.headers["allow"]) == (405, "GET")
     assert (put.status_code, put.headers["allow"]) == (405, "POST")
+
+
+def test_the_lean_answers_skip_the_middleware_stack_and_its_errors_do_not(
+    client: TestClient, wasm_b64: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[str, str]] = []
+    real = limits.BodyLimit.__call__
+
+    async def spy(self: limits.BodyLimit, scope: Any, *args: Any) -> None:
+        seen.append((scope["method"], scope["path"]))
+        await real(self, scope, *args)
+
+    monkeypatch.setattr(limits.BodyLimit, "__call__", spy)
+    body = {"kind": "wasm", "module_b64": wasm_b64["hello"]}
+    view = client.post("/v1/tasks", headers=auth(ALICE), json=body).json()
+    path = f"/v1/tasks/{view['id']}"
+    assert client.get(path, headers=auth(ALICE), params={"wait": "10"}).json()["final"]
+    assert seen == []  # answered in front of the stack
+    listed = client.get("/v1/tasks", headers=auth(ALICE))  # any other route: through it
+    foreign = client.get(path, headers=auth(BOB))  # an error: answered by the stack
+    over = client.post("/v1/tasks", headers=auth(BOB), json={**body, "policy": "strict"})
+    assert (listed.status_code, foreign.status_code, over.status_code) == (200, 404, 403)
+    assert foreign.json() == {"detail": "no such task"}
+    assert seen == [("GET", "/v1/tasks"), ("GET", path), ("POST", "/v1/tasks")]

@@ -9,6 +9,12 @@ authenticates, at most a plain ``wait``, and (to submit) a JSON body that valida
 validate, ...) goes, body and all, to the FastAPI route, which answers it as it always did.
 Admission, quotas and waiting are the FastAPI routes' own functions (passed in here), and what
 they raise reaches the app's exception handlers.
+
+The app's middleware stack cost about a third of a lean request's CPU, so `LeanApp` answers
+these requests in front of it (`_FrontDoor`) when nothing in the stack would act on them: a
+request the lean path declines goes through the whole stack to FastAPI, and one whose
+answer is an error is answered by the stack too (its handlers, metrics and telemetry), by
+raising that error from the lean route inside it.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
 from fastapi import FastAPI
@@ -26,9 +33,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wasmbox.service._api_deps import MAX_WAIT_PARAM, _State
+from wasmbox.service.limits import judge_declared
 from wasmbox.service.schemas import AnyTaskRequest, TaskRequest, TaskView
 
 # What the lean routes run: the FastAPI routes' own functions.
@@ -38,20 +46,93 @@ Poll = Callable[[_State, str, str, float], Awaitable[TaskView]]
 # A ``wait`` the lean path reads itself; anything else is left to FastAPI's validation.
 _WAIT = re.compile(r"[0-9]{1,4}(?:\.[0-9]{1,6})?")
 _REQUEST: TypeAdapter[AnyTaskRequest] = TypeAdapter(TaskRequest)
+_TASKS, _TASK = "/v1/tasks", "/v1/tasks/"
+# Scope keys from the front door to the lean routes in the stack: answer this request as
+# FastAPI does (the lean path declined it), or raise this error (the lean path's answer).
+_DECLINED, _RAISE = "wasmbox.lean_declined", "wasmbox.lean_raise"
+
+
+class LeanApp(FastAPI):
+    """The service's FastAPI app: `add_lean_routes` also puts its lean routes in front of
+    the middleware stack."""
+
+    front_door: tuple[_Submit, _Poll, int] | None = None
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        return stack if self.front_door is None else _FrontDoor(stack, *self.front_door)
 
 
 def add_lean_routes(
-    app: FastAPI, authenticate: Callable[[str], str | None], submit: Submit, poll: Poll
+    app: LeanApp, authenticate: Callable[[str], str | None], submit: Submit, poll: Poll,
+    max_body_bytes: int,
 ) -> None:
-    """Put the lean submit and poll routes just before FastAPI's routes they stand in for."""
-    for path, method, lean in (("/v1/tasks", "POST", _Submit), ("/v1/tasks/{task_id}", "GET",
-                                                                _Poll)):
+    """Put the lean submit and poll routes just before FastAPI's routes they stand in for,
+    and in front of the app's middleware stack (which limits bodies to `max_body_bytes`)."""
+    leans = []
+    for path, method, lean in ((_TASKS, "POST", _Submit), ("/v1/tasks/{task_id}", "GET",
+                                                           _Poll)):
         routes = app.router.routes
         index, fallback = next((i, r) for i, r in enumerate(routes) if isinstance(r, APIRoute)
                                and r.path == path and method in (r.methods or ()))
-        route = Route(path, lean(fallback, authenticate, submit, poll), methods=[method])
+        leans.append(lean(fallback, authenticate, submit, poll))
+        route = Route(path, leans[-1], methods=[method])
         route.methods = {method}  # not HEAD as well, which Starlette adds to GET
         routes.insert(index, route)
+    submit_lean, poll_lean = leans
+    assert isinstance(submit_lean, _Submit) and isinstance(poll_lean, _Poll)
+    app.front_door = (submit_lean, poll_lean, max_body_bytes)
+
+
+class _FrontDoor:
+    """ASGI: the app's middleware stack, with the lean routes' requests answered in front of
+    it when the stack would only pass them on: a request at the app's root (no root path), of
+    a lean route's path and method, whose declared length the body limit lets through (a
+    submission must declare one: the stack counts the bytes of any other)."""
+
+    def __init__(self, stack: ASGIApp, submit: _Submit, poll: _Poll, max_body: int) -> None:
+        self._stack = stack
+        self._submit = submit
+        self._poll = poll
+        self._max_body = max_body
+
+    def _lean(self, scope: Scope) -> _Lean | None:
+        if scope["type"] != "http" or scope.get("root_path"):
+            return None
+        path, method, headers = scope["path"], scope["method"], scope["headers"]
+        if judge_declared(headers, self._max_body) is not None:
+            return None
+        if method == "POST" and path == _TASKS:
+            declared = any(name.lower() == b"content-length" for name, _ in headers)
+            return self._submit if declared else None
+        task_id = path[len(_TASK):]
+        if method == "GET" and path.startswith(_TASK) and task_id and "/" not in task_id:
+            scope["path_params"] = {"task_id": task_id}
+            return self._poll
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        lean = self._lean(scope)
+        if lean is None:
+            return await self._stack(scope, receive, send)
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            declined = await lean.answer(scope, receive, tracked)
+        except Exception as exc:
+            if started:
+                raise
+            scope[_RAISE] = exc  # the stack answers it: its handlers, its 500
+            return await self._stack(scope, receive, send)
+        if declined is not None:
+            scope[_DECLINED] = True
+            await self._stack(scope, receive if declined.body is None
+                              else _replay(declined.body, receive), send)
 
 
 class _Lean:
@@ -73,6 +154,20 @@ class _Lean:
         name = self._authenticate(secret.strip())
         return None if name is None else (name, wait)
 
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """As a route inside the middleware stack."""
+        if (error := scope.pop(_RAISE, None)) is not None:
+            raise error
+        if scope.pop(_DECLINED, False):
+            return await self.fall_back(scope, receive, send)
+        declined = await self.answer(scope, receive, send)
+        if declined is not None:
+            await self.fall_back(scope, receive, send, declined.body)
+
+    async def answer(self, scope: Scope, receive: Receive, send: Send) -> _Declined | None:
+        """Answer the request, or decline it (for FastAPI's route) with the body read."""
+        raise NotImplementedError
+
     async def fall_back(
         self, scope: Scope, receive: Receive, send: Send, body: bytes | None = None
     ) -> None:
@@ -83,36 +178,43 @@ class _Lean:
         await self._fallback.handle(scope, receive, send)
 
 
+@dataclass(frozen=True, slots=True)
+class _Declined:
+    body: bytes | None  # None: not read
+
+
 class _Submit(_Lean):
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def answer(self, scope: Scope, receive: Receive, send: Send) -> _Declined | None:
         caller = self._caller(scope)
         content_type = Headers(scope=scope).get("content-type", "")
         if caller is None or content_type.partition(";")[0].strip().lower() != "application/json":
-            return await self.fall_back(scope, receive, send)
+            return _Declined(None)
         try:
             body = await Request(scope, receive).body()
         except HTTPException:  # over the body limit
             raise
         except Exception:  # the client went away: FastAPI's answer
-            return await self.fall_back(scope, receive, send)
+            return _Declined(None)
         try:
             request = _REQUEST.validate_python(json.loads(body))
         except Exception:  # not JSON, too deep, not a task: FastAPI's 422 (or 400)
-            return await self.fall_back(scope, receive, send, body)
+            return _Declined(body)
         name, wait = caller
         view, status = await self._submit(scope["app"].state.wasmbox, name, request, wait)
         await _json(view, status)(scope, receive, send)
+        return None
 
 
 class _Poll(_Lean):
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def answer(self, scope: Scope, receive: Receive, send: Send) -> _Declined | None:
         caller = self._caller(scope)
         if caller is None:
-            return await self.fall_back(scope, receive, send)
+            return _Declined(None)
         name, wait = caller
         task_id = scope["path_params"]["task_id"]
         view = await self._poll(scope["app"].state.wasmbox, name, task_id, wait)
         await _json(view, 200)(scope, receive, send)
+        return None
 
 
 def _wait(query: bytes) -> float | None:

@@ -94,6 +94,13 @@ class _JournalReads(_GroupCommit):
         ).fetchone()
         return int(count)
 
+    def unfinished(self) -> dict[str, str]:
+        """The token of every queued or running task, by task id."""
+        rows = self._reader().execute(
+            "SELECT id, token FROM tasks WHERE state IN (?, ?)", (State.QUEUED, State.RUNNING)
+        ).fetchall()
+        return {task_id: token for task_id, token in rows}
+
     def charges(self, token: str, since: float) -> list[tuple[float, float]]:
         """(finished_at, charge) of the token's runs that ended after `since`, oldest first
         (purged tasks included)."""

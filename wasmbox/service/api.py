@@ -20,7 +20,7 @@ from wasmbox.models import Policy
 from wasmbox.sandbox import Sandbox
 from wasmbox.service._api_deps import MAX_WAIT_PARAM, St, _bearer, _State, _Waiters, only_query
 from wasmbox.service._api_errors import _ERRORS, install_error_handlers
-from wasmbox.service._api_fast import add_lean_routes
+from wasmbox.service._api_fast import LeanApp, add_lean_routes
 from wasmbox.service._api_meta import add_meta_routes, mount_docs_assets
 from wasmbox.service.config import ServiceConfig
 from wasmbox.service.dispatcher import Dispatcher, QuotaExceeded, Runner, make_runner
@@ -66,7 +66,7 @@ def create_app(
             await run_in_threadpool(dispatcher.close)
             store.close()
 
-    app = FastAPI(
+    app = LeanApp(
         title="wasmbox task service",
         version="1",
         description="Run untrusted tasks in wasmbox sandboxes over HTTP.",
@@ -141,8 +141,11 @@ def create_app(
         # wait, and one that ended before it is final in what the read returns.
         event = st.waiters.register(task_id)
         try:
-            record = owned(st, name, task_id)
-            if record.state not in FINAL:
+            # The caller's task that is known not to be final is waited for at once; any
+            # other is read first (404 if it is not the caller's).
+            live = st.dispatcher.live_token(task_id) == name
+            record = None if live else owned(st, name, task_id)
+            if record is None or record.state not in FINAL:
                 with suppress(TimeoutError):
                     async with asyncio.timeout(timeout):
                         await event.wait()
@@ -261,7 +264,8 @@ def create_app(
         """The policies this token may name; the first is its default."""
         return PolicyList(policies=list(config.tokens[name].policies))
     add_meta_routes(app, metrics)
-    add_lean_routes(app, config.authenticate, submit_view, poll_view)
+    add_lean_routes(app, config.authenticate, submit_view, poll_view,
+                    config.service.max_body_bytes)
     return app
 
 

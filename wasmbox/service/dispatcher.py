@@ -71,6 +71,12 @@ class Dispatcher(Closeable):
         self._admission = threading.Lock()
         # Per token: tasks admitted but not yet committed, and the seconds they reserve.
         self._pending: dict[str, tuple[int, float]] = {}
+        # Tasks queued or running (recovered at the start or journaled since): their tokens,
+        # by id, until each one's final state is durable and `on_final` is called; and how
+        # many each token has (its concurrency quota's count, without a query). Changed
+        # under the admission lock.
+        self._live: dict[str, str] = {}
+        self._in_flight: dict[str, int] = {}
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._sweeper: threading.Thread | None = None
@@ -85,6 +91,9 @@ class Dispatcher(Closeable):
         Returns how many tasks were recovered.
         """
         recovered = self.store.recover(MAX_ATTEMPTS)
+        with self._admission:
+            for task_id, token in self.store.unfinished().items():
+                self._add_live(task_id, token)
         for task_id in recovered:
             self._enqueue(task_id)
         for i in range(self.config.service.workers):
@@ -155,7 +164,7 @@ class Dispatcher(Closeable):
         # admitted task counts as pending here.
         with self._admission:
             count, held = self._pending.get(token, (0, 0.0))
-            if self.store.in_flight(token) + count >= quota.max_concurrent:
+            if self._in_flight.get(token, 0) + count >= quota.max_concurrent:
                 raise QuotaExceeded(
                     f"{quota.max_concurrent} tasks are already queued or running", 1.0
                 )
@@ -170,6 +179,8 @@ class Dispatcher(Closeable):
                 count, held = self._pending.pop(token)
                 if count > 1:
                     self._pending[token] = (count - 1, held - reserve)
+                if committed:  # no longer pending: in flight
+                    self._add_live(task.id, token)
             if committed:
                 self.metrics.accepted.inc()
                 self._enqueue(task.id)
@@ -181,11 +192,18 @@ class Dispatcher(Closeable):
             journaled(False)
             raise
 
+    def live_token(self, task_id: str) -> str | None:
+        """The token of a task that is queued or running, as far as waiters know (None: not
+        known to be; read the journal)."""
+        return self._live.get(task_id)
+
     def cancel(self, task_id: str) -> Record | None:
         """Cancel a task: a queued one ends now; a running one has its guest stopped (on the
         thread back end, within a watchdog tick) and ends cancelled."""
         record = self.store.cancel(task_id)
-        if record is not None and record.result is not None and task_id in self._queued:
+        if record is not None and record.result is not None:
+            # Final (cancelled while queued, even if a worker had just taken it from the
+            # queue, or final before): its waiters hear it.
             self._queued.discard(task_id)
             self._notify(task_id)
         elif record is not None and record.result is None:
@@ -260,7 +278,8 @@ class Dispatcher(Closeable):
 
     def _reject(self, task_id: str, error: str, charge: float, reason: str = "internal") -> None:
         """Reject and charge a task without waiting (waiters hear once that is durable); if
-        even the journal fails, log it: the task stays ``running``, to run at the next start."""
+        even the journal fails, log it: the task stays ``running``, to run at the next start
+        (until then its token's concurrency quota no longer counts it)."""
 
         def journaled(future: Future[None]) -> None:
             if (failure := future.exception()) is not None:
@@ -274,7 +293,15 @@ class Dispatcher(Closeable):
             log.exception("could not record the rejection of task %s", task_id)
             self._notify(task_id)
 
+    def _add_live(self, task_id: str, token: str) -> None:
+        self._live[task_id] = token
+        self._in_flight[token] = self._in_flight.get(token, 0) + 1
+
     def _notify(self, task_id: str) -> None:
+        with self._admission:
+            token = self._live.pop(task_id, None)
+            if token is not None:
+                self._in_flight[token] -= 1
         try:
             self.on_final(task_id)
         except Exception:

@@ -30,7 +30,7 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        verdict = _judge_declared(scope["headers"], self.max_bytes)
+        verdict = judge_declared(scope["headers"], self.max_bytes)
         if verdict is not None:
             await _reply(send, *verdict)
             return
@@ -58,7 +58,7 @@ class BodyLimit:
                 await _reply(send, 413, f"request body larger than {self.max_bytes} bytes")
 
 
-def _judge_declared(headers: list[tuple[bytes, bytes]], limit: int) -> tuple[int, str] | None:
+def judge_declared(headers: list[tuple[bytes, bytes]], limit: int) -> tuple[int, str] | None:
     """(status, reason) refusing a request by its declared length alone, or None.
 
     A length that is not a plain decimal number, or two that disagree, is 400 (RFC 9112

@@ -81,7 +81,8 @@ class _TaskFields(BaseModel):
     input: JsonValue = None
     args: list[str] = Field(default_factory=list, max_length=256)
     env: dict[str, str] = Field(default_factory=dict)
-    resources: ResourcesRequest = ResourcesRequest()
+    resources: ResourcesRequest = Field(default_factory=ResourcesRequest,
+                                        json_schema_extra={"default": {}})
     tier: TierName = TierName.AUTO
     output_schema: dict[str, Any] | None = None
     policy: Name | None = Field(default=None, description="a policy name the token may use")
