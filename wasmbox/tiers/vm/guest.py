@@ -37,6 +37,7 @@ from wasmbox.tiers.vm.guest_helpers import RUN_HELPER, SEED_HELPER
 from wasmbox.tiers.vm.guest_init import (
     ARMED,
     EXIT,
+    GETLINE,
     GUEST_PATH,
     INIT_SCRIPT,
     OUTPUT_SLACK,
@@ -53,8 +54,9 @@ from wasmbox.tiers.vm.guest_init import (
 # The init script, the helpers' sources and the words they share live in `guest_init` and
 # `guest_helpers`; they stay importable from here.
 __all__ = [
-    "ARMED", "EXIT", "GUEST_PATH", "INIT_SCRIPT", "OUTPUT_SLACK", "PACKAGES_DIR", "PRESTART",
-    "PYTHON_MOUNTPOINTS", "READY", "RUN_HELPER", "SEED_HELPER", "SHARE_OPTIONS", "STREAM_SLACK",
+    "ARMED", "EXIT", "GETLINE", "GUEST_PATH", "INIT_SCRIPT", "OUTPUT_SLACK", "PACKAGES_DIR",
+    "PRESTART", "PYTHON_MOUNTPOINTS", "READY", "RUN_HELPER", "SEED_HELPER", "SHARE_OPTIONS",
+    "STREAM_SLACK",
     "TASK_ROOT", "TASK_UID", "Bundle", "guest_sizes", "job_script", "make_bundle",
     "output_disk_bytes", "package_env", "package_paths",
 ]

@@ -17,6 +17,24 @@ SHARE_OPTIONS = "trans=virtio,version=9p2000.L,cache=loose,msize=262144"
 STREAM_SLACK = 8192
 OUTPUT_SLACK = 64 * 1024  # lets a flood overshoot the cap, so the host sees and rejects it
 
+# `getline`: the next non-empty line from fd 3 (the task port) in $line. Busybox's `read` at
+# EOF returns non-zero yet keeps what it read of a partial line, so the pieces are joined
+# until a newline ends the line (IFS= keeps the blanks where a line was split).
+GETLINE = r"""getline() {
+  line=""
+  while :; do
+    part=""
+    if IFS= read -r part <&3; then
+      line="$line$part"
+      [ -n "$line" ] && return 0
+    else
+      line="$line$part"
+      sleep 0.05
+    fi
+  done
+}
+"""
+
 
 INIT_SCRIPT = r"""#!/bin/sh
 # Everything before the ready marker is task-independent: a pooled guest does it while it
@@ -86,7 +104,7 @@ if [ "$PY" = 1 ]; then
   read -r _ < /job/py/ready
 fi
 OUT_DISK=$(disk wbxout)
-if [ ! -f /job/job.sh ]; then
+@GETLINE@if [ ! -f /job/job.sh ]; then
   port=""
   # Up to ~10 s: on a loaded host under TCG the virtio-serial port can take seconds to appear.
   i=0
@@ -101,9 +119,8 @@ if [ ! -f /job/job.sh ]; then
   # A template is snapshotted here, so every guest restored from it shares its RNG state:
   # the host's first line is fresh entropy, credited and reseeded before any task exists.
   # Without it no task runs (fail closed).
-  seed=""
-  while [ -z "$seed" ]; do read -r seed <&3 || sleep 0.05; done
-  set -- $seed
+  getline
+  set -- $line
   # Assets built without a C compiler lack the helper; the host never snapshots those.
   if [ -x /bin/wbx-seed ]; then
     /bin/wbx-seed "$1" "$2" || { echo WASMBOX-NOSEED > /dev/ttyS0; poweroff -f; }
@@ -111,11 +128,10 @@ if [ ! -f /job/job.sh ]; then
     date -s "@$2" > /dev/null 2>&1
   fi
   set --
-  seed=""
+  line=""
   echo WASMBOX-ARMED > /dev/ttyS0
-  size=""
-  while [ -z "$size" ]; do read -r size <&3 || sleep 0.05; done
-  head -c "$size" <&3 | tar -x -f - -C /
+  getline
+  head -c "$line" <&3 | tar -x -f - -C /
   exec 3<&-
 else
   echo WASMBOX-READY > /dev/ttyS0
@@ -163,7 +179,7 @@ echo "WASMBOX-EXIT $NONCE $code peak=${peak:-0} cpu_us=${cpu:-0}$flags" > /dev/t
 # stty sets the (unchanged) mode with TCSETSW, which returns once the output has drained.
 stty -F /dev/ttyS0 -echo 2>/dev/null
 poweroff -f
-""".replace("@SHARE_OPTIONS@", SHARE_OPTIONS)
+""".replace("@SHARE_OPTIONS@", SHARE_OPTIONS).replace("@GETLINE@", GETLINE)
 
 
 PRESTART = """\
