@@ -185,3 +185,28 @@ def test_a_closed_sandbox_refuses_work(make_sandbox: MakeSandbox, guests: dict[s
     sb.close()
     with pytest.raises(SandboxClosed):
         sb.run(Task.wasm(guests["hello"]))
+
+
+def test_module_bytes_are_hashed_once_per_object_and_pins_still_checked(
+    sandbox: Sandbox, guests: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = guests["hello"].read_bytes()
+    hashed: list[bytes] = []
+    real = hashlib.sha256
+
+    def counting(data: bytes = b"") -> hashlib._Hash:
+        hashed.append(data)
+        return real(data)
+
+    monkeypatch.setattr(hashlib, "sha256", counting)
+    for _ in range(3):  # one object, as a Dask chunk's tasks share: hashed once
+        assert sandbox.run(Task.wasm(data)).ok
+    assert [h for h in hashed if h == data] == [data]
+    same = bytes(bytearray(data))  # equal contents, another object: hashed again
+    assert sandbox.run(Task.wasm(same)).ok
+    assert len([h for h in hashed if h == data]) == 2
+    with pytest.raises(ModuleRejected, match="pins"):  # a remembered digest is still checked
+        sandbox.run(Task.wasm(same, sha256="0" * 64))
+    other = Task.wasm(guests["echo_env"].read_bytes(), sha256=real(data).hexdigest())
+    with pytest.raises(ModuleRejected, match="pins"):  # another module never takes its digest
+        sandbox.run(other)
