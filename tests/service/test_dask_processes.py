@@ -25,7 +25,7 @@ import pytest
 from distributed import Client
 
 from wasmbox import Resources, Result, Status, Task
-from wasmbox.distributed import KEY_PREFIX, DistributedSandbox
+from wasmbox.distributed import KEY_PREFIX, DistributedSandbox, cluster_config
 
 ROOT = Path(__file__).resolve().parents[2]
 HANG_GUARD = 90  # seconds; a bound on the test itself, never a timing assertion
@@ -257,3 +257,15 @@ def test_a_batch_ends_in_bounded_time_when_every_worker_is_killed(
     assert [r.status for r in results] == [Status.FAILED] * len(slow)
     assert all("HostFailure" in (r.reason or "") and "no worker" in (r.reason or "")
                for r in results), [r.reason for r in results]
+
+
+def test_the_readme_commands_carry_every_cluster_config_setting() -> None:
+    """A multi-host cluster gets what `cluster_config()` gives a `LocalCluster`: each key as
+    a ``DASK_...`` variable with the same value on the command of the process it concerns."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    commands = {role: next(line for line in lines if line.startswith(f"| {role} |"))
+                for role in ("scheduler", "worker")}
+    for key, value in cluster_config().items():
+        role = "scheduler" if key.startswith("distributed.scheduler.") else "worker"
+        variable = "DASK_" + key.upper().replace(".", "__").replace("-", "_")
+        assert f"{variable}={value} " in commands[role], (key, role)
