@@ -93,6 +93,22 @@ def test_restored_guest_enforces_the_memory_limit(restoring: tuple[Sandbox, VmTi
     assert result.metrics.peak_memory_bytes <= 48 * 1024 * 1024
 
 
+def test_restored_guest_reports_qemu_cpu_split_at_the_ready_marker(
+    restoring: tuple[Sandbox, VmTier],
+) -> None:
+    sandbox, tier = restoring
+    idle = _run_restored(sandbox, tier, TRUE).metrics.extra
+    busy = _run_restored(sandbox, tier, command(
+        "sh", "-c", "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done")).metrics.extra
+    for extra in (idle, busy):
+        # A restore costs QEMU CPU of its own (starting, loading, arming the guest).
+        assert extra["qemu_ready_cpu_s"] > 0.0
+        assert extra["qemu_task_cpu_s"] >= 0.0
+    # The task's share follows what the task does; the restore's does not include it.
+    assert busy["qemu_task_cpu_s"] > idle["qemu_task_cpu_s"] + 0.1
+    assert busy["qemu_ready_cpu_s"] < busy["qemu_task_cpu_s"]
+
+
 def test_two_restored_guests_never_share_random_output(
     restoring: tuple[Sandbox, VmTier],
 ) -> None:

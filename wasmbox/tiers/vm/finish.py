@@ -30,9 +30,13 @@ def finish(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monito
     outcome.extra["restored"] = 1.0 if machine.restored else 0.0
     if machine.ready_at is not None:  # boot or restore: QEMU start until it took tasks
         outcome.extra["machine_ready_s"] = machine.ready_at - machine.started
-    rss = machine.rss_bytes()
+    rss, cpu = machine.rss_bytes(), machine.cpu_seconds()
     if rss is not None:
         outcome.extra["qemu_rss_bytes"] = float(rss)
+    if cpu is not None and machine.ready_cpu_s is not None:
+        # QEMU's CPU time split at the ready marker: the boot or restore, then the task.
+        outcome.extra["qemu_ready_cpu_s"] = machine.ready_cpu_s
+        outcome.extra["qemu_task_cpu_s"] = max(0.0, cpu - machine.ready_cpu_s)
     if anomaly is not None:
         outcome.status, outcome.reason = Status.ANOMALY, anomaly
         return outcome

@@ -69,6 +69,9 @@ class Machine(Closeable):
         self.incoming_fd = incoming_fd  # the state's fd number, inside QEMU too
         self.started = time.monotonic()
         self.ready_at: float | None = None
+        # QEMU's CPU time when the guest became ready: what its boot or restore cost, apart
+        # from the task's share (under TCG mostly translating code this process never ran).
+        self.ready_cpu_s: float | None = None
         self._arm_on_ready = arm
         self._arm_lock = threading.Lock()
         self._ready = threading.Event()
@@ -235,16 +238,19 @@ class Machine(Closeable):
                     with contextlib.suppress(ProcessLookupError):  # never armed: unusable
                         os.killpg(self.process.pid, signal.SIGKILL)
             else:
-                self.ready_at = time.monotonic()
-                self._ready.set()
+                self._set_ready()
         elif line.endswith(ARMED) and not self._ready.is_set():
-            self.ready_at = time.monotonic()
-            self._ready.set()
+            self._set_ready()
         elif EXIT + " " in line and self._nonce is not None:
             parsed = parse_exit(line[line.index(EXIT + " "):], self._nonce)
             if parsed is not None and self._exit is None:
                 self._exit = parsed
                 self._exited.set()
+
+    def _set_ready(self) -> None:
+        self.ready_at = time.monotonic()
+        self.ready_cpu_s = self.cpu_seconds()
+        self._ready.set()
 
     def stop(self) -> None:
         """Kill QEMU now; the files stay until `close()`."""
