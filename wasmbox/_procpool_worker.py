@@ -1,16 +1,24 @@
 """Internal: one `ProcessPool` worker — the parent's handle on it and the loop it runs.
 
 The worker builds a Sandbox from the pickled `WorkerConfig`, says ``ready``, then runs the
-chunks of tasks it is sent and answers each with one frame (`_procpool_wire`).
+chunks of tasks it is sent and answers each with one frame (`_procpool_wire`). The service's
+`ProcessRunner` runs `runner_main` instead: one task at a time, under a named policy, and
+cancellable while it runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import pickle
+import queue
 import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wasmbox._procpool_wire import (
@@ -22,6 +30,7 @@ from wasmbox._procpool_wire import (
     encode_result,
 )
 from wasmbox.errors import HostFailure
+from wasmbox.models import Policy, Task
 
 if TYPE_CHECKING:
     from wasmbox.procpool import WorkerConfig
@@ -86,6 +95,17 @@ class Worker:
         return self.exitcode
 
 
+def spawn_worker(target: Callable[[Connection, bytes], None], config: bytes) -> Worker:
+    """Start `target(conn, config)` in a spawned (never forked) daemon process."""
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe(duplex=True)
+    process = context.Process(target=target, args=(child, config), name="wasmbox-worker",
+                              daemon=True)
+    process.start()
+    child.close()
+    return Worker(process, parent)
+
+
 def describe_exit(code: int | None) -> str:
     """A worker's exit code in words."""
     if code is None:
@@ -131,4 +151,66 @@ def worker_main(conn: Connection, config_bytes: bytes) -> None:
                 break
     finally:
         sandbox.close()
+        conn.close()
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """What a service runner process needs: a warm Sandbox per named policy; must pickle."""
+
+    policies: dict[str, Policy]
+    workspace_root: Path | None = None
+
+
+def runner_main(conn: Connection, config_bytes: bytes) -> None:
+    """A service runner process: ``("run", policy, task)`` in, one frame out per task.
+
+    A reader thread takes the pipe, so ``("cancel", task_id)`` reaches the running task's
+    Sandbox (its result then says CANCELLED, as in the service process); ``None`` or the
+    parent going away ends the process.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from wasmbox.sandbox import Sandbox
+
+    sandboxes: dict[str, Sandbox] = {}
+    try:
+        config: RunnerConfig = pickle.loads(config_bytes)
+        for name, policy in config.policies.items():
+            sandboxes[name] = Sandbox(policy, workspace_root=config.workspace_root)
+    except Exception as exc:
+        for sandbox in sandboxes.values():
+            sandbox.close()
+        conn.send_bytes(f"{type(exc).__name__}: {exc}".encode()[:READY_BYTES])
+        return
+    work: queue.SimpleQueue[tuple[str, Task] | None] = queue.SimpleQueue()
+
+    def read() -> None:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):  # the parent is gone
+                message = None
+            if message is None:
+                return work.put(None)
+            if message[0] == "cancel":
+                for sandbox in sandboxes.values():
+                    sandbox.cancel(message[1])
+            else:
+                work.put((message[1], message[2]))
+
+    threading.Thread(target=read, name="wasmbox-runner-read", daemon=True).start()
+    try:
+        conn.send_bytes(b"ready")
+        while (job := work.get()) is not None:
+            try:
+                reply = encode_result(sandboxes[job[0]].run(job[1]))
+            except Exception as exc:
+                reply = encode_error(exc)
+            try:
+                conn.send_bytes(encode_frame([reply]))
+            except OSError:  # the parent is gone
+                break
+    finally:
+        for sandbox in sandboxes.values():
+            sandbox.close()
         conn.close()
