@@ -11,10 +11,10 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import pickle
-import queue
 import signal
 import threading
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -42,9 +42,11 @@ START_TIMEOUT = 120.0
 class Worker:
     """The parent's handle on one worker process and its pipe."""
 
-    def __init__(self, process: BaseProcess, conn: Connection) -> None:
+    def __init__(self, process: BaseProcess, conn: Connection,
+                 control: Connection | None = None) -> None:
         self.process = process
         self.conn = conn
+        self.control = control  # a runner process's cancel pipe
         self.stopped = False
         self.exitcode: int | None = None
 
@@ -90,20 +92,40 @@ class Worker:
                 self.process.join()
         finally:
             self.conn.close()
+            if self.control is not None:
+                self.control.close()
         self.exitcode = self.process.exitcode
         self.process.close()
         return self.exitcode
 
 
-def spawn_worker(target: Callable[[Connection, bytes], None], config: bytes) -> Worker:
-    """Start `target(conn, config)` in a spawned (never forked) daemon process."""
+def _messages(conn: Connection) -> Iterator[Any]:
+    """What the parent sends, until it says ``None`` or goes away."""
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        if message is None:
+            return
+        yield message
+
+
+def spawn_worker(target: Callable[..., None], config: bytes, control: bool = False) -> Worker:
+    """Start `target(conn, config)` in a spawned (never forked) daemon process; with
+    `control`, `target(conn, config, control)` with a second pipe from the parent."""
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe(duplex=True)
-    process = context.Process(target=target, args=(child, config), name="wasmbox-worker",
-                              daemon=True)
+    args: tuple[Any, ...] = (child, config)
+    ends = context.Pipe(duplex=False) if control else None
+    if ends is not None:
+        args += (ends[0],)
+    process = context.Process(target=target, args=args, name="wasmbox-worker", daemon=True)
     process.start()
     child.close()
-    return Worker(process, parent)
+    if ends is not None:
+        ends[0].close()
+    return Worker(process, parent, None if ends is None else ends[1])
 
 
 def describe_exit(code: int | None) -> str:
@@ -132,13 +154,7 @@ def worker_main(conn: Connection, config_bytes: bytes) -> None:
         return
     try:
         conn.send_bytes(b"ready")
-        while True:
-            try:
-                tasks = conn.recv()
-            except (EOFError, OSError):  # the parent is gone
-                break
-            if tasks is None:
-                break
+        for tasks in _messages(conn):
             replies = []
             for task in tasks:
                 try:
@@ -162,12 +178,13 @@ class RunnerConfig:
     workspace_root: Path | None = None
 
 
-def runner_main(conn: Connection, config_bytes: bytes) -> None:
-    """A service runner process: ``("run", policy, task)`` in, one frame out per task.
+def runner_main(conn: Connection, config_bytes: bytes, control: Connection) -> None:
+    """A service runner process: ``("run", policy, task, module_key)`` in, one frame out.
 
-    A reader thread takes the pipe, so ``("cancel", task_id)`` reaches the running task's
-    Sandbox (its result then says CANCELLED, as in the service process); ``None`` or the
-    parent going away ends the process.
+    A thread waits on `control` for task ids to cancel, and hands them to the running task's
+    Sandbox (its result then says CANCELLED, as in the service process). ``None`` or the
+    parent going away ends the process. A task may come without its module bytes when the
+    parent sent this process the same module (`module_key`) recently: see `ModuleMemo`.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from wasmbox.sandbox import Sandbox
@@ -182,28 +199,21 @@ def runner_main(conn: Connection, config_bytes: bytes) -> None:
             sandbox.close()
         conn.send_bytes(f"{type(exc).__name__}: {exc}".encode()[:READY_BYTES])
         return
-    work: queue.SimpleQueue[tuple[str, Task] | None] = queue.SimpleQueue()
 
-    def read() -> None:
-        while True:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):  # the parent is gone
-                message = None
-            if message is None:
-                return work.put(None)
-            if message[0] == "cancel":
+    def cancel() -> None:
+        with contextlib.suppress(EOFError, OSError):  # EOF: the parent is gone
+            while (task_id := control.recv()) is not None:
                 for sandbox in sandboxes.values():
-                    sandbox.cancel(message[1])
-            else:
-                work.put((message[1], message[2]))
+                    sandbox.cancel(task_id)
 
-    threading.Thread(target=read, name="wasmbox-runner-read", daemon=True).start()
+    threading.Thread(target=cancel, name="wasmbox-runner-cancel", daemon=True).start()
+    modules = ModuleMemo()
     try:
         conn.send_bytes(b"ready")
-        while (job := work.get()) is not None:
+        for _, policy, task, key in _messages(conn):
             try:
-                reply = encode_result(sandboxes[job[0]].run(job[1]))
+                task = modules.restore(task, key)
+                reply = encode_result(sandboxes[policy].run(task))
             except Exception as exc:
                 reply = encode_error(exc)
             try:
@@ -214,3 +224,44 @@ def runner_main(conn: Connection, config_bytes: bytes) -> None:
         for sandbox in sandboxes.values():
             sandbox.close()
         conn.close()
+        control.close()
+
+
+class ModuleMemo:
+    """The modules a runner process was sent last, so the same module is not re-sent each task.
+
+    The parent keeps one per process and calls `strip` before sending; the process keeps its
+    own and calls `restore` on receipt. Both see the same keys in the same order, so they
+    hold the same entries. A key is the id of the parent's module bytes, which the parent's
+    memo holds on to: no other object can have that id while the entry lasts.
+    """
+
+    SIZE = 4
+
+    def __init__(self) -> None:
+        self._held: OrderedDict[int, bytes] = OrderedDict()
+
+    def strip(self, task: Task) -> tuple[Task, int | None]:
+        """`task` as it travels (without its module when the process has it) and its key."""
+        data = task.module_bytes
+        if data is None:
+            return task, None
+        key = id(data)
+        known = self._held.get(key) is data
+        self._remember(key, data)
+        return (task.model_copy(update={"module_bytes": None}) if known else task), key
+
+    def restore(self, task: Task, key: int | None) -> Task:
+        """A received task with its module put back."""
+        if key is None:
+            return task
+        if task.module_bytes is None:
+            return task.model_copy(update={"module_bytes": self._held[key]})
+        self._remember(key, task.module_bytes)
+        return task
+
+    def _remember(self, key: int, data: bytes) -> None:
+        self._held[key] = data
+        self._held.move_to_end(key)
+        while len(self._held) > self.SIZE:
+            self._held.popitem(last=False)

@@ -8,6 +8,7 @@ for its pid) to appear.
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import threading
 import time
@@ -21,6 +22,7 @@ from fastapi.testclient import TestClient
 
 from tests.service._support import ALICE, auth, wait_final
 from wasmbox import Policy, Task
+from wasmbox._procpool_worker import ModuleMemo
 from wasmbox.errors import HostFailure, PolicyViolation
 from wasmbox.models import Resources, Result, Status
 from wasmbox.service import ServiceConfig
@@ -172,3 +174,26 @@ def test_the_service_runs_and_cancels_tasks_in_runner_processes(
     final = wait_final(client, spin["id"])
     assert final["result"]["status"] == "cancelled"
     assert final["result"]["metrics"]["wall_s"] < 15  # stopped, not run out to its 20 s
+
+
+def test_a_module_travels_once_and_every_task_gets_its_own_module(
+    guests: dict[str, Path], runner: ProcessRunner
+) -> None:
+    parent, child = ModuleMemo(), ModuleMemo()
+    names = ["hello", "exit_code", "json_transform", "echo_env", "wordcount", "cat"]
+    modules = {name: guests[name].read_bytes() for name in names}  # more than the memo holds
+    sent = []
+    for name in [*names, *names[::-1], "hello", "hello"]:
+        task = Task.wasm(modules[name])
+        travels, key = parent.strip(task)
+        sent.append(travels.module_bytes is not None)
+        assert child.restore(pickle.loads(pickle.dumps(travels)), key) == task
+    # Without their bytes: the last SIZE modules on the way back, and the repeats.
+    assert sent == [True] * 6 + [False] * ModuleMemo.SIZE + [True, True, False, False]
+    # Through a runner process: the right module runs each time, whatever came before.
+    order = ["hello", "exit_code", "hello", *names, "hello"]
+    tasks = [Task.wasm(modules[name], input={"code": 3, "xs": [1]}) for name in order]
+    with ThreadRunner(POLICIES) as threads:
+        expected = [_outcome(lambda t=t: threads.run("default", t)) for t in tasks]
+    assert [_outcome(lambda t=t: runner.run("default", t)) for t in tasks] == expected
+    assert len({e["exit_code"] for e in expected}) > 1  # the modules differ in what they do

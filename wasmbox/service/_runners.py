@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Protocol
 
 from wasmbox._procpool_wire import reply_bound
-from wasmbox._procpool_worker import RunnerConfig, Worker, describe_exit, runner_main, spawn_worker
+from wasmbox._procpool_worker import (
+    ModuleMemo,
+    RunnerConfig,
+    Worker,
+    describe_exit,
+    runner_main,
+    spawn_worker,
+)
 from wasmbox.errors import ConfigError, HostFailure
 from wasmbox.lifecycle import Closeable, shielded
 from wasmbox.models import Policy, Result, Task
@@ -84,8 +91,9 @@ class ProcessRunner(Closeable):
         self._workers: list[Worker] = []  # every live process, idle or busy
         self._idle: queue.SimpleQueue[Worker | None] = queue.SimpleQueue()
         self._running: dict[str, Worker] = {}  # task id -> the process running it
-        self._send: dict[Worker, threading.Lock] = {}  # one sender at a time per pipe
-        starting = [spawn_worker(runner_main, self._config) for _ in range(count)]
+        self._memos: dict[Worker, ModuleMemo] = {}  # the modules each process was sent
+        self._cancels = threading.Lock()  # one sender at a time on a control pipe
+        starting = [self._spawn() for _ in range(count)]
         try:
             for worker in starting:
                 worker.wait_ready()
@@ -109,11 +117,8 @@ class ProcessRunner(Closeable):
         try:
             with self._lock:
                 self._running[task.id] = worker
-            try:
-                with self._send[worker]:
-                    worker.conn.send(("run", policy, task))
-            except (OSError, ValueError):
-                pass  # a dead process: receive() says so
+            with contextlib.suppress(OSError, ValueError):  # dead: receive() says so
+                worker.conn.send(("run", policy, *self._memos[worker].strip(task)))
             replies = worker.receive(1, self._reply_bytes)
         except BaseException:  # interrupted mid-task: the process's state is unknown
             with shielded():
@@ -139,8 +144,9 @@ class ProcessRunner(Closeable):
             worker = self._running.get(task_id)
         if worker is None:
             return False
-        with contextlib.suppress(OSError, ValueError), self._send[worker]:
-            worker.conn.send(("cancel", task_id))
+        assert worker.control is not None
+        with contextlib.suppress(OSError, ValueError), self._cancels:
+            worker.control.send(task_id)
         return True
 
     def _checkout(self) -> Worker:
@@ -157,23 +163,29 @@ class ProcessRunner(Closeable):
 
     def _add(self, worker: Worker) -> None:
         with self._lock:
-            self._send[worker] = threading.Lock()
-            self._workers.append(worker)
-        self._idle.put(worker)
+            closing = self._closed  # close() has taken (or will take) the list without it
+            if not closing:
+                self._memos[worker] = ModuleMemo()
+                self._workers.append(worker)
+        if closing:
+            worker.stop(0.0)
+        else:
+            self._idle.put(worker)
 
     def _replace(self, worker: Worker) -> int | None:
         """Stop a process that died or broke the protocol and start a fresh one in its place
         (if that fails, one fewer); returns the old one's exit code."""
         code = worker.stop(0.0)
         with self._lock:
-            self._workers.remove(worker)
-            self._send.pop(worker, None)
+            if worker in self._workers:  # (not if close() took them all)
+                self._workers.remove(worker)
+            self._memos.pop(worker, None)
         if code != 0:
             reclaim_stale(self._workspace_root)  # the workspace a killed process left
         if self._closed:
             return code
         try:
-            fresh = spawn_worker(runner_main, self._config)
+            fresh = self._spawn()
             fresh.wait_ready()
         except HostFailure:
             log.exception("could not replace a runner process")
@@ -181,6 +193,9 @@ class ProcessRunner(Closeable):
             return code
         self._add(fresh)
         return code
+
+    def _spawn(self) -> Worker:
+        return spawn_worker(runner_main, self._config, control=True)
 
     def _release(self) -> None:
         with shielded(), self._lock:
