@@ -54,14 +54,14 @@ REQUEST_TIMEOUT_S = 60.0  # one request; a whole cell is bounded by its task cou
 
 def measure(quick: bool, progress: Progress, workers: int = 2,
             tasks: int | None = None, by: str = "sha256", client: str = "httpx",
-            runner: str | None = None) -> list[Row]:
+            runner: str | None = None, runner_processes: int = 0) -> list[Row]:
     """One row per (form, concurrency level), plus base64-in-every-request at the lowest.
 
     `by`: how the cells name the module, ``sha256`` or ``b64`` (every request carries it;
     the only way before module_sha256 existed, for before/after runs). `client`: the load
     generator's HTTP client, ``httpx`` or ``raw`` (one plain keep-alive HTTP/1.1 connection
     per simulated client: a fraction of httpx's CPU, which shares the cores with the service).
-    `runner`: the service's ``runner`` setting (None: its default).
+    `runner`, `runner_processes`: the service's settings (None, 0: its defaults).
     """
     progress.show("service: starting the service")
     absent = [name for name in ("httpx", "fastapi", "uvicorn")
@@ -75,7 +75,8 @@ def measure(quick: bool, progress: Progress, workers: int = 2,
     n = tasks or (150 if quick else 1000)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="wasmbox-bench-service-") as tmp, \
-            _service(Path(tmp), workers, max(LEVELS) * 2, runner) as (url, server):
+            _service(Path(tmp), workers, max(LEVELS) * 2, runner,
+                                  runner_processes) as (url, server):
         load_before = os.getloadavg()[0]
         by_b64 = {"kind": "wasm", "module_b64": base64.b64encode(hello).decode()}
         by_ref = {"kind": "wasm", "module_sha256": hashlib.sha256(hello).hexdigest()}
@@ -224,13 +225,14 @@ class _RawResponse:
 
 
 @contextmanager
-def _service(tmp: Path, workers: int, max_concurrent: int,
-             runner: str | None = None) -> Iterator[tuple[str, psutil.Process]]:
+def _service(tmp: Path, workers: int, max_concurrent: int, runner: str | None = None,
+             runner_processes: int = 0) -> Iterator[tuple[str, psutil.Process]]:
     """``python -m wasmbox.service`` on a free loopback port; yields its URL and process."""
     config = tmp / "service.toml"
     config.write_text(
         f'[service]\nworkers = {workers}\ndb = "{tmp / "tasks.db"}"\n'
-        + (f'runner = "{runner}"\n' if runner else "") +
+        + (f'runner = "{runner}"\n' if runner else "")
+        + f"runner_processes = {runner_processes}\n" +
         f'[tokens.bench]\nsecret = "{SECRET}"\nmax_concurrent = {max_concurrent}\n',
         encoding="utf-8",
     )
@@ -299,10 +301,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="the load generator's HTTP client (raw: a minimal keep-alive one)")
     parser.add_argument("--runner", choices=("threads", "processes"),
                         help="the service's runner setting (default: the service's default)")
+    parser.add_argument("--runner-processes", type=int, default=0,
+                        help="the service's runner processes (default 0: one per core)")
     parser.add_argument("--json", action="store_true", help="one JSON line per row")
     args = parser.parse_args(argv)
     rows = measure(args.quick, NoProgress(STEPS), args.workers, args.tasks, args.by,
-                   args.client, args.runner)
+                   args.client, args.runner, args.runner_processes)
     if args.json:
         for row in rows:
             print(json.dumps({"id": row.id, **row.throughput,
