@@ -53,13 +53,15 @@ REQUEST_TIMEOUT_S = 60.0  # one request; a whole cell is bounded by its task cou
 
 
 def measure(quick: bool, progress: Progress, workers: int = 2,
-            tasks: int | None = None, by: str = "sha256", client: str = "httpx") -> list[Row]:
+            tasks: int | None = None, by: str = "sha256", client: str = "httpx",
+            runner: str | None = None, runner_processes: int = 0) -> list[Row]:
     """One row per (form, concurrency level), plus base64-in-every-request at the lowest.
 
     `by`: how the cells name the module, ``sha256`` or ``b64`` (every request carries it;
     the only way before module_sha256 existed, for before/after runs). `client`: the load
     generator's HTTP client, ``httpx`` or ``raw`` (one plain keep-alive HTTP/1.1 connection
     per simulated client: a fraction of httpx's CPU, which shares the cores with the service).
+    `runner`, `runner_processes`: the service's settings (None, 0: its defaults).
     """
     progress.show("service: starting the service")
     absent = [name for name in ("httpx", "fastapi", "uvicorn")
@@ -73,7 +75,8 @@ def measure(quick: bool, progress: Progress, workers: int = 2,
     n = tasks or (150 if quick else 1000)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="wasmbox-bench-service-") as tmp, \
-            _service(Path(tmp), workers, max(LEVELS) * 2) as (url, server):
+            _service(Path(tmp), workers, max(LEVELS) * 2, runner,
+                                  runner_processes) as (url, server):
         load_before = os.getloadavg()[0]
         by_b64 = {"kind": "wasm", "module_b64": base64.b64encode(hello).decode()}
         by_ref = {"kind": "wasm", "module_sha256": hashlib.sha256(hello).hexdigest()}
@@ -102,12 +105,14 @@ def measure(quick: bool, progress: Progress, workers: int = 2,
 
 def _row(form: str, level: int, body: dict[str, str], url: str, n: int, workers: int,
          server: psutil.Process, client: str = "httpx") -> Row:
-    s0, c0 = server.cpu_times(), time.process_time()
+    s0, r0, c0 = server.cpu_times(), _children_cpu(server), time.process_time()
     t0 = time.perf_counter()
     latencies = asyncio.run(_load(url, body, form, level, n, client))
     elapsed = time.perf_counter() - t0
-    s1, c1 = server.cpu_times(), time.process_time()
-    service_cpu = (s1.user + s1.system - s0.user - s0.system) / n
+    s1, r1, c1 = server.cpu_times(), _children_cpu(server), time.process_time()
+    main_cpu = (s1.user + s1.system - s0.user - s0.system) / n
+    runner_cpu = sum(r1[pid] - r0.get(pid, 0.0) for pid in r1) / n
+    service_cpu = main_cpu + runner_cpu
     client_cpu = (c1 - c0) / n
     row = Row(f"service:{form}-{level}", f"{FORMS[form]}, {level} clients", None,
               group="service")
@@ -115,9 +120,11 @@ def _row(form: str, level: int, body: dict[str, str], url: str, n: int, workers:
     row.rates = [n / elapsed]
     row.throughput = {"tasks": n, "concurrency": level, "workers": workers,
                       "tasks_per_s": n / elapsed, "service_cpu_s": service_cpu,
+                      "service_process_cpu_s": main_cpu, "runner_cpu_s": runner_cpu,
                       "client_cpu_s": client_cpu}
     row.notes.append(
-        f"CPU per task: service {service_cpu * 1e3:.2f} ms, load generator "
+        f"CPU per task: service {service_cpu * 1e3:.2f} ms (its runner processes "
+        f"{runner_cpu * 1e3:.2f} ms), load generator "
         f"{client_cpu * 1e3:.2f} ms; on {CORES} otherwise idle cores the ceiling is "
         f"{CORES / (service_cpu + client_cpu):.0f} tasks/s with the load generator here, "
         f"{CORES / service_cpu:.0f} without it")
@@ -218,12 +225,14 @@ class _RawResponse:
 
 
 @contextmanager
-def _service(tmp: Path, workers: int,
-             max_concurrent: int) -> Iterator[tuple[str, psutil.Process]]:
+def _service(tmp: Path, workers: int, max_concurrent: int, runner: str | None = None,
+             runner_processes: int = 0) -> Iterator[tuple[str, psutil.Process]]:
     """``python -m wasmbox.service`` on a free loopback port; yields its URL and process."""
     config = tmp / "service.toml"
     config.write_text(
         f'[service]\nworkers = {workers}\ndb = "{tmp / "tasks.db"}"\n'
+        + (f'runner = "{runner}"\n' if runner else "")
+        + f"runner_processes = {runner_processes}\n" +
         f'[tokens.bench]\nsecret = "{SECRET}"\nmax_concurrent = {max_concurrent}\n',
         encoding="utf-8",
     )
@@ -246,6 +255,18 @@ def _service(tmp: Path, workers: int,
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait()
+
+
+def _children_cpu(server: psutil.Process) -> dict[int, float]:
+    """CPU seconds so far of each of the service's child processes (its runners), by pid."""
+    seconds = {}
+    for child in server.children(recursive=True):
+        try:
+            times = child.cpu_times()
+        except psutil.Error:  # gone since listed
+            continue
+        seconds[child.pid] = times.user + times.system
+    return seconds
 
 
 def _free_port() -> int:
@@ -278,10 +299,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="name the module by digest (default) or send it every time")
     parser.add_argument("--client", choices=("httpx", "raw"), default="httpx",
                         help="the load generator's HTTP client (raw: a minimal keep-alive one)")
+    parser.add_argument("--runner", choices=("threads", "processes"),
+                        help="the service's runner setting (default: the service's default)")
+    parser.add_argument("--runner-processes", type=int, default=0,
+                        help="the service's runner processes (default 0: one per core)")
     parser.add_argument("--json", action="store_true", help="one JSON line per row")
     args = parser.parse_args(argv)
     rows = measure(args.quick, NoProgress(STEPS), args.workers, args.tasks, args.by,
-                   args.client)
+                   args.client, args.runner, args.runner_processes)
     if args.json:
         for row in rows:
             print(json.dumps({"id": row.id, **row.throughput,

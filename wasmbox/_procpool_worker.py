@@ -1,16 +1,24 @@
 """Internal: one `ProcessPool` worker — the parent's handle on it and the loop it runs.
 
 The worker builds a Sandbox from the pickled `WorkerConfig`, says ``ready``, then runs the
-chunks of tasks it is sent and answers each with one frame (`_procpool_wire`).
+chunks of tasks it is sent and answers each with one frame (`_procpool_wire`). The service's
+`ProcessRunner` runs `runner_main` instead: one task at a time, under a named policy, and
+cancellable while it runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import pickle
 import signal
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wasmbox._procpool_wire import (
@@ -22,6 +30,7 @@ from wasmbox._procpool_wire import (
     encode_result,
 )
 from wasmbox.errors import HostFailure
+from wasmbox.models import Policy, Task
 
 if TYPE_CHECKING:
     from wasmbox.procpool import WorkerConfig
@@ -33,9 +42,11 @@ START_TIMEOUT = 120.0
 class Worker:
     """The parent's handle on one worker process and its pipe."""
 
-    def __init__(self, process: BaseProcess, conn: Connection) -> None:
+    def __init__(self, process: BaseProcess, conn: Connection,
+                 control: Connection | None = None) -> None:
         self.process = process
         self.conn = conn
+        self.control = control  # a runner process's cancel pipe
         self.stopped = False
         self.exitcode: int | None = None
 
@@ -81,9 +92,40 @@ class Worker:
                 self.process.join()
         finally:
             self.conn.close()
+            if self.control is not None:
+                self.control.close()
         self.exitcode = self.process.exitcode
         self.process.close()
         return self.exitcode
+
+
+def _messages(conn: Connection) -> Iterator[Any]:
+    """What the parent sends, until it says ``None`` or goes away."""
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        if message is None:
+            return
+        yield message
+
+
+def spawn_worker(target: Callable[..., None], config: bytes, control: bool = False) -> Worker:
+    """Start `target(conn, config)` in a spawned (never forked) daemon process; with
+    `control`, `target(conn, config, control)` with a second pipe from the parent."""
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe(duplex=True)
+    args: tuple[Any, ...] = (child, config)
+    ends = context.Pipe(duplex=False) if control else None
+    if ends is not None:
+        args += (ends[0],)
+    process = context.Process(target=target, args=args, name="wasmbox-worker", daemon=True)
+    process.start()
+    child.close()
+    if ends is not None:
+        ends[0].close()
+    return Worker(process, parent, None if ends is None else ends[1])
 
 
 def describe_exit(code: int | None) -> str:
@@ -112,13 +154,7 @@ def worker_main(conn: Connection, config_bytes: bytes) -> None:
         return
     try:
         conn.send_bytes(b"ready")
-        while True:
-            try:
-                tasks = conn.recv()
-            except (EOFError, OSError):  # the parent is gone
-                break
-            if tasks is None:
-                break
+        for tasks in _messages(conn):
             replies = []
             for task in tasks:
                 try:
@@ -132,3 +168,100 @@ def worker_main(conn: Connection, config_bytes: bytes) -> None:
     finally:
         sandbox.close()
         conn.close()
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """What a service runner process needs: a warm Sandbox per named policy; must pickle."""
+
+    policies: dict[str, Policy]
+    workspace_root: Path | None = None
+
+
+def runner_main(conn: Connection, config_bytes: bytes, control: Connection) -> None:
+    """A service runner process: ``("run", policy, task, module_key)`` in, one frame out.
+
+    A thread waits on `control` for task ids to cancel, and hands them to the running task's
+    Sandbox (its result then says CANCELLED, as in the service process). ``None`` or the
+    parent going away ends the process. A task may come without its module bytes when the
+    parent sent this process the same module (`module_key`) recently: see `ModuleMemo`.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from wasmbox.sandbox import Sandbox
+
+    sandboxes: dict[str, Sandbox] = {}
+    try:
+        config: RunnerConfig = pickle.loads(config_bytes)
+        for name, policy in config.policies.items():
+            sandboxes[name] = Sandbox(policy, workspace_root=config.workspace_root)
+    except Exception as exc:
+        for sandbox in sandboxes.values():
+            sandbox.close()
+        conn.send_bytes(f"{type(exc).__name__}: {exc}".encode()[:READY_BYTES])
+        return
+
+    def cancel() -> None:
+        with contextlib.suppress(EOFError, OSError):  # EOF: the parent is gone
+            while (task_id := control.recv()) is not None:
+                for sandbox in sandboxes.values():
+                    sandbox.cancel(task_id)
+
+    threading.Thread(target=cancel, name="wasmbox-runner-cancel", daemon=True).start()
+    modules = ModuleMemo()
+    try:
+        conn.send_bytes(b"ready")
+        for _, policy, task, key in _messages(conn):
+            try:
+                task = modules.restore(task, key)
+                reply = encode_result(sandboxes[policy].run(task))
+            except Exception as exc:
+                reply = encode_error(exc)
+            try:
+                conn.send_bytes(encode_frame([reply]))
+            except OSError:  # the parent is gone
+                break
+    finally:
+        for sandbox in sandboxes.values():
+            sandbox.close()
+        conn.close()
+        control.close()
+
+
+class ModuleMemo:
+    """The modules a runner process was sent last, so the same module is not re-sent each task.
+
+    The parent keeps one per process and calls `strip` before sending; the process keeps its
+    own and calls `restore` on receipt. Both see the same keys in the same order, so they
+    hold the same entries. A key is the id of the parent's module bytes, which the parent's
+    memo holds on to: no other object can have that id while the entry lasts.
+    """
+
+    SIZE = 4
+
+    def __init__(self) -> None:
+        self._held: OrderedDict[int, bytes] = OrderedDict()
+
+    def strip(self, task: Task) -> tuple[Task, int | None]:
+        """`task` as it travels (without its module when the process has it) and its key."""
+        data = task.module_bytes
+        if data is None:
+            return task, None
+        key = id(data)
+        known = self._held.get(key) is data
+        self._remember(key, data)
+        return (task.model_copy(update={"module_bytes": None}) if known else task), key
+
+    def restore(self, task: Task, key: int | None) -> Task:
+        """A received task with its module put back."""
+        if key is None:
+            return task
+        if task.module_bytes is None:
+            return task.model_copy(update={"module_bytes": self._held[key]})
+        self._remember(key, task.module_bytes)
+        return task
+
+    def _remember(self, key: int, data: bytes) -> None:
+        self._held[key] = data
+        self._held.move_to_end(key)
+        while len(self._held) > self.SIZE:
+            self._held.popitem(last=False)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import multiprocessing
 import os
 import pickle
 from collections import deque
@@ -41,7 +40,13 @@ from pathlib import Path
 from typing import Any, Literal, overload
 
 from wasmbox._procpool_wire import reply_bound
-from wasmbox._procpool_worker import START_TIMEOUT, Worker, describe_exit, worker_main
+from wasmbox._procpool_worker import (
+    START_TIMEOUT,
+    Worker,
+    describe_exit,
+    spawn_worker,
+    worker_main,
+)
 from wasmbox.errors import ConfigError, HostFailure, SandboxError
 from wasmbox.lifecycle import Closeable, shielded
 from wasmbox.models import Policy, Result, Task, TierName
@@ -95,7 +100,6 @@ class ProcessPool(Closeable):
                 f"functions, not lambdas): {exc}"
             ) from exc
         self._workspace_root = workspace_root
-        self._context = multiprocessing.get_context("spawn")
         starting: list[Worker] = []
         try:
             for _ in range(count):
@@ -237,14 +241,7 @@ class ProcessPool(Closeable):
         self._workers.append(fresh)
 
     def _start(self) -> Worker:
-        parent, child = self._context.Pipe(duplex=True)
-        process = self._context.Process(
-            target=worker_main, args=(child, self._config), name="wasmbox-worker",
-            daemon=True,
-        )
-        process.start()
-        child.close()
-        return Worker(process, parent)
+        return spawn_worker(worker_main, self._config)
 
     def _release(self) -> None:
         with shielded():

@@ -8,15 +8,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from tests.service._support import ALICE, ServiceProcess, auth, wait_final, write_config
 
 
-@pytest.fixture
-def config(tmp_path: Path) -> Path:
-    """One worker, so quick tasks queue behind a slow one."""
-    return write_config(tmp_path, workers=1)
+@pytest.fixture(params=["threads", "processes"])
+def config(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    """One worker, so quick tasks queue behind a slow one; tasks run on it or in a runner
+    process."""
+    return write_config(tmp_path, workers=1, runner=request.param, runner_processes=1)
 
 
 @pytest.fixture
@@ -46,6 +48,7 @@ def test_sigkill_mid_run_loses_no_accepted_task(
         quick = [client.post("/v1/tasks", json={"kind": "wasm", "module_b64": wasm_b64["hello"]})
                  .json()["id"] for _ in range(5)]
         wait_running(client, slow)
+    runners = psutil.Process(services[0].process.pid).children()
     services[0].kill()
 
     services.append(ServiceProcess(config, tmp_path / "service.log"))
@@ -56,6 +59,9 @@ def test_sigkill_mid_run_loses_no_accepted_task(
     assert views[slow]["result"]["status"] in ("timeout", "out_of_fuel")
     assert views[slow]["attempts"] == 2
     assert [views[q]["result"]["status"] for q in quick] == ["completed"] * 5
+    # An orphaned runner process leaves once its task ends (the pipe to the service is gone).
+    for process in runners:
+        process.wait(30)  # raises if it is still running
 
 
 def test_sigterm_lets_the_running_task_finish(

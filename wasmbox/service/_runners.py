@@ -1,14 +1,38 @@
-"""Internal: where the service runs a task: threads in this process, or a Dask cluster."""
+"""Internal: where the service runs a task: threads in this process, runner processes, or a
+Dask cluster."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import pickle
+import queue
+import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
-from wasmbox.lifecycle import Closeable
+from wasmbox._procpool_wire import reply_bound
+from wasmbox._procpool_worker import (
+    ModuleMemo,
+    RunnerConfig,
+    Worker,
+    describe_exit,
+    runner_main,
+    spawn_worker,
+)
+from wasmbox.errors import ConfigError, HostFailure
+from wasmbox.lifecycle import Closeable, shielded
 from wasmbox.models import Policy, Result, Task
 from wasmbox.sandbox import Sandbox
-from wasmbox.service.config import Backend, ServiceConfig
+from wasmbox.service.config import Backend, RunnerKind, ServiceConfig
+from wasmbox.workspace import reclaim_stale
+
+log = logging.getLogger("wasmbox.service")
+
+# How long `ProcessRunner.close` waits for a runner process to leave on its own.
+STOP_GRACE = 5.0
 
 
 class Runner(Protocol):
@@ -44,6 +68,148 @@ class ThreadRunner(Closeable):
             sandbox.close()
 
 
+class ProcessRunner(Closeable):
+    """Runs each task in one of `processes` spawned runner processes (default: one per core).
+
+    Each process holds a warm `Sandbox` per policy and runs one task at a time; the calling
+    thread sends it the task and blocks on the reply (the GIL released), so the event loop
+    and the journal keep this process's GIL to themselves. A reply is a length-checked frame,
+    never a pickle, and an error comes back as the same `wasmbox.errors` class. A process that
+    dies mid-task (or sends a frame that breaks the rules) fails that task with `HostFailure`
+    -- it is not run again here -- and is replaced by a fresh one.
+    """
+
+    def __init__(self, policies: dict[str, Policy], processes: int | None = None,
+                 workspace_root: Path | None = None) -> None:
+        count = processes or os.cpu_count() or 1
+        if count < 1:
+            raise ConfigError(f"runner processes must be at least 1, got {count}")
+        self._config = pickle.dumps(RunnerConfig(dict(policies), workspace_root))
+        self._reply_bytes = max(reply_bound(p) for p in policies.values())
+        self._workspace_root = workspace_root
+        self._lock = threading.Lock()
+        self._workers: list[Worker] = []  # every live process, idle or busy
+        self._idle: queue.SimpleQueue[Worker | None] = queue.SimpleQueue()
+        self._running: dict[str, Worker] = {}  # task id -> the process running it
+        self._memos: dict[Worker, ModuleMemo] = {}  # the modules each process was sent
+        self._cancels = threading.Lock()  # one sender at a time on a control pipe
+        starting = [self._spawn() for _ in range(count)]
+        try:
+            for worker in starting:
+                worker.wait_ready()
+                self._add(worker)
+        except BaseException:
+            with shielded():
+                for worker in starting:
+                    worker.stop(0.0)
+            self._closed = True
+            raise
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the live runner processes."""
+        with self._lock:
+            return [w.pid for w in self._workers]
+
+    def run(self, policy: str, task: Task) -> Result:
+        """Run `task` in an idle runner process (waiting for one if all are busy)."""
+        worker = self._checkout()
+        try:
+            with self._lock:
+                self._running[task.id] = worker
+            with contextlib.suppress(OSError, ValueError):  # dead: receive() says so
+                worker.conn.send(("run", policy, *self._memos[worker].strip(task)))
+            replies = worker.receive(1, self._reply_bytes)
+        except BaseException:  # interrupted mid-task: the process's state is unknown
+            with shielded():
+                self._replace(worker)
+            raise
+        finally:
+            with self._lock:
+                self._running.pop(task.id, None)
+        if replies is None:
+            code = self._replace(worker)
+            raise HostFailure(f"the runner process died ({describe_exit(code)}) while "
+                              "running the task")
+        self._idle.put(worker)
+        reply = replies[0]
+        if isinstance(reply, BaseException):
+            raise reply
+        assert isinstance(reply, Result)
+        return reply
+
+    def cancel(self, task_id: str) -> bool:
+        """Stop the task's guest now (its result says CANCELLED); False if not running."""
+        with self._lock:
+            worker = self._running.get(task_id)
+        if worker is None:
+            return False
+        assert worker.control is not None
+        with contextlib.suppress(OSError, ValueError), self._cancels:
+            worker.control.send(task_id)
+        return True
+
+    def _checkout(self) -> Worker:
+        while True:
+            self._ensure_open()
+            with self._lock:
+                if not self._workers:
+                    raise HostFailure("no runner process is left to run the task")
+            with contextlib.suppress(queue.Empty):
+                worker = self._idle.get(timeout=1.0)
+                if worker is not None and not worker.stopped:
+                    return worker
+            # None: close() or a lost process woke the waiters; look again
+
+    def _add(self, worker: Worker) -> None:
+        with self._lock:
+            closing = self._closed  # close() has taken (or will take) the list without it
+            if not closing:
+                self._memos[worker] = ModuleMemo()
+                self._workers.append(worker)
+        if closing:
+            worker.stop(0.0)
+        else:
+            self._idle.put(worker)
+
+    def _replace(self, worker: Worker) -> int | None:
+        """Stop a process that died or broke the protocol and start a fresh one in its place
+        (if that fails, one fewer); returns the old one's exit code."""
+        code = worker.stop(0.0)
+        with self._lock:
+            if worker in self._workers:  # (not if close() took them all)
+                self._workers.remove(worker)
+            self._memos.pop(worker, None)
+        if code != 0:
+            reclaim_stale(self._workspace_root)  # the workspace a killed process left
+        if self._closed:
+            return code
+        try:
+            fresh = self._spawn()
+            fresh.wait_ready()
+        except HostFailure:
+            log.exception("could not replace a runner process")
+            self._idle.put(None)  # a waiter re-checks whether any process is left
+            return code
+        self._add(fresh)
+        return code
+
+    def _spawn(self) -> Worker:
+        return spawn_worker(runner_main, self._config, control=True)
+
+    def _release(self) -> None:
+        with shielded(), self._lock:
+            workers, self._workers = list(self._workers), []
+        for worker in workers:
+            with contextlib.suppress(OSError, ValueError):
+                worker.conn.send(None)
+        codes = [worker.stop(STOP_GRACE) for worker in workers]
+        for _ in workers:
+            self._idle.put(None)
+        if any(code != 0 for code in codes):
+            reclaim_stale(self._workspace_root)
+
+
 class DaskRunner(Closeable):
     """Runs tasks on a Dask cluster through `wasmbox.distributed`."""
 
@@ -73,4 +239,6 @@ def make_runner(
     if config.service.backend is Backend.DASK:
         assert config.service.scheduler is not None  # checked by ServiceSettings
         return DaskRunner(config.service.scheduler, config.policies)
+    if config.service.runner is RunnerKind.PROCESSES:
+        return ProcessRunner(config.policies, config.service.runner_processes or None)
     return ThreadRunner(config.policies, sandbox_factory)

@@ -4,6 +4,9 @@
 [service]
 backend = "threads"              # or "dask" (then: scheduler = "tcp://127.0.0.1:8786")
 workers = 4                      # tasks run at once (threads, or in flight on the cluster)
+runner = "threads"               # thread back end: run sandboxes on the worker threads, or
+                                 # "processes" (spawned runner processes: frees the GIL)
+runner_processes = 0             # runner processes (0: one per core)
 max_body_bytes = "8MiB"          # larger requests get 413
 max_wait = 30                    # longest long-poll, seconds
 shutdown_grace = 30              # how long a shutdown waits for running tasks
@@ -74,6 +77,13 @@ class Backend(StrEnum):
     DASK = "dask"  # a Dask distributed cluster
 
 
+class RunnerKind(StrEnum):
+    """Where the thread back end's workers run a task's sandbox."""
+
+    PROCESSES = "processes"  # spawned runner processes (the service's GIL stays free)
+    THREADS = "threads"  # on the worker thread itself, in the service process
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -109,6 +119,8 @@ class ServiceSettings(_Model):
     backend: Backend = Backend.THREADS
     scheduler: str | None = None
     workers: Annotated[int, Field(ge=0)] = 4
+    runner: RunnerKind = RunnerKind.THREADS
+    runner_processes: Annotated[int, Field(ge=0)] = 0
     max_body_bytes: Bytes = 8 * MiB
     max_wait: Seconds = 30.0
     shutdown_grace: Seconds = 30.0

@@ -1,0 +1,199 @@
+"""ProcessRunner: the service's tasks in spawned runner processes, as ThreadRunner runs them.
+
+Runner processes are real processes running real sandboxes, killed with real signals. Where
+a test needs a task to be running, it watches for the runner's workspace directory (named
+for its pid) to appear.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.service._support import ALICE, auth, wait_final
+from wasmbox import Policy, Task
+from wasmbox._procpool_worker import ModuleMemo
+from wasmbox.errors import HostFailure, PolicyViolation
+from wasmbox.models import Resources, Result, Status
+from wasmbox.service import ServiceConfig
+from wasmbox.service._runners import ProcessRunner, ThreadRunner, make_runner
+from wasmbox.service.config import RunnerKind
+from wasmbox.workspace import PREFIX
+
+pytestmark = pytest.mark.timeout(180)  # a hung runner fails the test instead of the run
+
+POLICIES = {"default": Policy(), "strict": Policy(name="strict", allowed_tiers=["wasm"])}
+_PER_RUN = {"run_id", "metrics"}  # what differs between two runs of one task by design
+
+
+@pytest.fixture(scope="module")
+def runner() -> Iterator[ProcessRunner]:
+    with ProcessRunner(POLICIES, processes=2) as started:
+        yield started
+
+
+def _same(result: Result) -> dict[str, Any]:
+    return result.model_dump(exclude=_PER_RUN)
+
+
+def _outcome(run: Callable[[], Result]) -> Any:
+    try:
+        return _same(run())
+    except Exception as exc:  # the same class, message and fields from either runner
+        return type(exc), exc.args, {k: v for k, v in vars(exc).items() if k != "__notes__"}
+
+
+def _workspaces_of(pid: int) -> list[Path]:
+    return list(Path(os.environ["WASMBOX_TMPDIR"]).glob(f"{PREFIX}{pid}-*"))
+
+
+def _alive(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if psutil.pid_exists(pid)
+            and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+
+def _start(runner: ProcessRunner, task: Task) -> tuple[threading.Thread, list[Any], int]:
+    """Run `task` on a thread; return once a runner process has it running (and its pid)."""
+    before = {pid: set(_workspaces_of(pid)) for pid in runner.pids}
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(runner.run("default", task))
+        except Exception as exc:
+            out.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    give_up = time.monotonic() + 60
+    while True:
+        busy = [pid for pid, seen in before.items() if set(_workspaces_of(pid)) - seen]
+        if busy:
+            return thread, out, busy[0]
+        assert time.monotonic() < give_up, "the task never started"
+        time.sleep(0.01)
+
+
+def test_results_equal_thread_runner_results(guests: dict[str, Path],
+                                             runner: ProcessRunner) -> None:
+    tasks = [
+        ("default", Task.wasm(guests["hello"])),  # ok, with an output file
+        ("default", Task.wasm(guests["json_transform"], input={"xs": [1, 2, 3]})),  # output
+        ("default", Task.wasm(guests["exit_code"], input={"code": 7})),  # failed
+        ("default", Task.wasm(guests["trap_unreachable"])),  # crashed
+        ("default", Task.wasm(guests["infinite_loop"],  # timed out
+                              resources=Resources(timeout=0.5))),
+        ("strict", Task.wasm(guests["hello"], network=True)),  # refused: PolicyViolation
+    ]
+    with ThreadRunner(POLICIES) as threads:
+        expected = [_outcome(lambda p=p, t=t: threads.run(p, t)) for p, t in tasks]
+    got = [_outcome(lambda p=p, t=t: runner.run(p, t)) for p, t in tasks]
+    assert got == expected
+    statuses = [e["status"] if isinstance(e, dict) else e[0] for e in got]
+    assert statuses == [Status.COMPLETED, Status.COMPLETED, Status.FAILED, Status.CRASHED,
+                        Status.TIMEOUT, PolicyViolation]
+    assert "result.json" in got[0]["files"]
+
+
+def test_a_killed_runner_fails_its_task_and_the_next_task_runs_on_a_fresh_one(
+    guests: dict[str, Path], runner: ProcessRunner
+) -> None:
+    spin = Task.wasm(guests["infinite_loop"], resources=Resources(timeout=30))
+    thread, out, victim = _start(runner, spin)
+    os.kill(victim, signal.SIGKILL)
+    thread.join(60)
+    assert isinstance(out[0], HostFailure)
+    assert "killed by SIGKILL" in str(out[0])
+    assert victim not in runner.pids and len(runner.pids) == 2
+    assert _alive([victim]) == []
+    assert _workspaces_of(victim) == []  # the dead runner's workspace was reclaimed
+    results = [runner.run("default", Task.wasm(guests["hello"])) for _ in range(4)]
+    assert all(r.ok for r in results)
+
+
+def test_cancel_stops_the_running_task_and_keeps_its_runner(
+    guests: dict[str, Path], runner: ProcessRunner
+) -> None:
+    task = Task.wasm(guests["infinite_loop"], resources=Resources(timeout=20))
+    thread, out, pid = _start(runner, task)
+    assert runner.cancel(task.id)
+    thread.join(60)
+    assert isinstance(out[0], Result), out
+    assert out[0].status is Status.CANCELLED
+    assert out[0].metrics.wall_s < 15
+    assert pid in runner.pids  # stopped by its Sandbox, not by killing the process
+    assert not runner.cancel(task.id)  # no longer running
+
+
+def test_close_stops_every_runner_process(guests: dict[str, Path]) -> None:
+    runner = ProcessRunner(POLICIES, processes=2)
+    pids = runner.pids
+    assert len(pids) == 2 and _alive(pids) == pids
+    assert runner.run("default", Task.wasm(guests["hello"])).ok
+    runner.close()
+    assert _alive(pids) == []
+
+
+def test_the_service_setting_selects_the_runner(tmp_path: Path) -> None:
+    config = ServiceConfig.from_dict({"service": {"runner": "processes",
+                                                  "runner_processes": 1}})
+    assert config.service.runner is RunnerKind.PROCESSES
+    with make_runner(config) as chosen:  # type: ignore[attr-defined]
+        assert isinstance(chosen, ProcessRunner) and len(chosen.pids) == 1
+    with make_runner(ServiceConfig()) as default:  # type: ignore[attr-defined]
+        assert isinstance(default, ThreadRunner)
+
+
+def test_the_service_runs_and_cancels_tasks_in_runner_processes(
+    make_client: Callable[..., TestClient], wasm_b64: dict[str, str]
+) -> None:
+    client = make_client(runner="processes", runner_processes=1)
+    done = client.post("/v1/tasks", json={"kind": "wasm", "module_b64": wasm_b64["hello"]},
+                       headers=auth(ALICE)).json()
+    spin = client.post("/v1/tasks", json={"kind": "wasm", "module_b64": wasm_b64["infinite_loop"],
+                                          "resources": {"timeout": 20}},
+                       headers=auth(ALICE)).json()
+    assert wait_final(client, done["id"])["result"]["status"] == "completed"
+    url = f"/v1/tasks/{spin['id']}"
+    for _ in range(500):
+        if client.get(url, headers=auth(ALICE)).json()["state"] == "running":
+            break
+        time.sleep(0.01)
+    time.sleep(0.3)  # the running state is journaled just before the runner starts it
+    assert client.post(f"{url}/cancel", headers=auth(ALICE)).json()["cancel_requested"]
+    final = wait_final(client, spin["id"])
+    assert final["result"]["status"] == "cancelled"
+    assert final["result"]["metrics"]["wall_s"] < 15  # stopped, not run out to its 20 s
+
+
+def test_a_module_travels_once_and_every_task_gets_its_own_module(
+    guests: dict[str, Path], runner: ProcessRunner
+) -> None:
+    parent, child = ModuleMemo(), ModuleMemo()
+    names = ["hello", "exit_code", "json_transform", "echo_env", "wordcount", "cat"]
+    modules = {name: guests[name].read_bytes() for name in names}  # more than the memo holds
+    sent = []
+    for name in [*names, *names[::-1], "hello", "hello"]:
+        task = Task.wasm(modules[name])
+        travels, key = parent.strip(task)
+        sent.append(travels.module_bytes is not None)
+        assert child.restore(pickle.loads(pickle.dumps(travels)), key) == task
+    # Without their bytes: the last SIZE modules on the way back, and the repeats.
+    assert sent == [True] * 6 + [False] * ModuleMemo.SIZE + [True, True, False, False]
+    # Through a runner process: the right module runs each time, whatever came before.
+    order = ["hello", "exit_code", "hello", *names, "hello"]
+    tasks = [Task.wasm(modules[name], input={"code": 3, "xs": [1]}) for name in order]
+    with ThreadRunner(POLICIES) as threads:
+        expected = [_outcome(lambda t=t: threads.run("default", t)) for t in tasks]
+    assert [_outcome(lambda t=t: runner.run("default", t)) for t in tasks] == expected
+    assert len({e["exit_code"] for e in expected}) > 1  # the modules differ in what they do
