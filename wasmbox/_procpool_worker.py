@@ -255,9 +255,11 @@ class ModuleMemo:
         """A received task with its module put back."""
         if key is None:
             return task
-        if task.module_bytes is None:
-            return task.model_copy(update={"module_bytes": self._held[key]})
-        self._remember(key, task.module_bytes)
+        data = task.module_bytes
+        if data is None:
+            data = self._held[key]
+            task = task.model_copy(update={"module_bytes": data})
+        self._remember(key, data)  # a reuse is as recent here as in the parent's memo
         return task
 
     def _remember(self, key: int, data: bytes) -> None:

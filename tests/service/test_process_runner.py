@@ -197,3 +197,14 @@ def test_a_module_travels_once_and_every_task_gets_its_own_module(
         expected = [_outcome(lambda t=t: threads.run("default", t)) for t in tasks]
     assert [_outcome(lambda t=t: runner.run("default", t)) for t in tasks] == expected
     assert len({e["exit_code"] for e in expected}) > 1  # the modules differ in what they do
+
+
+def test_module_memos_stay_in_step_when_a_known_module_is_reused() -> None:
+    """A module re-sent without its bytes is as recent on the process's side as on the
+    parent's: both memos evict the same module next, so a stripped task is always restorable."""
+    parent, child = ModuleMemo(), ModuleMemo()
+    modules = {name: bytes([i]) * 16 for i, name in enumerate("abcdef")}
+    for name in "abcdaeafa":  # "a" reused without its bytes, then others push entries out
+        task = Task.wasm(modules[name])
+        travels, key = parent.strip(task)
+        assert child.restore(travels, key) == task, name
