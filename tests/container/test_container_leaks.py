@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -14,6 +15,7 @@ from wasmbox import Sandbox, Status, Task
 from wasmbox.models import Resources
 from wasmbox.policy import apply
 from wasmbox.tiers.container import ContainerTier
+from wasmbox.tiers.container.runtime import Runtime
 
 pytestmark = pytest.mark.container
 MakeSandbox = Callable[..., Sandbox]
@@ -85,5 +87,25 @@ def test_interrupted_run_leaves_nothing_behind(probe: ContainerTier, make_csb: M
         with pytest.raises(KeyboardInterrupt):
             sb.run(Task.command(["/opt/guests/cpu_spin"], resources=Resources(timeout=10)))
     timer.join()
+    assert probe.leftovers(os.getpid()) == []
+    assert _children() == []
+
+
+def test_an_interrupt_as_the_runtime_creates_the_container_leaves_nothing_behind(
+    probe: ContainerTier, make_csb: MakeSandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A KeyboardInterrupt while `crun run --detach` (or `create`) runs: the init it made (its
+    pid not read yet) is still killed and reaped."""
+    real = Runtime.call
+
+    def interrupted(self: Runtime, *args: str, **kwargs: Any) -> Any:
+        done = real(self, *args, **kwargs)
+        if args[0] in ("run", "create"):  # the container exists, its pid file not read
+            raise KeyboardInterrupt
+        return done
+
+    monkeypatch.setattr(Runtime, "call", interrupted)
+    with make_csb(ContainerTier()) as sb, pytest.raises(KeyboardInterrupt):
+        sb.run(Task.command(["/opt/guests/cpu_spin"], resources=Resources(timeout=10)))
     assert probe.leftovers(os.getpid()) == []
     assert _children() == []

@@ -137,20 +137,29 @@ class Instance:
     def _launch(self, *verb: str, stdout: int, stderr: int) -> None:
         pid_file = self.bundle_dir + "/pid"
         self._known = True
-        proc = self.runtime.call(
-            *verb, "--pid-file", pid_file, "--bundle", self.bundle_dir, self.id,
-            stdout=stdout, stderr=stderr, check=False,
-        )
+        try:
+            proc = self.runtime.call(
+                *verb, "--pid-file", pid_file, "--bundle", self.bundle_dir, self.id,
+                stdout=stdout, stderr=stderr, check=False,
+            )
+        except BaseException:  # interrupted: an init the runtime made is ours to kill and reap
+            with contextlib.suppress(OSError, ValueError):
+                self._adopt(pid_file)
+            raise
         if proc.returncode != 0:
             raise ExecFailed(f"{self.runtime.name} {verb[0]} exited {proc.returncode}")
         try:
-            with open(pid_file, "rb") as f:
-                self.pid = int(f.read())
+            self._adopt(pid_file)
         except (OSError, ValueError) as exc:
             raise HostFailure(f"{self.runtime.name} left no pid file: {exc}") from exc
-        reaper.claim(self.pid)
         if self.seccomp_digest is not None:
             self.runtime.keep_seccomp(self.seccomp_digest, self.id)
+
+    def _adopt(self, pid_file: str) -> None:
+        """Take the container init named in `pid_file` as ours to wait for."""
+        with open(pid_file, "rb") as f:
+            self.pid = int(f.read())
+        reaper.claim(self.pid)
 
     def wait(self, deadline: Deadline, kill_grace: float,
              check: Check) -> Ended:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wasmbox.errors import HostFailure, TierUnavailable
-from wasmbox.lifecycle import Closeable
+from wasmbox.lifecycle import Closeable, shielded
 from wasmbox.tiers.container import reaper
 from wasmbox.tiers.container.cgroups import CGROUP_ROOT, CgroupLayout, mounts_hiding_v1
 
@@ -151,6 +151,14 @@ class Runtime(Closeable):
             child.kill()
             child.wait()
             raise HostFailure(f"{self.name} {args[0]} hung for {_COMMAND_TIMEOUT} s") from exc
+        except BaseException:  # interrupted: let the command end (it may be making a
+            with shielded():  # container) and reap it, or it stays a zombie of ours
+                try:
+                    child.communicate(timeout=_COMMAND_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
+            raise
         finally:
             reaper.release(child.pid)
         proc = subprocess.CompletedProcess(child.args, child.returncode, out, err)
