@@ -8,12 +8,16 @@
   wasmtime<39) and a ``python3 -c`` subprocess.
 
 Every side's sample is the wall time of one whole task as its caller sees it, warm (compiled
-code cached, first runs discarded). After each wasmbox Python sample the benchmark waits,
-untimed, for the tier's pool of warmed interpreters to refill (`refilled`): the samples
-measure what a caller with gaps between tasks sees (back-to-back throughput is
-``bench_scaling``'s). Each rep runs every side once, in a rotating order, so machine load
-drifts over all sides alike. Each row's notes say what that side does and which limits it
-has on. A peer that is absent or cannot run here becomes a row saying why.
+code cached, first runs discarded). The WASI sides take turns in blocks: each turn first runs
+the side once, untimed, then keeps 2 samples in a row, so every kept sample follows a run of
+the same library, as in a caller's process, which uses one of them (a run straight after the
+other library's costs each side several hundred µs more, and not equally). After each wasmbox
+Python sample the benchmark waits, untimed, for the tier's pool of warmed interpreters to
+refill (`refilled`): the samples measure what a caller with gaps between tasks sees
+(back-to-back throughput is ``bench_scaling``'s). Each round gives every side a turn, in a
+rotating order, so machine load drifts over all sides alike. Each row's notes say what that
+side does and which limits it has on. A peer that is absent or cannot run here becomes a row
+saying why.
 
 Run standalone: ``python3 benchmarks/bench_peers.py [--quick]``
 """
@@ -80,14 +84,14 @@ def measure(quick: bool, progress: Progress, *, only: set[str] | None = None) ->
     `only` restricts the run to row ids such as ``"wasi-hello:extism"`` (the smoke test
     uses it to skip slow peers).
     """
-    reps = 50 if quick else 400
+    block = 2
     progress.show("peers: WASI hello")
     wasm = build(GUESTS, ["hello"])["hello"]
     rows = compare("wasi-hello", "WASI hello", [
         ("wasmbox", lambda: WasmboxWasi(wasm)),
         ("extism", lambda: ExtismWasi(wasm)),
         ("wasmtime", lambda: RawWasmtime(wasm)),
-    ], reps, warmup=20, only=only)
+    ], (50 if quick else 400) // block, warmup=20, only=only, block=block, settle=1)
     progress.step("peers: Python hello")
     rows += compare("python-hello", "Python hello", [
         ("wasmbox", WasmboxPython),
@@ -102,10 +106,11 @@ def measure(quick: bool, progress: Progress, *, only: set[str] | None = None) ->
 
 def compare(path: str, title: str, makers: list[tuple[str, Callable[[], Side]]], reps: int,
             *, warmup: int, only: set[str] | None = None,
-            caps: dict[str, int] | None = None) -> list[Row]:
+            caps: dict[str, int] | None = None, block: int = 1, settle: int = 0) -> list[Row]:
     """Build every side (one that cannot run becomes a row saying why), warm each, then
-    take `reps` rounds with every side once per round in a rotating order. The first
-    side is wasmbox; every other row is compared with it."""
+    take `reps` rounds; in each, every side in a rotating order takes a turn of `settle`
+    untimed runs and then `block` kept samples. The first side is wasmbox; every other row
+    is compared with it."""
     caps = caps or {}
     sides: list[Side] = []
     absent: list[Row] = []
@@ -143,11 +148,15 @@ def compare(path: str, title: str, makers: list[tuple[str, Callable[[], Side]]],
         for rep in range(reps):
             shift = rep % max(1, len(sides))
             for side in sides[shift:] + sides[:shift]:
-                if len(samples[side.id]) < caps.get(side.id, reps):
-                    try:
-                        samples[side.id].append(side.once())
-                    except Exception as exc:
-                        failed(side, exc)
+                kept = samples[side.id]
+                want = min(block, caps.get(side.id, reps * block) - len(kept))
+                try:
+                    for _ in range(settle if want > 0 else 0):
+                        side.once()
+                    for _ in range(want):
+                        kept.append(side.once())
+                except Exception as exc:
+                    failed(side, exc)
     finally:
         for side in sides:
             _close(side)

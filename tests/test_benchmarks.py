@@ -50,3 +50,37 @@ def test_peers_are_measured_side_by_side_and_an_absent_peer_is_a_row_not_a_failu
     assert not absent.available and absent.reason.startswith("not installed")
     table = "\n".join(report.peer_lines(rows))
     assert "wasmbox" in table and "not installed" in table
+
+
+def test_every_kept_wasi_peer_sample_follows_a_run_of_the_same_side(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A run straight after another library's costs several hundred µs, unequally per side:
+    # no kept WASI sample may be one (each sample here is 1.0 if it followed another side).
+    from benchmarks import bench_peers
+    from benchmarks.common import NoProgress
+
+    last: list[str] = [""]
+
+    def fake(side_id: str) -> type[bench_peers.Side]:
+        class Fake(bench_peers.Side):
+            id = label = side_id
+
+            def __init__(self, module: Path) -> None:
+                pass
+
+            def once(self) -> float:
+                after_other = last[0] not in ("", side_id)
+                last[0] = side_id
+                return 1.0 if after_other else 0.0
+
+        return Fake
+
+    for name, side_id in (("WasmboxWasi", "wasmbox"), ("ExtismWasi", "extism"),
+                          ("RawWasmtime", "wasmtime")):
+        monkeypatch.setattr(bench_peers, name, fake(side_id))
+    ids = {"wasi-hello:wasmbox", "wasi-hello:extism", "wasi-hello:wasmtime"}
+    rows = bench_peers.measure(True, NoProgress(bench_peers.STEPS), only=ids)
+    assert {row.id for row in rows} == ids
+    for row in rows:
+        assert len(row.wall_s) == 50 and set(row.wall_s) == {0.0}, row.id
