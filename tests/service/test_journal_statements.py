@@ -286,3 +286,32 @@ def test_admission_counts_tasks_in_flight_without_a_query(
     restarted.post(f"/v1/tasks/{ids[0]}/cancel", headers=auth("bob-secret"))
     assert restarted.post("/v1/tasks", headers=auth("bob-secret"), json=body).status_code == 202
     assert restarted.post("/v1/tasks", headers=auth("bob-secret"), json=body).status_code == 429
+
+
+def test_a_claim_batched_with_durable_writes_does_not_wait_for_their_commit(
+    store: TaskStore,
+) -> None:
+    """A write that needs no fsync (a claim) is answered before the durable writes of its
+    batch are even run, let alone fsynced."""
+    holding, release, durable_running, durable_go = (threading.Event() for _ in range(4))
+
+    def hold(db: sqlite3.Connection) -> None:
+        holding.set()
+        release.wait(30)
+
+    def durable(db: sqlite3.Connection) -> str:
+        durable_running.set()
+        durable_go.wait(30)
+        return "durable"
+
+    held = store._queue_write(hold)
+    assert holding.wait(30)
+    slow = store._queue_write(durable)
+    quick = store._queue_write(lambda db: "claim", durable=False)
+    release.set()
+    try:
+        assert quick.result(timeout=10) == "claim"
+        assert not slow.done()
+    finally:
+        durable_go.set()
+    assert held.result(timeout=30) is None and slow.result(timeout=30) == "durable"

@@ -346,3 +346,19 @@ def test_docs_reference_only_local_assets_which_are_served(client: TestClient) -
     assert "http://" not in page.text and "https://" not in page.text
     assert "/docs/assets/swagger-ui-bundle.js" in urls
 
+
+
+def test_serve_shortens_the_gil_switch_interval_while_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import uvicorn
+
+    import wasmbox.service as service
+
+    seen: list[float] = []
+    monkeypatch.setattr(uvicorn, "run", lambda *_a, **_k: seen.append(sys.getswitchinterval()))
+    before = sys.getswitchinterval()
+    service.serve("127.0.0.1", 0, dev=True, db=tmp_path / "dev.db")
+    assert seen == [service.SWITCH_INTERVAL_S]
+    assert before > service.SWITCH_INTERVAL_S
+    assert sys.getswitchinterval() == before
