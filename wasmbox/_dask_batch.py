@@ -38,9 +38,10 @@ MAX_CHUNK = 256  # tasks a chunk carries at most
 MIN_CHUNK_S = 0.01  # worker seconds a chunk carries at least (while that many tasks are left):
 # a chunk costs the client, scheduler and worker event loops ~10 ms of CPU on the same cores
 CHUNKS_PER_THREAD = 2  # chunks in flight per worker thread: the next one waits on the worker
-CHUNKS_PER_BATCH_THREAD = 4  # equal chunks the sized part of a batch is cut into per worker
+CHUNKS_PER_BATCH_THREAD = 2  # equal chunks the sized part of a batch is cut into per worker
 # thread: cutting "a share of what is left" each time ended a 60-task batch in ~14 chunks,
-# the last ones a task each, every one costing the shared cores ~10 ms of CPU
+# the last ones a task each, every one costing the shared cores ~10 ms of CPU (4 a thread
+# measured between the two)
 
 
 class _Costs:

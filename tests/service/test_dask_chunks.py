@@ -167,7 +167,7 @@ class _TwoThreads:
     (0.001, 20, 10),  # 1 ms tasks: at least MIN_CHUNK_S (10 ms) of them, not a quarter of 20
     (0.001, 4, 4),  # never more than are left
     (0.05, 3, 1),  # a slow task is a chunk of its own at the end
-    (0.01, 100, 13),  # an eighth of the batch (2 threads x CHUNKS_PER_BATCH_THREAD)
+    (0.01, 100, 25),  # a quarter of the batch (2 threads x CHUNKS_PER_BATCH_THREAD)
     (0.01, 400, 50),  # early on: CHUNK_TARGET_S (500 ms) of work
 ])
 def test_a_chunk_carries_at_least_min_chunk_s_of_work_while_that_many_are_left(
@@ -196,7 +196,7 @@ def test_a_batch_is_cut_into_a_few_equal_chunks_per_worker_thread(
     # last ones a task each; every chunk costs the client and scheduler ~10 ms of CPU.
     batch = _Batch(_TwoThreads(), [Task.wasm(guests["hello"]) for _ in range(60)], {})  # type: ignore[arg-type]
     batch.per_task_s = 0.025
-    assert _chunk_sizes(batch) == [8] * 7 + [4]  # 2 threads x 4 chunks, the last the rest
+    assert _chunk_sizes(batch) == [15] * 4  # 2 threads x CHUNKS_PER_BATCH_THREAD (2)
 
 
 def test_a_change_in_worker_threads_plans_the_rest_of_the_batch_again(
@@ -204,11 +204,11 @@ def test_a_change_in_worker_threads_plans_the_rest_of_the_batch_again(
 ) -> None:
     batch = _Batch(_TwoThreads(), [Task.wasm(guests["hello"]) for _ in range(64)], {})  # type: ignore[arg-type]
     batch.per_task_s = 0.025
-    assert batch._size() == 8
+    assert batch._size() == 16
     for _ in range(32):
         batch.queue.popleft()
-    batch.threads = 4  # two more workers joined: the 32 left spread over 16 chunks
-    assert _chunk_sizes(batch) == [2] * 16
+    batch.threads = 4  # two more workers joined: the 32 left spread over 8 chunks
+    assert _chunk_sizes(batch) == [4] * 8
 
 
 def test_the_even_share_is_planned_once_but_the_target_follows_the_latest_cost(
