@@ -54,7 +54,7 @@ from benchmarks.common import (  # noqa: E402
     throughput,
 )
 from benchmarks.report import print_rows  # noqa: E402
-from wasmbox import Policy, Result, Sandbox, Task  # noqa: E402
+from wasmbox import Policy, Result, Sandbox, Status, Task  # noqa: E402
 from wasmbox.models import TierName, TimeoutPolicy  # noqa: E402
 from wasmbox.policy import apply  # noqa: E402
 from wasmbox.tiers.base import Availability  # noqa: E402
@@ -177,7 +177,8 @@ def _snapshot_rows(policy: Policy, true: Task, reps: int, sequential: int, tasks
         progress.step("vm-sustained: sequential")
         results = _sequential(sb, true, sequential)
         for r in results:
-            _record(sustained, r)
+            if r.status is not Status.CRASHED:
+                _record(sustained, r)
         sustained.notes.append(_sequential_note(results))
         progress.step("vm-sustained: throughput")
         _throughput(sustained, tasks, lambda: check(sb.run(true)))
@@ -185,13 +186,28 @@ def _snapshot_rows(policy: Policy, true: Task, reps: int, sequential: int, tasks
 
 
 def _sequential(sb: Sandbox, true: Task, n: int) -> list[Result]:
-    """`n` back-to-back tasks after 3 warm-up ones, never waiting for the pool."""
+    """`n` back-to-back tasks after 3 warm-up ones, never waiting for the pool.
+
+    A task whose guest crashed is kept (the note counts it and gives its reason; it is not
+    timed): a rare crash of a restored guest after arming is open in issue 15. More than one
+    crash in ten tasks stops the benchmark, as any other failure does.
+    """
     for _ in range(3):
         check(sb.run(true))
-    return [check(sb.run(true)) for _ in range(n)]
+    results: list[Result] = []
+    for _ in range(n):
+        r = sb.run(true)
+        crashes = sum(x.status is Status.CRASHED for x in results)
+        results.append(r if r.status is Status.CRASHED and crashes < max(1, n // 10)
+                       else check(r))
+    return results
 
 
-def _sequential_note(results: list[Result]) -> str:
+def _sequential_note(all_results: list[Result]) -> str:
+    crashed = [r for r in all_results if r.status is Status.CRASHED]
+    results = [r for r in all_results if r.status is not Status.CRASHED]
+    lost = (f"; {len(crashed)} of {len(all_results)} crashed (not timed): "
+            f"{(crashed[0].reason or '')[:160]}" if crashed else "")
     walls = sorted(r.metrics.wall_s for r in results)
     p95 = walls[max(0, math.ceil(0.95 * len(walls)) - 1)]
     restored = sum(int(r.metrics.extra.get("restored", 0.0)) for r in results)
@@ -202,7 +218,7 @@ def _sequential_note(results: list[Result]) -> str:
     return (f"{len(walls)} back-to-back tasks after 3 warm-up, {restored} on restored guests "
             f"(the rest booted cold); end to end median {statistics.median(walls) * 1000:.0f} ms, "
             f"p95 {p95 * 1000:.0f} ms (issue 15 target: median <= 250 ms){rss}"
-            f"{_cpu_note(results)}")
+            f"{_cpu_note(results)}{lost}")
 
 
 def _cpu_note(results: list[Result]) -> str:

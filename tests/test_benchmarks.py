@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -84,3 +85,31 @@ def test_every_kept_wasi_peer_sample_follows_a_run_of_the_same_side(
     assert {row.id for row in rows} == ids
     for row in rows:
         assert len(row.wall_s) == 50 and set(row.wall_s) == {0.0}, row.id
+
+
+def test_the_vm_sustained_run_reports_a_rare_guest_crash_and_stops_on_more() -> None:
+    from benchmarks import bench_vm
+    from wasmbox import Result, Status, Task
+    from wasmbox.models import TierName
+
+    def result(status: Status) -> Result:
+        return Result(task_id="t", run_id="r", tier=TierName.VM, status=status,
+                      reason="the guest stopped without reporting" if status.value == "crashed"
+                      else None)
+
+    class Runs:
+        def __init__(self, statuses: list[Status]) -> None:
+            self.statuses = statuses
+
+        def run(self, task: Task) -> Result:
+            return result(self.statuses.pop(0))
+
+    ok, crashed = Status.COMPLETED, Status.CRASHED
+    true = Task.command(["/bin/true"])
+    once: Any = Runs([ok] * 3 + [ok, crashed] + [ok] * 8)  # 3 warm-up runs, then 10
+    results = bench_vm._sequential(once, true, 10)
+    assert [r.status for r in results].count(crashed) == 1
+    assert "1 of 10 crashed (not timed): the guest stopped" in bench_vm._sequential_note(results)
+    twice: Any = Runs([ok] * 3 + [crashed, crashed] + [ok] * 8)
+    with pytest.raises(RuntimeError, match="crashed"):  # a second crash in ten stops the run
+        bench_vm._sequential(twice, true, 10)
