@@ -92,7 +92,9 @@ def test_a_killed_worker_s_task_is_run_again_once_elsewhere(
     runner.start()
     kill_worker_running(client, task)
     runner.join(60)
-    assert box and box[0].status is Status.TIMEOUT
+    # Stopped by its limits: the wall clock, or on a fast host the default fuel, which the
+    # loop burns in 2-3 s here (a policy does not let a task ask for more).
+    assert box and box[0].status in (Status.TIMEOUT, Status.OUT_OF_FUEL)
     assert attempts(client, task) == 2
 
 
