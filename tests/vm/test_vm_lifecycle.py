@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -59,6 +60,42 @@ def test_availability_names_the_prepare_command(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("cpio") is None, reason="cpio is not installed")
+def test_availability_says_which_accelerator_guests_get(
+        vm_assets: AssetReport, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``wasmbox doctor`` says kvm or tcg from the KVM probe's recorded answer, and that
+    nothing is known yet before the first VM task has probed."""
+    from wasmbox.tiers.vm import VmTier, machine
+
+    assets_dir = tmp_path / "assets"
+    shutil.copytree(vm_assets.assets.root, assets_dir,
+                    ignore=shutil.ignore_patterns(machine.KVM_PROBE_FILE))
+    real_access, kvm_usable = os.access, [True]
+
+    def access(path: object, mode: int) -> bool:
+        return kvm_usable[0] if path == "/dev/kvm" else real_access(path, mode)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(machine.os, "access", access)
+    probe = assets_dir / machine.KVM_PROBE_FILE
+
+    def accel() -> str:
+        available = VmTier(assets_dir=assets_dir).availability()
+        assert available.ok, available
+        return str(available.details["accel"])
+
+    assert accel().startswith("not probed yet")
+    key = machine._probe_key(load_assets(assets_dir))
+    probe.write_text(json.dumps({"key": key, "kvm": True}))
+    assert accel() == "kvm"
+    probe.write_text(json.dumps({"key": key, "kvm": False}))
+    assert accel().startswith("tcg (/dev/kvm is present")
+    probe.write_text(json.dumps({"key": "another qemu", "kvm": True}))
+    assert accel().startswith("not probed yet")  # an answer for another QEMU or kernel
+    probe.write_text("[1, 2]")
+    assert accel().startswith("not probed yet")  # unreadable: probe again, never trust it
+    kvm_usable[0] = False
+    assert accel() == "tcg (no usable /dev/kvm)"
+
+
 def test_cpio_archive_is_readable_by_cpio(tmp_path: Path) -> None:
     writer = CpioWriter()
     writer.directory("d")

@@ -275,17 +275,17 @@ class Machine(Closeable):
             remove_tree(self.dir)
 
 
+KVM_PROBE_FILE = "kvm-probe.json"  # the probe's answer, in the assets directory
+
+
 def probe_kvm(assets: Assets, work: Path, cache_file: Path, timeout: float = 8.0) -> bool:
     """Whether KVM really runs our guest here: /dev/kvm alone proves nothing. Cached on disk."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False
-    key = f"{_qemu_version()}|{os.uname().release}|{assets.kernel_version}"
-    try:
-        cached = json.loads(cache_file.read_text())
-        if cached.get("key") == key:
-            return bool(cached["kvm"])
-    except (OSError, ValueError, KeyError):
-        pass
+    key = _probe_key(assets)
+    cached = _cached_probe(cache_file, key)
+    if cached is not None:
+        return cached
     shape = Shape(MIN_GUEST_MIB, 1, 1 << 20, python=False, sizes="wbx=65536,8,65536,65536,0")
     machine = Machine(work / "kvm-probe", assets, shape, kvm=True)
     try:
@@ -295,6 +295,33 @@ def probe_kvm(assets: Assets, work: Path, cache_file: Path, timeout: float = 8.0
     with contextlib.suppress(OSError):
         cache_file.write_text(json.dumps({"key": key, "kvm": works}))
     return works
+
+
+def accelerator_note(assets: Assets, cache_file: Path) -> str:
+    """Which accelerator guests get here, as far as known without booting one: ``kvm``,
+    ``tcg`` (and why), or that the first VM task will probe it."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "tcg (no usable /dev/kvm)"
+    cached = _cached_probe(cache_file, _probe_key(assets))
+    if cached is None:
+        return "not probed yet (the first VM task boots a KVM probe guest)"
+    return "kvm" if cached else "tcg (/dev/kvm is present but the KVM probe guest did not boot)"
+
+
+def _probe_key(assets: Assets) -> str:
+    """What the KVM probe's answer depends on: QEMU, the host kernel, the guest kernel."""
+    return f"{_qemu_version()}|{os.uname().release}|{assets.kernel_version}"
+
+
+def _cached_probe(cache_file: Path, key: str) -> bool | None:
+    """The probe's answer recorded for `key`, or None (no record, another key, unreadable)."""
+    try:
+        cached = json.loads(cache_file.read_text(encoding="utf-8"))
+        if isinstance(cached, dict) and cached.get("key") == key:
+            return bool(cached["kvm"])
+    except (OSError, ValueError, KeyError):
+        pass
+    return None
 
 
 def _qemu_version() -> str:

@@ -30,9 +30,11 @@ from wasmbox.tiers.vm.finish import finish
 from wasmbox.tiers.vm.guest import Bundle, guest_sizes, make_bundle, output_disk_bytes
 from wasmbox.tiers.vm.janitor import claim_run_dir, kill_machines
 from wasmbox.tiers.vm.machine import (
+    KVM_PROBE_FILE,
     QEMU,
     Machine,
     Shape,
+    accelerator_note,
     guest_memory_mib,
     probe_kvm,
 )
@@ -98,8 +100,8 @@ class VmTier(MachineSupply):
             return Availability(self.name, False, str(exc))
         details = {"kernel": assets.kernel_version, "assets": str(assets.root),
                    "python": "yes" if assets.python_image else "no"}
-        if self._kvm is not None:
-            details["accel"] = "kvm" if self._kvm else "tcg"
+        details["accel"] = (accelerator_note(assets, self._assets_dir / KVM_PROBE_FILE)
+                            if self._kvm is None else "kvm" if self._kvm else "tcg")
         details["snapshots"] = self._snapshot_note(assets)
         return Availability(self.name, True, "QEMU guests", details)
 
@@ -187,7 +189,7 @@ class VmTier(MachineSupply):
                 except OSError as exc:
                     raise HostFailure(f"cannot create the VM run directory: {exc}") from exc
                 root = self._assets_dir
-                self._kvm = probe_kvm(self._assets, self._run_dir, root / "kvm-probe.json")
+                self._kvm = probe_kvm(self._assets, self._run_dir, root / KVM_PROBE_FILE)
                 self._reaper = Reaper()
                 if self._pool_size > 0:
                     self._pool = MachinePool(self._pool_size, self._pooled_machine)
