@@ -70,17 +70,55 @@ def ended(task: Task, status: Status = Status.COMPLETED, **files: bytes) -> Resu
 
 
 def test_a_task_with_files_is_read_with_one_statement(
-    store: TaskStore, guests: dict[str, Path]
+    store: TaskStore, guests: dict[str, Path], tmp_path: Path
 ) -> None:
     task = running(store, guests)
     files = {"a.txt": b"abc", "dir/b \"q\".bin": b"\0" * 7}
     store.finish(task.id, ended(task, **files), 0.1)
-    with statements(store._reader()) as seen:
-        record = store.get(task.id)
+    with reopened(tmp_path) as journal, statements(journal._reader()) as seen:
+        record = journal.get(task.id)
     assert len(seen) == 1, seen
     assert record is not None and record.state is State.FINISHED
     assert record.file_sizes == {"a.txt": 3, "dir/b \"q\".bin": 7}
     assert store.get("no-such-task") is None
+
+
+@contextmanager
+def reopened(tmp_path: Path) -> Iterator[TaskStore]:
+    """The `store` fixture's journal opened again, as after a restart (nothing in memory)."""
+    journal = TaskStore(tmp_path / "tasks.db")
+    try:
+        yield journal
+    finally:
+        journal.close()
+
+
+@pytest.mark.parametrize("cancel", [False, True], ids=["finished", "cancelled-while-running"])
+def test_a_task_this_store_finished_is_read_without_a_statement(
+    store: TaskStore, guests: dict[str, Path], tmp_path: Path, cancel: bool
+) -> None:
+    """The long-polls a result wakes read it from memory, exactly as the journal has it."""
+    task = running(store, guests)
+    if cancel:
+        store.cancel(task.id)
+    store.finish(task.id, ended(task, **{"a.txt": b"abc"}), 0.25)
+    with statements(store._reader()) as seen:
+        record = store.get(task.id)
+    assert seen == []
+    with reopened(tmp_path) as journal:
+        assert record == journal.get(task.id)
+    assert record is not None and record.charged_s == 0.25 and record.attempts == 1
+
+
+def test_a_purge_forgets_the_final_records_read_from_memory(
+    store: TaskStore, guests: dict[str, Path]
+) -> None:
+    task = running(store, guests)
+    store.finish(task.id, ended(task), 0.1)
+    assert store.get(task.id) is not None
+    later = time.time() + 60
+    assert store.purge(later, 0, later) == 1
+    assert store.get(task.id) is None
 
 
 def test_a_task_is_claimed_and_finished_with_one_statement_each(
