@@ -44,13 +44,20 @@ def statements(db: sqlite3.Connection) -> Iterator[list[str]]:
         seen[:] = [sql for sql in seen if not sql.upper().startswith(FRAMING)]
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[TaskStore]:
+@contextmanager
+def journal_in(tmp_path: Path) -> Iterator[TaskStore]:
+    """The journal in `tmp_path`, opened (again: as after a restart, nothing in memory)."""
     journal = TaskStore(tmp_path / "tasks.db")
     try:
         yield journal
     finally:
         journal.close()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[TaskStore]:
+    with journal_in(tmp_path) as journal:
+        yield journal
 
 
 def hello(guests: dict[str, Path]) -> Task:
@@ -75,22 +82,12 @@ def test_a_task_with_files_is_read_with_one_statement(
     task = running(store, guests)
     files = {"a.txt": b"abc", "dir/b \"q\".bin": b"\0" * 7}
     store.finish(task.id, ended(task, **files), 0.1)
-    with reopened(tmp_path) as journal, statements(journal._reader()) as seen:
+    with journal_in(tmp_path) as journal, statements(journal._reader()) as seen:
         record = journal.get(task.id)
     assert len(seen) == 1, seen
     assert record is not None and record.state is State.FINISHED
     assert record.file_sizes == {"a.txt": 3, "dir/b \"q\".bin": 7}
     assert store.get("no-such-task") is None
-
-
-@contextmanager
-def reopened(tmp_path: Path) -> Iterator[TaskStore]:
-    """The `store` fixture's journal opened again, as after a restart (nothing in memory)."""
-    journal = TaskStore(tmp_path / "tasks.db")
-    try:
-        yield journal
-    finally:
-        journal.close()
 
 
 @pytest.mark.parametrize("cancel", [False, True], ids=["finished", "cancelled-while-running"])
@@ -105,7 +102,7 @@ def test_a_task_this_store_finished_is_read_without_a_statement(
     with statements(store._reader()) as seen:
         record = store.get(task.id)
     assert seen == []
-    with reopened(tmp_path) as journal:
+    with journal_in(tmp_path) as journal:
         assert record == journal.get(task.id)
     assert record is not None and record.charged_s == 0.25 and record.attempts == 1
 
