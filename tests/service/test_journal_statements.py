@@ -25,6 +25,7 @@ from httpx import Response
 
 from tests.service._support import ALICE, auth
 from wasmbox import Result, Status, Task
+from wasmbox.service import _journal_reads
 from wasmbox.service._journal_reads import _recent, _recent_lock
 from wasmbox.service.store import Record, State, TaskStore
 
@@ -105,6 +106,25 @@ def test_a_task_this_store_finished_is_read_without_a_statement(
     with journal_in(tmp_path) as journal:
         assert record == journal.get(task.id)
     assert record is not None and record.charged_s == 0.25 and record.attempts == 1
+
+
+def test_final_records_kept_in_memory_are_bounded(
+    store: TaskStore, guests: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At most MAX_FINAL of them, oldest forgotten first, and none with a big result."""
+    monkeypatch.setattr(_journal_reads, "MAX_FINAL", 2)
+    monkeypatch.setattr(_journal_reads, "MAX_FINAL_RESULT_CHARS", 2000)
+    tasks = [running(store, guests) for _ in range(4)]
+    for task in tasks[:3]:
+        store.finish(task.id, ended(task), 0.1)
+    big = ended(tasks[3]).model_copy(update={"stdout": "x" * 2000})
+    store.finish(tasks[3].id, big, 0.1)
+    read: list[bool] = []
+    for task in tasks:
+        with statements(store._reader()) as seen:
+            assert store.get(task.id) is not None
+        read.append(bool(seen))
+    assert read == [True, False, False, True]
 
 
 def test_a_purge_forgets_the_final_records_read_from_memory(

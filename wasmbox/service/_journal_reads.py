@@ -28,7 +28,7 @@ class _JournalReads(_GroupCommit):
         # Records of tasks this store finished, as `get` reads them, most recent last: a
         # final row changes no more until a purge deletes it, and a purge forgets them all.
         # Written on the writer thread only; at most MAX_FINAL records, MAX_FINAL_CHARS of
-        # result JSON in all.
+        # result JSON in all, none over MAX_FINAL_RESULT_CHARS.
         self._final: OrderedDict[str, tuple[Record, int]] = OrderedDict()
         self._final_chars = 0
         self._final_lock = threading.Lock()
@@ -43,7 +43,7 @@ class _JournalReads(_GroupCommit):
 
     def _keep_final(self, record: Record, chars: int) -> None:
         """Remember the durable final `record` (its result `chars` long as JSON) for `get`."""
-        if chars > MAX_FINAL_CHARS // 16:
+        if chars > MAX_FINAL_RESULT_CHARS:
             return  # a big result is read back from the journal when asked for
         with self._final_lock:
             self._final[record.id] = (record, chars)
@@ -177,8 +177,9 @@ class _JournalReads(_GroupCommit):
 RECENT_MODULES, RECENT_MODULE_BYTES = 16, 64 * 2**20
 # (token, module) pairs whose ownership is remembered between purges, at most.
 MAX_OWNERS = 4096
-# Final records `get` answers from memory, at most, and the result JSON they hold in all.
-MAX_FINAL, MAX_FINAL_CHARS = 4096, 16 * 2**20
+# Final records `get` answers from memory, at most; the result JSON they hold, in all and
+# each (a bigger result is read back from the journal when asked for).
+MAX_FINAL, MAX_FINAL_CHARS, MAX_FINAL_RESULT_CHARS = 4096, 8 * 2**20, 64 * 2**10
 _recent: OrderedDict[str, bytes] = OrderedDict()
 _recent_lock = threading.Lock()
 
