@@ -1,12 +1,12 @@
 """What the journal costs a task in SQLite statements, and the long-poll's order of work.
 
 Each statement is a round trip through the GIL that the service's threads contend for: a
-task is read with one statement, claimed and finished with one each, and a batch of writes
-takes no savepoints unless one of its writes fails. A long-poll registers its waiter before
-it reads the journal; it reads the task once before waiting and once after, and not before
-when the task is its caller's and known not to be final (queued or running). Admission
-counts a token's tasks in flight without a query. A token that was seen owning a module is
-not asked again until the next purge.
+task is read with one statement (none once this store finished it), claimed and finished
+with one each, and a batch of writes takes no savepoints unless one of its writes fails. A
+long-poll registers its waiter before it reads the journal; it reads the task once before
+waiting and once after, and not before when the task is its caller's and known not to be
+final (queued or running). Admission counts a token's tasks in flight without a query. A
+token that was seen owning a module is not asked again until the next purge.
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ class _JournalReads(_GroupCommit):
 
         # Records of tasks this store finished, as `get` reads them, most recent last: a
         # final row changes no more until a purge deletes it, and a purge forgets them all.
-        # Written on the writer thread only; at most MAX_FINAL records, MAX_FINAL_CHARS of
-        # result JSON in all, none over MAX_FINAL_RESULT_CHARS.
+        # Filled on the writer thread once durable; at most MAX_FINAL records,
+        # MAX_FINAL_CHARS of result JSON in all, none over MAX_FINAL_RESULT_CHARS.
         self._final: OrderedDict[str, tuple[Record, int]] = OrderedDict()
         self._final_chars = 0
         self._final_lock = threading.Lock()
