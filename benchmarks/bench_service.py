@@ -1,17 +1,23 @@
 """Service throughput and latency over HTTP: WASI hello tasks from N concurrent clients.
 
-A bounded asyncio load generator (httpx.AsyncClient) against a service it starts itself on
-127.0.0.1 (``python -m wasmbox.service``, thread back end, a fresh journal). For each
-concurrency level (8, 16, 32) and each form -- ``POST /v1/tasks`` then long-poll ``GET
-/v1/tasks/{id}?wait=``, and submit-and-wait ``POST /v1/tasks?wait=`` -- it reports tasks/s and
-the submit-to-result latency of every task (p50/p95/p99). The module goes by ``module_sha256``
-(sent once as base64 first); one more row sends the 169 KB module as base64 in every request.
+A bounded asyncio load generator against a service it starts itself on 127.0.0.1 (``python
+-m wasmbox.service``, a fresh journal). For each concurrency level (8, 16, 32) and each form
+-- ``POST /v1/tasks`` then long-poll ``GET /v1/tasks/{id}?wait=``, and submit-and-wait ``POST
+/v1/tasks?wait=`` -- it reports tasks/s and the submit-to-result latency of every task
+(p50/p95/p99), and the CPU each task cost the service and the load generator. The module
+goes by ``module_sha256`` (sent once as base64 first); one more row sends the 169 KB module
+as base64 in every request, and one more drives the lowest level with httpx.
 
-    python3 benchmarks/bench_service.py [--quick] [--tasks 400] [--workers 2]
+The load generator shares the machine's cores with the service, so its own CPU caps what can
+be measured: the rows use a minimal keep-alive HTTP/1.1 client by default (``--client raw``,
+~0.4 ms a task here, against 2-4 ms for httpx.AsyncClient), and every row also states the
+service-side ceiling (cores / the service's CPU per task).
+
+    python3 benchmarks/bench_service.py [--quick] [--tasks 400] [--workers 2] [--client raw]
     python3 -m benchmarks --tiers service
 
 Latency includes the journal's durable commits (a 202 is answered only after its row is
-committed). The load generator shares the machine's cores with the service.
+committed).
 """
 
 from __future__ import annotations
@@ -44,18 +50,21 @@ from benchmarks.common import CORES, NoProgress, Progress, Row, missing  # noqa:
 from benchmarks.report import print_rows, service_lines  # noqa: E402
 from guests.build import build  # noqa: E402
 
-STEPS = 4
+STEPS = 5
 HOST = "127.0.0.1"  # the only address the benchmark's service listens on
 SECRET = "bench-secret"
 LEVELS = (8, 16, 32)
 FORMS = {"poll": "submit + long-poll", "wait": "submit-and-wait (?wait=)"}
+GENERATORS = {"raw": "raw (one plain keep-alive HTTP/1.1 connection a client, asyncio)",
+              "httpx": "httpx.AsyncClient (asyncio)"}
 REQUEST_TIMEOUT_S = 60.0  # one request; a whole cell is bounded by its task count times this
 
 
 def measure(quick: bool, progress: Progress, workers: int = 2,
-            tasks: int | None = None, by: str = "sha256", client: str = "httpx",
+            tasks: int | None = None, by: str = "sha256", client: str = "raw",
             runner: str | None = None, runner_processes: int = 0) -> list[Row]:
-    """One row per (form, concurrency level), plus base64-in-every-request at the lowest.
+    """One row per (form, concurrency level), plus base64-in-every-request and the other
+    client (httpx when the rows use raw) at the lowest.
 
     `by`: how the cells name the module, ``sha256`` or ``b64`` (every request carries it;
     the only way before module_sha256 existed, for before/after runs). `client`: the load
@@ -94,11 +103,18 @@ def measure(quick: bool, progress: Progress, workers: int = 2,
                        client)
             b64.id, b64.label = "service:poll-b64", f"{b64.label}, module as base64 each time"
             rows.append(b64)
+        progress.step("service: httpx load generator")
+        if client == "raw":
+            body = by_ref if by == "sha256" else by_b64
+            other = _row("poll", LEVELS[0], body, url, max(50, n // 4), workers, server, "httpx")
+            other.id, other.label = "service:poll-httpx", f"{other.label}, httpx load generator"
+            rows.append(other)
         rows[0].notes.insert(0, (
             f"{n} hello tasks a cell (module by {'module_sha256' if by == 'sha256' else 'base64'}"
-            f"), service with {workers} worker threads, load generator ({client} client) "
-            f"and service on the same {CORES} cores; load average "
-            f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after (the machine is shared)"))
+            f"), service with {workers} worker threads and the "
+            f"{'default' if runner is None else repr(runner)} runner, load generator and "
+            f"service on the same {CORES} cores; load average {load_before:.2f} before, "
+            f"{os.getloadavg()[0]:.2f} after (the machine is shared)"))
     progress.step("service: done")
     return rows
 
@@ -121,13 +137,16 @@ def _row(form: str, level: int, body: dict[str, str], url: str, n: int, workers:
     row.throughput = {"tasks": n, "concurrency": level, "workers": workers,
                       "tasks_per_s": n / elapsed, "service_cpu_s": service_cpu,
                       "service_process_cpu_s": main_cpu, "runner_cpu_s": runner_cpu,
-                      "client_cpu_s": client_cpu}
+                      "client_cpu_s": client_cpu, "client": client,
+                      "ceiling_tasks_per_s": CORES / service_cpu}
     row.notes.append(
-        f"CPU per task: service {service_cpu * 1e3:.2f} ms (its runner processes "
-        f"{runner_cpu * 1e3:.2f} ms), load generator "
-        f"{client_cpu * 1e3:.2f} ms; on {CORES} otherwise idle cores the ceiling is "
-        f"{CORES / (service_cpu + client_cpu):.0f} tasks/s with the load generator here, "
-        f"{CORES / service_cpu:.0f} without it")
+        f"load generator: {GENERATORS[client]}; CPU per task: service "
+        f"{service_cpu * 1e3:.2f} ms (its runner processes {runner_cpu * 1e3:.2f} ms), load "
+        f"generator {client_cpu * 1e3:.2f} ms; measured {n / elapsed:.0f} tasks/s against a "
+        f"ceiling on {CORES} otherwise idle cores of "
+        f"{CORES / (service_cpu + client_cpu):.0f} tasks/s with this load generator on them, "
+        f"{CORES / service_cpu:.0f} for the service alone (upper bounds from CPU alone: the "
+        "service process's Python runs under one GIL)")
     return row
 
 
@@ -297,8 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="service worker threads")
     parser.add_argument("--by", choices=("sha256", "b64"), default="sha256",
                         help="name the module by digest (default) or send it every time")
-    parser.add_argument("--client", choices=("httpx", "raw"), default="httpx",
-                        help="the load generator's HTTP client (raw: a minimal keep-alive one)")
+    parser.add_argument("--client", choices=("httpx", "raw"), default="raw",
+                        help="the load generator's HTTP client (raw, the default: a minimal "
+                             "keep-alive one; httpx: httpx.AsyncClient)")
     parser.add_argument("--runner", choices=("threads", "processes"),
                         help="the service's runner setting (default: the service's default)")
     parser.add_argument("--runner-processes", type=int, default=0,

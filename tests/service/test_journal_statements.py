@@ -1,12 +1,12 @@
 """What the journal costs a task in SQLite statements, and the long-poll's order of work.
 
 Each statement is a round trip through the GIL that the service's threads contend for: a
-task is read with one statement, claimed and finished with one each, and a batch of writes
-takes no savepoints unless one of its writes fails. A long-poll registers its waiter before
-it reads the journal; it reads the task once before waiting and once after, and not before
-when the task is its caller's and known not to be final (queued or running). Admission
-counts a token's tasks in flight without a query. A token that was seen owning a module is
-not asked again until the next purge.
+task is read with one statement (none once this store finished it), claimed and finished
+with one each, and a batch of writes takes no savepoints unless one of its writes fails. A
+long-poll registers its waiter before it reads the journal; it reads the task once before
+waiting and once after, and not before when the task is its caller's and known not to be
+final (queued or running). Admission counts a token's tasks in flight without a query. A
+token that was seen owning a module is not asked again until the next purge.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from httpx import Response
 
 from tests.service._support import ALICE, auth
 from wasmbox import Result, Status, Task
+from wasmbox.service import _journal_reads
 from wasmbox.service._journal_reads import _recent, _recent_lock
 from wasmbox.service.store import Record, State, TaskStore
 
@@ -44,13 +45,20 @@ def statements(db: sqlite3.Connection) -> Iterator[list[str]]:
         seen[:] = [sql for sql in seen if not sql.upper().startswith(FRAMING)]
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[TaskStore]:
+@contextmanager
+def journal_in(tmp_path: Path) -> Iterator[TaskStore]:
+    """The journal in `tmp_path`, opened (again: as after a restart, nothing in memory)."""
     journal = TaskStore(tmp_path / "tasks.db")
     try:
         yield journal
     finally:
         journal.close()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[TaskStore]:
+    with journal_in(tmp_path) as journal:
+        yield journal
 
 
 def hello(guests: dict[str, Path]) -> Task:
@@ -70,17 +78,64 @@ def ended(task: Task, status: Status = Status.COMPLETED, **files: bytes) -> Resu
 
 
 def test_a_task_with_files_is_read_with_one_statement(
-    store: TaskStore, guests: dict[str, Path]
+    store: TaskStore, guests: dict[str, Path], tmp_path: Path
 ) -> None:
     task = running(store, guests)
     files = {"a.txt": b"abc", "dir/b \"q\".bin": b"\0" * 7}
     store.finish(task.id, ended(task, **files), 0.1)
-    with statements(store._reader()) as seen:
-        record = store.get(task.id)
+    with journal_in(tmp_path) as journal, statements(journal._reader()) as seen:
+        record = journal.get(task.id)
     assert len(seen) == 1, seen
     assert record is not None and record.state is State.FINISHED
     assert record.file_sizes == {"a.txt": 3, "dir/b \"q\".bin": 7}
     assert store.get("no-such-task") is None
+
+
+@pytest.mark.parametrize("cancel", [False, True], ids=["finished", "cancelled-while-running"])
+def test_a_task_this_store_finished_is_read_without_a_statement(
+    store: TaskStore, guests: dict[str, Path], tmp_path: Path, cancel: bool
+) -> None:
+    """The long-polls a result wakes read it from memory, exactly as the journal has it."""
+    task = running(store, guests)
+    if cancel:
+        store.cancel(task.id)
+    store.finish(task.id, ended(task, **{"a.txt": b"abc"}), 0.25)
+    with statements(store._reader()) as seen:
+        record = store.get(task.id)
+    assert seen == []
+    with journal_in(tmp_path) as journal:
+        assert record == journal.get(task.id)
+    assert record is not None and record.charged_s == 0.25 and record.attempts == 1
+
+
+def test_final_records_kept_in_memory_are_bounded(
+    store: TaskStore, guests: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At most MAX_FINAL of them, oldest forgotten first, and none with a big result."""
+    monkeypatch.setattr(_journal_reads, "MAX_FINAL", 2)
+    monkeypatch.setattr(_journal_reads, "MAX_FINAL_RESULT_CHARS", 2000)
+    tasks = [running(store, guests) for _ in range(4)]
+    for task in tasks[:3]:
+        store.finish(task.id, ended(task), 0.1)
+    big = ended(tasks[3]).model_copy(update={"stdout": "x" * 2000})
+    store.finish(tasks[3].id, big, 0.1)
+    read: list[bool] = []
+    for task in tasks:
+        with statements(store._reader()) as seen:
+            assert store.get(task.id) is not None
+        read.append(bool(seen))
+    assert read == [True, False, False, True]
+
+
+def test_a_purge_forgets_the_final_records_read_from_memory(
+    store: TaskStore, guests: dict[str, Path]
+) -> None:
+    task = running(store, guests)
+    store.finish(task.id, ended(task), 0.1)
+    assert store.get(task.id) is not None
+    later = time.time() + 60
+    assert store.purge(later, 0, later) == 1
+    assert store.get(task.id) is None
 
 
 def test_a_task_is_claimed_and_finished_with_one_statement_each(

@@ -25,12 +25,37 @@ class _JournalReads(_GroupCommit):
         self._purges = 0
         self._owners: dict[tuple[str, str], int] = {}
 
+        # Records of tasks this store finished, as `get` reads them, most recent last: a
+        # final row changes no more until a purge deletes it, and a purge forgets them all.
+        # Filled on the writer thread once durable; at most MAX_FINAL records,
+        # MAX_FINAL_CHARS of result JSON in all, none over MAX_FINAL_RESULT_CHARS.
+        self._final: OrderedDict[str, tuple[Record, int]] = OrderedDict()
+        self._final_chars = 0
+        self._final_lock = threading.Lock()
+
     def _purged(self) -> None:
-        """Forget every remembered module owner (a purge is under way or just committed)."""
+        """Forget every remembered module owner and final record (a purge is under way or
+        just committed)."""
         self._purges = next(self._purge_marks)
+        with self._final_lock:
+            self._final.clear()
+            self._final_chars = 0
+
+    def _keep_final(self, record: Record, chars: int) -> None:
+        """Remember the durable final `record` (its result `chars` long as JSON) for `get`."""
+        if chars > MAX_FINAL_RESULT_CHARS:
+            return  # a big result is read back from the journal when asked for
+        with self._final_lock:
+            self._final[record.id] = (record, chars)
+            self._final_chars += chars
+            while len(self._final) > MAX_FINAL or self._final_chars > MAX_FINAL_CHARS:
+                self._final_chars -= self._final.popitem(last=False)[1][1]
 
     def get(self, task_id: str) -> Record | None:
         """The task's record, or None if no such task was accepted."""
+        kept = self._final.get(task_id)
+        if kept is not None:
+            return kept[0]
         # One statement: the row and its files' sizes from one snapshot, no transaction.
         row = self._reader().execute(
             "SELECT id, token, policy, state, cancel_requested, attempts, result_json,"
@@ -152,6 +177,9 @@ class _JournalReads(_GroupCommit):
 RECENT_MODULES, RECENT_MODULE_BYTES = 16, 64 * 2**20
 # (token, module) pairs whose ownership is remembered between purges, at most.
 MAX_OWNERS = 4096
+# Final records `get` answers from memory, at most; the result JSON they hold, in all and
+# each (a bigger result is read back from the journal when asked for).
+MAX_FINAL, MAX_FINAL_CHARS, MAX_FINAL_RESULT_CHARS = 4096, 8 * 2**20, 64 * 2**10
 _recent: OrderedDict[str, bytes] = OrderedDict()
 _recent_lock = threading.Lock()
 

@@ -110,14 +110,14 @@ def open_journal(path: Path) -> sqlite3.Connection:
     return db
 
 
-def _storable(result: Result) -> tuple[Result, str]:
-    """The result and its JSON, as `get` will read it back; a stand-in if it cannot be."""
+def _storable(result: Result) -> tuple[Result, str, Result]:
+    """The result, its JSON and the result `get` reads back from that JSON; a stand-in if it
+    cannot be read back."""
     try:
         for name in result.files:
             name.encode("utf-8")
         text = result.model_dump_json(exclude={"files"})
-        Result.model_validate_json(text)
-        return result, text
+        return result, text, Result.model_validate_json(text)
     except (ValueError, RecursionError):
         pass
     status = Status.CANCELLED if result.status is Status.CANCELLED else Status.OUTPUT_REJECTED
@@ -125,7 +125,8 @@ def _storable(result: Result) -> tuple[Result, str]:
         "status": status, "reason": UNSTORABLE, "output": None, "files": {}, "stdout": "",
         "stderr": "", "trap": None, "events": (), "escalation_reason": None,
     })
-    return stand_in, stand_in.model_dump_json(exclude={"files"})
+    text = stand_in.model_dump_json(exclude={"files"})
+    return stand_in, text, Result.model_validate_json(text)
 
 
 def cancelled(result: Result, reason: str) -> Result:

@@ -162,20 +162,25 @@ class TaskStore(_JournalReads):
         task was submitted, or None for a duplicate completion (the first one stands).
         """
         stored = _storable(result)  # serialised here, not on the writer thread
+        # The final record as `get` would read it: kept in memory once it is durable, so the
+        # long-polls it wakes (and polls soon after) do not read it back from the journal.
+        kept: list[tuple[Record, int] | None] = [None]
 
         def finish(db: sqlite3.Connection) -> Ended:
-            final, result_json = stored
+            final, result_json, read_back = stored
+            finished_at = time.time()
             rows = db.execute(
                 "UPDATE tasks SET state = ?, result_json = ?, cpu_s = ?, finished_at = ?,"
                 " module = NULL WHERE id = ? AND state = ? RETURNING cancel_requested,"
-                " submitted_at",
-                (State.FINISHED, result_json, charge, time.time(), task_id, State.RUNNING),
+                " submitted_at, token, policy, attempts, started_at, reserved_s, error",
+                (State.FINISHED, result_json, charge, finished_at, task_id, State.RUNNING),
             ).fetchall()
+            kept[0] = None  # (this write may run twice: see `_queue_write`)
             if not rows:
                 return None  # a duplicate completion: the first one stands
             row = rows[0]
             if row[0]:  # cancelled while it ran: that result replaces this one
-                final, result_json = _storable(cancelled(
+                final, result_json, read_back = _storable(cancelled(
                     result, "cancelled while running" if result.status is Status.CANCELLED
                     else f"cancelled while running (it ended {result.status})"))
                 db.execute("UPDATE tasks SET result_json = ? WHERE id = ?",
@@ -185,12 +190,23 @@ class TaskStore(_JournalReads):
                     "INSERT OR REPLACE INTO files (task_id, name, data) VALUES (?, ?, ?)",
                     [(task_id, name, data) for name, data in final.files.items()],
                 )
+            kept[0] = (Record(
+                id=task_id, token=row[2], policy=row[3], state=State.FINISHED,
+                cancel_requested=bool(row[0]), attempts=row[4], result=read_back,
+                error=row[7], submitted_at=row[1], started_at=row[5], finished_at=finished_at,
+                file_sizes={name: len(data) for name, data in final.files.items()},
+                charged_s=charge, reserved_s=row[6],
+            ), len(result_json))
             return final, float(row[1])
 
+        def durable(committed: bool) -> None:  # on the writer thread, before any caller hears
+            if committed and kept[0] is not None:
+                self._keep_final(*kept[0])
+
         if done is not None:
-            self._queue_write(finish).add_done_callback(done)
+            self._queue_write(finish, durable).add_done_callback(done)
             return None
-        if self._write(finish) is None:
+        if self._queue_write(finish, durable).result() is None:
             return None
         return self.get(task_id)
 
