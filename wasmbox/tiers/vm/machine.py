@@ -190,9 +190,24 @@ class Machine(Closeable):
         """True while QEMU runs."""
         return self.process.poll() is None and not self._exited.is_set()
 
-    def serial_tail(self) -> str:
-        """The end of the serial log, for error messages only."""
-        return bytes(self._serial[-2000:]).decode(errors="replace")
+    def serial_tail(self, size: int = 2000) -> str:
+        """The last `size` bytes of the serial log (16 KiB at most), for error messages only."""
+        return bytes(self._serial[-size:]).decode(errors="replace")
+
+    def exit_status(self, timeout: float = 1.0) -> str:
+        """How QEMU ended (its exit code or the signal that killed it), waiting up to
+        `timeout` for it to end once its console closed; for error messages only."""
+        try:
+            code = self.process.wait(max(timeout, 0.0))
+        except subprocess.TimeoutExpired:
+            return "QEMU still runs"
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            return f"QEMU was killed by {name}"
+        return f"QEMU exited with status {code}"
 
     def qemu_errors(self) -> str:
         """What QEMU printed on stderr."""
