@@ -91,6 +91,10 @@ def test_kernel_panic_mid_task_is_crashed(vm_assets: AssetReport) -> None:
         result = sandbox.run(task)
     assert result.status is Status.CRASHED
     assert result.metrics.run_s < 30  # the panic is seen, not the task's timeout (boot aside)
+    # The crash says what happened: how QEMU ended and the guest kernel's panic line.
+    assert result.reason is not None
+    assert "QEMU exited with status 0" in result.reason
+    assert "Kernel panic - not syncing" in result.reason
 
 
 def test_boot_hang_is_bounded_by_the_boot_timeout(vm_assets: AssetReport) -> None:

@@ -18,6 +18,8 @@ from wasmbox.tiers.vm.machine import ExitLine, Machine
 from wasmbox.tiers.watch import RunWatch
 from wasmbox.workspace import Workspace
 
+_TAIL_LINES = 4
+
 
 def finish(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monitor,
            machine: Machine, kvm: bool | None, t0: float, startup: float) -> Outcome:
@@ -45,10 +47,7 @@ def finish(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monito
             outcome.status, outcome.reason = Status.TIMEOUT, "wall-clock deadline passed"
         else:
             outcome.status = Status.CRASHED
-            # For diagnosis only: the last console line and what QEMU itself said.
-            tail = machine.serial_tail().strip().splitlines()[-1:] or [""]
-            outcome.reason = (f"the guest stopped without reporting (kernel panic?): "
-                              f"{tail[0][:200]!r} {machine.qemu_errors()[-300:]}").strip()
+            outcome.reason = crash_report(machine)
         return outcome
     _classify(outcome, line, plan)
     if not line.flags & {"ship", "empty"}:  # "empty": the guest had nothing to ship
@@ -61,6 +60,19 @@ def finish(plan: Plan, workspace: Workspace, deadline: Deadline, monitor: Monito
             outcome.status = Status.OUTPUT_REJECTED
             outcome.reason = f"the output disk is unreadable: {exc}"
     return outcome
+
+
+def crash_report(machine: Machine) -> str:
+    """Why a guest that never reported is gone, for diagnosis: how QEMU ended, what it said
+    on stderr, the guest kernel's panic line if it printed one, and the console's last
+    lines (the guest's own words: quoted, cut short)."""
+    lines = machine.serial_tail(16384).strip().splitlines()
+    panic = next((line[:200] for line in lines if "Kernel panic" in line), None)
+    tail = [line[:200] for line in lines[-_TAIL_LINES:]]
+    errors = machine.qemu_errors()[-300:]
+    return (f"the guest stopped without reporting: {machine.exit_status()}"
+            f"{'; QEMU said ' + repr(errors) if errors else ''}"
+            f"{'; ' + repr(panic) if panic else ''}; console ended {tail!r}")
 
 
 def _wait(machine: Machine, monitor: Monitor, deadline: Deadline,

@@ -48,6 +48,9 @@ __all__ = [
 ]
 
 _SERIAL_KEEP = 16384
+# A reader thread the host runs late gets this long to read what an ended QEMU left in the
+# pipe; a pipe holds 64 KiB at most.
+_DRAIN_WAIT = 5.0
 _STARVED_WAIT = 4.0  # a starved boot may take this many boot timeouts of wall time
 
 
@@ -181,8 +184,16 @@ class Machine(Closeable):
         self._nonce = nonce
 
     def wait_exit(self, timeout: float) -> ExitLine | None:
-        """The guest's exit line, or None if it did not come within `timeout` (or QEMU died)."""
-        self._exited.wait(max(timeout, 0.0))
+        """The guest's exit line, or None if it did not come within `timeout` (or QEMU died
+        without it).
+
+        QEMU ends milliseconds after the guest powers off, and its last console lines, the
+        exit line among them, may still be in the pipe when it has: a busy host runs the
+        serial reader late. Once QEMU has ended, the console is read to its end (within
+        `_DRAIN_WAIT`) before the line counts as missing.
+        """
+        if not self._exited.wait(max(timeout, 0.0)) and self.process.poll() is not None:
+            self._exited.wait(_DRAIN_WAIT)
         return self._exit
 
     @property
@@ -190,9 +201,24 @@ class Machine(Closeable):
         """True while QEMU runs."""
         return self.process.poll() is None and not self._exited.is_set()
 
-    def serial_tail(self) -> str:
-        """The end of the serial log, for error messages only."""
-        return bytes(self._serial[-2000:]).decode(errors="replace")
+    def serial_tail(self, size: int = 2000) -> str:
+        """The last `size` bytes of the serial log (16 KiB at most), for error messages only."""
+        return bytes(self._serial[-size:]).decode(errors="replace")
+
+    def exit_status(self, timeout: float = 1.0) -> str:
+        """How QEMU ended (its exit code or the signal that killed it), waiting up to
+        `timeout` for it to end once its console closed; for error messages only."""
+        try:
+            code = self.process.wait(max(timeout, 0.0))
+        except subprocess.TimeoutExpired:
+            return "QEMU still runs"
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            return f"QEMU was killed by {name}"
+        return f"QEMU exited with status {code}"
 
     def qemu_errors(self) -> str:
         """What QEMU printed on stderr."""
