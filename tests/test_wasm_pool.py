@@ -1,0 +1,52 @@
+"""WASI module runs on the pooling instance allocator: what the pool must not change."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import wasmtime
+
+from wasmbox import Policy, Sandbox, Status, Task
+from wasmbox.models import Limits
+from wasmbox.tiers.wasm.engine import POOL_RUNS
+
+MakeSandbox = Callable[..., Sandbox]
+
+# Fails (unreachable) if its memory at 1 MiB is not zero, then leaves a mark there: a
+# second run that sees the mark got the first run's memory back.
+_MARKER = """(module
+  (memory (export "memory") 17)
+  (func (export "_start")
+    (if (i32.ne (i32.load (i32.const 1048576)) (i32.const 0)) (then unreachable))
+    (i32.store (i32.const 1048576) (i32.const 0x5ec7e7))))"""
+
+
+def test_a_pooled_memory_comes_back_zeroed(sandbox: Sandbox) -> None:
+    task = Task.wasm(wasmtime.wat2wasm(_MARKER))
+    for _ in range(3):
+        r = sandbox.run(task)
+        assert r.status is Status.COMPLETED, r.reason
+
+
+def test_a_table_larger_than_a_pool_slot_still_runs(make_sandbox: MakeSandbox) -> None:
+    # The pool's table slots hold 100 000 elements; the policy allows more, so the
+    # module runs on the on-demand engine rather than failing to load.
+    wat = '(module (memory (export "memory") 1) (table 150000 funcref) (func (export "_start")))'
+    with make_sandbox(Policy(limits=Limits(table_elements=300_000))) as sb:
+        r = sb.run(Task.wasm(wasmtime.wat2wasm(wat)))
+    assert r.status is Status.COMPLETED, r.reason
+
+
+def test_more_runs_at_once_than_pool_slots_all_complete(
+    make_sandbox: MakeSandbox, guests: dict[str, Path]
+) -> None:
+    # Every guest sleeps long enough for all of them to be running at once: the runs past
+    # the pool's size wait for a slot instead of failing to instantiate.
+    extra = 4
+    task = Task.wasm(guests["sleep_long"], args=["rel", "1500"])
+    with make_sandbox() as sb:
+        assert sb.run(Task.wasm(guests["sleep_long"], args=["rel", "1"])).ok  # compiled once
+        results = sb.map([task] * (POOL_RUNS + extra), concurrency=POOL_RUNS + extra)
+    assert [r.status for r in results] == [Status.COMPLETED] * (POOL_RUNS + extra), {
+        r.reason for r in results if not r.ok}
