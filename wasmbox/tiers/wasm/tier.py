@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -96,8 +95,9 @@ class WasmTier(Closeable):
         """
         check_capabilities(self.name, self.capabilities, plan)
         self._ensure_open()
-        flavour = Flavour(fuel=plan.fuel is not None, stack=plan.stack)
+        fuel = plan.fuel is not None
         if plan.task.kind is TaskKind.PYTHON:
+            flavour = Flavour(fuel=fuel, stack=plan.stack)
             refused = _package_refusal(plan)  # an imported package with C extensions
             if refused is not None:
                 raise TierUnavailable(str(self.name), refused)
@@ -108,9 +108,9 @@ class WasmTier(Closeable):
             ready = runtime.ready(plan, flavour)
             return WasmPrepared(plan, ready.interp.handle, python=ready)
         try:
-            return self._prepare_module(plan, dataclasses.replace(flavour, pooled=True))
+            return self._prepare_module(plan, Flavour(fuel=fuel, stack=plan.stack, pooled=True))
         except NotPoolable:  # tables or instance state larger than a pool slot
-            return self._prepare_module(plan, flavour)
+            return self._prepare_module(plan, Flavour(fuel=fuel, stack=plan.stack))
 
     def _prepare_module(self, plan: Plan, flavour: Flavour) -> WasmPrepared:
         handle, cache = self._engine_for(flavour)
