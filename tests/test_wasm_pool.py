@@ -13,13 +13,17 @@ from wasmbox.tiers.wasm.engine import POOL_RUNS
 
 MakeSandbox = Callable[..., Sandbox]
 
-# Fails (unreachable) if its memory at 1 MiB is not zero, then leaves a mark there: a
-# second run that sees the mark got the first run's memory back.
+# Fails (unreachable) if its memory is not zero at 64 KiB (inside the part a pool slot keeps
+# resident) or at 2 MiB (beyond it), then leaves a mark at both: a later run that sees a
+# mark got an earlier run's memory back.
 _MARKER = """(module
-  (memory (export "memory") 17)
+  (memory (export "memory") 40)
+  (func $check_and_mark (param $at i32)
+    (if (i32.ne (i32.load (local.get $at)) (i32.const 0)) (then unreachable))
+    (i32.store (local.get $at) (i32.const 0x5ec7e7)))
   (func (export "_start")
-    (if (i32.ne (i32.load (i32.const 1048576)) (i32.const 0)) (then unreachable))
-    (i32.store (i32.const 1048576) (i32.const 0x5ec7e7))))"""
+    (call $check_and_mark (i32.const 65536))
+    (call $check_and_mark (i32.const 2097152))))"""
 
 
 def test_a_pooled_memory_comes_back_zeroed(sandbox: Sandbox) -> None:
