@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import wasmtime
 
 from wasmbox import Policy, Sandbox, Status, Task
+from wasmbox.lifecycle import Deadline
 from wasmbox.models import Limits
 from wasmbox.tiers.wasm.engine import POOL_RUNS
+from wasmbox.tiers.wasm.tier import _take_slot
 
 MakeSandbox = Callable[..., Sandbox]
 
@@ -54,3 +57,18 @@ def test_more_runs_at_once_than_pool_slots_all_complete(
         results = sb.map([task] * (POOL_RUNS + extra), concurrency=POOL_RUNS + extra)
     assert [r.status for r in results] == [Status.COMPLETED] * (POOL_RUNS + extra), {
         r.reason for r in results if not r.ok}
+
+
+def test_a_run_waiting_for_a_slot_stops_waiting_when_cancelled() -> None:
+    # An unbounded run (no timeout) waiting for a full pool must still see its cancel.
+    slots = threading.BoundedSemaphore(1)
+    slots.acquire()  # the pool is full
+    deadline = Deadline(None)
+    got: list[bool] = []
+    waiter = threading.Thread(target=lambda: got.append(_take_slot(slots, deadline)),
+                              daemon=True)
+    waiter.start()
+    deadline.cancel()
+    waiter.join(timeout=30)  # a bound on a hang, not a measurement
+    assert not waiter.is_alive()
+    assert got == [False]

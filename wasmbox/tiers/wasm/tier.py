@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -142,7 +143,7 @@ class WasmTier(Closeable):
         t0 = time.perf_counter()
         assert prepared.module is not None and prepared.pre is not None and prepared.cache
         slots = prepared.handle.slots
-        if slots is not None and not slots.acquire(timeout=deadline.remaining()):
+        if slots is not None and not _take_slot(slots, deadline):
             return Outcome(status=Status.TIMEOUT, exit_code=None,
                            reason=f"no wasm instance slot came free before the deadline "
                                   f"({POOL_RUNS} runs at once per engine)")
@@ -184,6 +185,20 @@ class WasmTier(Closeable):
         for handle, cache in self._engines.take_all():
             cache.clear()
             handle.close()
+
+
+def _take_slot(slots: threading.BoundedSemaphore, deadline: Deadline) -> bool:
+    """One of a pooled engine's run slots; False if the deadline passes (or the run is
+    cancelled) first. Waits in short steps so a cancel is seen while waiting."""
+    while True:
+        left = deadline.remaining()
+        if slots.acquire(timeout=_SLOT_WAIT if left is None else min(_SLOT_WAIT, left)):
+            return True
+        if deadline.expired:
+            return False
+
+
+_SLOT_WAIT = 0.05
 
 
 def _execute(
