@@ -12,7 +12,8 @@ tier (edited elsewhere) shows as a gap.
 Part 2 prototypes fixes against raw wasmtime-py, the tier untouched, each variant beside the
 same baseline in interleaved runs:
 - ``pooling``: wasmtime's pooling instance allocator (``wasmtime_pooling_allocation_*`` via
-  ``wasmtime._ffi``), slots sized for the default policy (256 MiB memories);
+  ``wasmtime._ffi``), slots sized for the default policy (256 MiB memories); and with 1 MiB
+  of each memory and table kept resident between instances (what the tier now uses);
 - ``memfd-stdio``: stdout/stderr into a memfd through ``wasi_config_set_stdout_custom`` with
   libc ``write`` as the callback (no host path opened, no Python per write, no blocking
   thread-pool hop that file-backed WASI streams take);
@@ -174,7 +175,7 @@ class Raw:
     """A minimal hello runner on raw wasmtime-py with the default policy's limits."""
 
     def __init__(self, module: Path, *, pooling: bool = False, memfd: bool = False,
-                 reuse_dir: bool = False, stdio: bool = True) -> None:
+                 reuse_dir: bool = False, stdio: bool = True, keep_resident: int = 0) -> None:
         self.limits = Limits()
         config = wasmtime.Config()
         config.consume_fuel = True
@@ -182,7 +183,7 @@ class Raw:
         config.max_wasm_stack = self.limits.stack
         config.cranelift_opt_level = "speed"
         if pooling:
-            _pooling(config, self.limits.memory)
+            _pooling(config, self.limits.memory, keep_resident)
         self.engine = wasmtime.Engine(config)
         linker = wasmtime.Linker(self.engine)
         linker.define_wasi()
@@ -276,14 +277,19 @@ def _clear(path: str) -> None:
         remove_tree(os.path.join(path, name))
 
 
-def _pooling(config: wasmtime.Config, memory: int) -> None:
-    """Switch `config` to the pooling allocator, slots sized for a few 256 MiB memories."""
+def _pooling(config: wasmtime.Config, memory: int, keep_resident: int = 0) -> None:
+    """Switch `config` to the pooling allocator, slots sized for a few 256 MiB memories;
+    `keep_resident` bytes of each memory and table stay resident (zeroed) on release."""
     pool = ffi.wasmtime_pooling_allocation_config_new()
     try:
         ffi.wasmtime_pooling_allocation_config_total_memories_set(pool, 64)
         ffi.wasmtime_pooling_allocation_config_total_tables_set(pool, 64)
         ffi.wasmtime_pooling_allocation_config_total_core_instances_set(pool, 64)
         ffi.wasmtime_pooling_allocation_config_max_memory_size_set(pool, memory)
+        if keep_resident:
+            ffi.wasmtime_pooling_allocation_config_linear_memory_keep_resident_set(
+                pool, keep_resident)
+            ffi.wasmtime_pooling_allocation_config_table_keep_resident_set(pool, keep_resident)
         ffi.wasmtime_pooling_allocation_strategy_set(config.ptr(), pool)
     finally:
         ffi.wasmtime_pooling_allocation_config_delete(pool)
@@ -293,6 +299,7 @@ def part2(module: Path, runs: int) -> None:
     variants: dict[str, Callable[[], Raw]] = {
         "baseline (files, fresh dir)": lambda: Raw(module),
         "pooling allocator": lambda: Raw(module, pooling=True),
+        "pooling, 1 MiB resident": lambda: Raw(module, pooling=True, keep_resident=1 << 20),
         "memfd stdio (no host file)": lambda: Raw(module, memfd=True),
         "reused task dir": lambda: Raw(module, reuse_dir=True),
         "no stdio at all (bound)": lambda: Raw(module, stdio=False),

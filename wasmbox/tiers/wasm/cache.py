@@ -71,6 +71,11 @@ class Prepared:
     plain_start: bool = False
 
 
+class NotPoolable(HostFailure):
+    """A pooled engine refused the module when loading it: it does not fit the pool's slots
+    (see `engine._use_pooling`); the tier runs it on the on-demand engine instead."""
+
+
 class ModuleCache:
     """Thread-safe cache of prepared modules for one engine flavour."""
 
@@ -81,6 +86,7 @@ class ModuleCache:
         self._prepared: OrderedDict[str, Prepared] = OrderedDict()
         self._digests: dict[tuple[str, int, int, int], str] = {}
         self._unclaimed: dict[str, float] = {}
+        self._not_poolable: dict[str, str] = {}  # digest -> why a pooled engine refused it
         # The last bytes object hashed and its digest: a Dask chunk's tasks (and a local
         # batch's) share one module object, hashed once (~120 us for 170 KB). Holding the
         # object keeps the identity meaningful; bytes are immutable, so it is still the digest.
@@ -108,15 +114,17 @@ class ModuleCache:
             found = self._prepared.get(digest)
             if found is not None:
                 return found
+        if digest is not None and digest in self._not_poolable:
+            raise NotPoolable(self._not_poolable[digest])
         if st.st_size > MAX_MODULE_BYTES:
             raise ModuleRejected(f"module {path} is over {MAX_MODULE_BYTES} bytes")
         try:
             data = path.read_bytes()
         except OSError as exc:
             raise ModuleRejected(f"cannot read module {path}: {exc.strerror}") from exc
-        prepared = self.load_bytes(data, pin, timeout)
-        self._digests[stamp] = prepared.sha256
-        return prepared
+        if not pin:  # a refusal is remembered by the stamp too (a pin hashes every time)
+            self._digests[stamp] = self._digest(data)
+        return self.load_bytes(data, pin, timeout)
 
     def load_bytes(self, data: bytes, pin: str | None, timeout: float | None = None) -> Prepared:
         """The prepared module for raw bytes; raises `ModuleRejected` if they are not valid."""
@@ -130,6 +138,9 @@ class ModuleCache:
             if found is not None:
                 self._prepared.move_to_end(digest)
                 return found
+            refused = self._not_poolable.get(digest)
+        if refused is not None:
+            raise NotPoolable(refused)
         prepared = self._prepare(digest, data, timeout)
         with self._lock:
             self._prepared[digest] = prepared
@@ -158,6 +169,11 @@ class ModuleCache:
             try:
                 module = wasmtime.Module.deserialize(engine, compiled)
             except wasmtime.WasmtimeError as exc:
+                if self._handle.flavour.pooled:
+                    reason = f"the module does not fit the instance pool: {first_line(str(exc))}"
+                    with self._lock:
+                        self._not_poolable[digest] = reason
+                    raise NotPoolable(reason) from exc
                 raise HostFailure(f"the compile worker's output does not load: {exc}") from exc
             self._to_disk(digest, compiled)
         imports = frozenset(f"{i.module}.{i.name}" for i in module.imports)
@@ -209,6 +225,7 @@ class ModuleCache:
             self._prepared.clear()
             self._digests.clear()
             self._unclaimed.clear()
+            self._not_poolable.clear()
             self._last_hashed = None
 
 

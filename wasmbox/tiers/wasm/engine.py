@@ -1,12 +1,16 @@
 """Engines per config flavour, the shared epoch ticker, and per-store epoch watchdogs.
 
 One `Engine` (and its WASI `Linker`) exists per flavour: compiled code is tied to the flags,
-so the flavour is also part of the module cache key. A single ticker thread per engine
-advances the epoch; every running store asks to be called back on each tick, and the callback
-(`Watchdog.on_tick`) decides whether the guest goes on: it trips the wall-clock deadline and
-any in-run guard (an output flood) without touching other stores. The ticker only ticks while
-some store has a watchdog armed: an idle process (a Dask worker between tasks) spends no CPU
-on it.
+so the flavour is also part of the module cache key. A `pooled` flavour (WASI module runs)
+uses wasmtime's pooling instance allocator: each run's memory and tables come from slots
+reserved once per engine and kept resident (zeroed on release) instead of being mapped,
+faulted in and unmapped per run; `EngineHandle.slots` bounds the runs that hold slots.
+
+A single ticker thread per engine advances the epoch; every running store asks to be called
+back on each tick, and the callback (`Watchdog.on_tick`) decides whether the guest goes on:
+it trips the wall-clock deadline and any in-run guard (an output flood) without touching other
+stores. The ticker only ticks while some store has a watchdog armed: an idle process (a Dask
+worker between tasks) spends no CPU on it.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from wasmtime import _ffi as ffi
 from wasmbox._lazy import Lazy
 from wasmbox.errors import ConfigError
 from wasmbox.lifecycle import Closeable
-from wasmbox.models import KiB, MiB
+from wasmbox.models import GiB, KiB, MiB
 from wasmbox.tiers.wasm import hostcalls
 from wasmbox.tiers.wasm.compile_worker import FEATURES_KEY, engine_config
 
@@ -42,12 +46,14 @@ class Flavour:
 
     fuel: bool
     stack: int
+    pooled: bool = False  # the pooling instance allocator (see the module docstring)
 
     @property
     def key(self) -> str:
         """A stable name for the flavour, part of every compiled-module cache key."""
+        pool = "-pool1" if self.pooled else ""
         return (f"wasmtime{WASMTIME_VERSION}-fuel{int(self.fuel)}-epoch1-stack{self.stack}"
-                f"-{FEATURES_KEY}")
+                f"{pool}-{FEATURES_KEY}")
 
 
 class EngineHandle(Closeable):
@@ -60,7 +66,13 @@ class EngineHandle(Closeable):
                 f"got {flavour.stack}"
             )
         self.flavour = flavour
-        self.engine = wasmtime.Engine(engine_config(flavour.fuel, flavour.stack))
+        config = engine_config(flavour.fuel, flavour.stack)
+        # Runs holding pool slots now; None for an on-demand engine.
+        self.slots: threading.BoundedSemaphore | None = None
+        if flavour.pooled:
+            _use_pooling(config)
+            self.slots = threading.BoundedSemaphore(POOL_RUNS)
+        self.engine = wasmtime.Engine(config)
         self.linker = wasmtime.Linker(self.engine)
         self.linker.define_wasi()
         hostcalls.define(self.linker)
@@ -76,6 +88,40 @@ class EngineHandle(Closeable):
         self.wasi_calls.close()
         self.linker.close()
         self.engine.close()
+
+
+def _use_pooling(config: wasmtime.Config) -> None:
+    """Switch `config` to the pooling allocator, sized for `POOL_RUNS` WASI module runs.
+
+    A run holds one memory, the module's tables and two instances (the guest and the
+    host-call trampoline). Slots are as large as anything the store limits could allow
+    (a 4 GiB memory: wasm32's whole space), so the store limits stay the only caps; a
+    module that still does not fit (more tables, larger tables or instance state than a
+    slot) is refused when loaded, and the tier runs it on the on-demand engine instead.
+    Memory and tables up to `KEEP_RESIDENT` bytes stay resident between runs, zeroed on
+    release rather than decommitted (no page faults, no munmap and TLB shootdown per run).
+    """
+    pool = ffi.wasmtime_pooling_allocation_config_new()
+    try:
+        ffi.wasmtime_pooling_allocation_config_total_memories_set(pool, POOL_RUNS)
+        ffi.wasmtime_pooling_allocation_config_total_tables_set(pool, POOL_RUNS * _POOL_TABLES)
+        ffi.wasmtime_pooling_allocation_config_total_core_instances_set(pool, POOL_RUNS * 2)
+        ffi.wasmtime_pooling_allocation_config_max_tables_per_module_set(pool, _POOL_TABLES)
+        ffi.wasmtime_pooling_allocation_config_table_elements_set(pool, _POOL_TABLE_ELEMENTS)
+        ffi.wasmtime_pooling_allocation_config_max_memory_size_set(pool, 4 * GiB)
+        ffi.wasmtime_pooling_allocation_config_linear_memory_keep_resident_set(
+            pool, KEEP_RESIDENT)
+        ffi.wasmtime_pooling_allocation_config_table_keep_resident_set(pool, KEEP_RESIDENT)
+        ffi.wasmtime_pooling_allocation_strategy_set(config.ptr(), pool)
+    finally:
+        ffi.wasmtime_pooling_allocation_config_delete(pool)
+
+
+# Concurrent runs per pooled engine (each reserves ~4 GiB of address space, untouched).
+POOL_RUNS = 64
+KEEP_RESIDENT = 1 * MiB
+_POOL_TABLES = 4
+_POOL_TABLE_ELEMENTS = 100_000  # the default policy's limits.table_elements
 
 
 class _Ticker:

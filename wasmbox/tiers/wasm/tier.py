@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,9 +23,10 @@ from wasmbox.monitor import Monitor
 from wasmbox.packages import wasm_refusal
 from wasmbox.policy import Plan
 from wasmbox.tiers.base import Availability, Outcome, TierCapabilities, check_capabilities
-from wasmbox.tiers.wasm.cache import ModuleCache, check_imports
+from wasmbox.tiers.wasm.cache import ModuleCache, NotPoolable, check_imports
 from wasmbox.tiers.wasm.cache import Prepared as LoadedModule
 from wasmbox.tiers.wasm.engine import (
+    POOL_RUNS,
     WASMTIME_VERSION,
     EngineHandle,
     Flavour,
@@ -94,8 +96,9 @@ class WasmTier(Closeable):
         """
         check_capabilities(self.name, self.capabilities, plan)
         self._ensure_open()
-        flavour = Flavour(fuel=plan.fuel is not None, stack=plan.stack)
+        fuel = plan.fuel is not None
         if plan.task.kind is TaskKind.PYTHON:
+            flavour = Flavour(fuel=fuel, stack=plan.stack)
             refused = _package_refusal(plan)  # an imported package with C extensions
             if refused is not None:
                 raise TierUnavailable(str(self.name), refused)
@@ -105,6 +108,12 @@ class WasmTier(Closeable):
                 raise TierUnavailable(str(self.name), available.reason)
             ready = runtime.ready(plan, flavour)
             return WasmPrepared(plan, ready.interp.handle, python=ready)
+        try:
+            return self._prepare_module(plan, Flavour(fuel=fuel, stack=plan.stack, pooled=True))
+        except NotPoolable:  # tables or instance state larger than a pool slot
+            return self._prepare_module(plan, Flavour(fuel=fuel, stack=plan.stack))
+
+    def _prepare_module(self, plan: Plan, flavour: Flavour) -> WasmPrepared:
         handle, cache = self._engine_for(flavour)
         task = plan.task
         if task.module is not None:
@@ -133,12 +142,21 @@ class WasmTier(Closeable):
                                               prepared.python)
         t0 = time.perf_counter()
         assert prepared.module is not None and prepared.pre is not None and prepared.cache
-        store = wasmtime.Store(prepared.handle.engine)
+        slots = prepared.handle.slots
+        if slots is not None and not _take_slot(slots, deadline):
+            return Outcome(status=Status.TIMEOUT, exit_code=None,
+                           reason=f"no wasm instance slot came free before the deadline "
+                                  f"({POOL_RUNS} runs at once per engine)")
         try:
-            outcome = _execute(plan, workspace, deadline, monitor, prepared.handle,
-                               prepared.module, prepared.pre, store, t0)
+            store = wasmtime.Store(prepared.handle.engine)
+            try:
+                outcome = _execute(plan, workspace, deadline, monitor, prepared.handle,
+                                   prepared.module, prepared.pre, store, t0)
+            finally:
+                close_store(store)
         finally:
-            close_store(store)
+            if slots is not None:
+                slots.release()  # the store, and with it every slot it held, is gone
         # Compiling happened in `prepare`, before the deadline: reported by the first run.
         outcome.extra["compile_s"] = prepared.cache.claim_compile_s(prepared.module.sha256)
         return outcome
@@ -167,6 +185,20 @@ class WasmTier(Closeable):
         for handle, cache in self._engines.take_all():
             cache.clear()
             handle.close()
+
+
+def _take_slot(slots: threading.BoundedSemaphore, deadline: Deadline) -> bool:
+    """One of a pooled engine's run slots; False if the deadline passes (or the run is
+    cancelled) first. Waits in short steps so a cancel is seen while waiting."""
+    while True:
+        left = deadline.remaining()
+        if slots.acquire(timeout=_SLOT_WAIT if left is None else min(_SLOT_WAIT, left)):
+            return True
+        if deadline.expired:
+            return False
+
+
+_SLOT_WAIT = 0.05
 
 
 def _execute(
