@@ -163,8 +163,9 @@ def test_a_waiter_gives_up_at_its_own_budget_while_the_leader_compiles(
     leader.start()
     try:
         assert compile_.started.wait(60)
-        with pytest.raises(ModuleRejected, match="took longer than its 2 s budget"):
+        with pytest.raises(ModuleRejected, match="took longer than its 2 s budget") as info:
             module_cache_only.load_bytes(data, None, 0.5)
+        assert info.type is ModuleRejected  # a public error type, as before
         assert leader.is_alive()  # still compiling: the waiter did not wait for it
     finally:
         compile_.release.set()
@@ -225,8 +226,9 @@ def test_a_leader_over_its_budget_lets_a_waiter_with_more_time_compile(
         leader = pool.submit(module_cache_only.load_bytes, data, None, 0.5)
         assert started.wait(60)
         prepared = module_cache_only.load_bytes(data, None, None)
-        with pytest.raises(ModuleRejected, match="budget"):
+        with pytest.raises(ModuleRejected, match="budget") as info:
             leader.result()
+        assert info.type is ModuleRejected
     assert isinstance(prepared, Prepared)
     assert len(calls) == 2
     assert not module_cache_only._inflight

@@ -143,7 +143,10 @@ class ModuleCache:
             refused = self._not_poolable.get(digest)
         if refused is not None:
             raise NotPoolable(refused)
-        return self._prepare_once(digest, data, compile_budget(timeout))
+        try:
+            return self._prepare_once(digest, data, compile_budget(timeout))
+        except CompileOverBudget as exc:  # the cache's own mark: callers see the public type
+            raise ModuleRejected(str(exc)) from exc
 
     def _prepare_once(self, digest: str, data: bytes, budget: float) -> Prepared:
         """Prepare `digest`, or wait for the run already preparing it: one compile, not N.
@@ -287,7 +290,11 @@ class ModuleCache:
 
 
 class CompileOverBudget(ModuleRejected):
-    """Compiling the module took longer than the run's `budget` of wall or CPU seconds."""
+    """Compiling the module took longer than the run's `budget` of wall or CPU seconds.
+
+    Internal to this module: `ModuleCache` raises it as a plain `ModuleRejected` (the error
+    tree, the CLI and the process-pool wire know only the public names).
+    """
 
     def __init__(self, budget: float, message: str | None = None) -> None:
         super().__init__(message or f"compiling the module took longer than its {budget:g} s "
@@ -303,7 +310,7 @@ class _Flight:
     """One compile in progress and, once `done` is set, how it ended."""
 
     done: threading.Event = field(default_factory=threading.Event)
-    waiters: int = 0
+    waiters: int = 0  # runs that waited on it (a count of arrivals, never lowered)
     prepared: Prepared | None = None
     refusal: Exception | None = None  # the module's own fault, shared with every waiter
     failure: BaseException | None = None  # the leader's, not the module's: a waiter retries
