@@ -4,7 +4,8 @@ A module the cache has not seen is validated and compiled in a worker process
 (`compile_worker`) bounded in memory, CPU and wall time by the task's timeout: a hostile
 module can make compilation cost seconds and hundreds of MiB. Cache hits never leave the
 process. The cost of a compile is kept with the module and reported once, in the metrics of
-the run that paid for it (``extra["compile_s"]``).
+the run that paid for it (``extra["compile_s"]``). Runs that miss on the same module at
+once share one compile: the first compiles, the others wait for it within their own budget.
 
 On disk, ``<dir>/<sha256>-<flavour>.cwasm`` holds wasmtime's serialized code, keyed by the
 module's hash, the wasmtime version and the engine flags (a `.cwasm` is only valid for exactly
@@ -24,7 +25,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import wasmtime
@@ -87,6 +88,7 @@ class ModuleCache:
         self._digests: dict[tuple[str, int, int, int], str] = {}
         self._unclaimed: dict[str, float] = {}
         self._not_poolable: dict[str, str] = {}  # digest -> why a pooled engine refused it
+        self._inflight: dict[str, _Flight] = {}  # digest -> the compile runs are waiting for
         # The last bytes object hashed and its digest: a Dask chunk's tasks (and a local
         # batch's) share one module object, hashed once (~120 us for 170 KB). Holding the
         # object keeps the identity meaningful; bytes are immutable, so it is still the digest.
@@ -141,14 +143,71 @@ class ModuleCache:
             refused = self._not_poolable.get(digest)
         if refused is not None:
             raise NotPoolable(refused)
-        prepared = self._prepare(digest, data, timeout)
-        with self._lock:
-            self._prepared[digest] = prepared
-            if prepared.compile_s:
-                self._unclaimed[digest] = prepared.compile_s
-            while len(self._prepared) > _MEMORY_ENTRIES:
-                self._prepared.popitem(last=False)
-        return prepared
+        try:
+            return self._prepare_once(digest, data, compile_budget(timeout))
+        except CompileOverBudget as exc:  # the cache's own mark: callers see the public type
+            raise ModuleRejected(str(exc)) from exc
+
+    def _prepare_once(self, digest: str, data: bytes, budget: float) -> Prepared:
+        """Prepare `digest`, or wait for the run already preparing it: one compile, not N.
+
+        A waiter is bounded by its own `budget`. It shares a leader's refusal of the
+        module; when the leader merely ran out of its own budget (or failed in some other
+        way), a waiter with more time left compiles in its place.
+        """
+        end = time.monotonic() + budget
+        left = budget
+        while True:
+            with self._lock:
+                found = self._prepared.get(digest)
+                if found is not None:
+                    return found
+                flight = self._inflight.get(digest)
+                if flight is None:
+                    flight = self._inflight[digest] = _Flight()
+                    leading = True
+                else:
+                    flight.waiters += 1
+                    leading = False
+            if leading:
+                return self._lead(flight, digest, data, left)
+            flight.done.wait(left)
+            if flight.prepared is not None:
+                return flight.prepared
+            if flight.refusal is not None:
+                raise type(flight.refusal)(*flight.refusal.args) from flight.refusal
+            left = end - time.monotonic()
+            over = flight.failure if isinstance(flight.failure, CompileOverBudget) else None
+            if not flight.done.is_set() or left <= (over.budget if over else 0.0):
+                raise CompileOverBudget(budget)  # what compiling it here would have ended in
+            # The leader was interrupted or ran out of a shorter budget than ours: retry.
+
+    def _lead(self, flight: _Flight, digest: str, data: bytes, budget: float) -> Prepared:
+        """Compile for every waiter of `flight`; the flight ends on every path."""
+        try:
+            prepared = self._prepare(digest, data, budget)
+        except (NotPoolable, ModuleRejected) as exc:
+            if isinstance(exc, CompileOverBudget):
+                flight.failure = exc
+            else:  # the module's own fault: the same answer for every waiter
+                flight.refusal = exc
+            raise
+        except BaseException as exc:  # a host failure, KeyboardInterrupt: a waiter retries
+            flight.failure = exc
+            raise
+        else:
+            flight.prepared = prepared
+            return prepared
+        finally:
+            with self._lock:
+                if flight.prepared is not None:
+                    self._prepared[digest] = flight.prepared
+                    if flight.prepared.compile_s:
+                        self._unclaimed[digest] = flight.prepared.compile_s
+                    while len(self._prepared) > _MEMORY_ENTRIES:
+                        self._prepared.popitem(last=False)
+                del self._inflight[digest]
+            flight.done.set()
 
     def _digest(self, data: bytes) -> str:
         """sha256 of `data`, not computed again for the same object as last time."""
@@ -160,12 +219,13 @@ class ModuleCache:
             self._last_hashed = (data, digest)
         return digest
 
-    def _prepare(self, digest: str, data: bytes, timeout: float | None) -> Prepared:
+    def _prepare(self, digest: str, data: bytes, budget: float) -> Prepared:
         engine = self._handle.engine
         module = self._from_disk(digest)
         compile_s = 0.0
         if module is None:
-            compiled, compile_s = compile_in_worker(self._handle.flavour, data, timeout)
+            compiled, compile_s = compile_in_worker(self._handle.flavour, data, None,
+                                                    budget=budget)
             try:
                 module = wasmtime.Module.deserialize(engine, compiled)
             except wasmtime.WasmtimeError as exc:
@@ -229,6 +289,33 @@ class ModuleCache:
             self._last_hashed = None
 
 
+class CompileOverBudget(ModuleRejected):
+    """Compiling the module took longer than the run's `budget` of wall or CPU seconds.
+
+    Internal to this module: `ModuleCache` raises it as a plain `ModuleRejected` (the error
+    tree, the CLI and the process-pool wire know only the public names).
+    """
+
+    def __init__(self, budget: float, message: str | None = None) -> None:
+        super().__init__(message or f"compiling the module took longer than its {budget:g} s "
+                                    "budget (the task's timeout)")
+        self.budget = budget
+
+    def __reduce__(self) -> tuple[type[CompileOverBudget], tuple[float, str]]:
+        return (CompileOverBudget, (self.budget, str(self)))
+
+
+@dataclass(eq=False)
+class _Flight:
+    """One compile in progress and, once `done` is set, how it ended."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    waiters: int = 0  # runs that waited on it (a count of arrivals, never lowered)
+    prepared: Prepared | None = None
+    refusal: Exception | None = None  # the module's own fault, shared with every waiter
+    failure: BaseException | None = None  # the leader's, not the module's: a waiter retries
+
+
 def compile_budget(timeout: float | None) -> float:
     """Wall seconds a compile may take for a task with `timeout`."""
     if timeout is None:
@@ -238,15 +325,15 @@ def compile_budget(timeout: float | None) -> float:
 
 def compile_in_worker(
     flavour: Flavour, data: bytes, timeout: float | None,
-    address_space: int = COMPILE_ADDRESS_SPACE,
+    address_space: int = COMPILE_ADDRESS_SPACE, *, budget: float | None = None,
 ) -> tuple[bytes, float]:
     """Validate and compile `data` in a bounded worker process: (serialized code, seconds).
 
     Raises `ModuleRejected` for an invalid module and for one whose compilation exceeds the
-    budget (`compile_budget` of wall time, as much CPU time, `address_space` bytes); the
-    worker is killed, never left behind.
+    budget (`budget` seconds, default `compile_budget(timeout)`, of wall time and as much CPU
+    time: `CompileOverBudget`; `address_space` bytes); the worker is killed, never left behind.
     """
-    seconds = compile_budget(timeout)
+    seconds = compile_budget(timeout) if budget is None else budget
     argv = [sys.executable, "-I", compile_worker.__file__, str(int(flavour.fuel)),
             str(flavour.stack), str(address_space), str(math.ceil(seconds))]
     t0 = time.perf_counter()
@@ -254,9 +341,7 @@ def compile_in_worker(
         done = subprocess.run(argv, input=data, capture_output=True, timeout=seconds,
                               check=False)
     except subprocess.TimeoutExpired as exc:  # run() has killed and reaped the worker
-        raise ModuleRejected(
-            f"compiling the module took longer than its {seconds:g} s budget "
-            "(the task's timeout)") from exc
+        raise CompileOverBudget(seconds) from exc
     except OSError as exc:
         raise HostFailure(f"cannot start the compile worker: {exc}") from exc
     elapsed = time.perf_counter() - t0
@@ -266,8 +351,8 @@ def compile_in_worker(
     if done.returncode == compile_worker.EXIT_INVALID:
         raise ModuleRejected(f"not a valid WebAssembly module: {detail}")
     if done.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
-        raise ModuleRejected(f"compiling the module used more than {math.ceil(seconds)} s "
-                             "of CPU time")
+        raise CompileOverBudget(seconds, f"compiling the module used more than "
+                                         f"{math.ceil(seconds)} s of CPU time")
     # An allocation refused under RLIMIT_AS aborts the worker (or raises MemoryError).
     raise ModuleRejected(f"compiling the module failed within {address_space} bytes of "
                          f"address space (worker exit {done.returncode}: {detail})")
