@@ -53,6 +53,7 @@ from wasmbox.models import Limits, Status  # noqa: E402
 from wasmbox.monitor import Monitor  # noqa: E402
 from wasmbox.policy import apply  # noqa: E402
 from wasmbox.tiers.base import Outcome  # noqa: E402
+from wasmbox.tiers.wasm.engine import use_pooling  # noqa: E402
 from wasmbox.tiers.wasm.run import arm, call_start, close_store, settle, wasi_config  # noqa: E402
 from wasmbox.tiers.wasm.tier import WasmPrepared, _export, _memories  # noqa: E402
 from wasmbox.workspace import Workspace, remove_tree  # noqa: E402
@@ -183,7 +184,7 @@ class Raw:
         config.max_wasm_stack = self.limits.stack
         config.cranelift_opt_level = "speed"
         if pooling:
-            _pooling(config, self.limits.memory, keep_resident)
+            use_pooling(config, memory=self.limits.memory, keep_resident=keep_resident)
         self.engine = wasmtime.Engine(config)
         linker = wasmtime.Linker(self.engine)
         linker.define_wasi()
@@ -275,24 +276,6 @@ def _clear(path: str) -> None:
     """Empty the directory at `path`, keeping it."""
     for name in os.listdir(path):
         remove_tree(os.path.join(path, name))
-
-
-def _pooling(config: wasmtime.Config, memory: int, keep_resident: int = 0) -> None:
-    """Switch `config` to the pooling allocator, slots sized for a few 256 MiB memories;
-    `keep_resident` bytes of each memory and table stay resident (zeroed) on release."""
-    pool = ffi.wasmtime_pooling_allocation_config_new()
-    try:
-        ffi.wasmtime_pooling_allocation_config_total_memories_set(pool, 64)
-        ffi.wasmtime_pooling_allocation_config_total_tables_set(pool, 64)
-        ffi.wasmtime_pooling_allocation_config_total_core_instances_set(pool, 64)
-        ffi.wasmtime_pooling_allocation_config_max_memory_size_set(pool, memory)
-        if keep_resident:
-            ffi.wasmtime_pooling_allocation_config_linear_memory_keep_resident_set(
-                pool, keep_resident)
-            ffi.wasmtime_pooling_allocation_config_table_keep_resident_set(pool, keep_resident)
-        ffi.wasmtime_pooling_allocation_strategy_set(config.ptr(), pool)
-    finally:
-        ffi.wasmtime_pooling_allocation_config_delete(pool)
 
 
 def part2(module: Path, runs: int) -> None:

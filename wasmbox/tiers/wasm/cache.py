@@ -74,7 +74,7 @@ class Prepared:
 
 class NotPoolable(HostFailure):
     """A pooled engine refused the module when loading it: it does not fit the pool's slots
-    (see `engine._use_pooling`); the tier runs it on the on-demand engine instead."""
+    (see `engine.use_pooling`); the tier runs it on the on-demand engine instead."""
 
 
 class ModuleCache:

@@ -70,7 +70,7 @@ class EngineHandle(Closeable):
         # Runs holding pool slots now; None for an on-demand engine.
         self.slots: threading.BoundedSemaphore | None = None
         if flavour.pooled:
-            _use_pooling(config)
+            use_pooling(config)
             self.slots = threading.BoundedSemaphore(POOL_RUNS)
         self.engine = wasmtime.Engine(config)
         self.linker = wasmtime.Linker(self.engine)
@@ -90,8 +90,18 @@ class EngineHandle(Closeable):
         self.engine.close()
 
 
-def _use_pooling(config: wasmtime.Config) -> None:
-    """Switch `config` to the pooling allocator, sized for `POOL_RUNS` WASI module runs.
+# Concurrent runs per pooled engine (each reserves ~4 GiB of address space, untouched).
+POOL_RUNS = 64
+KEEP_RESIDENT = 1 * MiB
+_POOL_TABLES = 4
+_POOL_TABLE_ELEMENTS = 100_000  # the default policy's limits.table_elements
+
+
+def use_pooling(config: wasmtime.Config, *, memory: int = 4 * GiB,
+                keep_resident: int = KEEP_RESIDENT) -> None:
+    """Switch `config` to the pooling allocator, sized for `POOL_RUNS` WASI module runs
+    (`memory` bytes a memory slot, `keep_resident` bytes kept resident: the tier uses the
+    defaults, `benchmarks/bench_wasm_phases.py` other sizes).
 
     A run holds one memory, the module's tables and two instances (the guest and the
     host-call trampoline). Slots are as large as anything the store limits could allow
@@ -108,20 +118,13 @@ def _use_pooling(config: wasmtime.Config) -> None:
         ffi.wasmtime_pooling_allocation_config_total_core_instances_set(pool, POOL_RUNS * 2)
         ffi.wasmtime_pooling_allocation_config_max_tables_per_module_set(pool, _POOL_TABLES)
         ffi.wasmtime_pooling_allocation_config_table_elements_set(pool, _POOL_TABLE_ELEMENTS)
-        ffi.wasmtime_pooling_allocation_config_max_memory_size_set(pool, 4 * GiB)
+        ffi.wasmtime_pooling_allocation_config_max_memory_size_set(pool, memory)
         ffi.wasmtime_pooling_allocation_config_linear_memory_keep_resident_set(
-            pool, KEEP_RESIDENT)
-        ffi.wasmtime_pooling_allocation_config_table_keep_resident_set(pool, KEEP_RESIDENT)
+            pool, keep_resident)
+        ffi.wasmtime_pooling_allocation_config_table_keep_resident_set(pool, keep_resident)
         ffi.wasmtime_pooling_allocation_strategy_set(config.ptr(), pool)
     finally:
         ffi.wasmtime_pooling_allocation_config_delete(pool)
-
-
-# Concurrent runs per pooled engine (each reserves ~4 GiB of address space, untouched).
-POOL_RUNS = 64
-KEEP_RESIDENT = 1 * MiB
-_POOL_TABLES = 4
-_POOL_TABLE_ELEMENTS = 100_000  # the default policy's limits.table_elements
 
 
 class _Ticker:
