@@ -137,8 +137,7 @@ def _row(form: str, level: int, body: dict[str, str], url: str, n: int, workers:
     row.throughput = {"tasks": n, "concurrency": level, "workers": workers,
                       "tasks_per_s": n / elapsed, "service_cpu_s": service_cpu,
                       "service_process_cpu_s": main_cpu, "runner_cpu_s": runner_cpu,
-                      "client_cpu_s": client_cpu, "client": client,
-                      "ceiling_tasks_per_s": CORES / service_cpu}
+                      "client_cpu_s": client_cpu, "ceiling_tasks_per_s": CORES / service_cpu}
     row.notes.append(
         f"load generator: {GENERATORS[client]}; CPU per task: service "
         f"{service_cpu * 1e3:.2f} ms (its runner processes {runner_cpu * 1e3:.2f} ms), load "
@@ -329,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
                    args.client, args.runner, args.runner_processes)
     if args.json:
         for row in rows:
-            print(json.dumps({"id": row.id, **row.throughput,
+            client = "httpx" if row.id == "service:poll-httpx" else args.client
+            print(json.dumps({"id": row.id, "client": client, **row.throughput,
                               **{f"p{q}_ms": round(_pct(row.wall_s, q) * 1e3, 2)
                                  for q in (50, 95, 99)}}))
     else:
