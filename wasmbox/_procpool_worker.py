@@ -49,6 +49,7 @@ class Worker:
         self.control = control  # a runner process's cancel pipe
         self.stopped = False
         self.exitcode: int | None = None
+        self._stopping = threading.Lock()  # a failed run and close() may stop it at once
 
     @property
     def pid(self) -> int:
@@ -78,25 +79,27 @@ class Worker:
 
     def stop(self, grace: float) -> int | None:
         """Wait up to `grace` seconds for the worker to leave, then terminate, then kill.
-        Idempotent; returns the exit code (negative: the signal that ended it)."""
-        if self.stopped:
+        Idempotent and thread-safe (a second caller waits for the first); returns the exit
+        code (negative: the signal that ended it)."""
+        with self._stopping:
+            if self.stopped:
+                return self.exitcode
+            self.stopped = True
+            try:
+                self.process.join(grace)
+                if self.process.is_alive():
+                    self.process.terminate()
+                    self.process.join(1.0)
+                if self.process.is_alive():
+                    self.process.kill()
+                    self.process.join()
+            finally:
+                self.conn.close()
+                if self.control is not None:
+                    self.control.close()
+            self.exitcode = self.process.exitcode
+            self.process.close()
             return self.exitcode
-        self.stopped = True
-        try:
-            self.process.join(grace)
-            if self.process.is_alive():
-                self.process.terminate()
-                self.process.join(1.0)
-            if self.process.is_alive():
-                self.process.kill()
-                self.process.join()
-        finally:
-            self.conn.close()
-            if self.control is not None:
-                self.control.close()
-        self.exitcode = self.process.exitcode
-        self.process.close()
-        return self.exitcode
 
 
 def _messages(conn: Connection) -> Iterator[Any]:

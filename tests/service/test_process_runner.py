@@ -7,6 +7,7 @@ for its pid) to appear.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
@@ -20,14 +21,15 @@ import psutil
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.service._support import ALICE, auth, wait_final
+from tests.service._support import ALICE, auth, config_data, wait_final
 from wasmbox import Policy, Task
 from wasmbox._procpool_worker import ModuleMemo
-from wasmbox.errors import HostFailure, PolicyViolation
+from wasmbox.errors import HostFailure, PolicyViolation, SandboxClosed
 from wasmbox.models import Resources, Result, Status
-from wasmbox.service import ServiceConfig
+from wasmbox.service import ServiceConfig, create_app
 from wasmbox.service._runners import ProcessRunner, ThreadRunner, make_runner
 from wasmbox.service.config import RunnerKind
+from wasmbox.service.store import TaskStore
 from wasmbox.workspace import PREFIX
 
 pytestmark = pytest.mark.timeout(180)  # a hung runner fails the test instead of the run
@@ -60,6 +62,16 @@ def _workspaces_of(pid: int) -> list[Path]:
 def _alive(pids: list[int]) -> list[int]:
     return [pid for pid in pids if psutil.pid_exists(pid)
             and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+
+def _runner_processes() -> set[int]:
+    """The pids of this process's spawned children (runner processes, here)."""
+    found = set()
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):  # one that just left
+            if "spawn_main" in " ".join(child.cmdline()):
+                found.add(child.pid)
+    return found
 
 
 def _start(runner: ProcessRunner, task: Task) -> tuple[threading.Thread, list[Any], int]:
@@ -144,6 +156,20 @@ def test_close_stops_every_runner_process(guests: dict[str, Path]) -> None:
     assert _alive(pids) == []
 
 
+def test_abort_stops_the_running_task_and_every_runner_process(guests: dict[str, Path]) -> None:
+    runner = ProcessRunner(POLICIES, processes=2)
+    pids = runner.pids
+    thread, out, pid = _start(runner, Task.wasm(guests["sleep_long"], args=["rel", "20000"],
+                                                resources=Resources(timeout=30)))
+    assert runner.abort()
+    thread.join(60)
+    assert isinstance(out[0], HostFailure), out  # not its CANCELLED result: no result at all
+    assert runner.closed and _alive(pids) == []
+    assert _workspaces_of(pid) == []  # its sandbox cleaned up (or the workspace was reclaimed)
+    with pytest.raises(SandboxClosed):
+        runner.run("default", Task.wasm(guests["hello"]))
+
+
 def test_the_service_setting_selects_the_runner(tmp_path: Path) -> None:
     config = ServiceConfig.from_dict({"service": {"runner": "processes",
                                                   "runner_processes": 1}})
@@ -152,6 +178,38 @@ def test_the_service_setting_selects_the_runner(tmp_path: Path) -> None:
         assert isinstance(chosen, ProcessRunner) and len(chosen.pids) == 1
     with make_runner(ServiceConfig()) as default:  # type: ignore[attr-defined]
         assert isinstance(default, ThreadRunner)
+
+
+def test_a_shutdown_past_its_grace_stops_the_runners_and_the_task_runs_again(
+    make_client: Callable[..., TestClient], wasm_b64: dict[str, str], tmp_path: Path
+) -> None:
+    config = config_data(tmp_path / "tasks.db", runner="processes", runner_processes=1,
+                         shutdown_grace=0.5)
+    others = _runner_processes()
+    client = TestClient(create_app(ServiceConfig.from_dict(config)))
+    client.__enter__()
+    runners = _runner_processes() - others
+    assert len(runners) == 1
+    task_id = client.post("/v1/tasks", json={
+        "kind": "wasm", "module_b64": wasm_b64["sleep_long"], "args": ["rel", "3000"],
+        "resources": {"timeout": 20}}, headers=auth(ALICE)).json()["id"]
+    for _ in range(500):
+        if client.get(f"/v1/tasks/{task_id}", headers=auth(ALICE)).json()["state"] == "running":
+            break
+        time.sleep(0.01)
+    time.sleep(0.3)  # the running state is journaled just before the runner starts it
+    client.__exit__(None, None, None)  # the service shuts down: 0.5 s of grace for a 3 s task
+    # The runner process is gone at once, not when its task would have ended.
+    assert _alive(list(runners)) == []
+    with TaskStore(tmp_path / "tasks.db") as journal:
+        record = journal.get(task_id)
+    assert record is not None
+    assert (record.state, record.attempts, record.result) == ("running", 1, None)
+
+    view = wait_final(make_client(runner="processes", runner_processes=1), task_id)
+    assert view["result"]["status"] == "completed"
+    assert "elapsed_ms=" in view["result"]["stdout"]  # it slept its 3 s in full, this time
+    assert view["attempts"] == 2
 
 
 def test_the_service_runs_and_cancels_tasks_in_runner_processes(

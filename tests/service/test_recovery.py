@@ -81,3 +81,31 @@ def test_sigterm_lets_the_running_task_finish(
         view = wait_final(client, task_id)
     assert view["result"]["status"] == "timeout"
     assert view["attempts"] == 1
+
+
+@pytest.mark.parametrize("runner", ["threads", "processes"])
+def test_a_task_still_running_when_the_grace_ends_runs_again_at_next_start(
+    runner: str, tmp_path: Path, services: list[ServiceProcess], wasm_b64: dict[str, str]
+) -> None:
+    config = write_config(tmp_path, workers=1, runner=runner, runner_processes=1,
+                          shutdown_grace=0.5)
+    services.append(ServiceProcess(config, tmp_path / "service.log"))
+    with httpx.Client(base_url=services[0].url, headers=auth(ALICE), timeout=30) as client:
+        task_id = client.post("/v1/tasks", json={
+            "kind": "wasm", "module_b64": wasm_b64["sleep_long"], "args": ["rel", "3000"],
+            "resources": {"timeout": 20}}).json()["id"]
+        wait_running(client, task_id)
+    runners = [p for p in psutil.Process(services[0].process.pid).children()
+               if "spawn_main" in " ".join(p.cmdline())]
+    assert len(runners) == (runner == "processes")
+    services[0].stop()  # 0.5 s of grace for a 3 s task
+    # No runner process outlives the service (it would have lived until its task ended).
+    assert [p.pid for p in runners if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] \
+        == []
+
+    services.append(ServiceProcess(config, tmp_path / "service.log"))
+    with httpx.Client(base_url=services[1].url, timeout=30) as client:
+        view = wait_final(client, task_id)
+    assert view["result"]["status"] == "completed"
+    assert "elapsed_ms=" in view["result"]["stdout"]  # it slept its 3 s in full, this time
+    assert view["attempts"] == 2

@@ -9,6 +9,7 @@ import os
 import pickle
 import queue
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -22,16 +23,17 @@ from wasmbox._procpool_worker import (
     runner_main,
     spawn_worker,
 )
-from wasmbox.errors import ConfigError, HostFailure
+from wasmbox.errors import ConfigError, HostFailure, SandboxClosed
 from wasmbox.lifecycle import Closeable, shielded
-from wasmbox.models import Policy, Result, Task
+from wasmbox.models import Policy, Result, Status, Task
 from wasmbox.sandbox import Sandbox
 from wasmbox.service.config import Backend, RunnerKind, ServiceConfig
 from wasmbox.workspace import reclaim_stale
 
 log = logging.getLogger("wasmbox.service")
 
-# How long `ProcessRunner.close` waits for a runner process to leave on its own.
+# How long `ProcessRunner.close` waits for its runner processes to leave on their own (all
+# of them together), before it terminates, then kills, those still there.
 STOP_GRACE = 5.0
 
 
@@ -41,6 +43,12 @@ class Runner(Protocol):
     def run(self, policy: str, task: Task) -> Result: ...
 
     def cancel(self, task_id: str) -> bool: ...
+
+    def abort(self) -> bool:
+        """Stop every run in flight without its result and release everything: those runs
+        raise (a run that ended first returns its result). False, and nothing done, when
+        this runner cannot stop its runs safely: it stays open."""
+        ...
 
     def close(self) -> None: ...
 
@@ -63,6 +71,10 @@ class ThreadRunner(Closeable):
         found = [sandbox.cancel(task_id) for sandbox in self._sandboxes.values()]
         return any(found)
 
+    def abort(self) -> bool:
+        """Always False: closing a sandbox under a running guest could crash the runtime."""
+        return False
+
     def _release(self) -> None:
         for sandbox in self._sandboxes.values():
             sandbox.close()
@@ -76,7 +88,8 @@ class ProcessRunner(Closeable):
     and the journal keep this process's GIL to themselves. A reply is a length-checked frame,
     never a pickle, and an error comes back as the same `wasmbox.errors` class. A process that
     dies mid-task (or sends a frame that breaks the rules) fails that task with `HostFailure`
-    -- it is not run again here -- and is replaced by a fresh one.
+    -- it is not run again here -- and is replaced by a fresh one. `abort` stops the runs in
+    flight and every process at once.
     """
 
     def __init__(self, policies: dict[str, Policy], processes: int | None = None,
@@ -91,6 +104,8 @@ class ProcessRunner(Closeable):
         self._workers: list[Worker] = []  # every live process, idle or busy
         self._idle: queue.SimpleQueue[Worker | None] = queue.SimpleQueue()
         self._running: dict[str, Worker] = {}  # task id -> the process running it
+        self._cancelled: set[str] = set()  # running tasks a caller cancelled
+        self._aborted: set[str] = set()  # running tasks `abort` stopped
         self._memos: dict[Worker, ModuleMemo] = {}  # the modules each process was sent
         self._cancels = threading.Lock()  # one sender at a time on a control pipe
         starting = [self._spawn() for _ in range(count)]
@@ -114,9 +129,11 @@ class ProcessRunner(Closeable):
     def run(self, policy: str, task: Task) -> Result:
         """Run `task` in an idle runner process (waiting for one if all are busy)."""
         worker = self._checkout()
+        with self._lock:
+            if self._closed:  # abort() took every process, this one too
+                raise SandboxClosed("ProcessRunner is closed")
+            self._running[task.id] = worker
         try:
-            with self._lock:
-                self._running[task.id] = worker
             with contextlib.suppress(OSError, ValueError):  # dead: receive() says so
                 worker.conn.send(("run", policy, *self._memos[worker].strip(task)))
             replies = worker.receive(1, self._reply_bytes)
@@ -126,7 +143,10 @@ class ProcessRunner(Closeable):
             raise
         finally:
             with self._lock:
-                self._running.pop(task.id, None)
+                del self._running[task.id]
+                self._cancelled.discard(task.id)
+                aborted = task.id in self._aborted
+                self._aborted.discard(task.id)
         if replies is None:
             code = self._replace(worker)
             raise HostFailure(f"the runner process died ({describe_exit(code)}) while "
@@ -136,18 +156,40 @@ class ProcessRunner(Closeable):
         if isinstance(reply, BaseException):
             raise reply
         assert isinstance(reply, Result)
+        if aborted and reply.status is Status.CANCELLED:  # a result of the abort, not the task
+            raise HostFailure("the runner was stopped before the task ended")
         return reply
 
     def cancel(self, task_id: str) -> bool:
         """Stop the task's guest now (its result says CANCELLED); False if not running."""
         with self._lock:
             worker = self._running.get(task_id)
-        if worker is None:
-            return False
+            if worker is None:
+                return False
+            self._cancelled.add(task_id)
+        self._send_cancel(worker, task_id)
+        return True
+
+    def abort(self) -> bool:
+        """Close now, stopping the runs in flight: each guest is cancelled (its sandbox frees
+        what it holds), then the processes are stopped as `close` does. Those runs raise
+        `HostFailure`, unless a run ended on its own first (its result is returned) or a
+        caller had cancelled it (its CANCELLED result is). Always True."""
+        with self._lock:
+            if self._closed:
+                return True
+            self._closed = True  # no run starts from now on (see run)
+            stopping = {t: w for t, w in self._running.items() if t not in self._cancelled}
+            self._aborted.update(stopping)
+        for task_id, worker in stopping.items():
+            self._send_cancel(worker, task_id)
+        self._release()
+        return True
+
+    def _send_cancel(self, worker: Worker, task_id: str) -> None:
         assert worker.control is not None
         with contextlib.suppress(OSError, ValueError), self._cancels:
             worker.control.send(task_id)
-        return True
 
     def _checkout(self) -> Worker:
         while True:
@@ -203,7 +245,8 @@ class ProcessRunner(Closeable):
         for worker in workers:
             with contextlib.suppress(OSError, ValueError):
                 worker.conn.send(None)
-        codes = [worker.stop(STOP_GRACE) for worker in workers]
+        deadline = time.monotonic() + STOP_GRACE
+        codes = [worker.stop(max(0.0, deadline - time.monotonic())) for worker in workers]
         for _ in workers:
             self._idle.put(None)
         if any(code != 0 for code in codes):
@@ -226,6 +269,10 @@ class DaskRunner(Closeable):
 
     def cancel(self, task_id: str) -> bool:
         """A task already on a worker runs to its own deadline (it is marked cancelled)."""
+        return False
+
+    def abort(self) -> bool:
+        """Always False: a task already on a worker runs to its own deadline anyway."""
         return False
 
     def _release(self) -> None:

@@ -44,6 +44,9 @@ log = logging.getLogger("wasmbox.service")
 MAX_ATTEMPTS = 3
 # The retention sweep runs every quarter of the retention, within these bounds (seconds).
 SWEEP_MIN_S, SWEEP_MAX_S = 0.1, 600.0
+# After a shutdown stopped the runs in flight, how long the workers have to hand the journal
+# the results of runs that ended first (seconds).
+ABORT_JOIN_S = 5.0
 
 
 class Dispatcher(Closeable):
@@ -78,6 +81,9 @@ class Dispatcher(Closeable):
         self._live: dict[str, str] = {}
         self._in_flight: dict[str, int] = {}
         self._stopping = threading.Event()
+        # Set when the shutdown stops the runs in flight: a run that fails from then on was
+        # stopped under its task, which stays running in the journal (see `_release`).
+        self._aborting = threading.Event()
         self._threads: list[threading.Thread] = []
         self._sweeper: threading.Thread | None = None
         self._running = 0
@@ -254,10 +260,14 @@ class Dispatcher(Closeable):
         """Run the task and journal how it ended, not waiting for that (see `_finished`)."""
         try:
             result = self._runner.run(policy, task)
-        except SandboxError as exc:
-            return self._reject(task_id, f"{type(exc).__name__}: {exc}",
-                                time.monotonic() - started, type(exc).__name__)
         except Exception as exc:
+            if self._aborting.is_set():  # stopped by the shutdown: no final state
+                log.warning("task %s was stopped by the shutdown: it runs again at the next "
+                            "start (%s: %s)", task_id, type(exc).__name__, exc)
+                return None
+            if isinstance(exc, SandboxError):
+                return self._reject(task_id, f"{type(exc).__name__}: {exc}",
+                                    time.monotonic() - started, type(exc).__name__)
             log.exception("task %s failed on the host", task_id)
             return self._reject(task_id, f"internal error: {type(exc).__name__}: {exc}",
                                 time.monotonic() - started)
@@ -311,7 +321,9 @@ class Dispatcher(Closeable):
         """Stop taking tasks, wait up to ``shutdown_grace`` for running ones, close the runner.
 
         Queued tasks stay in the journal; a task still running when the grace period ends is
-        queued again at the next start.
+        queued again at the next start. Its run is stopped if the runner can do that safely
+        (runner processes: cancelled, then the processes stopped); on the thread runner it
+        goes on in the background until the process exits.
         """
         self._stopping.set()
         for _ in self._threads:
@@ -321,7 +333,16 @@ class Dispatcher(Closeable):
             thread.join(max(0.0, deadline - time.monotonic()))
         if self._sweeper is not None:
             self._sweeper.join(max(0.0, deadline - time.monotonic()))
-        if any(t.is_alive() for t in self._threads):
+        if not any(t.is_alive() for t in self._threads):
+            self._runner.close()
+            return
+        self._aborting.set()  # before the runs fail, so no worker records their failure
+        if not self._runner.abort():
+            self._aborting.clear()
             log.warning("shutdown grace ended with tasks running; they run again at next start")
-            return  # closing sandboxes under running tasks could crash the runtime
-        self._runner.close()
+            return
+        log.warning("shutdown grace ended with tasks running: stopped; they run again at the "
+                    "next start")
+        deadline = time.monotonic() + ABORT_JOIN_S
+        for thread in self._threads:  # a run that ended first: its result reaches the journal
+            thread.join(max(0.0, deadline - time.monotonic()))
