@@ -30,7 +30,7 @@ from wasmbox._procpool_wire import (
     encode_result,
 )
 from wasmbox.errors import HostFailure
-from wasmbox.models import Policy, Task
+from wasmbox.models import Policy, Task, TierName
 
 if TYPE_CHECKING:
     from wasmbox.procpool import WorkerConfig
@@ -202,6 +202,13 @@ def runner_main(conn: Connection, config_bytes: bytes, control: Connection) -> N
             sandbox.close()
         conn.send_bytes(f"{type(exc).__name__}: {exc}".encode()[:READY_BYTES])
         return
+    # Import and probe the wasm tier now: each process's first task would pay for it (tens of
+    # milliseconds, far more on a loaded host) while holding a service worker. A failure here
+    # is the first task's to report.
+    for sandbox in sandboxes.values():
+        if TierName.WASM in sandbox.policy.allowed_tiers:
+            with contextlib.suppress(Exception):
+                sandbox.availability(TierName.WASM)
 
     def cancel() -> None:
         with contextlib.suppress(EOFError, OSError):  # EOF: the parent is gone
