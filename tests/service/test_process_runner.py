@@ -170,6 +170,19 @@ def test_abort_stops_the_running_task_and_every_runner_process(guests: dict[str,
         runner.run("default", Task.wasm(guests["hello"]))
 
 
+def test_a_task_cancelled_before_an_abort_keeps_its_cancelled_result(
+    guests: dict[str, Path]
+) -> None:
+    runner = ProcessRunner(POLICIES, processes=1)
+    task = Task.wasm(guests["sleep_long"], args=["rel", "20000"], resources=Resources(timeout=30))
+    thread, out, _ = _start(runner, task)
+    assert runner.cancel(task.id)  # the client's cancel: the task ends CANCELLED ...
+    assert runner.abort()  # ... and the shutdown that follows does not take that away
+    thread.join(60)
+    assert isinstance(out[0], Result), out
+    assert out[0].status is Status.CANCELLED
+
+
 def test_the_service_setting_selects_the_runner(tmp_path: Path) -> None:
     config = ServiceConfig.from_dict({"service": {"runner": "processes",
                                                   "runner_processes": 1}})
