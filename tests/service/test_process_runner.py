@@ -279,3 +279,20 @@ def test_module_memos_stay_in_step_when_a_known_module_is_reused() -> None:
         task = Task.wasm(modules[name])
         travels, key = parent.strip(task)
         assert child.restore(travels, key) == task, name
+
+
+def test_runs_in_runner_processes_are_counted_in_this_process_s_metrics(
+    guests: dict[str, Path], runner: ProcessRunner
+) -> None:
+    """The service's /metrics exports this process's registry: a run made in a runner
+    process is counted here, as a thread runner's is."""
+    from prometheus_client import REGISTRY
+
+    labels = {"tier": "wasm", "status": "completed"}
+
+    def completed() -> float:
+        return REGISTRY.get_sample_value("wasmbox_runs_total", labels) or 0.0
+
+    before = completed()
+    assert runner.run("default", Task.wasm(guests["hello"])).ok
+    assert completed() == before + 1

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from wasmbox import telemetry
 from wasmbox._procpool_wire import reply_bound
 from wasmbox._procpool_worker import (
     ModuleMemo,
@@ -158,6 +159,9 @@ class ProcessRunner(Closeable):
         assert isinstance(reply, Result)
         if aborted and reply.status is Status.CANCELLED:  # a result of the abort, not the task
             raise HostFailure("the runner was stopped before the task ended")
+        # The runner process counted the run in its own registry, which nobody exports: count
+        # it here, where the service's /metrics reads (the thread runner's Sandbox does this).
+        telemetry.record(reply)
         return reply
 
     def cancel(self, task_id: str) -> bool:
