@@ -8,19 +8,17 @@ from __future__ import annotations
 from wasmbox.tiers.vm.guest_init import SHARE_OPTIONS
 
 SEED_HELPER = r"""
-/* wbx-seed ROOT, the host's lines on stdin (the task port): arm the guest, then take its task.
-   The first line is "HEX TIME": 64 bytes of host entropy, credited to the guest RNG with a
-   forced reseed (a guest restored from a snapshot stops sharing its random stream with its
-   siblings), and the clock. Then WASMBOX-ARMED goes to the console, and the next line is the
-   length of the task's bundle, a ustar read to exactly that length (never to EOF: QEMU's
-   socket chardev may drop what a host that hung up left unread) and unpacked under ROOT.
-   Unpacking here, in a process already running, saves the `head | tar` execs on the task's
-   path: under TCG every new code path costs translation time in each restored guest.
-   The bundle may hold only directories and regular files under job/ and task/: an absolute
-   name, a "." or ".." component, a link or device, a size past the announced length, a path
-   through a symbolic link, or a file that already exists is refused.
-   "wbx-seed -u ROOT" only unpacks (for tests: no entropy, no clock).
-   Exit 0; 1: the entropy was not credited; 3: the bundle was refused. */
+/* wbx-seed HEX [TIME]: credit 64 bytes of host entropy to the guest RNG and force a reseed,
+   so a guest restored from a snapshot stops sharing its random stream with its siblings;
+   then set the clock to TIME (seconds since the epoch; one exec fewer than `date -s`).
+   wbx-seed -u ROOT: read the task's bundle from stdin (the task port), a length line and a
+   ustar of exactly that length (never read to EOF: QEMU's socket chardev may drop what a
+   host that hung up left unread), and unpack it under ROOT. One exec of a binary the guest
+   just ran to arm itself, where `head | tar` took two of busybox: under TCG every new code
+   path costs translation time in each restored guest. The bundle may hold only directories
+   and regular files under job/ and task/: an absolute name, a "." or ".." component, a link
+   or device, a size past the announced length, a path through a symbolic link, or a file
+   that already exists is refused (exit 3). */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -82,31 +80,26 @@ static int nibble(char c) {
     return -1;
 }
 
-static int arm(void) {
+static int seed(int argc, char **argv) {
     struct { int entropy_count; int buf_size; unsigned char buf[64]; } info;
-    char line[256];
-    if (get_line(line, sizeof line) != 0) return 1;
-    char *when = strchr(line, ' ');
-    if (when == NULL || when - line != 2 * (int)sizeof info.buf) return 1;
+    if (argc < 2 || argc > 3 || strlen(argv[1]) != 2 * sizeof info.buf) return 2;
     for (size_t i = 0; i < sizeof info.buf; i++) {
-        int hi = nibble(line[2 * i]), lo = nibble(line[2 * i + 1]);
-        if (hi < 0 || lo < 0) return 1;
+        int hi = nibble(argv[1][2 * i]), lo = nibble(argv[1][2 * i + 1]);
+        if (hi < 0 || lo < 0) return 2;
         info.buf[i] = (unsigned char)(hi << 4 | lo);
     }
-    memset(line, 0, (size_t)(when - line));
+    memset(argv[1], 0, strlen(argv[1]));
     info.entropy_count = 8 * (int)sizeof info.buf;
     info.buf_size = (int)sizeof info.buf;
-    int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+    int fd = open("/dev/urandom", O_WRONLY);
     if (fd < 0 || ioctl(fd, RNDADDENTROPY, &info) < 0) return 1;
     memset(&info, 0, sizeof info);
     /* ENODATA: the RNG was not ready yet, and the credit above just seeded it. */
     if (ioctl(fd, RNDRESEEDCRNG) < 0 && errno != ENODATA) return 1;
-    close(fd);
-    struct timeval now = { .tv_sec = (time_t)strtoll(when + 1, NULL, 10), .tv_usec = 0 };
-    if (now.tv_sec > 0) settimeofday(&now, NULL);
-    int tty = open("/dev/ttyS0", O_WRONLY | O_NOCTTY | O_CLOEXEC);
-    if (tty < 0 || write(tty, "WASMBOX-ARMED\n", 14) != 14) return 1;
-    close(tty);
+    if (argc == 3) {
+        struct timeval now = { .tv_sec = (time_t)strtoll(argv[2], NULL, 10), .tv_usec = 0 };
+        if (now.tv_sec > 0) settimeofday(&now, NULL);
+    }
     return 0;
 }
 
@@ -223,9 +216,7 @@ static int unpack(const char *root) {
 
 int main(int argc, char **argv) {
     if (argc == 3 && strcmp(argv[1], "-u") == 0) return unpack(argv[2]);
-    if (argc != 2) return 2;
-    if (arm() != 0) return 1;
-    return unpack(argv[1]);
+    return seed(argc, argv);
 }
 """
 

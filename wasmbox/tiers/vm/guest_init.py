@@ -118,23 +118,22 @@ OUT_DISK=$(disk wbxout)
   exec 3<"$port"
   # A template is snapshotted here, so every guest restored from it shares its RNG state:
   # the host's first line is fresh entropy, credited and reseeded before any task exists.
-  # Without it no task runs (fail closed). The helper then waits for the task's bundle and
-  # unpacks it itself (see SEED_HELPER).
+  # Without it no task runs (fail closed).
+  getline
+  set -- $line
+  # Assets built without a C compiler lack the helper; the host never snapshots those.
   if [ -x /bin/wbx-seed ]; then
-    /bin/wbx-seed / <&3
-    case $? in
-      0) ;;
-      3) echo WASMBOX-BADBUNDLE > /dev/ttyS0; poweroff -f;;
-      *) echo WASMBOX-NOSEED > /dev/ttyS0; poweroff -f;;
-    esac
+    /bin/wbx-seed "$1" "$2" || { echo WASMBOX-NOSEED > /dev/ttyS0; poweroff -f; }
   else
-    # Assets built without a C compiler lack the helper; the host never snapshots those.
-    getline
-    set -- $line
     date -s "@$2" > /dev/null 2>&1
-    set --
-    line=""
-    echo WASMBOX-ARMED > /dev/ttyS0
+  fi
+  set --
+  line=""
+  echo WASMBOX-ARMED > /dev/ttyS0
+  # The helper, just run (and so translated under TCG), unpacks the task's bundle too.
+  if [ -x /bin/wbx-seed ]; then
+    /bin/wbx-seed -u / <&3 || { echo WASMBOX-BADBUNDLE > /dev/ttyS0; poweroff -f; }
+  else
     getline
     head -c "$line" <&3 | tar -x -f - -C /
   fi
