@@ -9,9 +9,10 @@
 - ``initramfs.cpio``: busybox, the virtio, 9p and ext4 modules in dependency order (computed
   here from each module's ``.modinfo``: there is no depmod), the generated ``/init``, a
   command's root (``/r``: the host's userland layout, shared over 9p at run time), and two
-  static helpers built with the host's C compiler: ``wbx-seed`` credits host entropy
-  (without it, snapshots stay off) and ``wbx-run`` mounts the userland and starts the task
-  in one exec (without it, busybox tools run the task in the initramfs root);
+  static helpers built with the host's C compiler: ``wbx-seed`` credits host entropy and
+  unpacks the task's bundle (without it, snapshots stay off) and ``wbx-run`` mounts the
+  userland and starts the task in one exec (without it, busybox tools run the task in the
+  initramfs root);
 - ``python.ext4``: a read-only image of the host's python3 and its stdlib (``mkfs.ext4 -d``).
 
 The kernel and its modules are `kernel`'s, the two images `images`'; this module checks and

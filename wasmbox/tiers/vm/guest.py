@@ -7,8 +7,10 @@ then arrives as a *bundle* (``job/job.sh``, the ``task/`` directory, ``job/py/``
 either appended to the initramfs as a cpio (cold boot) or sent as a length-prefixed tar over
 the virtio-serial port (a pre-booted or restored guest). A guest waiting on the port first
 reads one line from the host, fresh entropy and the time: `SEED_HELPER` credits the entropy
-(``RNDADDENTROPY``, then ``RNDRESEEDCRNG``) and the guest prints ``WASMBOX-ARMED``. Snapshot
-templates are saved before that line, so every restored guest reseeds before any task. The
+(``RNDADDENTROPY``, then ``RNDRESEEDCRNG``), prints ``WASMBOX-ARMED``, then reads the bundle
+to its announced length and unpacks it itself (directories and regular files under ``job/``
+and ``task/`` only, never through a link). Snapshot templates are saved before the entropy
+line, so every restored guest reseeds before any task. The
 task runs as uid 1000 in a cgroup (memory.max, pids.max, cpu.max; cgroup.kill when its time
 is up); a command runs chrooted in `TASK_ROOT`, where `RUN_HELPER` has just mounted the host's
 userland and the policy's packages (read-only 9p shares: mounted per task, because a mounted

@@ -130,8 +130,13 @@ OUT_DISK=$(disk wbxout)
   set --
   line=""
   echo WASMBOX-ARMED > /dev/ttyS0
-  getline
-  head -c "$line" <&3 | tar -x -f - -C /
+  # The helper, just run (and so translated under TCG), unpacks the task's bundle too.
+  if [ -x /bin/wbx-seed ]; then
+    /bin/wbx-seed -u / <&3 || { echo WASMBOX-BADBUNDLE > /dev/ttyS0; poweroff -f; }
+  else
+    getline
+    head -c "$line" <&3 | tar -x -f - -C /
+  fi
   exec 3<&-
 else
   echo WASMBOX-READY > /dev/ttyS0
