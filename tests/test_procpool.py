@@ -105,6 +105,24 @@ def test_results_equal_in_process_results_for_a_mixed_batch(
     assert got[0].files == expected[0].files  # type: ignore[union-attr]
 
 
+def test_runs_in_worker_processes_are_counted_in_this_process_s_metrics(
+    guests: dict[str, Path], module_cache: Path
+) -> None:
+    """An application exports this process's registry: runs made in worker processes are
+    counted here, as `Sandbox.map`'s are."""
+    from prometheus_client import REGISTRY
+
+    def count(status: str) -> float:
+        labels = {"tier": "wasm", "status": status}
+        return REGISTRY.get_sample_value("wasmbox_runs_total", labels) or 0.0
+
+    before = count("completed"), count("failed")
+    tasks = [Task.wasm(guests["hello"])] * 3 + [Task.wasm(guests["exit_code"], input={"code": 3})]
+    with _pool(module_cache) as pool:
+        assert [r.status for r in pool.map(tasks)] == [Status.COMPLETED] * 3 + [Status.FAILED]
+    assert (count("completed"), count("failed")) == (before[0] + 3, before[1] + 1)
+
+
 def test_map_raises_the_first_refusal_with_its_fields_like_sandbox_map(
     guests: dict[str, Path], module_cache: Path, make_sandbox: Any
 ) -> None:

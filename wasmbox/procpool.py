@@ -39,6 +39,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any, Literal, overload
 
+from wasmbox import telemetry
 from wasmbox._procpool_wire import reply_bound
 from wasmbox._procpool_worker import (
     START_TIMEOUT,
@@ -193,6 +194,8 @@ class ProcessPool(Closeable):
                         del held[worker]
                     for i, reply in zip(chunk.indices, replies, strict=True):
                         slots[i] = reply
+                        if isinstance(reply, Result):  # the worker's registry is not exported
+                            telemetry.record(reply)
                     continue
                 del held[worker]
                 self._bury(worker, list(chunks), slots, queue)
