@@ -8,8 +8,8 @@ JSON line: CPU per task of the calling process and of the runner processes, and 
 between tasks as a runner process does while its parent works, which shows what going idle
 alone costs the next task (caches another process evicted meanwhile).
 
-    python3 benchmarks/bench_runner_cpu.py --runner processes [--concurrency 8] [--tasks 2000]
-    python3 benchmarks/bench_runner_cpu.py --runner threads --pause-us 500
+    PYTHONPATH=. python3 benchmarks/bench_runner_cpu.py --runner processes [--concurrency 8]
+    PYTHONPATH=. python3 benchmarks/bench_runner_cpu.py --runner threads --pause-us 500
 """
 
 from __future__ import annotations
@@ -20,19 +20,17 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-from benchmarks.common import cpu_seconds
+from benchmarks.common import GUESTS, cpu_seconds
 from wasmbox.models import Policy, Status, Task
 from wasmbox.service._runners import ProcessRunner, Runner, ThreadRunner
 
-ROOT = Path(__file__).resolve().parent.parent
 WARM_UP = 50
 
 
 def measure(runner_kind: str, tasks: int, concurrency: int, pause: float) -> dict[str, object]:
     """Run the tasks and return the row."""
-    hello = (ROOT / "build" / "guests" / "hello.wasm").read_bytes()
+    hello = (GUESTS / "hello.wasm").read_bytes()
     policies = {"default": Policy()}
     runner: Runner
     if runner_kind == "processes":

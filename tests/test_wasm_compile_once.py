@@ -213,13 +213,13 @@ def test_a_leader_over_its_budget_lets_a_waiter_with_more_time_compile(
     started = threading.Event()
     data = fresh_module()
 
-    def compile_(*args: object, budget: float, **kwargs: object) -> tuple[bytes, float]:
+    def compile_(flavour: Flavour, module: bytes, budget: float) -> tuple[bytes, float]:
         calls.append(budget)
         if len(calls) == 1:
             started.set()  # the leader: hold it until the waiter waits, then starve it
             wait_for_waiters(module_cache_only, data, 1)
             budget = 0.001
-        return real(*args, budget=budget, **kwargs)  # type: ignore[arg-type]
+        return real(flavour, module, budget)
 
     monkeypatch.setattr(cache_module, "compile_in_worker", compile_)
     with ThreadPoolExecutor(1) as pool:

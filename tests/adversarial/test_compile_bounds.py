@@ -88,7 +88,7 @@ def test_huge_function_is_refused_at_the_task_timeout(
 def test_the_worker_is_bounded_in_address_space() -> None:
     data = huge_function_module(100_000)
     with pytest.raises(ModuleRejected, match="address space"):
-        compile_in_worker(Flavour(fuel=True, stack=1 << 20), data, timeout=60,
+        compile_in_worker(Flavour(fuel=True, stack=1 << 20), data, compile_budget(60),
                           address_space=64 << 20)
 
 

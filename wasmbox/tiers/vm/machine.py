@@ -351,8 +351,17 @@ def _cached_probe(cache_file: Path, key: str) -> bool | None:
 
 
 def _qemu_version() -> str:
-    try:
-        return subprocess.run([QEMU, "--version"], capture_output=True, text=True,
-                              timeout=10).stdout.split("\n")[0]
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    """QEMU's version line, asked once a process (the probe and availability both need it);
+    "unknown" when it cannot be asked, then asked again next time."""
+    global _qemu_version_line
+    if _qemu_version_line is None:
+        try:
+            _qemu_version_line = subprocess.run(
+                [QEMU, "--version"], capture_output=True, text=True, timeout=10,
+            ).stdout.split("\n")[0]
+        except (OSError, subprocess.SubprocessError):
+            return "unknown"
+    return _qemu_version_line
+
+
+_qemu_version_line: str | None = None

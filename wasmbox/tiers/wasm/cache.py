@@ -224,8 +224,7 @@ class ModuleCache:
         module = self._from_disk(digest)
         compile_s = 0.0
         if module is None:
-            compiled, compile_s = compile_in_worker(self._handle.flavour, data, None,
-                                                    budget=budget)
+            compiled, compile_s = compile_in_worker(self._handle.flavour, data, budget)
             try:
                 module = wasmtime.Module.deserialize(engine, compiled)
             except wasmtime.WasmtimeError as exc:
@@ -324,16 +323,14 @@ def compile_budget(timeout: float | None) -> float:
 
 
 def compile_in_worker(
-    flavour: Flavour, data: bytes, timeout: float | None,
-    address_space: int = COMPILE_ADDRESS_SPACE, *, budget: float | None = None,
+    flavour: Flavour, data: bytes, seconds: float, address_space: int = COMPILE_ADDRESS_SPACE,
 ) -> tuple[bytes, float]:
     """Validate and compile `data` in a bounded worker process: (serialized code, seconds).
 
-    Raises `ModuleRejected` for an invalid module and for one whose compilation exceeds the
-    budget (`budget` seconds, default `compile_budget(timeout)`, of wall time and as much CPU
-    time: `CompileOverBudget`; `address_space` bytes); the worker is killed, never left behind.
+    Raises `ModuleRejected` for an invalid module and for one whose compilation exceeds its
+    budget (`seconds` of wall time and as much CPU time, a task's `compile_budget`:
+    `CompileOverBudget`; `address_space` bytes); the worker is killed, never left behind.
     """
-    seconds = compile_budget(timeout) if budget is None else budget
     argv = [sys.executable, "-I", compile_worker.__file__, str(int(flavour.fuel)),
             str(flavour.stack), str(address_space), str(math.ceil(seconds))]
     t0 = time.perf_counter()
