@@ -232,3 +232,58 @@ def test_a_leader_over_its_budget_lets_a_waiter_with_more_time_compile(
     assert isinstance(prepared, Prepared)
     assert len(calls) == 2
     assert not module_cache_only._inflight
+
+
+def invalid_module() -> bytes:
+    return b"\0asm\x01\0\0\0\x01\x05" + uuid.uuid4().bytes  # a truncated type section
+
+
+def no_start_module() -> bytes:
+    """Valid WebAssembly, but not a WASI command (no ``_start``)."""
+    tag = uuid.uuid4().hex.encode()
+    wat = '(module (memory (export "memory") 1))'
+    return bytes(wasmtime.wat2wasm(wat)) + b"\x00" + bytes([len(tag) + 2, 1]) + b"t" + tag
+
+
+@pytest.mark.parametrize(("make", "why"), [
+    (invalid_module, "not a valid WebAssembly module"),
+    (no_start_module, "exports no _start"),
+])
+def test_refused_bytes_sent_again_are_refused_without_another_compile(
+    module_cache_only: ModuleCache, monkeypatch: pytest.MonkeyPatch,
+    make: Callable[[], bytes], why: str,
+) -> None:
+    compile_ = counted(monkeypatch)
+    data = make()
+    for _ in range(3):
+        with pytest.raises(ModuleRejected, match=why) as info:
+            module_cache_only.load_bytes(data, None, 5.0)
+        assert info.type is ModuleRejected  # a public error type, the first time and after
+    assert compile_.calls == 1
+
+
+def test_remembered_refusals_are_bounded(
+    module_cache_only: ModuleCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cache_module, "_REFUSED_ENTRIES", 2)
+    compile_ = counted(monkeypatch)
+    first, second, third = invalid_module(), invalid_module(), invalid_module()
+    for data in (first, second, third, third, first):
+        with pytest.raises(ModuleRejected):
+            module_cache_only.load_bytes(data, None, 5.0)
+    # `first` was forgotten when `third` came: it costs a compile again; `third` did not.
+    assert compile_.calls == 4
+    assert len(module_cache_only._refused) == 2
+
+
+def test_a_sandbox_refuses_a_resent_invalid_module_without_another_compile(
+    make_sandbox: MakeSandbox, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    compile_ = counted(monkeypatch)
+    task = Task.wasm(invalid_module())
+    with make_sandbox(cache=tmp_path) as sandbox:
+        for _ in range(3):
+            with pytest.raises(ModuleRejected, match="not a valid WebAssembly module"):
+                sandbox.run(task)
+        assert sandbox.run(Task.wasm(fresh_module())).status is Status.COMPLETED
+    assert compile_.calls == 2  # the bad bytes once, the good module once

@@ -6,6 +6,8 @@ module can make compilation cost seconds and hundreds of MiB. Cache hits never l
 process. The cost of a compile is kept with the module and reported once, in the metrics of
 the run that paid for it (``extra["compile_s"]``). Runs that miss on the same module at
 once share one compile: the first compiles, the others wait for it within their own budget.
+Bytes refused for what they are (not WebAssembly, not a WASI command) are remembered by
+digest, so sending them again costs no compile worker.
 
 On disk, ``<dir>/<sha256>-<flavour>.cwasm`` holds wasmtime's serialized code, keyed by the
 module's hash, the wasmtime version and the engine flags (a `.cwasm` is only valid for exactly
@@ -39,6 +41,10 @@ from wasmbox.tiers.wasm.engine import EngineHandle, Flavour, first_line
 
 MAX_MODULE_BYTES = 256 * 1024 * 1024
 _MEMORY_ENTRIES = 64
+# Refused modules remembered by digest (with the refusal's first MAX_REFUSAL_CHARS): the same
+# bad bytes sent again are refused without another compile worker.
+_REFUSED_ENTRIES = 256
+MAX_REFUSAL_CHARS = 512
 # The compile worker's bounds. Address space, not RSS: wasmtime's compile of a 3 MB
 # one-function module peaks near 750 MiB resident; the interpreter and its libraries need
 # a few hundred MiB of address space more.
@@ -89,6 +95,7 @@ class ModuleCache:
         self._unclaimed: dict[str, float] = {}
         self._not_poolable: dict[str, str] = {}  # digest -> why a pooled engine refused it
         self._inflight: dict[str, _Flight] = {}  # digest -> the compile runs are waiting for
+        self._refused: OrderedDict[str, str] = OrderedDict()  # digest -> why, bytes refused
         # The last bytes object hashed and its digest: a Dask chunk's tasks (and a local
         # batch's) share one module object, hashed once (~120 us for 170 KB). Holding the
         # object keeps the identity meaningful; bytes are immutable, so it is still the digest.
@@ -141,12 +148,15 @@ class ModuleCache:
                 self._prepared.move_to_end(digest)
                 return found
             refused = self._not_poolable.get(digest)
+            invalid = self._refused.get(digest)
+        if invalid is not None:
+            raise ModuleRejected(invalid)
         if refused is not None:
             raise NotPoolable(refused)
         try:
             return self._prepare_once(digest, data, compile_budget(timeout))
-        except CompileOverBudget as exc:  # the cache's own mark: callers see the public type
-            raise ModuleRejected(str(exc)) from exc
+        except (CompileOverBudget, ModuleInvalid) as exc:  # the cache's own marks: callers
+            raise ModuleRejected(str(exc)) from exc  # see the public type
 
     def _prepare_once(self, digest: str, data: bytes, budget: float) -> Prepared:
         """Prepare `digest`, or wait for the run already preparing it: one compile, not N.
@@ -191,6 +201,8 @@ class ModuleCache:
                 flight.failure = exc
             else:  # the module's own fault: the same answer for every waiter
                 flight.refusal = exc
+                if isinstance(exc, ModuleInvalid):  # and for every later run of these bytes
+                    self._remember_refusal(digest, str(exc))
             raise
         except BaseException as exc:  # a host failure, KeyboardInterrupt: a waiter retries
             flight.failure = exc
@@ -208,6 +220,13 @@ class ModuleCache:
                         self._prepared.popitem(last=False)
                 del self._inflight[digest]
             flight.done.set()
+
+    def _remember_refusal(self, digest: str, why: str) -> None:
+        with self._lock:
+            self._refused[digest] = why[:MAX_REFUSAL_CHARS]
+            self._refused.move_to_end(digest)
+            while len(self._refused) > _REFUSED_ENTRIES:
+                self._refused.popitem(last=False)
 
     def _digest(self, data: bytes) -> str:
         """sha256 of `data`, not computed again for the same object as last time."""
@@ -239,7 +258,7 @@ class ModuleCache:
         exports = {e.name: e.type for e in module.exports}
         start = exports.get("_start")
         if not isinstance(start, wasmtime.FuncType):
-            raise ModuleRejected("the module exports no _start: only WASI commands can run")
+            raise ModuleInvalid("the module exports no _start: only WASI commands can run")
         plain = not start.params and not start.results
         memories = tuple(n for n, t in exports.items() if isinstance(t, wasmtime.MemoryType))
         try:
@@ -285,6 +304,7 @@ class ModuleCache:
             self._digests.clear()
             self._unclaimed.clear()
             self._not_poolable.clear()
+            self._refused.clear()
             self._last_hashed = None
 
 
@@ -302,6 +322,15 @@ class CompileOverBudget(ModuleRejected):
 
     def __reduce__(self) -> tuple[type[CompileOverBudget], tuple[float, str]]:
         return (CompileOverBudget, (self.budget, str(self)))
+
+
+class ModuleInvalid(ModuleRejected):
+    """The bytes themselves are refused, whatever the budget: not valid WebAssembly, or not a
+    WASI command. The same bytes always get the same answer, so `ModuleCache` remembers it
+    by digest (bounded) and refuses them again without a compile worker.
+
+    Internal to this module, like `CompileOverBudget`: callers see a plain `ModuleRejected`.
+    """
 
 
 @dataclass(eq=False)
@@ -346,7 +375,7 @@ def compile_in_worker(
         return done.stdout, elapsed
     detail = first_line(done.stderr.decode("utf-8", "replace") or "no output")
     if done.returncode == compile_worker.EXIT_INVALID:
-        raise ModuleRejected(f"not a valid WebAssembly module: {detail}")
+        raise ModuleInvalid(f"not a valid WebAssembly module: {detail}")
     if done.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
         raise CompileOverBudget(seconds, f"compiling the module used more than "
                                          f"{math.ceil(seconds)} s of CPU time")
