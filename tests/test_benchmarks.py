@@ -113,3 +113,25 @@ def test_the_vm_sustained_run_reports_a_rare_guest_crash_and_stops_on_more() -> 
     twice: Any = Runs([ok] * 3 + [crashed, crashed] + [ok] * 8)
     with pytest.raises(RuntimeError, match="crashed"):  # a second crash in ten stops the run
         bench_vm._sequential(twice, true, 10)
+
+
+def test_the_scale_chart_draws_service_and_dask_rows(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from benchmarks.common import Row
+    from benchmarks.report import scale_chart, write
+
+    rows = []
+    for form in ("poll", "wait"):
+        for level, rate in ((8, 200.0), (16, 210.0), (32, 230.0)):
+            row = Row(f"service:{form}-{level}", f"{form} {level}", None, group="service")
+            row.wall_s, row.throughput = [0.03, 0.04, 0.05], {"tasks_per_s": rate}
+            rows.append(row)
+    for width, rate in (("local", 500.0), ("1", 450.0), ("2", 800.0)):
+        row = Row(f"dask:hello-{width}", f"hello {width}", None, group="scaling")
+        row.throughput = {"tasks_per_s": rate}
+        rows.append(row)
+    meta = {"cores": 2, "started": "now", "mode": "quick", "duration_s": 1.0, "machine": {}}
+    assert not [why for why in write(rows, meta, tmp_path) if "scale" in why]
+    assert (tmp_path / "scale.png").stat().st_size > 0
+    assert scale_chart(rows[:0], tmp_path / "none.png") is not None  # nothing to draw
+    assert not (tmp_path / "none.png").exists()
