@@ -252,10 +252,10 @@ def scale_chart(rows: Sequence[Row], path: Path) -> str | None:
                           (p50_ax, "service: p50 submit to result, ms")):
             ax.set(title=title, xlabel="concurrent clients", ylim=(0, None), xticks=levels)
             ax.legend(fontsize="small")
-    for kind, points in sorted(dask.items()):
+    for kind, bars in sorted(dask.items()):
         ax = next(ax_iter)
-        points.sort()
-        ax.bar([str(p[0]) for p in points], [p[1] for p in points], color="tab:blue")
+        bars.sort()
+        ax.bar([str(b[0]) for b in bars], [b[1] for b in bars], color="tab:blue")
         if kind in local:
             ax.axhline(local[kind], color="tab:orange", linestyle="--",
                        label="Sandbox.map here, 1 thread")
