@@ -113,3 +113,11 @@ def test_the_vm_sustained_run_reports_a_rare_guest_crash_and_stops_on_more() -> 
     twice: Any = Runs([ok] * 3 + [crashed, crashed] + [ok] * 8)
     with pytest.raises(RuntimeError, match="crashed"):  # a second crash in ten stops the run
         bench_vm._sequential(twice, true, 10)
+
+
+def test_the_service_bench_runs_the_services_default_workers_unless_told() -> None:
+    from benchmarks.bench_service import service_workers
+    from wasmbox.service.config import ServiceSettings
+
+    assert service_workers(None) == (ServiceSettings().workers, "the service's default")
+    assert service_workers(2) == (2, "--workers")
