@@ -57,7 +57,7 @@ class _TaskIds:
         return digest.hex()
 
 
-task_id = _TaskIds()
+fresh_task_id = _TaskIds()
 
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -161,7 +161,7 @@ class WasmTaskRequest(_TaskFields):
             if self.module_b64 is None:
                 raise ValueError("module_sha256 names a module the caller must look up")
             module = base64.b64decode(self.module_b64)
-        return Task(id=task_id(), kind=TaskKind.WASM, module_bytes=module, **self._common())
+        return Task(id=fresh_task_id(), kind=TaskKind.WASM, module_bytes=module, **self._common())
 
 
 class PythonTaskRequest(_TaskFields):
@@ -190,7 +190,7 @@ class CommandTaskRequest(_TaskFields):
         """The library `Task`."""
         common = self._common()
         del common["args"]
-        return Task(id=task_id(), kind=TaskKind.COMMAND, argv=tuple(self.argv), **common)
+        return Task(id=fresh_task_id(), kind=TaskKind.COMMAND, argv=tuple(self.argv), **common)
 
 
 AnyTaskRequest = WasmTaskRequest | PythonTaskRequest | CommandTaskRequest
