@@ -85,7 +85,9 @@ class _FrontDoor:
     """ASGI: the app's middleware stack, with the lean routes' requests answered in front of
     it when the stack would only pass them on: a request at the app's root (no root path), of
     a lean route's path and method, whose declared length the body limit lets through (a
-    submission must declare one: the stack counts the bytes of any other)."""
+    submission must declare one: the stack counts the bytes of any other). Standing before
+    `BodyLimit`, the lean path counts the bytes it reads itself: the limit, not the declared
+    length, bounds them."""
 
     def __init__(self, stack: ASGIApp, submit: _Submit, poll: _Poll, max_body: int) -> None:
         self._stack = stack
@@ -114,7 +116,7 @@ class _FrontDoor:
             return await self._stack(scope, receive, send)
         try:
             answer = await lean.answer(scope, receive)
-        except Exception as exc:  # nothing is sent yet: the stack answers it (its handlers)
+        except Exception as exc:  # nothing was sent: the stack answers it (handlers, its 500)
             scope[_RAISE] = exc
             return await self._stack(scope, receive, send)
         if isinstance(answer, _Declined):
