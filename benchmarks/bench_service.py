@@ -13,7 +13,7 @@ be measured: the rows use a minimal keep-alive HTTP/1.1 client by default (``--c
 ~0.4 ms a task here, against 2-4 ms for httpx.AsyncClient), and every row also states the
 service-side ceiling (cores / the service's CPU per task).
 
-    python3 benchmarks/bench_service.py [--quick] [--tasks 400] [--workers 2] [--client raw]
+    python3 benchmarks/bench_service.py [--quick] [--tasks 400] [--workers N] [--client raw]
     python3 -m benchmarks --tiers service
 
 Latency includes the journal's durable commits (a 202 is answered only after its row is
@@ -60,7 +60,7 @@ GENERATORS = {"raw": "raw (one plain keep-alive HTTP/1.1 connection a client, as
 REQUEST_TIMEOUT_S = 60.0  # one request; a whole cell is bounded by its task count times this
 
 
-def measure(quick: bool, progress: Progress, workers: int = 2,
+def measure(quick: bool, progress: Progress, workers: int | None = None,
             tasks: int | None = None, by: str = "sha256", client: str = "raw",
             runner: str | None = None, runner_processes: int = 0) -> list[Row]:
     """One row per (form, concurrency level), plus base64-in-every-request and the other
@@ -70,7 +70,8 @@ def measure(quick: bool, progress: Progress, workers: int = 2,
     the only way before module_sha256 existed, for before/after runs). `client`: the load
     generator's HTTP client, ``httpx`` or ``raw`` (one plain keep-alive HTTP/1.1 connection
     per simulated client: a fraction of httpx's CPU, which shares the cores with the service).
-    `runner`, `runner_processes`: the service's settings (None, 0: its defaults).
+    `workers`, `runner`, `runner_processes`: the service's settings (None, None, 0: its
+    defaults).
     """
     progress.show("service: starting the service")
     absent = [name for name in ("httpx", "fastapi", "uvicorn")
@@ -80,11 +81,12 @@ def measure(quick: bool, progress: Progress, workers: int = 2,
                       f"not installed: {', '.join(absent)} (pip install 'wasmbox[service]')")
         row.group = "service"
         return [row]
+    workers_used, worker_origin = service_workers(workers)
     hello = build(ROOT / "build" / "guests", ["hello"])["hello"].read_bytes()
     n = tasks or (150 if quick else 1000)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="wasmbox-bench-service-") as tmp, \
-            _service(Path(tmp), workers, max(LEVELS) * 2, runner,
+            _service(Path(tmp), workers_used, max(LEVELS) * 2, runner,
                                   runner_processes) as (url, server):
         load_before = os.getloadavg()[0]
         by_b64 = {"kind": "wasm", "module_b64": base64.b64encode(hello).decode()}
@@ -96,27 +98,38 @@ def measure(quick: bool, progress: Progress, workers: int = 2,
                 progress.step("service: submit-and-wait")
             for level in LEVELS:
                 body = by_ref if by == "sha256" else by_b64
-                rows.append(_row(form, level, body, url, n, workers, server, client))
+                rows.append(_row(form, level, body, url, n, workers_used, server, client))
         progress.step("service: module as base64 in every request")
         if by == "sha256":
-            b64 = _row("poll", LEVELS[0], by_b64, url, max(50, n // 4), workers, server,
+            b64 = _row("poll", LEVELS[0], by_b64, url, max(50, n // 4), workers_used, server,
                        client)
             b64.id, b64.label = "service:poll-b64", f"{b64.label}, module as base64 each time"
             rows.append(b64)
         progress.step("service: httpx load generator")
         if client == "raw":
             body = by_ref if by == "sha256" else by_b64
-            other = _row("poll", LEVELS[0], body, url, max(50, n // 4), workers, server, "httpx")
+            other = _row("poll", LEVELS[0], body, url, max(50, n // 4), workers_used, server,
+                         "httpx")
             other.id, other.label = "service:poll-httpx", f"{other.label}, httpx load generator"
             rows.append(other)
         rows[0].notes.insert(0, (
             f"{n} hello tasks a cell (module by {'module_sha256' if by == 'sha256' else 'base64'}"
-            f"), service with {workers} worker threads and the "
+            f"), service with {workers_used} worker threads ({worker_origin}) and the "
             f"{'default' if runner is None else repr(runner)} runner, load generator and "
             f"service on the same {CORES} cores; load average {load_before:.2f} before, "
             f"{os.getloadavg()[0]:.2f} after (the machine is shared)"))
     progress.step("service: done")
     return rows
+
+
+def service_workers(workers: int | None) -> tuple[int, str]:
+    """The worker threads the bench's service runs with, and where that number comes from:
+    `workers` if given, else the service's own default (its `ServiceSettings`)."""
+    if workers is not None:
+        return workers, "--workers"
+    from wasmbox.service.config import ServiceSettings
+
+    return ServiceSettings().workers, "the service's default"
 
 
 def _row(form: str, level: int, body: dict[str, str], url: str, n: int, workers: int,
@@ -312,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer tasks per cell")
     parser.add_argument("--tasks", type=int, help="tasks per cell (default 150 quick, 1000)")
-    parser.add_argument("--workers", type=int, default=2, help="service worker threads")
+    parser.add_argument("--workers", type=int,
+                        help="service worker threads (default: the service's default)")
     parser.add_argument("--by", choices=("sha256", "b64"), default="sha256",
                         help="name the module by digest (default) or send it every time")
     parser.add_argument("--client", choices=("httpx", "raw"), default="raw",

@@ -135,3 +135,11 @@ def test_the_scale_chart_draws_service_and_dask_rows(tmp_path: Path) -> None:
     assert (tmp_path / "scale.png").stat().st_size > 0
     assert scale_chart(rows[:0], tmp_path / "none.png") is not None  # nothing to draw
     assert not (tmp_path / "none.png").exists()
+
+
+def test_the_service_bench_runs_the_services_default_workers_unless_told() -> None:
+    from benchmarks.bench_service import service_workers
+    from wasmbox.service.config import ServiceSettings
+
+    assert service_workers(None) == (ServiceSettings().workers, "the service's default")
+    assert service_workers(2) == (2, "--workers")

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from starlette.types import Message
 
 from tests.service._support import ALICE, BOB, auth, wait_final
+from wasmbox.models import AnomalyRule, Event, Metrics, Result, Status, TierName
 from wasmbox.service import _api_fast, limits
+from wasmbox.service.schemas import TaskView, WasmTaskRequest, view_json
+from wasmbox.service.store import Record, State
 
 # Parsed as JSON by FastAPI (a ``+json`` type), not taken by the lean path.
 VENDOR_JSON = "application/vnd.wasmbox+json"
@@ -134,3 +141,88 @@ def test_the_lean_answers_skip_the_middleware_stack_and_its_errors_do_not(
     assert (listed.status_code, foreign.status_code, over.status_code) == (200, 404, 403)
     assert foreign.json() == {"detail": "no such task"}
     assert seen == [("GET", "/v1/tasks"), ("GET", path), ("POST", "/v1/tasks")]
+
+
+def test_a_body_longer_than_it_declared_is_413_not_read_to_its_end(
+    make_client: Callable[..., TestClient],
+) -> None:
+    # The server hands over more body than Content-Length said (a framing bug or a hostile
+    # peer): the front door stops at the body limit instead of reading it all.
+    client = make_client(max_body_bytes=1024)
+    task = b'{"kind": "python", "source": "x"}'
+    chunks = [task, *[b" " * 512] * 8]  # valid JSON, 4 KiB past the limit
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": chunks.pop(0), "more_body": bool(chunks[1:])}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/tasks", "root_path": "",
+             "query_string": b"", "http_version": "1.1", "scheme": "http",
+             "headers": [(b"authorization", f"Bearer {ALICE}".encode()),
+                         (b"content-type", b"application/json"),
+                         (b"content-length", str(len(task)).encode())]}
+    portal = client.portal
+    assert portal is not None
+    portal.call(client.app, scope, receive, send)
+    assert sent[0]["status"] == 413
+    assert json.loads(sent[1]["body"]) == {"detail": "request body larger than 1024 bytes"}
+    assert len(chunks) > 1  # not read to its end
+    assert client.get("/v1/tasks", headers=auth(ALICE)).json()["tasks"] == []
+
+
+@pytest.mark.parametrize("query", ["wait=1%30", "wait=10&", "wait=10&wait=10"])
+def test_a_wait_the_lean_path_does_not_read_itself_fastapi_reads(
+    client: TestClient, wasm_b64: dict[str, str], fallbacks: list[str], query: str,
+) -> None:
+    view = client.post("/v1/tasks", headers=auth(ALICE),
+                       json={"kind": "wasm", "module_b64": wasm_b64["hello"]}).json()
+    polled = client.get(f"/v1/tasks/{view['id']}?{query}", headers=auth(ALICE))
+    assert (polled.status_code, polled.json()["final"]) == (200, True)
+    assert fallbacks == [f"/v1/tasks/{view['id']}"]
+
+
+def test_a_long_poll_that_times_out_answers_the_view_as_it_is(
+    idle_client: TestClient, fallbacks: list[str]
+) -> None:
+    body = {"kind": "python", "source": "x"}
+    waited = idle_client.post("/v1/tasks", headers=auth(ALICE), json=body,
+                              params={"wait": "0.05"})
+    polled = idle_client.get(f"/v1/tasks/{waited.json()['id']}", headers=auth(ALICE),
+                             params={"wait": "0.05"})
+    assert (waited.status_code, polled.status_code) == (202, 200)
+    assert waited.json()["state"] == polled.json()["state"] == "queued"
+    assert fallbacks == []
+
+
+_RESULT = Result(
+    task_id="t", run_id="r", tier=TierName.WASM, status=Status.COMPLETED, exit_code=0,
+    output={"a": [1, 2.5, None, "é"]}, files={"out/x.bin": b"\0" * 3}, stdout="hi\n",
+    stdout_truncated=True, metrics=Metrics(wall_s=0.25, cpu_s=0.1, extra={"k": 1.0}),
+    events=(Event(rule=AnomalyRule.FUEL_SPIKE, message="spin", at_s=0.1),),
+    escalated_from=TierName.WASM, warnings=("lowered",),
+)
+
+
+@pytest.mark.parametrize("record", [
+    Record(id="a", token="alice", policy="default", state=State.QUEUED,
+           cancel_requested=False, attempts=0, result=None, error=None, submitted_at=1.0,
+           started_at=None, finished_at=None, file_sizes={}),
+    Record(id="b", token="alice", policy="strict", state=State.FINISHED,
+           cancel_requested=True, attempts=2, result=_RESULT, error=None, submitted_at=1.0,
+           started_at=1.5, finished_at=2.0, file_sizes={"out/x.bin": 3}, charged_s=0.5),
+    Record(id="c", token="bob", policy="default", state=State.REJECTED,
+           cancel_requested=False, attempts=1, result=None, error="no", submitted_at=1.0,
+           started_at=None, finished_at=2.0, file_sizes={}, charged_s=0.0),
+], ids=["queued", "finished", "rejected"])
+def test_the_lean_view_is_the_fastapi_routes_view_byte_for_byte(record: Record) -> None:
+    assert view_json(record) == TaskView.of(record).model_dump_json(by_alias=True).encode()
+
+
+def test_task_ids_are_fresh_uuid4_hex() -> None:
+    ids = {WasmTaskRequest(kind="wasm", module_b64="").to_task(b"\0asm").id
+           for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(uuid.UUID(hex=i).version == 4 and uuid.UUID(hex=i).hex == i for i in ids)

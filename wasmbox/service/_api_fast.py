@@ -23,28 +23,25 @@ import json
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from urllib.parse import parse_qsl
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from pydantic import TypeAdapter
-from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wasmbox.service._api_deps import MAX_WAIT_PARAM, _State
-from wasmbox.service.limits import judge_declared
-from wasmbox.service.schemas import AnyTaskRequest, TaskRequest, TaskView
+from wasmbox.service.limits import BodyTooLarge, judge_declared
+from wasmbox.service.schemas import AnyTaskRequest, TaskRequest, view_json
+from wasmbox.service.store import Record
 
 # What the lean routes run: the FastAPI routes' own functions.
-Submit = Callable[[_State, str, AnyTaskRequest, float], Awaitable[tuple[TaskView, int]]]
-Poll = Callable[[_State, str, str, float], Awaitable[TaskView]]
+Submit = Callable[[_State, str, AnyTaskRequest, float], Awaitable[tuple[Record, int]]]
+Poll = Callable[[_State, str, str, float], Awaitable[Record]]
 
-# A ``wait`` the lean path reads itself; anything else is left to FastAPI's validation.
-_WAIT = re.compile(r"[0-9]{1,4}(?:\.[0-9]{1,6})?")
+# A query the lean path reads itself: nothing but a plain ``wait`` (as bytes, undecoded: a
+# percent-escape or a second parameter is left to FastAPI's parsing and validation).
+_WAIT_QUERY = re.compile(rb"wait=([0-9]{1,4}(?:\.[0-9]{1,6})?)")
 _REQUEST: TypeAdapter[AnyTaskRequest] = TypeAdapter(TaskRequest)
 _TASKS, _TASK = "/v1/tasks", "/v1/tasks/"
 # Scope keys from the front door to the lean routes in the stack: answer this request as
@@ -75,7 +72,7 @@ def add_lean_routes(
         routes = app.router.routes
         index, fallback = next((i, r) for i, r in enumerate(routes) if isinstance(r, APIRoute)
                                and r.path == path and method in (r.methods or ()))
-        leans.append(lean(fallback, authenticate, submit, poll))
+        leans.append(lean(fallback, authenticate, submit, poll, max_body_bytes))
         route = Route(path, leans[-1], methods=[method])
         route.methods = {method}  # not HEAD as well, which Starlette adds to GET
         routes.insert(index, route)
@@ -88,7 +85,9 @@ class _FrontDoor:
     """ASGI: the app's middleware stack, with the lean routes' requests answered in front of
     it when the stack would only pass them on: a request at the app's root (no root path), of
     a lean route's path and method, whose declared length the body limit lets through (a
-    submission must declare one: the stack counts the bytes of any other)."""
+    submission must declare one: the stack counts the bytes of any other). Standing before
+    `BodyLimit`, the lean path counts the bytes it reads itself: the limit, not the declared
+    length, bounds them."""
 
     def __init__(self, stack: ASGIApp, submit: _Submit, poll: _Poll, max_body: int) -> None:
         self._stack = stack
@@ -115,44 +114,69 @@ class _FrontDoor:
         lean = self._lean(scope)
         if lean is None:
             return await self._stack(scope, receive, send)
-        started = False
-
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
         try:
-            declined = await lean.answer(scope, receive, tracked)
-        except Exception as exc:
-            if started:
-                raise
-            scope[_RAISE] = exc  # the stack answers it: its handlers, its 500
+            answer = await lean.answer(scope, receive)
+        except Exception as exc:  # nothing was sent: the stack answers it (handlers, its 500)
+            scope[_RAISE] = exc
             return await self._stack(scope, receive, send)
-        if declined is not None:
+        if isinstance(answer, _Declined):
             scope[_DECLINED] = True
-            await self._stack(scope, receive if declined.body is None
-                              else _replay(declined.body, receive), send)
+            return await self._stack(scope, receive if answer.body is None
+                                     else _replay(answer.body, receive), send)
+        await answer.send(send)
+
+
+@dataclass(frozen=True, slots=True)
+class _Declined:
+    body: bytes | None  # None: not read
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """A JSON answer, sent as Starlette's `Response` sends one (its headers, their order)."""
+
+    status: int
+    body: bytes
+
+    async def send(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": [
+            (b"content-length", b"%d" % len(self.body)),
+            (b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": self.body})
 
 
 class _Lean:
     def __init__(
         self, fallback: APIRoute, authenticate: Callable[[str], str | None], submit: Submit,
-        poll: Poll,
+        poll: Poll, max_body: int,
     ) -> None:
         self._fallback = fallback
         self._authenticate = authenticate
         self._submit = submit
         self._poll = poll
+        self._max_body = max_body
 
-    def _caller(self, scope: Scope) -> tuple[str, float] | None:
-        """The token's name and the ``wait`` of a request the lean path can take, or None."""
-        scheme, _, secret = (Headers(scope=scope).get("authorization") or "").partition(" ")
+    def _caller(self, scope: Scope) -> tuple[str, float, bytes] | None:
+        """The token's name, the ``wait`` and the content type (b"": none) of a request the
+        lean path can take, or None."""
         wait = _wait(scope.get("query_string", b""))
-        if scheme.lower() != "bearer" or not secret.strip() or wait is None:
+        if wait is None:
             return None
-        name = self._authenticate(secret.strip())
-        return None if name is None else (name, wait)
+        # Header names are lower case in ASGI; the first of each counts (as in Starlette).
+        authorization = content_type = None
+        for name, value in scope["headers"]:
+            if name == b"authorization" and authorization is None:
+                authorization = value
+            elif name == b"content-type" and content_type is None:
+                content_type = value
+        if authorization is None:
+            return None
+        scheme, _, secret = authorization.decode("latin-1").partition(" ")
+        secret = secret.strip()
+        if scheme.lower() != "bearer" or not secret:
+            return None
+        name = self._authenticate(secret)
+        return None if name is None else (name, wait, content_type or b"")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """As a route inside the middleware stack."""
@@ -160,12 +184,14 @@ class _Lean:
             raise error
         if scope.pop(_DECLINED, False):
             return await self.fall_back(scope, receive, send)
-        declined = await self.answer(scope, receive, send)
-        if declined is not None:
-            await self.fall_back(scope, receive, send, declined.body)
+        answer = await self.answer(scope, receive)
+        if isinstance(answer, _Declined):
+            await self.fall_back(scope, receive, send, answer.body)
+        else:
+            await answer.send(send)
 
-    async def answer(self, scope: Scope, receive: Receive, send: Send) -> _Declined | None:
-        """Answer the request, or decline it (for FastAPI's route) with the body read."""
+    async def answer(self, scope: Scope, receive: Receive) -> _Answer | _Declined:
+        """The answer to the request, or declined (for FastAPI's route) with the body read."""
         raise NotImplementedError
 
     async def fall_back(
@@ -178,60 +204,62 @@ class _Lean:
         await self._fallback.handle(scope, receive, send)
 
 
-@dataclass(frozen=True, slots=True)
-class _Declined:
-    body: bytes | None  # None: not read
-
-
 class _Submit(_Lean):
-    async def answer(self, scope: Scope, receive: Receive, send: Send) -> _Declined | None:
+    async def answer(self, scope: Scope, receive: Receive) -> _Answer | _Declined:
         caller = self._caller(scope)
-        content_type = Headers(scope=scope).get("content-type", "")
-        if caller is None or content_type.partition(";")[0].strip().lower() != "application/json":
+        if caller is None:
             return _Declined(None)
-        try:
-            body = await Request(scope, receive).body()
-        except HTTPException:  # over the body limit
-            raise
-        except Exception:  # the client went away: FastAPI's answer
+        name, wait, content_type = caller
+        if content_type.partition(b";")[0].strip().lower() != b"application/json":
+            return _Declined(None)
+        body = await _body(receive, self._max_body)
+        if body is None:  # the client went away: FastAPI's answer
             return _Declined(None)
         try:
             request = _REQUEST.validate_python(json.loads(body))
         except Exception:  # not JSON, too deep, not a task: FastAPI's 422 (or 400)
             return _Declined(body)
-        name, wait = caller
-        view, status = await self._submit(scope["app"].state.wasmbox, name, request, wait)
-        await _json(view, status)(scope, receive, send)
-        return None
+        record, status = await self._submit(scope["app"].state.wasmbox, name, request, wait)
+        return _Answer(status, view_json(record))
 
 
 class _Poll(_Lean):
-    async def answer(self, scope: Scope, receive: Receive, send: Send) -> _Declined | None:
+    async def answer(self, scope: Scope, receive: Receive) -> _Answer | _Declined:
         caller = self._caller(scope)
         if caller is None:
             return _Declined(None)
-        name, wait = caller
+        name, wait, _ = caller
         task_id = scope["path_params"]["task_id"]
-        view = await self._poll(scope["app"].state.wasmbox, name, task_id, wait)
-        await _json(view, 200)(scope, receive, send)
-        return None
+        record = await self._poll(scope["app"].state.wasmbox, name, task_id, wait)
+        return _Answer(200, view_json(record))
 
 
 def _wait(query: bytes) -> float | None:
     """The seconds of a query that is nothing but a plain ``wait`` within bounds (0: none)."""
     if not query:
         return 0.0
-    pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
-    if len(pairs) != 1 or pairs[0][0] != "wait" or not _WAIT.fullmatch(pairs[0][1]):
+    match = _WAIT_QUERY.fullmatch(query)
+    if match is None:
         return None
-    wait = float(pairs[0][1])
+    wait = float(match[1])
     return wait if wait <= MAX_WAIT_PARAM else None
 
 
-def _json(view: TaskView, status: int) -> Response:
-    """The view as FastAPI serialises a `response_model` (pydantic, by alias)."""
-    return Response(view.model_dump_json(by_alias=True), status_code=status,
-                    media_type="application/json")
+async def _body(receive: Receive, limit: int) -> bytes | None:
+    """The request body (at most `limit` bytes, else `BodyTooLarge`), or None if the client
+    went away first."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

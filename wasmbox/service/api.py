@@ -6,7 +6,7 @@ import json
 import math
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Response
@@ -146,9 +146,13 @@ def create_app(
             live = st.dispatcher.live_token(task_id) == name
             record = None if live else owned(st, name, task_id)
             if record is None or record.state not in FINAL:
-                with suppress(TimeoutError):
-                    async with asyncio.timeout(timeout):
-                        await event.wait()
+                # The event is this request's own: time running out sets it too (cheaper
+                # than a cancelling timeout scope on every long-poll).
+                alarm = asyncio.get_running_loop().call_later(timeout, event.set)
+                try:
+                    await event.wait()
+                finally:
+                    alarm.cancel()
                 record = owned(st, name, task_id)
         finally:
             st.waiters.discard(task_id, event)
@@ -160,22 +164,19 @@ def create_app(
 
     async def submit_view(
         st: _State, name: str, body: AnyTaskRequest, wait: float
-    ) -> tuple[TaskView, int]:
-        """Submit; the view and status to answer with (200: final within `wait` seconds)."""
+    ) -> tuple[Record, int]:
+        """Submit; the record and status to answer with (200: final within `wait` seconds)."""
         if (isinstance(body, WasmTaskRequest) and body.module_sha256 is not None
                 and body.output_schema is None):
             # A module by reference: admission is a few index lookups (its validation is
             # cached), so it runs here and only the commit is waited for, off the loop.
-            view = TaskView.of(await asyncio.wrap_future(admit(st, name, body, None)))
+            record = await asyncio.wrap_future(admit(st, name, body, None))
         else:  # decoding and validating a module, or scanning source, can take a while
-            view = await run_in_threadpool(submit, st, name, body, None)
+            record = await run_in_threadpool(lambda: admit(st, name, body, None).result())
         if wait <= 0:
-            return view, 202
-        record = await until_final(st, name, view.id, wait)
-        return TaskView.of(record), 200 if record.state in FINAL else 202
-
-    async def poll_view(st: _State, name: str, task_id: str, wait: float) -> TaskView:
-        return TaskView.of(await until_final(st, name, task_id, wait))
+            return record, 202
+        record = await until_final(st, name, record.id, wait)
+        return record, 200 if record.state in FINAL else 202
 
     @app.post("/v1/tasks", status_code=202, response_model=TaskView,
               dependencies=[only_query("wait")], responses={
@@ -187,8 +188,8 @@ def create_app(
         """Submit a task (a module as base64, Python source, or a command's argv); it is
         journaled before the answer. With `wait`, answer 200 with the final view if it ends
         within that many seconds, else 202 with the view as it is then."""
-        view, response.status_code = await submit_view(st, name, body, wait)
-        return view
+        record, response.status_code = await submit_view(st, name, body, wait)
+        return TaskView.of(record)
 
     @app.get("/v1/tasks", responses=_ERRORS, response_model=TaskList,
              dependencies=[only_query("state", "limit", "cursor")])
@@ -234,7 +235,7 @@ def create_app(
         wait: Wait = 0,
     ) -> TaskView:
         """A task's state and result; with `wait`, block until it is final or time is up."""
-        return await poll_view(st, name, task_id, wait)
+        return TaskView.of(await until_final(st, name, task_id, wait))
 
     @app.get(
         "/v1/tasks/{task_id}/files/{file_name:path}",
@@ -264,7 +265,7 @@ def create_app(
         """The policies this token may name; the first is its default."""
         return PolicyList(policies=list(config.tokens[name].policies))
     add_meta_routes(app, metrics)
-    add_lean_routes(app, config.authenticate, submit_view, poll_view,
+    add_lean_routes(app, config.authenticate, submit_view, until_final,
                     config.service.max_body_bytes)
     return app
 

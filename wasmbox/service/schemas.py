@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import itertools
+import os
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -29,6 +32,32 @@ from wasmbox.models import (
 from wasmbox.service.store import Record, State
 
 Name = Annotated[str, Field(min_length=1, max_length=128)]
+_NO_RESOURCES = Resources()
+
+
+class _TaskIds:
+    """Fresh task ids, shaped as uuid4 hex: a keyed BLAKE2b of a counter (unpredictable
+    without the key, drawn from the OS once a process). ``uuid4()`` reads the OS's random
+    source for every id, and that lets go of the GIL: on the event loop, a wait for another
+    thread to hand it back."""
+
+    def __init__(self) -> None:
+        self._reseed()
+        os.register_at_fork(after_in_child=self._reseed)
+
+    def _reseed(self) -> None:
+        self._key = os.urandom(32)
+        self._counter = itertools.count()
+
+    def __call__(self) -> str:
+        digest = bytearray(hashlib.blake2b(next(self._counter).to_bytes(8, "little"),
+                                           key=self._key, digest_size=16).digest())
+        digest[6] = digest[6] & 0x0F | 0x40  # version 4
+        digest[8] = digest[8] & 0x3F | 0x80  # RFC 4122 variant
+        return digest.hex()
+
+
+fresh_task_id = _TaskIds()
 
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -88,9 +117,10 @@ class _TaskFields(BaseModel):
     policy: Name | None = Field(default=None, description="a policy name the token may use")
 
     def _common(self) -> dict[str, Any]:
+        requested = self.resources.model_dump(exclude_none=True)
         return {
             "input": self.input, "args": tuple(self.args), "env": self.env,
-            "resources": Resources(**self.resources.model_dump(exclude_none=True)),
+            "resources": Resources(**requested) if requested else _NO_RESOURCES,
             "tier": self.tier, "output_schema": self.output_schema,
         }
 
@@ -131,7 +161,7 @@ class WasmTaskRequest(_TaskFields):
             if self.module_b64 is None:
                 raise ValueError("module_sha256 names a module the caller must look up")
             module = base64.b64decode(self.module_b64)
-        return Task(kind=TaskKind.WASM, module_bytes=module, **self._common())
+        return Task(id=fresh_task_id(), kind=TaskKind.WASM, module_bytes=module, **self._common())
 
 
 class PythonTaskRequest(_TaskFields):
@@ -160,7 +190,7 @@ class CommandTaskRequest(_TaskFields):
         """The library `Task`."""
         common = self._common()
         del common["args"]
-        return Task(kind=TaskKind.COMMAND, argv=tuple(self.argv), **common)
+        return Task(id=fresh_task_id(), kind=TaskKind.COMMAND, argv=tuple(self.argv), **common)
 
 
 AnyTaskRequest = WasmTaskRequest | PythonTaskRequest | CommandTaskRequest
@@ -209,6 +239,26 @@ class TaskView(BaseModel):
             result=None if record.result is None
             else ResultView.of(record.result, record.file_sizes),
         )
+
+
+def view_json(record: Record) -> bytes:
+    """``TaskView.of(record)`` as FastAPI answers it (JSON, by alias), byte for byte, built
+    without validating again what the journal's models already hold."""
+    result = record.result
+    view = TaskView.model_construct(
+        id=record.id, state=record.state, policy=record.policy,
+        final=record.state in (State.FINISHED, State.REJECTED),
+        cancel_requested=record.cancel_requested, attempts=record.attempts,
+        submitted_at=record.submitted_at, started_at=record.started_at,
+        finished_at=record.finished_at, error=record.error, charged_s=record.charged_s,
+        result=None if result is None else ResultView.model_construct(
+            **{name: getattr(result, name) for name in _RESULT_FIELDS},
+            files=record.file_sizes),
+    )
+    return view.__pydantic_serializer__.to_json(view, by_alias=True)
+
+
+_RESULT_FIELDS = tuple(name for name in ResultView.model_fields if name != "files")
 
 
 class TaskList(BaseModel):
