@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from distributed import Future
 from distributed.scheduler import KilledWorker
 
+from wasmbox import telemetry
 from wasmbox._dask_wire import _decode
 from wasmbox._dask_worker import _run_chunk
 from wasmbox.errors import HostFailure, SandboxError
@@ -171,8 +172,12 @@ class _Batch:
             for task_id in ids:
                 self.settled[task_id] = outcome
             return
-        settled, busy_s = outcome
+        settled, busy_s, elsewhere = outcome
         self.settled.update(zip(ids, settled, strict=True))
+        if elsewhere:  # the worker process counted these runs where nobody exports them
+            for result in settled:
+                if isinstance(result, Result):
+                    telemetry.record(result)
         if busy_s > 0:
             # Halving the old estimate each chunk forgets a slow start (a module's first
             # compile on a fresh worker) within a few chunks.
@@ -201,8 +206,9 @@ def _chunk_key(ids: list[str]) -> str:
 
 
 def _unwrap(future: Future[Any], ids: list[str]
-            ) -> tuple[list[Result | SandboxError], float] | SandboxError:
-    """What one finished chunk means for its tasks, and its worker seconds; never raises."""
+            ) -> tuple[list[Result | SandboxError], float, bool] | SandboxError:
+    """What one finished chunk means for its tasks, its worker seconds and whether it ran in
+    another process; never raises."""
     try:
         value = future.result()
     except KilledWorker as exc:

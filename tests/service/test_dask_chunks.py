@@ -74,19 +74,24 @@ def _shipped(task_id: str) -> _Shipped:
                               status=Status.COMPLETED, output={"ok": True}))
 
 
+ELSEWHERE = "1-another-process"
+
+
 def test_a_well_formed_answer_is_decoded_per_task() -> None:
-    decoded = _decode("k", ([_shipped("a"), _shipped("b")], 0.25), ["a", "b"])
+    decoded = _decode("k", ([_shipped("a"), _shipped("b")], 0.25, ELSEWHERE), ["a", "b"])
     assert not isinstance(decoded, HostFailure)
-    settled, busy = decoded
+    settled, busy, elsewhere = decoded
     assert [r.task_id for r in settled if isinstance(r, Result)] == ["a", "b"]
-    assert busy == 0.25
+    assert busy == 0.25 and elsewhere
 
 
 @pytest.mark.parametrize("answer", [
-    ([], 0.1),  # too few entries: a task would be lost
-    ([_shipped("a"), _shipped("b"), _shipped("c")], 0.1),  # too many
-    [_shipped("a"), _shipped("b")],  # not the (entries, seconds) pair
-    ("not a list", 0.1),
+    ([], 0.1, ELSEWHERE),  # too few entries: a task would be lost
+    ([_shipped("a"), _shipped("b"), _shipped("c")], 0.1, ELSEWHERE),  # too many
+    [_shipped("a"), _shipped("b")],  # not the (entries, seconds, origin) triple
+    ([_shipped("a"), _shipped("b")], 0.1),
+    ([_shipped("a"), _shipped("b")], 0.1, 7),  # an origin that is not a string
+    ("not a list", 0.1, ELSEWHERE),
     None,
 ])
 def test_an_answer_that_does_not_fit_its_chunk_fails_each_of_its_tasks(answer: object) -> None:
@@ -95,7 +100,8 @@ def test_an_answer_that_does_not_fit_its_chunk_fails_each_of_its_tasks(answer: o
 
 
 def test_an_answer_for_another_task_fails_only_that_task() -> None:
-    decoded = _decode("k", ([_shipped("a"), _shipped("someone-else")], 0.1), ["a", "b"])
+    decoded = _decode("k", ([_shipped("a"), _shipped("someone-else")], 0.1, ELSEWHERE),
+                      ["a", "b"])
     assert not isinstance(decoded, HostFailure)
     first, second = decoded[0]
     assert isinstance(first, Result) and first.task_id == "a"
@@ -104,7 +110,7 @@ def test_an_answer_for_another_task_fails_only_that_task() -> None:
 
 @pytest.mark.parametrize("seconds", [math.nan, math.inf, -1.0])
 def test_a_non_finite_or_negative_duration_does_not_steer_chunk_sizes(seconds: float) -> None:
-    decoded = _decode("k", ([_shipped("a")], seconds), ["a"])
+    decoded = _decode("k", ([_shipped("a")], seconds, ELSEWHERE), ["a"])
     assert not isinstance(decoded, HostFailure)
     assert decoded[1] == 0.0
 
