@@ -2,9 +2,11 @@
 
 The first wave carries one task a chunk (unless an earlier batch of the same sandbox ran
 tasks of the same code and arguments: it starts from their cost); once the workers have said
-what a task costs, a chunk carries about `CHUNK_TARGET_S` of work (at most `MAX_CHUNK` tasks,
-and never more than an equal `CHUNKS_PER_BATCH_THREAD`-th of the batch per worker thread, but
-at least `MIN_CHUNK_S` of work), with `CHUNKS_PER_THREAD` chunks in flight per worker thread.
+what a task costs, the batch is cut in waves ("factoring"): each wave gives every worker thread
+one chunk of an equal share of half of what is left, so chunks shrink towards the end and the
+workers finish together. A chunk carries at most `CHUNK_TARGET_S` of work (and `MAX_CHUNK`
+tasks) and at least `MIN_CHUNK_S` of work, with `CHUNKS_PER_THREAD` chunks in flight per
+worker thread.
 """
 
 from __future__ import annotations
@@ -36,13 +38,16 @@ CHUNK_TARGET_S = 0.5  # worker seconds a chunk aims to carry; a chunk costs the 
 # scheduler ~5-15 ms of CPU, so at 500 ms that stays a small share of a core (at 200 ms their
 # CPU per CPU-bound task was nearly twice as much, taken from the workers' two cores)
 MAX_CHUNK = 256  # tasks a chunk carries at most
-MIN_CHUNK_S = 0.01  # worker seconds a chunk carries at least (while that many tasks are left):
-# a chunk costs the client, scheduler and worker event loops ~10 ms of CPU on the same cores
+MIN_CHUNK_S = 0.05  # worker seconds a chunk carries at least (while that many tasks are left):
+# a chunk costs ~10 ms of CPU on the cores the tasks run on (Dask's own cost of one future,
+# measured with a no-op function: ~4-6 ms in the client, scheduler and nannies, ~3-4 ms in the
+# worker), so the tail's smallest chunks are kept to a few times that
 CHUNKS_PER_THREAD = 2  # chunks in flight per worker thread: the next one waits on the worker
-CHUNKS_PER_BATCH_THREAD = 2  # equal chunks the sized part of a batch is cut into per worker
-# thread: cutting "a share of what is left" each time ended a 60-task batch in ~14 chunks,
-# the last ones a task each, every one costing the shared cores ~10 ms of CPU (4 a thread
-# measured between the two)
+WAVE_SHARE = 2  # a wave cuts 1/WAVE_SHARE of what is left into one chunk per worker thread.
+# One equal split of the whole batch (2 chunks a thread) left the end to chance: when one
+# worker ran slower (a shared core) or the chunk sizes grew as the cost estimate fell, the
+# other sat idle for a whole last chunk (0.4 s of a 1.5-2 s batch of 60 CPU-bound tasks,
+# measured); halving waves bound that idle time by the last, smallest chunks.
 
 
 class _Costs:
@@ -79,13 +84,13 @@ def _kind_of(task: Task) -> Hashable:
 class _Batch:
     """One `gather` in flight: tasks go out in chunks sized from what earlier chunks took.
 
-    The first wave is one task a chunk, unless `_Costs` knows the kind of task; after that a
-    chunk carries about `CHUNK_TARGET_S` of work (at most `MAX_CHUNK` tasks, and never more
-    than an equal share of the batch, `CHUNKS_PER_BATCH_THREAD` a worker thread, so the tail
-    spreads over every worker in a few chunks, but at least `MIN_CHUNK_S` of work: a chunk
-    shorter than its own cost wastes the cores it shares). At
-    most `CHUNKS_PER_THREAD` chunks per worker thread are in flight, so a worker always has
-    its next chunk while it runs one.
+    The first wave is one task a chunk, unless `_Costs` knows the kind of task; after that
+    each wave gives every worker thread one chunk of an equal share of 1/`WAVE_SHARE` of what
+    is left (with one thread, the whole of it), so the last chunks are the smallest and the
+    workers finish together. A chunk carries at most `CHUNK_TARGET_S` of work and `MAX_CHUNK`
+    tasks, and at least `MIN_CHUNK_S` of work: a chunk shorter than its own cost wastes the
+    cores it shares. At most `CHUNKS_PER_THREAD` chunks per worker thread are in flight, so a
+    worker always has its next chunk while it runs one.
     """
 
     def __init__(self, owner: DistributedSandbox, tasks: list[Task],
@@ -101,7 +106,8 @@ class _Batch:
         self.kind = _kind_of(tasks[0])
         # worker seconds a task, recent chunks weigh most; an earlier batch's to start with
         self.per_task_s: float | None = owner._costs.get(self.kind)
-        self.even: tuple[int, int] | None = None  # (worker threads, the batch's even share)
+        # the wave being cut: worker threads it was planned for, its chunks' share, chunks left
+        self.wave: tuple[int, int, int] | None = None
 
     def run(self) -> None:
         """Submit, settle and refill until every task is settled; cancels what is left."""
@@ -145,7 +151,7 @@ class _Batch:
     def _fill(self) -> None:
         limit = max(1, self.threads) * CHUNKS_PER_THREAD
         while self.queue and len(self.inflight) < limit:
-            chunk = [self.queue.popleft() for _ in range(min(self._size(), len(self.queue)))]
+            chunk = [self.queue.popleft() for _ in range(self._size())]
             ids = [task.id for task in chunk]
             key = _chunk_key(ids)
             future = self.owner.client.submit(
@@ -156,15 +162,19 @@ class _Batch:
                 lambda _f, key=key: self.finished.put(key))
 
     def _size(self) -> int:
-        """Tasks the next chunk carries."""
+        """Tasks the next chunk carries; `_fill` asks once per chunk it cuts."""
         if self.per_task_s is None:
             return 1  # nothing measured yet: one round trip a worker tells us the task's cost
         threads = max(1, self.threads)
-        if self.even is None or self.even[0] != threads:  # planned again when workers change
-            self.even = (threads, -(-len(self.queue) // (threads * CHUNKS_PER_BATCH_THREAD)))
+        left = len(self.queue)
+        if self.wave is None or self.wave[0] != threads or self.wave[2] <= 0:
+            share = left if threads == 1 else -(-left // (threads * WAVE_SHARE))
+            self.wave = (threads, share, threads)  # planned again when workers change
+        threads, share, chunks = self.wave
+        self.wave = (threads, share, chunks - 1)
         per_task = max(self.per_task_s, 1e-5)
         floor = min(math.ceil(MIN_CHUNK_S / per_task), MAX_CHUNK)
-        return max(1, floor, min(round(CHUNK_TARGET_S / per_task), MAX_CHUNK, self.even[1]))
+        return min(left, max(1, floor, min(round(CHUNK_TARGET_S / per_task), MAX_CHUNK, share)))
 
     def _settle(self, future: Future[Any], ids: list[str]) -> None:
         outcome = _unwrap(future, ids)

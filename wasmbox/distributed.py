@@ -3,11 +3,12 @@
 Each worker keeps warm sandboxes (one per policy) in a `SandboxPlugin`, created on first use
 and closed when the worker shuts down. A batch travels in chunks, one Dask future each: the
 first wave carries one task a chunk (unless an earlier batch ran tasks of the same code and
-arguments: it starts from their cost), and once the workers have said what a task costs, a
-chunk carries about `CHUNK_TARGET_S` of work (at most `MAX_CHUNK` tasks, and never more than
-its share of what is left, but at least `MIN_CHUNK_S` of work), with `CHUNKS_PER_THREAD`
-chunks in flight per worker thread. A module shared by the tasks of a chunk is pickled once
-for the chunk.
+arguments: it starts from their cost); once the workers have said what a task costs, each
+wave gives every worker thread one chunk of an equal share of half of what is left, so the
+last chunks are the smallest and the workers finish together. A chunk carries at most
+`CHUNK_TARGET_S` of work (and `MAX_CHUNK` tasks), at least `MIN_CHUNK_S` of work, with
+`CHUNKS_PER_THREAD` chunks in flight per worker thread. A module shared by the tasks of a
+chunk is pickled once for the chunk.
 
 Tasks travel as pydantic models; a result travels as a `_Shipped`: its fields as a flat dict,
 its output as JSON text encoded once on the worker, its files as bytes, so what it costs to
