@@ -2,11 +2,10 @@
 
 The first wave carries one task a chunk (unless an earlier batch of the same sandbox ran
 tasks of the same code and arguments: it starts from their cost); once the workers have said
-what a task costs, the batch is cut in waves ("factoring"): each wave gives every worker thread
-one chunk of an equal share of half of what is left, so chunks shrink towards the end and the
-workers finish together. A chunk carries at most `CHUNK_TARGET_S` of work (and `MAX_CHUNK`
-tasks) and at least `MIN_CHUNK_S` of work, with `CHUNKS_PER_THREAD` chunks in flight per
-worker thread.
+what a task costs, the batch is cut into equal chunks, a whole number of them per worker
+thread (at least `CHUNKS_PER_BATCH_THREAD`, more when a chunk would carry more than
+`CHUNK_TARGET_S` of work or `MAX_CHUNK` tasks), each at least `MIN_CHUNK_S` of work, with
+`CHUNKS_PER_THREAD` chunks in flight per worker thread.
 """
 
 from __future__ import annotations
@@ -34,20 +33,27 @@ if TYPE_CHECKING:
 
 KEY_PREFIX = "wasmbox-task-"
 WATCH_INTERVAL = 1.0  # seconds between checks for workers while a batch waits
-CHUNK_TARGET_S = 0.5  # worker seconds a chunk aims to carry; a chunk costs the client and
-# scheduler ~5-15 ms of CPU, so at 500 ms that stays a small share of a core (at 200 ms their
-# CPU per CPU-bound task was nearly twice as much, taken from the workers' two cores)
+CHUNK_TARGET_S = 1.0  # worker seconds a chunk carries at most; a chunk costs the client and
+# scheduler ~5-15 ms of CPU, so this stays a small share of a core (at 200 ms their CPU per
+# CPU-bound task was nearly twice as much, taken from the workers' two cores). Each chunk also
+# costs each worker a gap between chunks: at 500 ms, on a loaded machine (tasks timed 2-3x
+# slower), a batch of 60 CPU-bound tasks went out in 6-13 chunks instead of 4.
 MAX_CHUNK = 256  # tasks a chunk carries at most
-MIN_CHUNK_S = 0.05  # worker seconds a chunk carries at least (while that many tasks are left):
-# a chunk costs ~10 ms of CPU on the cores the tasks run on (Dask's own cost of one future,
-# measured with a no-op function: ~4-6 ms in the client, scheduler and nannies, ~3-4 ms in the
-# worker), so the tail's smallest chunks are kept to a few times that
+MIN_CHUNK_S = 0.01  # worker seconds a chunk carries at least (while that many tasks are left):
+# a chunk costs the client, scheduler and worker event loops ~10 ms of CPU on the same cores
 CHUNKS_PER_THREAD = 2  # chunks in flight per worker thread: the next one waits on the worker
-WAVE_SHARE = 2  # a wave cuts 1/WAVE_SHARE of what is left into one chunk per worker thread.
-# One equal split of the whole batch (2 chunks a thread) left the end to chance: when one
-# worker ran slower (a shared core) or the chunk sizes grew as the cost estimate fell, the
-# other sat idle for a whole last chunk (0.4 s of a 1.5-2 s batch of 60 CPU-bound tasks,
-# measured); halving waves bound that idle time by the last, smallest chunks.
+CHUNKS_PER_BATCH_THREAD = 2  # equal chunks the sized part of a batch is cut into per worker
+# thread, at least: cutting "a share of what is left" each time ended a 60-task batch in ~14
+# chunks, the last ones a task each, every one costing the shared cores ~10 ms of CPU (4 a
+# thread measured between the two). Always a whole number a thread: a batch cut into chunks
+# of the target size ended in a short odd chunk (120 CPU-bound tasks: 28, 28, 28, 28, 8), and
+# while one worker ran it the other sat idle. Cutting the rest in halving waves instead (15,
+# 15, 8, 8, 4, 4, 3, 3) made the end shorter but each extra chunk cost more (CPU, a gap on the
+# worker) than it saved: worker idle share 11.7-22.0% against 10.9-16.1%, load ~12.
+REPLAN_FACTOR = 4.0  # the chunks are cut again from what is left when the estimate of a
+# task's cost falls this far (a first estimate includes a module's compile). Not on smaller
+# moves, nor when it rises: each new plan cuts at least 2 chunks a thread of what is left, and
+# on a loaded machine (estimates moving 2x) re-planning at 2x cut 60 tasks in 6-8 chunks, not 4
 
 
 class _Costs:
@@ -84,13 +90,14 @@ def _kind_of(task: Task) -> Hashable:
 class _Batch:
     """One `gather` in flight: tasks go out in chunks sized from what earlier chunks took.
 
-    The first wave is one task a chunk, unless `_Costs` knows the kind of task; after that
-    each wave gives every worker thread one chunk of an equal share of 1/`WAVE_SHARE` of what
-    is left (with one thread, the whole of it), so the last chunks are the smallest and the
-    workers finish together. A chunk carries at most `CHUNK_TARGET_S` of work and `MAX_CHUNK`
-    tasks, and at least `MIN_CHUNK_S` of work: a chunk shorter than its own cost wastes the
-    cores it shares. At most `CHUNKS_PER_THREAD` chunks per worker thread are in flight, so a
-    worker always has its next chunk while it runs one.
+    The first wave is one task a chunk, unless `_Costs` knows the kind of task; after that the
+    batch is cut into equal chunks, the same whole number for every worker thread (at least
+    `CHUNKS_PER_BATCH_THREAD`; more when a chunk would carry more than `CHUNK_TARGET_S` of
+    work or `MAX_CHUNK` tasks), so the workers run out of work together; but a chunk carries
+    at least `MIN_CHUNK_S` of work: a chunk shorter than its own cost wastes the cores it
+    shares. The plan is made again from what is left when the worker threads change or the
+    cost estimate falls `REPLAN_FACTOR`-fold. At most `CHUNKS_PER_THREAD` chunks per worker
+    thread are in flight, so a worker always has its next chunk while it runs one.
     """
 
     def __init__(self, owner: DistributedSandbox, tasks: list[Task],
@@ -106,8 +113,8 @@ class _Batch:
         self.kind = _kind_of(tasks[0])
         # worker seconds a task, recent chunks weigh most; an earlier batch's to start with
         self.per_task_s: float | None = owner._costs.get(self.kind)
-        # the wave being cut: worker threads it was planned for, its chunks' share, chunks left
-        self.wave: tuple[int, int, int] | None = None
+        # (worker threads, tasks a chunk, the cost estimate) the chunks were planned with
+        self.plan: tuple[int, int, float] | None = None
 
     def run(self) -> None:
         """Submit, settle and refill until every task is settled; cancels what is left."""
@@ -162,19 +169,20 @@ class _Batch:
                 lambda _f, key=key: self.finished.put(key))
 
     def _size(self) -> int:
-        """Tasks the next chunk carries; `_fill` asks once per chunk it cuts."""
+        """Tasks the next chunk carries."""
         if self.per_task_s is None:
             return 1  # nothing measured yet: one round trip a worker tells us the task's cost
         threads = max(1, self.threads)
-        left = len(self.queue)
-        if self.wave is None or self.wave[0] != threads or self.wave[2] <= 0:
-            share = left if threads == 1 else -(-left // (threads * WAVE_SHARE))
-            self.wave = (threads, share, threads)  # planned again when workers change
-        threads, share, chunks = self.wave
-        self.wave = (threads, share, chunks - 1)
         per_task = max(self.per_task_s, 1e-5)
+        left = len(self.queue)
+        if (self.plan is None or self.plan[0] != threads
+                or per_task * REPLAN_FACTOR < self.plan[2]):
+            per_thread = max(CHUNKS_PER_BATCH_THREAD,
+                             math.ceil(left * per_task / (threads * CHUNK_TARGET_S)),
+                             math.ceil(left / (threads * MAX_CHUNK)))
+            self.plan = (threads, -(-left // (threads * per_thread)), per_task)
         floor = min(math.ceil(MIN_CHUNK_S / per_task), MAX_CHUNK)
-        return min(left, max(1, floor, min(round(CHUNK_TARGET_S / per_task), MAX_CHUNK, share)))
+        return min(left, max(1, floor, self.plan[1]))
 
     def _settle(self, future: Future[Any], ids: list[str]) -> None:
         outcome = _unwrap(future, ids)

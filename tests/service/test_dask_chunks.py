@@ -169,53 +169,40 @@ class _TwoThreads:
         return 2
 
 
-class _OneThread(_TwoThreads):
-    def _threads(self) -> int:
-        return 1
-
-
 @pytest.mark.parametrize(("per_task_s", "left", "size"), [
-    (0.001, 20, 20),  # 1 ms tasks: at least MIN_CHUNK_S (50 ms) of them, not a quarter of 20
+    (0.001, 20, 10),  # 1 ms tasks: at least MIN_CHUNK_S (10 ms) of them, not a quarter of 20
     (0.001, 4, 4),  # never more than are left
-    (0.1, 3, 1),  # a slow task is a chunk of its own at the end
-    (0.01, 100, 25),  # the first wave: a quarter of the batch (2 threads, half of it)
-    (0.01, 400, 50),  # early on: CHUNK_TARGET_S (500 ms) of work
+    (0.05, 3, 1),  # a slow task is a chunk of its own at the end
+    (0.01, 100, 25),  # a quarter of the batch (2 threads x CHUNKS_PER_BATCH_THREAD)
+    (0.01, 1000, 100),  # a long batch: chunks of at most CHUNK_TARGET_S (1 s) of work
 ])
 def test_a_chunk_carries_at_least_min_chunk_s_of_work_while_that_many_are_left(
     guests: dict[str, Path], per_task_s: float, left: int, size: int
 ) -> None:
     batch = _Batch(_TwoThreads(), [Task.wasm(guests["hello"]) for _ in range(left)], {})  # type: ignore[arg-type]
     batch.per_task_s = per_task_s
-    assert batch._size() == size
+    assert min(batch._size(), left) == size
 
 
 def _chunk_sizes(batch: _Batch) -> list[int]:
     """The sizes `batch` cuts its queue into, as `_fill` would take them."""
     sizes = []
     while batch.queue:
-        size = batch._size()
+        size = min(batch._size(), len(batch.queue))
         for _ in range(size):
             batch.queue.popleft()
         sizes.append(size)
     return sizes
 
 
-def test_each_wave_gives_every_worker_thread_one_chunk_of_half_of_what_is_left(
+def test_a_batch_is_cut_into_a_few_equal_chunks_per_worker_thread(
     guests: dict[str, Path]
 ) -> None:
-    # One equal split (4 chunks of 15) left a worker idle for a whole last chunk whenever the
-    # other ran slower; halving waves end in the smallest chunks, still only 8 of them (every
-    # chunk costs the shared cores ~10 ms of CPU), the smallest MIN_CHUNK_S of work.
+    # Cutting a share of what is left each time ended 60 CPU-bound tasks in ~14 chunks, the
+    # last ones a task each; every chunk costs the client and scheduler ~10 ms of CPU.
     batch = _Batch(_TwoThreads(), [Task.wasm(guests["hello"]) for _ in range(60)], {})  # type: ignore[arg-type]
-    batch.per_task_s = 0.018
-    assert _chunk_sizes(batch) == [15, 15, 8, 8, 4, 4, 3, 3]
-
-
-def test_a_single_worker_thread_gets_chunks_of_the_target_size() -> None:
-    # With one thread there is no other worker to finish with: no shrinking tail.
-    batch = _Batch(_OneThread(), [Task.wasm(Path("m.wasm")) for _ in range(60)], {})  # type: ignore[arg-type]
-    batch.per_task_s = 0.018
-    assert _chunk_sizes(batch) == [28, 28, 4]
+    batch.per_task_s = 0.025
+    assert _chunk_sizes(batch) == [15] * 4  # 2 threads x CHUNKS_PER_BATCH_THREAD (2)
 
 
 def test_a_change_in_worker_threads_plans_the_rest_of_the_batch_again(
@@ -224,22 +211,36 @@ def test_a_change_in_worker_threads_plans_the_rest_of_the_batch_again(
     batch = _Batch(_TwoThreads(), [Task.wasm(guests["hello"]) for _ in range(64)], {})  # type: ignore[arg-type]
     batch.per_task_s = 0.025
     assert batch._size() == 16
-    for _ in range(16):
+    for _ in range(32):
         batch.queue.popleft()
-    batch.threads = 4  # two more workers joined mid-wave: the 48 left, 6 a chunk for each
-    assert _chunk_sizes(batch) == [6, 6, 6, 6, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2]
+    batch.threads = 4  # two more workers joined: the 32 left spread over 8 chunks
+    assert _chunk_sizes(batch) == [4] * 8
 
 
-def test_the_target_follows_the_latest_cost_within_the_wave(
+def test_a_batch_longer_than_the_target_is_cut_into_equal_chunks_per_thread(
+    guests: dict[str, Path]
+) -> None:
+    # Chunks of the target size ended in an odd short chunk (ten of 28 and one of 20 at a
+    # 500 ms target): one worker ran it while the other sat idle.
+    batch = _Batch(_TwoThreads(), [Task.wasm(guests["hello"]) for _ in range(300)], {})  # type: ignore[arg-type]
+    batch.per_task_s = 0.018  # 5.4 s of work: 3 chunks a thread, each under 1 s
+    assert _chunk_sizes(batch) == [50] * 6
+
+
+def test_a_slow_first_estimate_is_planned_again_from_the_latest_cost(
     guests: dict[str, Path]
 ) -> None:
     # A slow first estimate (a module's first compile) must not keep a long batch in tiny
-    # chunks: the wave fixes a chunk's share of the batch, not its size.
+    # chunks, nor small moves of the estimate break the equal plan.
     batch = _Batch(_TwoThreads(), [Task.wasm(guests["hello"]) for _ in range(4000)], {})  # type: ignore[arg-type]
     batch.per_task_s = 0.2
-    assert batch._size() == 2  # CHUNK_TARGET_S of 200 ms tasks
+    assert batch._size() == 5  # CHUNK_TARGET_S of 200 ms tasks
+    batch.per_task_s = 0.1
+    assert batch._size() == 5  # within REPLAN_FACTOR: the same plan
+    batch.per_task_s = 0.4
+    assert batch._size() == 5  # nor when it rises (a loaded machine): the same plan
     batch.per_task_s = 0.001
-    assert batch._size() == 256  # MAX_CHUNK, under the wave's share of 1000
+    assert batch._size() == 250  # 16 equal chunks of at most MAX_CHUNK
 
 
 def _first_chunk(client: Client, before: int) -> str:
