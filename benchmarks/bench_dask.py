@@ -92,7 +92,9 @@ def measure(quick: bool, progress: Progress) -> list[Row]:
                 check_all(run(_batch(task, 8)))
             progress.step(f"dask: {kind} rounds")
             cpu: dict[str, list[tuple[float, float]]] = {row.id: [] for row, _ in ways}
+            loads: list[float] = []
             for i in range(rounds):
+                loads.append(os.getloadavg()[0])
                 shift = i % len(ways)
                 for row, run in ways[shift:] + ways[:shift]:
                     batch = _batch(task, n)
@@ -121,7 +123,13 @@ def measure(quick: bool, progress: Progress) -> list[Row]:
                 f"per task {1e3 / one:.2f} ms vs {1e3 / local_rate:.2f} ms locally: "
                 f"{local_rate / one:.2f}x local (overhead {1e3 / one - 1e3 / local_rate:.2f} ms "
                 "a task)")
-            ways[2][0].notes.append(f"1 -> 2 workers: {two / one:.2f}x tasks/s")
+            # Other engineers' load drifts over seconds: each round's two batches ran next to
+            # each other, so their ratio, round by round, is steadier than a ratio of medians.
+            paired = [b / a for a, b in zip(ways[1][0].rates, ways[2][0].rates, strict=True)]
+            each = ", ".join(f"{r:.2f}x at load {load:.1f}"
+                             for r, load in zip(paired, loads, strict=True))
+            ways[2][0].notes.append(f"1 -> 2 workers: {two / one:.2f}x tasks/s; round by round "
+                                    f"{statistics.median(paired):.2f}x median ({each})")
             for width, (row, _) in enumerate(ways):
                 here = statistics.median(c[0] for c in cpu[row.id])
                 away = statistics.median(c[1] for c in cpu[row.id])

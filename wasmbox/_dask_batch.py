@@ -2,9 +2,10 @@
 
 The first wave carries one task a chunk (unless an earlier batch of the same sandbox ran
 tasks of the same code and arguments: it starts from their cost); once the workers have said
-what a task costs, a chunk carries about `CHUNK_TARGET_S` of work (at most `MAX_CHUNK` tasks,
-and never more than an equal `CHUNKS_PER_BATCH_THREAD`-th of the batch per worker thread, but
-at least `MIN_CHUNK_S` of work), with `CHUNKS_PER_THREAD` chunks in flight per worker thread.
+what a task costs, the batch is cut into equal chunks, a whole number of them per worker
+thread (at least `CHUNKS_PER_BATCH_THREAD`, more when a chunk would carry more than
+`CHUNK_TARGET_S` of work or `MAX_CHUNK` tasks), each at least `MIN_CHUNK_S` of work, with
+`CHUNKS_PER_THREAD` chunks in flight per worker thread.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from distributed import Future
 from distributed.scheduler import KilledWorker
 
+from wasmbox import telemetry
 from wasmbox._dask_wire import _decode
 from wasmbox._dask_worker import _run_chunk
 from wasmbox.errors import HostFailure, SandboxError
@@ -31,17 +33,27 @@ if TYPE_CHECKING:
 
 KEY_PREFIX = "wasmbox-task-"
 WATCH_INTERVAL = 1.0  # seconds between checks for workers while a batch waits
-CHUNK_TARGET_S = 0.5  # worker seconds a chunk aims to carry; a chunk costs the client and
-# scheduler ~5-15 ms of CPU, so at 500 ms that stays a small share of a core (at 200 ms their
-# CPU per CPU-bound task was nearly twice as much, taken from the workers' two cores)
+CHUNK_TARGET_S = 1.0  # worker seconds a chunk carries at most; a chunk costs the client and
+# scheduler ~5-15 ms of CPU, so this stays a small share of a core (at 200 ms their CPU per
+# CPU-bound task was nearly twice as much, taken from the workers' two cores). Each chunk also
+# costs each worker a gap between chunks: at 500 ms, on a loaded machine (tasks timed 2-3x
+# slower), a batch of 60 CPU-bound tasks went out in 6-13 chunks instead of 4.
 MAX_CHUNK = 256  # tasks a chunk carries at most
 MIN_CHUNK_S = 0.01  # worker seconds a chunk carries at least (while that many tasks are left):
 # a chunk costs the client, scheduler and worker event loops ~10 ms of CPU on the same cores
 CHUNKS_PER_THREAD = 2  # chunks in flight per worker thread: the next one waits on the worker
 CHUNKS_PER_BATCH_THREAD = 2  # equal chunks the sized part of a batch is cut into per worker
-# thread: cutting "a share of what is left" each time ended a 60-task batch in ~14 chunks,
-# the last ones a task each, every one costing the shared cores ~10 ms of CPU (4 a thread
-# measured between the two)
+# thread, at least: cutting "a share of what is left" each time ended a 60-task batch in ~14
+# chunks, the last ones a task each, every one costing the shared cores ~10 ms of CPU (4 a
+# thread measured between the two). Always a whole number a thread: a batch cut into chunks
+# of the target size ended in a short odd chunk (120 CPU-bound tasks: 28, 28, 28, 28, 8), and
+# while one worker ran it the other sat idle. Cutting the rest in halving waves instead (15,
+# 15, 8, 8, 4, 4, 3, 3) made the end shorter but each extra chunk cost more (CPU, a gap on the
+# worker) than it saved: worker idle share 11.7-22.0% against 10.9-16.1%, load ~12.
+REPLAN_FACTOR = 4.0  # the chunks are cut again from what is left when the estimate of a
+# task's cost falls this far (a first estimate includes a module's compile). Not on smaller
+# moves, nor when it rises: each new plan cuts at least 2 chunks a thread of what is left, and
+# on a loaded machine (estimates moving 2x) re-planning at 2x cut 60 tasks in 6-8 chunks, not 4
 
 
 class _Costs:
@@ -78,13 +90,14 @@ def _kind_of(task: Task) -> Hashable:
 class _Batch:
     """One `gather` in flight: tasks go out in chunks sized from what earlier chunks took.
 
-    The first wave is one task a chunk, unless `_Costs` knows the kind of task; after that a
-    chunk carries about `CHUNK_TARGET_S` of work (at most `MAX_CHUNK` tasks, and never more
-    than an equal share of the batch, `CHUNKS_PER_BATCH_THREAD` a worker thread, so the tail
-    spreads over every worker in a few chunks, but at least `MIN_CHUNK_S` of work: a chunk
-    shorter than its own cost wastes the cores it shares). At
-    most `CHUNKS_PER_THREAD` chunks per worker thread are in flight, so a worker always has
-    its next chunk while it runs one.
+    The first wave is one task a chunk, unless `_Costs` knows the kind of task; after that the
+    batch is cut into equal chunks, the same whole number for every worker thread (at least
+    `CHUNKS_PER_BATCH_THREAD`; more when a chunk would carry more than `CHUNK_TARGET_S` of
+    work or `MAX_CHUNK` tasks), so the workers run out of work together; but a chunk carries
+    at least `MIN_CHUNK_S` of work: a chunk shorter than its own cost wastes the cores it
+    shares. The plan is made again from what is left when the worker threads change or the
+    cost estimate falls `REPLAN_FACTOR`-fold. At most `CHUNKS_PER_THREAD` chunks per worker
+    thread are in flight, so a worker always has its next chunk while it runs one.
     """
 
     def __init__(self, owner: DistributedSandbox, tasks: list[Task],
@@ -100,7 +113,8 @@ class _Batch:
         self.kind = _kind_of(tasks[0])
         # worker seconds a task, recent chunks weigh most; an earlier batch's to start with
         self.per_task_s: float | None = owner._costs.get(self.kind)
-        self.even: tuple[int, int] | None = None  # (worker threads, the batch's even share)
+        # (worker threads, tasks a chunk, the cost estimate) the chunks were planned with
+        self.plan: tuple[int, int, float] | None = None
 
     def run(self) -> None:
         """Submit, settle and refill until every task is settled; cancels what is left."""
@@ -144,7 +158,7 @@ class _Batch:
     def _fill(self) -> None:
         limit = max(1, self.threads) * CHUNKS_PER_THREAD
         while self.queue and len(self.inflight) < limit:
-            chunk = [self.queue.popleft() for _ in range(min(self._size(), len(self.queue)))]
+            chunk = [self.queue.popleft() for _ in range(self._size())]
             ids = [task.id for task in chunk]
             key = _chunk_key(ids)
             future = self.owner.client.submit(
@@ -159,11 +173,16 @@ class _Batch:
         if self.per_task_s is None:
             return 1  # nothing measured yet: one round trip a worker tells us the task's cost
         threads = max(1, self.threads)
-        if self.even is None or self.even[0] != threads:  # planned again when workers change
-            self.even = (threads, -(-len(self.queue) // (threads * CHUNKS_PER_BATCH_THREAD)))
         per_task = max(self.per_task_s, 1e-5)
+        left = len(self.queue)
+        if (self.plan is None or self.plan[0] != threads
+                or per_task * REPLAN_FACTOR < self.plan[2]):
+            per_thread = max(CHUNKS_PER_BATCH_THREAD,
+                             math.ceil(left * per_task / (threads * CHUNK_TARGET_S)),
+                             math.ceil(left / (threads * MAX_CHUNK)))
+            self.plan = (threads, -(-left // (threads * per_thread)), per_task)
         floor = min(math.ceil(MIN_CHUNK_S / per_task), MAX_CHUNK)
-        return max(1, floor, min(round(CHUNK_TARGET_S / per_task), MAX_CHUNK, self.even[1]))
+        return min(left, max(1, floor, self.plan[1]))
 
     def _settle(self, future: Future[Any], ids: list[str]) -> None:
         outcome = _unwrap(future, ids)
@@ -171,8 +190,12 @@ class _Batch:
             for task_id in ids:
                 self.settled[task_id] = outcome
             return
-        settled, busy_s = outcome
+        settled, busy_s, elsewhere = outcome
         self.settled.update(zip(ids, settled, strict=True))
+        if elsewhere:  # the worker process counted these runs where nobody exports them
+            for result in settled:
+                if isinstance(result, Result):
+                    telemetry.record(result)
         if busy_s > 0:
             # Halving the old estimate each chunk forgets a slow start (a module's first
             # compile on a fresh worker) within a few chunks.
@@ -201,8 +224,9 @@ def _chunk_key(ids: list[str]) -> str:
 
 
 def _unwrap(future: Future[Any], ids: list[str]
-            ) -> tuple[list[Result | SandboxError], float] | SandboxError:
-    """What one finished chunk means for its tasks, and its worker seconds; never raises."""
+            ) -> tuple[list[Result | SandboxError], float, bool] | SandboxError:
+    """What one finished chunk means for its tasks, its worker seconds and whether it ran in
+    another process; never raises."""
     try:
         value = future.result()
     except KilledWorker as exc:

@@ -1,13 +1,17 @@
 """Internal: how a chunk's answer travels from a Dask worker and is checked on the client.
 
 A result travels as a `_Shipped` (its flat fields, its output as JSON text, its files as
-bytes), a host error as a `_Refused`; `_decode` checks a chunk's answer entry by entry.
+bytes), a host error as a `_Refused`; `_decode` checks a chunk's answer entry by entry. An
+answer also says which process ran the chunk (`origin`): a run is counted in the metrics of
+the process that made it, so the caller counts only the runs made in other processes.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +20,12 @@ from wasmbox.errors import HostFailure, SandboxError
 from wasmbox.models import Result, Status
 
 MAX_RESULT_DEPTH = 128  # nesting a result's output may have to travel from a worker
+_PROCESS_TOKEN = uuid.uuid4().hex  # tells apart processes of the same pid on other hosts
+
+
+def origin() -> str:
+    """This process, as a chunk's answer names it (a forked child is another process)."""
+    return f"{os.getpid()}-{_PROCESS_TOKEN}"
 
 
 @dataclass(frozen=True)
@@ -100,15 +110,17 @@ def _too_deep(result: Result, why: str) -> Result:
 
 
 def _decode(key: str, value: Any, ids: list[str]
-            ) -> tuple[list[Result | SandboxError], float] | SandboxError:
-    """A chunk's answer checked: one entry per task, each for its task, a finite duration."""
-    if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], list)
-            and len(value[0]) == len(ids) and isinstance(value[1], float)):
+            ) -> tuple[list[Result | SandboxError], float, bool] | SandboxError:
+    """A chunk's answer checked: one entry per task, each for its task, a finite duration;
+    and whether it ran in another process (its runs are not in this process's metrics)."""
+    if not (isinstance(value, tuple) and len(value) == 3 and isinstance(value[0], list)
+            and len(value[0]) == len(ids) and isinstance(value[1], float)
+            and isinstance(value[2], str)):
         return HostFailure(f"chunk {key!r}: a worker returned {type(value).__name__}, "
                            f"not one answer for each of its {len(ids)} tasks")
     settled = [_one(task_id, item) for task_id, item in zip(ids, value[0], strict=True)]
     busy_s = value[1] if math.isfinite(value[1]) and value[1] > 0 else 0.0
-    return settled, busy_s
+    return settled, busy_s, value[2] != origin()
 
 
 def _one(task_id: str, item: Any) -> Result | SandboxError:

@@ -13,7 +13,7 @@ from typing import Any
 
 from distributed import Client, WorkerPlugin, get_worker
 
-from wasmbox._dask_wire import _Refused, _Shipped
+from wasmbox._dask_wire import _Refused, _Shipped, origin
 from wasmbox.errors import HostFailure, SandboxError
 from wasmbox.models import Policy, Task
 from wasmbox.sandbox import Sandbox
@@ -58,9 +58,11 @@ class SandboxPlugin(WorkerPlugin):
         self.__init__()  # type: ignore[misc]
 
 
-def _run_chunk(tasks: list[Task], policy: Policy) -> tuple[list[_Shipped | _Refused], float]:
-    """On a worker: run `tasks` in its warm sandbox, one after another; what each gave, and
-    the seconds the chunk took. A host error is retried once in place, then carried back."""
+def _run_chunk(tasks: list[Task], policy: Policy
+               ) -> tuple[list[_Shipped | _Refused], float, str]:
+    """On a worker: run `tasks` in its warm sandbox, one after another; what each gave, the
+    seconds the chunk took and this process's `origin` (its sandbox counted the runs in this
+    process's metrics). A host error is retried once in place, then carried back."""
     plugin = get_worker().plugins.get(PLUGIN_NAME)
     if not isinstance(plugin, SandboxPlugin):
         raise HostFailure(f"worker plugin {PLUGIN_NAME!r} is not installed")
@@ -80,7 +82,7 @@ def _run_chunk(tasks: list[Task], policy: Policy) -> tuple[list[_Shipped | _Refu
             except Exception as exc:  # a host bug costs this task alone, not its chunk
                 shipped.append(_Refused(HostFailure, f"{type(exc).__name__}: {str(exc)[:2000]}"))
             break
-    return shipped, time.perf_counter() - t0
+    return shipped, time.perf_counter() - t0, origin()
 
 
 _PREPARED: weakref.WeakSet[Client] = weakref.WeakSet()

@@ -3,11 +3,12 @@
 Each worker keeps warm sandboxes (one per policy) in a `SandboxPlugin`, created on first use
 and closed when the worker shuts down. A batch travels in chunks, one Dask future each: the
 first wave carries one task a chunk (unless an earlier batch ran tasks of the same code and
-arguments: it starts from their cost), and once the workers have said what a task costs, a
-chunk carries about `CHUNK_TARGET_S` of work (at most `MAX_CHUNK` tasks, and never more than
-its share of what is left, but at least `MIN_CHUNK_S` of work), with `CHUNKS_PER_THREAD`
-chunks in flight per worker thread. A module shared by the tasks of a chunk is pickled once
-for the chunk.
+arguments: it starts from their cost); once the workers have said what a task costs, the
+batch is cut into equal chunks, the same whole number for every worker thread (at least
+`CHUNKS_PER_BATCH_THREAD`, more when a chunk would carry over `CHUNK_TARGET_S` of work or
+`MAX_CHUNK` tasks), so the workers run out of work together; a chunk carries at least
+`MIN_CHUNK_S` of work, and `CHUNKS_PER_THREAD` chunks are in flight per worker thread. A
+module shared by the tasks of a chunk is pickled once for the chunk.
 
 Tasks travel as pydantic models; a result travels as a `_Shipped`: its fields as a flat dict,
 its output as JSON text encoded once on the worker, its files as bytes, so what it costs to
@@ -42,6 +43,7 @@ from distributed import Client
 
 # `X as X`: re-exported, defined here before the split into the internal _dask_* modules.
 from wasmbox._dask_batch import CHUNK_TARGET_S as CHUNK_TARGET_S
+from wasmbox._dask_batch import CHUNKS_PER_BATCH_THREAD as CHUNKS_PER_BATCH_THREAD
 from wasmbox._dask_batch import CHUNKS_PER_THREAD as CHUNKS_PER_THREAD
 from wasmbox._dask_batch import KEY_PREFIX as KEY_PREFIX
 from wasmbox._dask_batch import MAX_CHUNK as MAX_CHUNK

@@ -74,19 +74,24 @@ def _shipped(task_id: str) -> _Shipped:
                               status=Status.COMPLETED, output={"ok": True}))
 
 
+ELSEWHERE = "1-another-process"
+
+
 def test_a_well_formed_answer_is_decoded_per_task() -> None:
-    decoded = _decode("k", ([_shipped("a"), _shipped("b")], 0.25), ["a", "b"])
+    decoded = _decode("k", ([_shipped("a"), _shipped("b")], 0.25, ELSEWHERE), ["a", "b"])
     assert not isinstance(decoded, HostFailure)
-    settled, busy = decoded
+    settled, busy, elsewhere = decoded
     assert [r.task_id for r in settled if isinstance(r, Result)] == ["a", "b"]
-    assert busy == 0.25
+    assert busy == 0.25 and elsewhere
 
 
 @pytest.mark.parametrize("answer", [
-    ([], 0.1),  # too few entries: a task would be lost
-    ([_shipped("a"), _shipped("b"), _shipped("c")], 0.1),  # too many
-    [_shipped("a"), _shipped("b")],  # not the (entries, seconds) pair
-    ("not a list", 0.1),
+    ([], 0.1, ELSEWHERE),  # too few entries: a task would be lost
+    ([_shipped("a"), _shipped("b"), _shipped("c")], 0.1, ELSEWHERE),  # too many
+    [_shipped("a"), _shipped("b")],  # not the (entries, seconds, origin) triple
+    ([_shipped("a"), _shipped("b")], 0.1),
+    ([_shipped("a"), _shipped("b")], 0.1, 7),  # an origin that is not a string
+    ("not a list", 0.1, ELSEWHERE),
     None,
 ])
 def test_an_answer_that_does_not_fit_its_chunk_fails_each_of_its_tasks(answer: object) -> None:
@@ -95,7 +100,8 @@ def test_an_answer_that_does_not_fit_its_chunk_fails_each_of_its_tasks(answer: o
 
 
 def test_an_answer_for_another_task_fails_only_that_task() -> None:
-    decoded = _decode("k", ([_shipped("a"), _shipped("someone-else")], 0.1), ["a", "b"])
+    decoded = _decode("k", ([_shipped("a"), _shipped("someone-else")], 0.1, ELSEWHERE),
+                      ["a", "b"])
     assert not isinstance(decoded, HostFailure)
     first, second = decoded[0]
     assert isinstance(first, Result) and first.task_id == "a"
@@ -104,7 +110,7 @@ def test_an_answer_for_another_task_fails_only_that_task() -> None:
 
 @pytest.mark.parametrize("seconds", [math.nan, math.inf, -1.0])
 def test_a_non_finite_or_negative_duration_does_not_steer_chunk_sizes(seconds: float) -> None:
-    decoded = _decode("k", ([_shipped("a")], seconds), ["a"])
+    decoded = _decode("k", ([_shipped("a")], seconds, ELSEWHERE), ["a"])
     assert not isinstance(decoded, HostFailure)
     assert decoded[1] == 0.0
 
@@ -168,7 +174,7 @@ class _TwoThreads:
     (0.001, 4, 4),  # never more than are left
     (0.05, 3, 1),  # a slow task is a chunk of its own at the end
     (0.01, 100, 25),  # a quarter of the batch (2 threads x CHUNKS_PER_BATCH_THREAD)
-    (0.01, 400, 50),  # early on: CHUNK_TARGET_S (500 ms) of work
+    (0.01, 1000, 100),  # a long batch: chunks of at most CHUNK_TARGET_S (1 s) of work
 ])
 def test_a_chunk_carries_at_least_min_chunk_s_of_work_while_that_many_are_left(
     guests: dict[str, Path], per_task_s: float, left: int, size: int
@@ -211,16 +217,30 @@ def test_a_change_in_worker_threads_plans_the_rest_of_the_batch_again(
     assert _chunk_sizes(batch) == [4] * 8
 
 
-def test_the_even_share_is_planned_once_but_the_target_follows_the_latest_cost(
+def test_a_batch_longer_than_the_target_is_cut_into_equal_chunks_per_thread(
+    guests: dict[str, Path]
+) -> None:
+    # Chunks of the target size ended in an odd short chunk (ten of 28 and one of 20 at a
+    # 500 ms target): one worker ran it while the other sat idle.
+    batch = _Batch(_TwoThreads(), [Task.wasm(guests["hello"]) for _ in range(300)], {})  # type: ignore[arg-type]
+    batch.per_task_s = 0.018  # 5.4 s of work: 3 chunks a thread, each under 1 s
+    assert _chunk_sizes(batch) == [50] * 6
+
+
+def test_a_slow_first_estimate_is_planned_again_from_the_latest_cost(
     guests: dict[str, Path]
 ) -> None:
     # A slow first estimate (a module's first compile) must not keep a long batch in tiny
-    # chunks: only the batch's even share is fixed, not the chunk size.
+    # chunks, nor small moves of the estimate break the equal plan.
     batch = _Batch(_TwoThreads(), [Task.wasm(guests["hello"]) for _ in range(4000)], {})  # type: ignore[arg-type]
     batch.per_task_s = 0.2
-    assert batch._size() == 2  # CHUNK_TARGET_S of 200 ms tasks
+    assert batch._size() == 5  # CHUNK_TARGET_S of 200 ms tasks
+    batch.per_task_s = 0.1
+    assert batch._size() == 5  # within REPLAN_FACTOR: the same plan
+    batch.per_task_s = 0.4
+    assert batch._size() == 5  # nor when it rises (a loaded machine): the same plan
     batch.per_task_s = 0.001
-    assert batch._size() == 256  # MAX_CHUNK, under the even share of 500
+    assert batch._size() == 250  # 16 equal chunks of at most MAX_CHUNK
 
 
 def _first_chunk(client: Client, before: int) -> str:

@@ -172,3 +172,36 @@ def test_a_result_within_the_bound_arrives_whole() -> None:
                   events=(Event(rule=AnomalyRule.OUTPUT_FLOOD, message="m", at_s=0.5),))
     received = _Shipped.of(made).result()
     assert received == made
+
+
+def _runs_counted(status: str) -> float:
+    """Runs this process's metrics registry (the one an application exports) counted."""
+    from prometheus_client import REGISTRY
+
+    labels = {"tier": "wasm", "status": status}
+    return REGISTRY.get_sample_value("wasmbox_runs_total", labels) or 0.0
+
+
+def _count_a_mixed_batch(client: Client, guests: dict[str, Path]) -> tuple[float, float]:
+    before = _runs_counted("completed"), _runs_counted("failed")
+    tasks = [Task.wasm(guests["hello"]) for _ in range(3)]
+    tasks.append(Task.wasm(guests["exit_code"], input={"code": 3}))
+    results = DistributedSandbox(client).map(tasks)
+    assert [r.status for r in results] == [Status.COMPLETED] * 3 + [Status.FAILED]
+    return _runs_counted("completed") - before[0], _runs_counted("failed") - before[1]
+
+
+def test_runs_on_worker_processes_are_counted_once_in_the_caller_s_metrics(
+    client: Client, guests: dict[str, Path]
+) -> None:
+    # The workers counted them in registries nobody exports.
+    assert _count_a_mixed_batch(client, guests) == (3, 1)
+
+
+def test_runs_on_an_in_process_worker_are_counted_once_in_the_caller_s_metrics(
+    guests: dict[str, Path]
+) -> None:
+    # The worker's sandbox shares this process's registry and counted them already.
+    with LocalCluster(n_workers=1, processes=False, threads_per_worker=1,
+                      dashboard_address=":0") as cluster, Client(cluster) as in_process:
+        assert _count_a_mixed_batch(in_process, guests) == (3, 1)
