@@ -74,9 +74,8 @@ def _runner_processes() -> set[int]:
     return found
 
 
-def _start(runner: ProcessRunner, task: Task) -> tuple[threading.Thread, list[Any], int]:
-    """Run `task` on a thread; return once a runner process has it running (and its pid)."""
-    before = {pid: set(_workspaces_of(pid)) for pid in runner.pids}
+def _on_a_thread(runner: ProcessRunner, task: Task) -> tuple[threading.Thread, list[Any]]:
+    """Run `task` on a started thread; its result (or exception) lands in the list."""
     out: list[Any] = []
 
     def run() -> None:
@@ -87,6 +86,13 @@ def _start(runner: ProcessRunner, task: Task) -> tuple[threading.Thread, list[An
 
     thread = threading.Thread(target=run)
     thread.start()
+    return thread, out
+
+
+def _start(runner: ProcessRunner, task: Task) -> tuple[threading.Thread, list[Any], int]:
+    """Run `task` on a thread; return once a runner process has it running (and its pid)."""
+    before = {pid: set(_workspaces_of(pid)) for pid in runner.pids}
+    thread, out = _on_a_thread(runner, task)
     give_up = time.monotonic() + 60
     while True:
         busy = [pid for pid, seen in before.items() if set(_workspaces_of(pid)) - seen]
@@ -135,16 +141,7 @@ def test_a_killed_runner_fails_its_task_and_the_next_task_runs_on_a_fresh_one(
 
 def _in_flight(runner: ProcessRunner, task: Task) -> tuple[threading.Thread, list[Any]]:
     """Run `task` on a thread; return once the runner has sent it to a process."""
-    out: list[Any] = []
-
-    def run() -> None:
-        try:
-            out.append(runner.run("default", task))
-        except Exception as exc:
-            out.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    thread, out = _on_a_thread(runner, task)
     give_up = time.monotonic() + 60
     while task.id not in runner._running:
         assert time.monotonic() < give_up, "the task was never sent"
