@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 # How long a new worker may take to import wasmbox and build its Sandbox.
 START_TIMEOUT = 120.0
+DROPPED = b"dropped"  # a runner process's answer to a drop it will honour
 
 
 class Worker:
@@ -47,7 +48,7 @@ class Worker:
                  control: Connection | None = None) -> None:
         self.process = process
         self.conn = conn
-        self.control = control  # a runner process's cancel pipe
+        self.control = control  # a runner process's control pipe (cancels, drops)
         self.stopped = False
         self.exitcode: int | None = None
         self._stopping = threading.Lock()  # a failed run and close() may stop it at once
@@ -117,11 +118,11 @@ def _messages(conn: Connection) -> Iterator[Any]:
 
 def spawn_worker(target: Callable[..., None], config: bytes, control: bool = False) -> Worker:
     """Start `target(conn, config)` in a spawned (never forked) daemon process; with
-    `control`, `target(conn, config, control)` with a second pipe from the parent."""
+    `control`, `target(conn, config, control)` with a second pipe to the parent."""
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe(duplex=True)
     args: tuple[Any, ...] = (child, config)
-    ends = context.Pipe(duplex=False) if control else None
+    ends = context.Pipe(duplex=True) if control else None  # (drops are answered)
     if ends is not None:
         args += (ends[0],)
     process = context.Process(target=target, args=args, name="wasmbox-worker", daemon=True)
@@ -187,9 +188,12 @@ def runner_main(conn: Connection, config_bytes: bytes, control: Connection) -> N
 
     Tasks are run one at a time in the order they came; the parent may send the next ones
     before the first is answered (they wait in the pipe). A thread waits on `control` for
-    cancels, each naming a task by its place in that order (1 for the first task sent):
-    the running task's guest is stopped (its result then says CANCELLED, as in the service
-    process) and a task not started yet starts cancelled. ``None`` or the parent going away
+    ``("cancel", place)`` and ``("drop", place)``, naming a task by its place in that order (1
+    for the first task sent): a cancel stops the running task's guest (its result then says
+    CANCELLED, as in the service process) or makes a task not started yet start cancelled. A
+    drop (the parent would move the task to an idle process) is answered on `control` at
+    once: `DROPPED` if the task had not started (it will be answered with an error, unrun),
+    else ``b"started"``. ``None`` or the parent going away
     ends the process. A task may come without its module bytes when the parent sent this
     process the same module (`module_key`) recently: see `ModuleMemo`.
     """
@@ -217,8 +221,12 @@ def runner_main(conn: Connection, config_bytes: bytes, control: Connection) -> N
 
     def cancel() -> None:
         with contextlib.suppress(EOFError, OSError):  # EOF: the parent is gone
-            while (seq := control.recv()) is not None:
-                cancels.cancel(seq)
+            while (message := control.recv()) is not None:
+                match message:
+                    case ("cancel", seq):
+                        cancels.cancel(seq)
+                    case ("drop", seq):
+                        control.send_bytes(DROPPED if cancels.drop(seq) else b"started")
 
     threading.Thread(target=cancel, name="wasmbox-runner-cancel", daemon=True).start()
     modules = ModuleMemo()
@@ -227,7 +235,9 @@ def runner_main(conn: Connection, config_bytes: bytes, control: Connection) -> N
         for _, policy, task, key in _messages(conn):
             token = cancels.start()
             try:
-                task = modules.restore(task, key)
+                task = modules.restore(task, key)  # (a dropped one too: memos stay in step)
+                if token is None:
+                    raise HostFailure("the task was moved to another runner process")
                 reply = encode_result(sandboxes[policy]._run(task, token))
             except Exception as exc:
                 reply = encode_error(exc)
@@ -247,10 +257,10 @@ def runner_main(conn: Connection, config_bytes: bytes, control: Connection) -> N
 class RunOrder:
     """A runner process's cancels, by each task's place in the order the tasks were sent.
 
-    A cancel for the running task throws its switch; one for a task still in the pipe is
-    kept until that task starts (at most as many as the parent has in flight: it only
-    cancels tasks it sent and has not heard back from); one for a task already answered is
-    dropped.
+    A cancel for the running task throws its switch; one for a task still in the pipe (or a
+    drop) is kept until that task starts (at most as many as the parent has in flight: it
+    only names tasks it sent and has not heard back from); one for a task already answered
+    is ignored.
     """
 
     def __init__(self) -> None:
@@ -258,17 +268,31 @@ class RunOrder:
         self._started = 0  # the place of the running (or last) task
         self._running: Cancel | None = None
         self._early: set[int] = set()
+        self._dropped: set[int] = set()
 
-    def start(self) -> Cancel:
-        """The next task starts: its cancel switch (thrown already if it was cancelled)."""
+    def start(self) -> Cancel | None:
+        """The next task starts: its cancel switch (thrown already if it was cancelled), or
+        None if it was dropped."""
         token = Cancel()
         with self._lock:
             self._started += 1
+            early = self._started in self._early
+            self._early.discard(self._started)
+            if self._started in self._dropped:
+                self._dropped.discard(self._started)
+                return None
             self._running = token
-            if self._started in self._early:
-                self._early.discard(self._started)
-                token.cancel()
+        if early:
+            token.cancel()
         return token
+
+    def drop(self, seq: object) -> bool:
+        """Skip the task sent `seq`-th when it comes; False if it has started already."""
+        with self._lock:
+            if isinstance(seq, int) and seq > self._started:
+                self._dropped.add(seq)
+                return True
+            return False
 
     def finish(self) -> None:
         with self._lock:

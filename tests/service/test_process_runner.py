@@ -149,12 +149,17 @@ def _in_flight(runner: ProcessRunner, task: Task) -> tuple[threading.Thread, lis
     return thread, out
 
 
+def _sleepers(guests: dict[str, Path], count: int) -> list[Task]:
+    """Tasks that sleep far longer than a test waits (until cancelled)."""
+    return [Task.wasm(guests["sleep_long"], args=["rel", "20000"], resources=Resources(timeout=30))
+            for _ in range(count)]
+
+
 def test_a_runner_process_holds_its_next_task_and_a_cancel_reaches_it_before_it_starts(
     guests: dict[str, Path]
 ) -> None:
     with ProcessRunner(POLICIES, processes=1) as runner:
-        first, second = (Task.wasm(guests["sleep_long"], args=["rel", "20000"],
-                                   resources=Resources(timeout=30)) for _ in range(2))
+        first, second = _sleepers(guests, 2)
         thread_1, out_1, _ = _start(runner, first)
         thread_2, out_2 = _in_flight(runner, second)
         assert runner.cancel(second.id)  # queued behind the first, in the process's pipe
@@ -183,21 +188,50 @@ def test_a_killed_runner_fails_only_its_running_task_and_its_queued_task_runs_el
         assert victim not in runner.pids and len(runner.pids) == 1
 
 
-def test_cancels_by_place_reach_the_running_task_or_one_not_started_and_no_other() -> None:
+def test_a_task_waiting_behind_a_long_one_moves_to_a_process_gone_idle(
+    guests: dict[str, Path]
+) -> None:
+    with ProcessRunner(POLICIES, processes=2) as runner:
+        longs = _sleepers(guests, 2)
+        started = [_start(runner, task) for task in longs]  # one on each process
+        short = Task.wasm(guests["hello"])
+        thread, out = _in_flight(runner, short)  # queued behind one of the long ones
+        ahead = runner._running[short.id].lane.slots[0].task_id  # type: ignore[union-attr]
+        behind = [task.id for task in longs].index(ahead)
+        assert runner.cancel(longs[1 - behind].id)  # that process goes idle: it moves there
+        thread.join(60)
+        assert isinstance(out[0], Result) and out[0].ok, out
+        assert started[behind][1] == []  # it did not wait for the task it was queued behind
+        assert runner.cancel(ahead)
+        for long_thread, _, _ in started:
+            long_thread.join(60)
+        # The process it left skipped it, and nobody took that answer for their result.
+        outs = [o for _, long_out, _ in started for o in long_out]
+        assert [o.status for o in outs] == [Status.CANCELLED] * 2, outs
+        results = [runner.run("default", Task.wasm(guests["hello"])) for _ in range(4)]
+        assert all(r.ok for r in results)
+        assert len(runner.pids) == 2
+
+
+def test_cancels_and_drops_by_place_reach_only_a_running_or_a_not_started_task() -> None:
     order = RunOrder()
     order.cancel(2)  # the second task is still in the pipe
     order.cancel("2")  # not a place: ignored
     first = order.start()
     order.finish()
-    order.cancel(1)  # answered already: dropped
+    order.cancel(1)  # answered already: ignored
     second = order.start()
     order.finish()
     third = order.start()
     order.cancel(3)  # running
-    assert (first._thrown, second._thrown, third._thrown) == (False, True, True)
+    assert order.drop(5) and not order.drop(3)  # not started yet; started already
     order.finish()
+    assert first and second and third
+    assert (first._thrown, second._thrown, third._thrown) == (False, True, True)
     fourth = order.start()
-    assert not fourth._thrown and not order._early
+    assert fourth is not None and not fourth._thrown and not order._early
+    order.finish()
+    assert order.start() is None  # the fifth was dropped
 
 
 def test_cancel_stops_the_running_task_and_keeps_its_runner(

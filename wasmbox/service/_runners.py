@@ -17,6 +17,7 @@ from typing import Protocol
 from wasmbox import telemetry
 from wasmbox._procpool_wire import reply_bound
 from wasmbox._procpool_worker import (
+    DROPPED,
     ModuleMemo,
     RunnerConfig,
     Worker,
@@ -111,7 +112,6 @@ class ProcessRunner(Closeable):
         self._lanes: list[_Lane] = []  # every live process
         self._replacing = 0  # lost processes whose replacements are starting
         self._running: dict[str, _Slot] = {}  # task id -> its slot, once sent to a process
-        self._cancels = threading.Lock()  # one sender at a time on a control pipe
         starting = [self._spawn() for _ in range(count)]
         try:
             for worker in starting:
@@ -137,9 +137,8 @@ class ProcessRunner(Closeable):
             while True:
                 lane = self._send(slot, policy, task)
                 try:
-                    slot.turn.wait()
-                    if slot.evicted:  # its process was lost before it started: go elsewhere
-                        continue
+                    if not self._wait_turn(slot, lane) or slot.evicted:
+                        continue  # not started there (moved, or the process was lost)
                     replies = lane.worker.receive(1, self._reply_bytes)
                 except BaseException:  # interrupted: what the process runs is unknown
                     with shielded():
@@ -154,12 +153,7 @@ class ProcessRunner(Closeable):
             code = self._lose(lane)
             raise HostFailure(f"the runner process died ({describe_exit(code)}) while "
                               "running the task")
-        with self._lock:
-            if lane.slots and lane.slots[0] is slot:  # (not if the lane was lost meanwhile)
-                lane.slots.popleft()
-                if lane.slots:
-                    lane.slots[0].turn.set()
-                self._room.notify()
+        self._pass_turn(lane, slot)
         reply = replies[0]
         if isinstance(reply, BaseException):
             raise reply
@@ -249,10 +243,66 @@ class ProcessRunner(Closeable):
             return SandboxClosed("ProcessRunner is closed")
         return HostFailure("the runner was stopped before the task ended")
 
+    def _wait_turn(self, slot: _Slot, lane: _Lane) -> bool:
+        """Wait until `slot`'s reply is next (or it was evicted). A task still waiting behind
+        another after `MOVE_AFTER` while some process is idle asks its process to skip it:
+        False when it agreed (the task is to be sent again)."""
+        while not slot.turn.wait(MOVE_AFTER):
+            with self._lock:
+                idle = any(other.load() == 0 for other in self._lanes)
+            if idle and self._drop(slot, lane):
+                return False
+        return True
+
+    def _drop(self, slot: _Slot, lane: _Lane) -> bool:
+        """Ask `lane`'s process to skip `slot`'s task; True (and a stand-in left in its place,
+        whose reply is discarded) when it had not started it."""
+        control, answer = lane.worker.control, None
+        assert control is not None
+        with contextlib.suppress(OSError, ValueError, EOFError), lane.answers:
+            while control.poll(0):  # an answer that came too late for an earlier drop
+                control.recv_bytes(len(DROPPED))
+            with lane.control:
+                control.send(("drop", slot.seq))
+            if control.poll(DROP_ANSWER):
+                answer = control.recv_bytes(len(DROPPED))
+        with self._lock:
+            if answer != DROPPED or slot.evicted or slot not in lane.slots:
+                return False
+            stub = _Slot(slot.task_id)
+            stub.dropped, stub.lane, stub.seq = True, lane, slot.seq
+            place = lane.slots.index(slot)
+            lane.slots[place] = stub
+        if place == 0:  # its turn had come: discard the stand-in's reply (it comes at once)
+            if lane.worker.receive(1, self._reply_bytes) is None:
+                self._lose(lane)
+            else:
+                self._pass_turn(lane, stub)
+        return True
+
+    def _pass_turn(self, lane: _Lane, slot: _Slot) -> None:
+        """`slot`'s reply was read: the next one's is next. A stand-in's reply is read and
+        discarded here (the process answers it without running it)."""
+        while True:
+            with self._lock:
+                if not (lane.slots and lane.slots[0] is slot):  # the lane was lost meanwhile
+                    return
+                lane.slots.popleft()
+                self._room.notify()
+                if not lane.slots:
+                    return
+                slot = lane.slots[0]
+                if not slot.dropped:
+                    slot.turn.set()
+                    return
+            if lane.worker.receive(1, self._reply_bytes) is None:
+                self._lose(lane)
+                return
+
     def _send_cancel(self, lane: _Lane, seq: int) -> None:
         assert lane.worker.control is not None
-        with contextlib.suppress(OSError, ValueError), self._cancels:
-            lane.worker.control.send(seq)
+        with contextlib.suppress(OSError, ValueError), lane.control:
+            lane.worker.control.send(("cancel", seq))
 
     def _add(self, worker: Worker) -> None:
         with self._lock:
@@ -330,12 +380,16 @@ class ProcessRunner(Closeable):
 
 # Tasks a runner process holds at once: the one it runs and the next, already in its pipe.
 DEPTH = 2
+# How long a task waits behind another before it moves to a process gone idle meanwhile (so
+# a short task does not wait out a long one), and how long a process may take to agree.
+MOVE_AFTER = 0.05
+DROP_ANSWER = 1.0
 
 
 class _Slot:
     """One `run` call's task on its way through a runner process."""
 
-    __slots__ = ("aborted", "cancelled", "evicted", "lane", "seq", "task_id", "turn")
+    __slots__ = ("aborted", "cancelled", "dropped", "evicted", "lane", "seq", "task_id", "turn")
 
     def __init__(self, task_id: str) -> None:
         self.task_id = task_id
@@ -345,6 +399,7 @@ class _Slot:
         self.evicted = False  # its process was lost before it started
         self.cancelled = False  # a caller cancelled it
         self.aborted = False  # abort() stopped it
+        self.dropped = False  # a stand-in for a task moved elsewhere: the process skips it
 
 
 class _Lane:
@@ -358,6 +413,8 @@ class _Lane:
         self.sent = 0  # tasks ever sent here
         self.lost = False  # out of service: died, broke the protocol, or closed
         self.sending = threading.Lock()  # so the pipe's order is the slots' order
+        self.control = threading.Lock()  # one message at a time on the control pipe
+        self.answers = threading.Lock()  # one drop at a time (each is answered)
 
     def load(self) -> int:
         return len(self.slots) + self.reserved
