@@ -88,7 +88,9 @@ class ProcessRunner(Closeable):
     Each process holds a warm `Sandbox` per policy and runs its tasks one at a time, in the
     order it was sent them. A task goes to an idle process if there is one, else behind the
     shortest queue: a process holds up to `DEPTH` tasks, so it starts the next one as soon
-    as it answers one instead of waiting a round trip of the service for it. The calling
+    as it answers one instead of waiting a round trip of the service for it; a task still
+    waiting behind another after `MOVE_AFTER` moves to a process gone idle, if its own process
+    agrees it has not started it (so it never runs twice). The calling
     thread blocks until its task's reply is next and reads it (the GIL released), so the event
     loop and the journal keep this process's GIL to themselves. A reply is a length-checked
     frame, never a pickle, and an error comes back as the same `wasmbox.errors` class.
@@ -260,11 +262,14 @@ class ProcessRunner(Closeable):
         control, answer = lane.worker.control, None
         assert control is not None
         with contextlib.suppress(OSError, ValueError, EOFError), lane.answers:
-            while control.poll(0):  # an answer that came too late for an earlier drop
-                control.recv_bytes(len(DROPPED))
             with lane.control:
                 control.send(("drop", slot.seq))
-            if control.poll(DROP_ANSWER):
+            # Waited for however long it takes (the process answers from a thread of its own,
+            # at once): a guess either way could run the task twice or lose it.
+            while not control.poll(MOVE_AFTER):
+                if lane.lost:
+                    break
+            else:
                 answer = control.recv_bytes(len(DROPPED))
         with self._lock:
             if answer != DROPPED or slot.evicted or slot not in lane.slots:
@@ -381,9 +386,8 @@ class ProcessRunner(Closeable):
 # Tasks a runner process holds at once: the one it runs and the next, already in its pipe.
 DEPTH = 2
 # How long a task waits behind another before it moves to a process gone idle meanwhile (so
-# a short task does not wait out a long one), and how long a process may take to agree.
+# a short task does not wait out a long one).
 MOVE_AFTER = 0.05
-DROP_ANSWER = 1.0
 
 
 class _Slot:
