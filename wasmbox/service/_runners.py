@@ -90,10 +90,10 @@ class ProcessRunner(Closeable):
     shortest queue: a process holds up to `DEPTH` tasks, so it starts the next one as soon
     as it answers one instead of waiting a round trip of the service for it; a task still
     waiting behind another after `MOVE_AFTER` moves to a process gone idle, if its own process
-    agrees it has not started it (so it never runs twice). The calling
-    thread blocks until its task's reply is next and reads it (the GIL released), so the event
-    loop and the journal keep this process's GIL to themselves. A reply is a length-checked
-    frame, never a pickle, and an error comes back as the same `wasmbox.errors` class.
+    agrees it has not started it (so it never runs twice). The calling thread blocks until
+    its task's reply is next and reads it (the GIL released), so the event loop and the
+    journal keep this process's GIL to themselves. A reply is a length-checked frame, never
+    a pickle, and an error comes back as the same `wasmbox.errors` class.
 
     A process that dies (or sends a frame that breaks the rules) fails the task it was running
     with `HostFailure` -- that task is not run again here -- and is replaced by a fresh one;
