@@ -193,9 +193,9 @@ def runner_main(conn: Connection, config_bytes: bytes, control: Connection) -> N
     CANCELLED, as in the service process) or makes a task not started yet start cancelled. A
     drop (the parent would move the task to an idle process) is answered on `control` at
     once: `DROPPED` if the task had not started (it will be answered with an error, unrun),
-    else ``b"started"``. ``None`` or the parent going away
-    ends the process. A task may come without its module bytes when the parent sent this
-    process the same module (`module_key`) recently: see `ModuleMemo`.
+    else ``b"started"``. ``None`` or the parent going away ends the process. A task may come
+    without its module bytes when the parent sent this process the same module
+    (`module_key`) recently: see `ModuleMemo`.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from wasmbox.sandbox import Sandbox
@@ -238,6 +238,7 @@ def runner_main(conn: Connection, config_bytes: bytes, control: Connection) -> N
                 task = modules.restore(task, key)  # (a dropped one too: memos stay in step)
                 if token is None:
                     raise HostFailure("the task was moved to another runner process")
+                # With its own switch: Sandbox.cancel finds a run only once it has begun.
                 reply = encode_result(sandboxes[policy]._run(task, token))
             except Exception as exc:
                 reply = encode_error(exc)
