@@ -2,8 +2,8 @@
 
 The worker builds a Sandbox from the pickled `WorkerConfig`, says ``ready``, then runs the
 chunks of tasks it is sent and answers each with one frame (`_procpool_wire`). The service's
-`ProcessRunner` runs `runner_main` instead: one task at a time, under a named policy, and
-cancellable while it runs.
+`ProcessRunner` runs `runner_main` instead: tasks one at a time, each under a named policy
+and cancellable, the next ones possibly already waiting in the pipe.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from wasmbox._batch import Cancel
 from wasmbox._procpool_wire import (
     READY_BYTES,
     Malformed,
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 
 # How long a new worker may take to import wasmbox and build its Sandbox.
 START_TIMEOUT = 120.0
+DROPPED = b"dropped"  # a runner process's answer to a drop it will honour
 
 
 class Worker:
@@ -46,7 +48,7 @@ class Worker:
                  control: Connection | None = None) -> None:
         self.process = process
         self.conn = conn
-        self.control = control  # a runner process's cancel pipe
+        self.control = control  # a runner process's control pipe (cancels, drops)
         self.stopped = False
         self.exitcode: int | None = None
         self._stopping = threading.Lock()  # a failed run and close() may stop it at once
@@ -116,11 +118,11 @@ def _messages(conn: Connection) -> Iterator[Any]:
 
 def spawn_worker(target: Callable[..., None], config: bytes, control: bool = False) -> Worker:
     """Start `target(conn, config)` in a spawned (never forked) daemon process; with
-    `control`, `target(conn, config, control)` with a second pipe from the parent."""
+    `control`, `target(conn, config, control)` with a second pipe to the parent."""
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe(duplex=True)
     args: tuple[Any, ...] = (child, config)
-    ends = context.Pipe(duplex=False) if control else None
+    ends = context.Pipe(duplex=True) if control else None  # (drops are answered)
     if ends is not None:
         args += (ends[0],)
     process = context.Process(target=target, args=args, name="wasmbox-worker", daemon=True)
@@ -184,10 +186,16 @@ class RunnerConfig:
 def runner_main(conn: Connection, config_bytes: bytes, control: Connection) -> None:
     """A service runner process: ``("run", policy, task, module_key)`` in, one frame out.
 
-    A thread waits on `control` for task ids to cancel, and hands them to the running task's
-    Sandbox (its result then says CANCELLED, as in the service process). ``None`` or the
-    parent going away ends the process. A task may come without its module bytes when the
-    parent sent this process the same module (`module_key`) recently: see `ModuleMemo`.
+    Tasks are run one at a time in the order they came; the parent may send the next ones
+    before the first is answered (they wait in the pipe). A thread waits on `control` for
+    ``("cancel", place)`` and ``("drop", place)``, naming a task by its place in that order (1
+    for the first task sent): a cancel stops the running task's guest (its result then says
+    CANCELLED, as in the service process) or makes a task not started yet start cancelled. A
+    drop (the parent would move the task to an idle process) is answered on `control` at
+    once: `DROPPED` if the task had not started (it will be answered with an error, unrun),
+    else ``b"started"``. ``None`` or the parent going away ends the process. A task may come
+    without its module bytes when the parent sent this process the same module
+    (`module_key`) recently: see `ModuleMemo`.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from wasmbox.sandbox import Sandbox
@@ -209,23 +217,33 @@ def runner_main(conn: Connection, config_bytes: bytes, control: Connection) -> N
         if TierName.WASM in sandbox.policy.allowed_tiers:
             with contextlib.suppress(Exception):
                 sandbox.availability(TierName.WASM)
+    cancels = RunOrder()
 
     def cancel() -> None:
         with contextlib.suppress(EOFError, OSError):  # EOF: the parent is gone
-            while (task_id := control.recv()) is not None:
-                for sandbox in sandboxes.values():
-                    sandbox.cancel(task_id)
+            while (message := control.recv()) is not None:
+                match message:
+                    case ("cancel", seq):
+                        cancels.cancel(seq)
+                    case ("drop", seq):
+                        control.send_bytes(DROPPED if cancels.drop(seq) else b"started")
 
     threading.Thread(target=cancel, name="wasmbox-runner-cancel", daemon=True).start()
     modules = ModuleMemo()
     try:
         conn.send_bytes(b"ready")
         for _, policy, task, key in _messages(conn):
+            token = cancels.start()
             try:
-                task = modules.restore(task, key)
-                reply = encode_result(sandboxes[policy].run(task))
+                task = modules.restore(task, key)  # (a dropped one too: memos stay in step)
+                if token is None:
+                    raise HostFailure("the task was moved to another runner process")
+                # With its own switch: Sandbox.cancel finds a run only once it has begun.
+                reply = encode_result(sandboxes[policy]._run(task, token))
             except Exception as exc:
                 reply = encode_error(exc)
+            finally:
+                cancels.finish()
             try:
                 conn.send_bytes(encode_frame([reply]))
             except OSError:  # the parent is gone
@@ -235,6 +253,61 @@ def runner_main(conn: Connection, config_bytes: bytes, control: Connection) -> N
             sandbox.close()
         conn.close()
         control.close()
+
+
+class RunOrder:
+    """A runner process's cancels, by each task's place in the order the tasks were sent.
+
+    A cancel for the running task throws its switch; one for a task still in the pipe (or a
+    drop) is kept until that task starts (at most as many as the parent has in flight: it
+    only names tasks it sent and has not heard back from); one for a task already answered
+    is ignored.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._started = 0  # the place of the running (or last) task
+        self._running: Cancel | None = None
+        self._early: set[int] = set()
+        self._dropped: set[int] = set()
+
+    def start(self) -> Cancel | None:
+        """The next task starts: its cancel switch (thrown already if it was cancelled), or
+        None if it was dropped."""
+        token = Cancel()
+        with self._lock:
+            self._started += 1
+            early = self._started in self._early
+            self._early.discard(self._started)
+            if self._started in self._dropped:
+                self._dropped.discard(self._started)
+                return None
+            self._running = token
+        if early:
+            token.cancel()
+        return token
+
+    def drop(self, seq: object) -> bool:
+        """Skip the task sent `seq`-th when it comes; False if it has started already."""
+        with self._lock:
+            if isinstance(seq, int) and seq > self._started:
+                self._dropped.add(seq)
+                return True
+            return False
+
+    def finish(self) -> None:
+        with self._lock:
+            self._running = None
+
+    def cancel(self, seq: object) -> None:
+        """Cancel the task sent `seq`-th (anything but a positive int is ignored)."""
+        if not isinstance(seq, int) or seq < 1:
+            return
+        with self._lock:
+            if seq == self._started and self._running is not None:
+                self._running.cancel()
+            elif seq > self._started:
+                self._early.add(seq)
 
 
 class ModuleMemo:

@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 
 from tests.service._support import ALICE, auth, config_data, wait_final
 from wasmbox import Policy, Task
-from wasmbox._procpool_worker import ModuleMemo
+from wasmbox._procpool_worker import ModuleMemo, RunOrder
 from wasmbox.errors import HostFailure, PolicyViolation, SandboxClosed
 from wasmbox.models import Resources, Result, Status
 from wasmbox.service import ServiceConfig, create_app
@@ -74,9 +74,8 @@ def _runner_processes() -> set[int]:
     return found
 
 
-def _start(runner: ProcessRunner, task: Task) -> tuple[threading.Thread, list[Any], int]:
-    """Run `task` on a thread; return once a runner process has it running (and its pid)."""
-    before = {pid: set(_workspaces_of(pid)) for pid in runner.pids}
+def _on_a_thread(runner: ProcessRunner, task: Task) -> tuple[threading.Thread, list[Any]]:
+    """Run `task` on a started thread; its result (or exception) lands in the list."""
     out: list[Any] = []
 
     def run() -> None:
@@ -87,6 +86,13 @@ def _start(runner: ProcessRunner, task: Task) -> tuple[threading.Thread, list[An
 
     thread = threading.Thread(target=run)
     thread.start()
+    return thread, out
+
+
+def _start(runner: ProcessRunner, task: Task) -> tuple[threading.Thread, list[Any], int]:
+    """Run `task` on a thread; return once a runner process has it running (and its pid)."""
+    before = {pid: set(_workspaces_of(pid)) for pid in runner.pids}
+    thread, out = _on_a_thread(runner, task)
     give_up = time.monotonic() + 60
     while True:
         busy = [pid for pid, seen in before.items() if set(_workspaces_of(pid)) - seen]
@@ -131,6 +137,101 @@ def test_a_killed_runner_fails_its_task_and_the_next_task_runs_on_a_fresh_one(
     assert _workspaces_of(victim) == []  # the dead runner's workspace was reclaimed
     results = [runner.run("default", Task.wasm(guests["hello"])) for _ in range(4)]
     assert all(r.ok for r in results)
+
+
+def _in_flight(runner: ProcessRunner, task: Task) -> tuple[threading.Thread, list[Any]]:
+    """Run `task` on a thread; return once the runner has sent it to a process."""
+    thread, out = _on_a_thread(runner, task)
+    give_up = time.monotonic() + 60
+    while task.id not in runner._running:
+        assert time.monotonic() < give_up, "the task was never sent"
+        time.sleep(0.01)
+    return thread, out
+
+
+def _sleepers(guests: dict[str, Path], count: int) -> list[Task]:
+    """Tasks that sleep far longer than a test waits (until cancelled)."""
+    return [Task.wasm(guests["sleep_long"], args=["rel", "20000"], resources=Resources(timeout=30))
+            for _ in range(count)]
+
+
+def test_a_runner_process_holds_its_next_task_and_a_cancel_reaches_it_before_it_starts(
+    guests: dict[str, Path]
+) -> None:
+    with ProcessRunner(POLICIES, processes=1) as runner:
+        first, second = _sleepers(guests, 2)
+        thread_1, out_1, _ = _start(runner, first)
+        thread_2, out_2 = _in_flight(runner, second)
+        assert runner.cancel(second.id)  # queued behind the first, in the process's pipe
+        assert out_1 == []  # the first still runs: the second waited there, not here
+        assert runner.cancel(first.id)
+        thread_1.join(60)
+        thread_2.join(60)
+    assert [type(o) for o in out_1 + out_2] == [Result, Result], (out_1, out_2)
+    assert out_1[0].status is Status.CANCELLED
+    assert out_2[0].status is Status.CANCELLED  # it started cancelled: no 20 s sleep
+    assert out_2[0].metrics.wall_s < 15
+
+
+def test_a_killed_runner_fails_only_its_running_task_and_its_queued_task_runs_elsewhere(
+    guests: dict[str, Path]
+) -> None:
+    with ProcessRunner(POLICIES, processes=1) as runner:
+        spin = Task.wasm(guests["infinite_loop"], resources=Resources(timeout=30))
+        thread_1, out_1, victim = _start(runner, spin)
+        thread_2, out_2 = _in_flight(runner, Task.wasm(guests["hello"]))
+        os.kill(victim, signal.SIGKILL)
+        thread_1.join(60)
+        thread_2.join(60)
+        assert isinstance(out_1[0], HostFailure) and "killed by SIGKILL" in str(out_1[0])
+        assert isinstance(out_2[0], Result) and out_2[0].ok, out_2  # on the fresh process
+        assert victim not in runner.pids and len(runner.pids) == 1
+
+
+def test_a_task_waiting_behind_a_long_one_moves_to_a_process_gone_idle(
+    guests: dict[str, Path]
+) -> None:
+    with ProcessRunner(POLICIES, processes=2) as runner:
+        longs = _sleepers(guests, 2)
+        started = [_start(runner, task) for task in longs]  # one on each process
+        short = Task.wasm(guests["hello"])
+        thread, out = _in_flight(runner, short)  # queued behind one of the long ones
+        ahead = runner._running[short.id].lane.slots[0].task_id  # type: ignore[union-attr]
+        behind = [task.id for task in longs].index(ahead)
+        assert runner.cancel(longs[1 - behind].id)  # that process goes idle: it moves there
+        thread.join(60)
+        assert isinstance(out[0], Result) and out[0].ok, out
+        assert started[behind][1] == []  # it did not wait for the task it was queued behind
+        assert runner.cancel(ahead)
+        for long_thread, _, _ in started:
+            long_thread.join(60)
+        # The process it left skipped it, and nobody took that answer for their result.
+        outs = [o for _, long_out, _ in started for o in long_out]
+        assert [o.status for o in outs] == [Status.CANCELLED] * 2, outs
+        results = [runner.run("default", Task.wasm(guests["hello"])) for _ in range(4)]
+        assert all(r.ok for r in results)
+        assert len(runner.pids) == 2
+
+
+def test_cancels_and_drops_by_place_reach_only_a_running_or_a_not_started_task() -> None:
+    order = RunOrder()
+    order.cancel(2)  # the second task is still in the pipe
+    order.cancel("2")  # not a place: ignored
+    first = order.start()
+    order.finish()
+    order.cancel(1)  # answered already: ignored
+    second = order.start()
+    order.finish()
+    third = order.start()
+    order.cancel(3)  # running
+    assert order.drop(5) and not order.drop(3)  # not started yet; started already
+    order.finish()
+    assert first and second and third
+    assert (first._thrown, second._thrown, third._thrown) == (False, True, True)
+    fourth = order.start()
+    assert fourth is not None and not fourth._thrown and not order._early
+    order.finish()
+    assert order.start() is None  # the fifth was dropped
 
 
 def test_cancel_stops_the_running_task_and_keeps_its_runner(
