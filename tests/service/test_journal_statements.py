@@ -11,6 +11,7 @@ token that was seen owning a module is not asked again until the next purge.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import sqlite3
 import threading
@@ -26,6 +27,7 @@ from httpx import Response
 from tests.service._support import ALICE, auth
 from wasmbox import Result, Status, Task
 from wasmbox.service import _journal_reads
+from wasmbox.service._api_deps import _Waiters
 from wasmbox.service._journal_reads import _recent, _recent_lock
 from wasmbox.service.store import Record, State, TaskStore
 
@@ -34,15 +36,23 @@ FRAMING = ("BEGIN", "COMMIT", "PRAGMA")
 
 
 @contextmanager
-def statements(db: sqlite3.Connection) -> Iterator[list[str]]:
-    """The statements `db` runs meanwhile, batch framing left out."""
+def statements(*dbs: sqlite3.Connection, framing: bool = False) -> Iterator[list[str]]:
+    """The statements `dbs` run meanwhile, batch framing left out unless `framing`."""
     seen: list[str] = []
-    db.set_trace_callback(lambda sql: seen.append(sql.strip()))
+    for db in dbs:
+        db.set_trace_callback(lambda sql: seen.append(sql.strip()))
     try:
         yield seen
     finally:
-        db.set_trace_callback(None)
-        seen[:] = [sql for sql in seen if not sql.upper().startswith(FRAMING)]
+        for db in dbs:
+            db.set_trace_callback(None)
+        if not framing:
+            seen[:] = [sql for sql in seen if not sql.upper().startswith(FRAMING)]
+
+
+def writer(store: TaskStore) -> tuple[sqlite3.Connection, ...]:
+    """The connections the journal's writer thread writes with."""
+    return store._db, store._quick
 
 
 @contextmanager
@@ -143,11 +153,11 @@ def test_a_task_is_claimed_and_finished_with_one_statement_each(
 ) -> None:
     task = hello(guests)
     store.add("alice", "default", task)
-    with statements(store._db) as seen:
+    with statements(*writer(store)) as seen:
         claimed = store.claim(task.id)  # its module is among the recent ones
     assert len(seen) == 1, seen
     assert claimed is not None and claimed[1].module_bytes == task.module_bytes
-    with statements(store._db) as seen:
+    with statements(*writer(store)) as seen:
         store.finish(task.id, ended(task), 0.1)
     assert len(seen) == 1, seen
     record = store.get(task.id)
@@ -207,7 +217,7 @@ def test_a_batch_takes_no_savepoints_unless_a_write_fails(store: TaskStore) -> N
         charge(100)(db)
         raise ValueError("half done")
 
-    with statements(store._db) as seen:
+    with statements(*writer(store)) as seen:
         assert _batched(store, [charge(1), charge(2), charge(3)]) == [1, 2, 3]
     assert not [sql for sql in seen if "SAVEPOINT" in sql.upper()], seen
     # One failing write in a batch: it alone is undone, the others are stored once each.
@@ -370,3 +380,85 @@ def test_a_claim_batched_with_durable_writes_does_not_wait_for_their_commit(
     finally:
         durable_go.set()
     assert held.result(timeout=30) is None and slow.result(timeout=30) == "durable"
+
+
+def test_a_module_named_again_soon_is_not_upserted_again(
+    store: TaskStore, guests: dict[str, Path]
+) -> None:
+    """Tasks running one module take one statement each to journal, once it was stored."""
+    store.add("alice", "default", hello(guests))
+    with statements(*writer(store)) as seen:
+        store.add("alice", "default", hello(guests))
+    assert len(seen) == 1 and seen[0].startswith("INSERT INTO tasks"), seen
+
+
+def test_a_purge_keeps_a_module_submitted_since_it_was_last_stored(
+    store: TaskStore, guests: dict[str, Path]
+) -> None:
+    """Its submission time, not written when the module was not upserted again, is written
+    before the purge looks at it."""
+    first = running(store, guests)
+    store.finish(first.id, ended(first), 0.1)
+    stored = store.get(first.id)
+    again = running(store, guests)
+    store.finish(again.id, ended(again), 0.1)
+    latest = store.get(again.id)
+    assert stored is not None and latest is not None
+    assert latest.submitted_at > stored.submitted_at
+    cutoff = (stored.submitted_at + latest.submitted_at) / 2
+    store.purge(0, 0, cutoff)  # no task is old enough; the module was used after the cutoff
+    assert again.module_bytes is not None
+    with _recent_lock:
+        _recent.clear()
+    assert store.module("alice", hashlib.sha256(again.module_bytes).hexdigest()) is not None
+
+
+def test_a_module_deleted_by_a_purge_is_stored_again_by_its_next_task(
+    store: TaskStore, guests: dict[str, Path]
+) -> None:
+    task = running(store, guests)
+    store.finish(task.id, ended(task), 0.1)
+    later = time.time() + 60
+    assert store.purge(later, 0, later) == 1  # the task and its module are gone
+    again = hello(guests)
+    store.add("alice", "default", again)
+    with _recent_lock:
+        _recent.clear()  # the module's bytes must come from the journal
+    claimed = store.claim(again.id)
+    assert claimed is not None and claimed[1].module_bytes == again.module_bytes
+
+
+def test_claims_and_durable_writes_switch_no_synchronous_mode(store: TaskStore) -> None:
+    """Claims commit on a connection of their own that never fsyncs: a batch mixing them with
+    durable writes runs no PRAGMA (two statements, each a GIL round trip, every switch)."""
+    with statements(*writer(store), framing=True) as seen:
+        for _ in range(2):
+            _batched(store, [lambda db: "result", lambda db: "submission"])
+            quick = store._queue_write(lambda db: "claim", durable=False)
+            assert quick.result(timeout=30) == "claim"
+    assert not [sql for sql in seen if sql.upper().startswith("PRAGMA")], seen
+
+
+def test_the_results_of_one_batch_wake_the_event_loop_once() -> None:
+    """Tasks signalled final together (one journal batch, on the writer thread) cost the
+    loop one wake-up, and every one of their waiters wakes."""
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        wakeups = [0]
+        real = loop.call_soon_threadsafe
+
+        def counted(callback: Callable[..., object], *args: object) -> asyncio.Handle:
+            wakeups[0] += 1
+            return real(callback, *args)
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        waiters = _Waiters(loop)
+        events = [waiters.register(f"task-{i}") for i in range(5)]
+        signal = threading.Thread(target=lambda: [waiters.notify(f"task-{i}") for i in range(5)])
+        signal.start()
+        signal.join()  # the loop is busy (here) while the batch's results are signalled
+        await asyncio.wait_for(asyncio.gather(*(event.wait() for event in events)), 30)
+        return wakeups[0]
+
+    assert asyncio.run(main()) == 1

@@ -37,8 +37,13 @@ class _GroupCommit(Closeable):
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        self._db = open_journal(path)
-        self._synced = True
+        self._db = open_journal(path)  # synchronous=FULL: durable writes
+        # Writes that need no fsync (claims) commit on a second connection that never syncs:
+        # switching one connection between FULL and NORMAL cost two PRAGMA statements (two
+        # GIL round trips) each time a batch of claims came between durable ones.
+        self._quick = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                                      timeout=BUSY_TIMEOUT_S)
+        self._quick.execute("PRAGMA synchronous=NORMAL")
         self._local = threading.local()
         self._readers: dict[threading.Thread, sqlite3.Connection] = {}
         self._gate = threading.Lock()  # orders queueing a write against closing
@@ -102,23 +107,19 @@ class _GroupCommit(Closeable):
             # and are answered before the others' fsync: a worker waiting for its claim does
             # not wait for the submissions' and results' fsync too (a few ms on this disk).
             # The durable commit that follows syncs them as well.
-            self._commit_part([write for write in batch if not write.durable], synced=False)
-            self._commit_part(durable, synced=True)
+            self._commit_part(self._quick, [write for write in batch if not write.durable])
+            self._commit_part(self._db, durable)
         else:
-            self._commit_part(batch, synced=bool(durable))
+            self._commit_part(self._db if durable else self._quick, batch)
 
-    def _commit_part(self, batch: list[_Write[Any]], synced: bool) -> None:
-        db = self._db
+    def _commit_part(self, db: sqlite3.Connection, batch: list[_Write[Any]]) -> None:
         try:
-            if synced != self._synced:  # WAL: FULL fsyncs at each commit, NORMAL does not
-                db.execute(f"PRAGMA synchronous={'FULL' if synced else 'NORMAL'}")
-                self._synced = synced
             # Savepoints cost two statements a write (each a round trip through the contended
             # GIL) and are almost never needed: the batch runs without them, and only if one
             # of its writes fails is it undone whole and run again with a savepoint each, so
             # that the failing write alone is undone. A write alone in its batch needs none.
-            outcomes = (self._apply(batch, savepoints=False)
-                        or self._apply(batch, savepoints=True))
+            outcomes = (self._apply(db, batch, savepoints=False)
+                        or self._apply(db, batch, savepoints=True))
             if db.in_transaction:
                 db.execute("COMMIT")
         except BaseException as exc:  # nothing of the batch is stored
@@ -137,11 +138,12 @@ class _GroupCommit(Closeable):
             else:
                 write.future.set_exception(value)
 
-    def _apply(self, batch: list[_Write[Any]], savepoints: bool) -> list[tuple[bool, Any]]:
+    def _apply(
+        self, db: sqlite3.Connection, batch: list[_Write[Any]], savepoints: bool,
+    ) -> list[tuple[bool, Any]]:
         """Run the batch's writes in one open transaction: (succeeded, value or exception)
         each. Without `savepoints`, a failing write undoes the transaction and, unless it was
         alone, the answer is empty (run the batch again with them)."""
-        db = self._db
         db.execute("BEGIN IMMEDIATE")
         outcomes: list[tuple[bool, Any]] = []
         for write in batch:
@@ -188,6 +190,7 @@ class _GroupCommit(Closeable):
             self._writes.put(None)
         self._writer.join()
         self._db.close()
+        self._quick.close()
         for db in self._readers.values():
             db.close()
 
