@@ -462,3 +462,18 @@ def test_the_results_of_one_batch_wake_the_event_loop_once() -> None:
         return wakeups[0]
 
     assert asyncio.run(main()) == 1
+
+
+def test_a_claim_alone_in_its_batch_is_one_statement_without_begin_or_commit(
+    store: TaskStore, guests: dict[str, Path], tmp_path: Path
+) -> None:
+    """...and it is committed when the claim returns: another connection sees it running."""
+    task = hello(guests)
+    store.add("alice", "default", task)
+    with statements(*writer(store), framing=True) as seen:
+        assert store.claim(task.id) is not None
+    assert len(seen) == 1 and seen[0].startswith("UPDATE tasks"), seen
+    assert not store._quick.in_transaction
+    with sqlite3.connect(tmp_path / "tasks.db") as other:
+        assert other.execute("SELECT state, attempts FROM tasks WHERE id = ?",
+                             (task.id,)).fetchone() == ("running", 1)

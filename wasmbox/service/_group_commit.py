@@ -53,24 +53,29 @@ class _GroupCommit(Closeable):
                                         daemon=True)
         self._writer.start()
 
-    def _write(self, op: Callable[[sqlite3.Connection], T], durable: bool = True) -> T:
+    def _write(
+        self, op: Callable[[sqlite3.Connection], T], durable: bool = True, solo: bool = False,
+    ) -> T:
         """Run `op` in the next committed batch; return its value once the batch is durable.
 
         `durable=False`: committed without the fsync when no other write of its batch needs
         one (it survives the process being killed, not the machine losing power).
+        `solo`: see `_queue_write`.
         """
-        return self._queue_write(op, durable=durable).result()
+        return self._queue_write(op, durable=durable, solo=solo).result()
 
     def _queue_write(
         self, op: Callable[[sqlite3.Connection], T],
-        after: Callable[[bool], None] | None = None, durable: bool = True,
+        after: Callable[[bool], None] | None = None, durable: bool = True, solo: bool = False,
     ) -> Future[T]:
         """Queue `op` for the next batch; the future resolves once the batch is durable.
 
         `after(committed)` runs on the writer thread once the batch's fate is known, before
         the future resolves (True: `op` succeeded and its batch committed). `op` may run
         twice (undone in between, when another write of its batch failed): it must change
-        nothing but the journal.
+        nothing but the journal. `solo`: `op` changes the journal with one statement at
+        most (it may read after it), so when it is alone in its transaction it runs without
+        BEGIN and COMMIT (two statements, two GIL round trips): its statement commits itself.
         """
         future: Future[T] = Future()
         # Running from the start: cancelling it (a client that went away while its
@@ -79,7 +84,7 @@ class _GroupCommit(Closeable):
         with self._gate:
             if self._closed:
                 raise sqlite3.ProgrammingError("the task journal is closed")
-            self._writes.put(_Write(op, future, after, durable))
+            self._writes.put(_Write(op, future, after, durable, solo))
         return future
 
     def _write_loop(self) -> None:
@@ -118,8 +123,11 @@ class _GroupCommit(Closeable):
             # GIL) and are almost never needed: the batch runs without them, and only if one
             # of its writes fails is it undone whole and run again with a savepoint each, so
             # that the failing write alone is undone. A write alone in its batch needs none.
-            outcomes = (self._apply(db, batch, savepoints=False)
-                        or self._apply(db, batch, savepoints=True))
+            if len(batch) == 1 and batch[0].solo:
+                outcomes = [_alone(db, batch[0])]
+            else:
+                outcomes = (self._apply(db, batch, savepoints=False)
+                            or self._apply(db, batch, savepoints=True))
             if db.in_transaction:
                 db.execute("COMMIT")
         except BaseException as exc:  # nothing of the batch is stored
@@ -203,6 +211,15 @@ class _Write(Generic[T]):
     future: Future[T]
     after: Callable[[bool], None] | None = None
     durable: bool = True
+    solo: bool = False
+
+
+def _alone(db: sqlite3.Connection, write: _Write[Any]) -> tuple[bool, Any]:
+    """Run a `solo` write outside a transaction: (succeeded, value or exception)."""
+    try:
+        return True, write.op(db)
+    except Exception as exc:  # its one statement changed nothing, or it stands committed
+        return False, exc
 
 
 def _after(write: _Write[Any], committed: bool) -> None:

@@ -174,7 +174,9 @@ class TaskStore(_JournalReads):
 
         # Not fsynced on its own: a claim lost with the machine's power only undercounts the
         # task's attempts by one; the next durable commit (its finish, say) covers it too.
-        found = self._write(claim, durable=False)
+        # It is committed (in the WAL: it survives the process) before its run starts, so a
+        # task that kills the service is counted. One statement: `solo`.
+        found = self._write(claim, durable=False, solo=True)
         if found is None:
             return None
         policy, task_json, module, digest = found
