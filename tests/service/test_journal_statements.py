@@ -17,6 +17,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from tests.service._support import ALICE, auth
 from wasmbox import Result, Status, Task
 from wasmbox.service import _journal_reads
 from wasmbox.service._api_deps import _Waiters
-from wasmbox.service._journal_reads import _recent, _recent_lock
+from wasmbox.service._journal_reads import _recent, _recent_lock, remember_module
 from wasmbox.service.store import Record, State, TaskStore
 
 # Statements that frame a batch, not a task's own work.
@@ -153,6 +154,8 @@ def test_a_task_is_claimed_and_finished_with_one_statement_each(
 ) -> None:
     task = hello(guests)
     store.add("alice", "default", task)
+    assert task.module_bytes is not None  # among the recent ones (as once a task ran it):
+    remember_module(hashlib.sha256(task.module_bytes).hexdigest(), task.module_bytes)
     with statements(*writer(store)) as seen:
         claimed = store.claim(task.id)  # its module is among the recent ones
     assert len(seen) == 1, seen
@@ -472,8 +475,38 @@ def test_a_claim_alone_in_its_batch_is_one_statement_without_begin_or_commit(
     store.add("alice", "default", task)
     with statements(*writer(store), framing=True) as seen:
         assert store.claim(task.id) is not None
-    assert len(seen) == 1 and seen[0].startswith("UPDATE tasks"), seen
+    writes = [sql for sql in seen if not sql.startswith("SELECT")]  # (a module not in memory)
+    assert len(writes) == 1 and writes[0].startswith("UPDATE tasks"), seen
     assert not store._quick.in_transaction
     with sqlite3.connect(tmp_path / "tasks.db") as other:
         assert other.execute("SELECT state, attempts FROM tasks WHERE id = ?",
                              (task.id,)).fetchone() == ("running", 1)
+
+
+def test_claims_batched_together_are_one_statement_each(
+    store: TaskStore, guests: dict[str, Path]
+) -> None:
+    """Claims need no fsync and need not be atomic together: each commits itself."""
+    tasks = [hello(guests) for _ in range(3)]
+    for task in tasks:
+        store.add("alice", "default", task)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold(db: sqlite3.Connection) -> None:
+        holding.set()
+        release.wait(30)
+
+    held = store._queue_write(hold)
+    assert holding.wait(30)
+    with ThreadPoolExecutor(3) as pool, statements(*writer(store), framing=True) as seen:
+        claims = [pool.submit(store.claim, task.id) for task in tasks]
+        for _ in range(3000):  # until all three are queued behind the held write
+            if store._writes.qsize() == 3:
+                break
+            time.sleep(0.01)
+        release.set()
+        assert all(claim.result(timeout=30) is not None for claim in claims)
+        held.result(timeout=30)
+    writes = [sql for sql in seen if not sql.startswith("SELECT")]  # (a module not in memory)
+    assert writes[0] == "COMMIT" and len(writes) == 4, seen  # the held write's, then 3 claims
+    assert all(sql.startswith("UPDATE tasks") for sql in writes[1:]), seen

@@ -74,8 +74,9 @@ class _GroupCommit(Closeable):
         the future resolves (True: `op` succeeded and its batch committed). `op` may run
         twice (undone in between, when another write of its batch failed): it must change
         nothing but the journal. `solo`: `op` changes the journal with one statement at
-        most (it may read after it), so when it is alone in its transaction it runs without
-        BEGIN and COMMIT (two statements, two GIL round trips): its statement commits itself.
+        most (it may read after it), so when it is alone in its transaction, or among other
+        solo writes that need no fsync, it runs without BEGIN and COMMIT (two statements,
+        two GIL round trips): its statement commits itself.
         """
         future: Future[T] = Future()
         # Running from the start: cancelling it (a client that went away while its
@@ -123,8 +124,10 @@ class _GroupCommit(Closeable):
             # GIL) and are almost never needed: the batch runs without them, and only if one
             # of its writes fails is it undone whole and run again with a savepoint each, so
             # that the failing write alone is undone. A write alone in its batch needs none.
-            if len(batch) == 1 and batch[0].solo:
-                outcomes = [_alone(db, batch[0])]
+            if all(write.solo for write in batch) and (len(batch) == 1 or db is self._quick):
+                # Each commits itself; with no fsync to share, separate commits cost less
+                # than BEGIN and COMMIT around them (claims need not be atomic together).
+                outcomes = [_alone(db, write) for write in batch]
             else:
                 outcomes = (self._apply(db, batch, savepoints=False)
                             or self._apply(db, batch, savepoints=True))
