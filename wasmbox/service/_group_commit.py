@@ -37,13 +37,11 @@ class _GroupCommit(Closeable):
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        self._db = open_journal(path)  # synchronous=FULL: durable writes
-        # Writes that need no fsync (claims) commit on a second connection that never syncs:
-        # switching one connection between FULL and NORMAL cost two PRAGMA statements (two
-        # GIL round trips) each time a batch of claims came between durable ones.
-        self._quick = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
-                                      timeout=BUSY_TIMEOUT_S)
-        self._quick.execute("PRAGMA synchronous=NORMAL")
+        # One connection, its synchronous mode switched for writes that need no fsync: a
+        # second connection that never syncs saved the PRAGMAs but cost more than they do
+        # (each connection's page cache is dropped whenever the other one has written).
+        self._db = open_journal(path)
+        self._synced = True
         self._local = threading.local()
         self._readers: dict[threading.Thread, sqlite3.Connection] = {}
         self._gate = threading.Lock()  # orders queueing a write against closing
@@ -113,18 +111,22 @@ class _GroupCommit(Closeable):
             # and are answered before the others' fsync: a worker waiting for its claim does
             # not wait for the submissions' and results' fsync too (a few ms on this disk).
             # The durable commit that follows syncs them as well.
-            self._commit_part(self._quick, [write for write in batch if not write.durable])
-            self._commit_part(self._db, durable)
+            self._commit_part([write for write in batch if not write.durable], synced=False)
+            self._commit_part(durable, synced=True)
         else:
-            self._commit_part(self._db if durable else self._quick, batch)
+            self._commit_part(batch, synced=bool(durable))
 
-    def _commit_part(self, db: sqlite3.Connection, batch: list[_Write[Any]]) -> None:
+    def _commit_part(self, batch: list[_Write[Any]], synced: bool) -> None:
+        db = self._db
         try:
+            if synced != self._synced:  # WAL: FULL fsyncs at each commit, NORMAL does not
+                db.execute(f"PRAGMA synchronous={'FULL' if synced else 'NORMAL'}")
+                self._synced = synced
             # Savepoints cost two statements a write (each a round trip through the contended
             # GIL) and are almost never needed: the batch runs without them, and only if one
             # of its writes fails is it undone whole and run again with a savepoint each, so
             # that the failing write alone is undone. A write alone in its batch needs none.
-            if all(write.solo for write in batch) and (len(batch) == 1 or db is self._quick):
+            if all(write.solo for write in batch) and (len(batch) == 1 or not synced):
                 # Each commits itself; with no fsync to share, separate commits cost less
                 # than BEGIN and COMMIT around them (claims need not be atomic together).
                 outcomes = [_alone(db, write) for write in batch]
@@ -201,7 +203,6 @@ class _GroupCommit(Closeable):
             self._writes.put(None)
         self._writer.join()
         self._db.close()
-        self._quick.close()
         for db in self._readers.values():
             db.close()
 
