@@ -185,21 +185,30 @@ def test_a_cancel_requested_while_running_still_wins_over_the_result(
     assert store.finish(task.id, ended(task, Status.FAILED), 0.1) is None
 
 
-def _batched(store: TaskStore, writes: list[Callable[[sqlite3.Connection], object]]
-             ) -> list[object]:
-    """Run `writes` as one batch (the writer is held until all are queued); each one's value
-    or exception."""
+@contextmanager
+def held(store: TaskStore) -> Iterator[None]:
+    """The writer thread held inside a write meanwhile: what is queued forms its next batch."""
     holding, release = threading.Event(), threading.Event()
 
     def hold(db: sqlite3.Connection) -> None:
         holding.set()
         release.wait(30)
 
-    held = store._queue_write(hold)
+    holder = store._queue_write(hold)
     assert holding.wait(30)
-    futures = [store._queue_write(write) for write in writes]
-    release.set()
-    held.result(timeout=30)
+    try:
+        yield
+    finally:
+        release.set()
+        holder.result(timeout=30)
+
+
+def _batched(store: TaskStore, writes: list[Callable[[sqlite3.Connection], object]]
+             ) -> list[object]:
+    """Run `writes` as one batch (the writer is held until all are queued); each one's value
+    or exception."""
+    with held(store):
+        futures = [store._queue_write(write) for write in writes]
     return [f.exception(timeout=30) or f.result() for f in futures]
 
 
@@ -475,24 +484,15 @@ def test_claims_batched_together_are_one_statement_each(
     tasks = [hello(guests) for _ in range(3)]
     for task in tasks:
         store.add("alice", "default", task)
-    holding, release = threading.Event(), threading.Event()
-
-    def hold(db: sqlite3.Connection) -> None:
-        holding.set()
-        release.wait(30)
-
-    held = store._queue_write(hold)
-    assert holding.wait(30)
     with ThreadPoolExecutor(3) as pool, statements(store._db, framing=True) as seen:
-        claims = [pool.submit(store.claim, task.id) for task in tasks]
-        for _ in range(3000):  # until all three are queued behind the held write
-            if store._writes.qsize() == 3:
-                break
-            time.sleep(0.01)
-        release.set()
+        with held(store):
+            claims = [pool.submit(store.claim, task.id) for task in tasks]
+            for _ in range(3000):  # until all three are queued behind the held write
+                if store._writes.qsize() == 3:
+                    break
+                time.sleep(0.01)
         assert all(claim.result(timeout=30) is not None for claim in claims)
-        held.result(timeout=30)
     # (Reading a module not in memory, switching the synchronous mode: not writes.)
     writes = [sql for sql in seen if not sql.startswith(("SELECT", "PRAGMA"))]
-    assert writes[0] == "COMMIT" and len(writes) == 4, seen  # the held write's, then 3 claims
-    assert all(sql.startswith("UPDATE tasks") for sql in writes[1:]), seen
+    assert writes[:2] == ["BEGIN IMMEDIATE", "COMMIT"], seen  # the held write's batch
+    assert len(writes) == 5 and all(sql.startswith("UPDATE tasks") for sql in writes[2:]), seen
