@@ -11,11 +11,13 @@ token that was seen owning a module is not asked again until the next purge.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,7 +28,8 @@ from httpx import Response
 from tests.service._support import ALICE, auth
 from wasmbox import Result, Status, Task
 from wasmbox.service import _journal_reads
-from wasmbox.service._journal_reads import _recent, _recent_lock
+from wasmbox.service._api_deps import _Waiters
+from wasmbox.service._journal_reads import _recent, _recent_lock, remember_module
 from wasmbox.service.store import Record, State, TaskStore
 
 # Statements that frame a batch, not a task's own work.
@@ -34,15 +37,18 @@ FRAMING = ("BEGIN", "COMMIT", "PRAGMA")
 
 
 @contextmanager
-def statements(db: sqlite3.Connection) -> Iterator[list[str]]:
-    """The statements `db` runs meanwhile, batch framing left out."""
+def statements(*dbs: sqlite3.Connection, framing: bool = False) -> Iterator[list[str]]:
+    """The statements `dbs` run meanwhile, batch framing left out unless `framing`."""
     seen: list[str] = []
-    db.set_trace_callback(lambda sql: seen.append(sql.strip()))
+    for db in dbs:
+        db.set_trace_callback(lambda sql: seen.append(sql.strip()))
     try:
         yield seen
     finally:
-        db.set_trace_callback(None)
-        seen[:] = [sql for sql in seen if not sql.upper().startswith(FRAMING)]
+        for db in dbs:
+            db.set_trace_callback(None)
+        if not framing:
+            seen[:] = [sql for sql in seen if not sql.upper().startswith(FRAMING)]
 
 
 @contextmanager
@@ -143,6 +149,8 @@ def test_a_task_is_claimed_and_finished_with_one_statement_each(
 ) -> None:
     task = hello(guests)
     store.add("alice", "default", task)
+    assert task.module_bytes is not None  # among the recent ones (as once a task ran it):
+    remember_module(hashlib.sha256(task.module_bytes).hexdigest(), task.module_bytes)
     with statements(store._db) as seen:
         claimed = store.claim(task.id)  # its module is among the recent ones
     assert len(seen) == 1, seen
@@ -177,21 +185,30 @@ def test_a_cancel_requested_while_running_still_wins_over_the_result(
     assert store.finish(task.id, ended(task, Status.FAILED), 0.1) is None
 
 
-def _batched(store: TaskStore, writes: list[Callable[[sqlite3.Connection], object]]
-             ) -> list[object]:
-    """Run `writes` as one batch (the writer is held until all are queued); each one's value
-    or exception."""
+@contextmanager
+def held(store: TaskStore) -> Iterator[None]:
+    """The writer thread held inside a write meanwhile: what is queued forms its next batch."""
     holding, release = threading.Event(), threading.Event()
 
     def hold(db: sqlite3.Connection) -> None:
         holding.set()
         release.wait(30)
 
-    held = store._queue_write(hold)
+    holder = store._queue_write(hold)
     assert holding.wait(30)
-    futures = [store._queue_write(write) for write in writes]
-    release.set()
-    held.result(timeout=30)
+    try:
+        yield
+    finally:
+        release.set()
+        holder.result(timeout=30)
+
+
+def _batched(store: TaskStore, writes: list[Callable[[sqlite3.Connection], object]]
+             ) -> list[object]:
+    """Run `writes` as one batch (the writer is held until all are queued); each one's value
+    or exception."""
+    with held(store):
+        futures = [store._queue_write(write) for write in writes]
     return [f.exception(timeout=30) or f.result() for f in futures]
 
 
@@ -370,3 +387,112 @@ def test_a_claim_batched_with_durable_writes_does_not_wait_for_their_commit(
     finally:
         durable_go.set()
     assert held.result(timeout=30) is None and slow.result(timeout=30) == "durable"
+
+
+def test_a_module_named_again_soon_is_not_upserted_again(
+    store: TaskStore, guests: dict[str, Path]
+) -> None:
+    """Tasks running one module take one statement each to journal, once it was stored."""
+    store.add("alice", "default", hello(guests))
+    with statements(store._db) as seen:
+        store.add("alice", "default", hello(guests))
+    assert len(seen) == 1 and seen[0].startswith("INSERT INTO tasks"), seen
+
+
+def test_a_purge_keeps_a_module_submitted_since_it_was_last_stored(
+    store: TaskStore, guests: dict[str, Path]
+) -> None:
+    """Its submission time, not written when the module was not upserted again, is written
+    before the purge looks at it."""
+    first = running(store, guests)
+    store.finish(first.id, ended(first), 0.1)
+    stored = store.get(first.id)
+    again = running(store, guests)
+    store.finish(again.id, ended(again), 0.1)
+    latest = store.get(again.id)
+    assert stored is not None and latest is not None
+    assert latest.submitted_at > stored.submitted_at
+    cutoff = (stored.submitted_at + latest.submitted_at) / 2
+    store.purge(0, 0, cutoff)  # no task is old enough; the module was used after the cutoff
+    assert again.module_bytes is not None
+    with _recent_lock:
+        _recent.clear()
+    assert store.module("alice", hashlib.sha256(again.module_bytes).hexdigest()) is not None
+
+
+def test_a_module_deleted_by_a_purge_is_stored_again_by_its_next_task(
+    store: TaskStore, guests: dict[str, Path]
+) -> None:
+    task = running(store, guests)
+    store.finish(task.id, ended(task), 0.1)
+    later = time.time() + 60
+    assert store.purge(later, 0, later) == 1  # the task and its module are gone
+    again = hello(guests)
+    store.add("alice", "default", again)
+    with _recent_lock:
+        _recent.clear()  # the module's bytes must come from the journal
+    claimed = store.claim(again.id)
+    assert claimed is not None and claimed[1].module_bytes == again.module_bytes
+
+
+def test_the_results_of_one_batch_wake_the_event_loop_once() -> None:
+    """Tasks signalled final together (one journal batch, on the writer thread) cost the
+    loop one wake-up, and every one of their waiters wakes."""
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        wakeups = [0]
+        real = loop.call_soon_threadsafe
+
+        def counted(callback: Callable[..., object], *args: object) -> asyncio.Handle:
+            wakeups[0] += 1
+            return real(callback, *args)
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        waiters = _Waiters(loop)
+        events = [waiters.register(f"task-{i}") for i in range(5)]
+        signal = threading.Thread(target=lambda: [waiters.notify(f"task-{i}") for i in range(5)])
+        signal.start()
+        signal.join()  # the loop is busy (here) while the batch's results are signalled
+        await asyncio.wait_for(asyncio.gather(*(event.wait() for event in events)), 30)
+        return wakeups[0]
+
+    assert asyncio.run(main()) == 1
+
+
+def test_a_claim_alone_in_its_batch_is_one_statement_without_begin_or_commit(
+    store: TaskStore, guests: dict[str, Path], tmp_path: Path
+) -> None:
+    """...and it is committed when the claim returns: another connection sees it running."""
+    task = hello(guests)
+    store.add("alice", "default", task)
+    with statements(store._db, framing=True) as seen:
+        assert store.claim(task.id) is not None
+    # (Reading a module not in memory, switching the synchronous mode: not writes.)
+    writes = [sql for sql in seen if not sql.startswith(("SELECT", "PRAGMA"))]
+    assert len(writes) == 1 and writes[0].startswith("UPDATE tasks"), seen
+    assert not store._db.in_transaction
+    with sqlite3.connect(tmp_path / "tasks.db") as other:
+        assert other.execute("SELECT state, attempts FROM tasks WHERE id = ?",
+                             (task.id,)).fetchone() == ("running", 1)
+
+
+def test_claims_batched_together_are_one_statement_each(
+    store: TaskStore, guests: dict[str, Path]
+) -> None:
+    """Claims need no fsync and need not be atomic together: each commits itself."""
+    tasks = [hello(guests) for _ in range(3)]
+    for task in tasks:
+        store.add("alice", "default", task)
+    with ThreadPoolExecutor(3) as pool, statements(store._db, framing=True) as seen:
+        with held(store):
+            claims = [pool.submit(store.claim, task.id) for task in tasks]
+            for _ in range(3000):  # until all three are queued behind the held write
+                if store._writes.qsize() == 3:
+                    break
+                time.sleep(0.01)
+        assert all(claim.result(timeout=30) is not None for claim in claims)
+    # (Reading a module not in memory, switching the synchronous mode: not writes.)
+    writes = [sql for sql in seen if not sql.startswith(("SELECT", "PRAGMA"))]
+    assert writes[:2] == ["BEGIN IMMEDIATE", "COMMIT"], seen  # the held write's batch
+    assert len(writes) == 5 and all(sql.startswith("UPDATE tasks") for sql in writes[2:]), seen

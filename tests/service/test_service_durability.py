@@ -9,6 +9,8 @@ was accepted must be in the journal afterwards.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import sqlite3
 import threading
 import time
@@ -20,7 +22,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.service._support import ALICE, ServiceProcess, auth, write_config
+from tests.service._support import ALICE, ServiceProcess, auth, wait_final, write_config
 
 # How long a commit (or the journal's lock) is held up: ample for an early answer to arrive.
 HOLD_S = 1.5
@@ -133,3 +135,28 @@ def test_every_task_answered_202_survives_sigkill(
     with httpx.Client(base_url=services[1].url, headers=auth(ALICE), timeout=30) as client:
         for task_id in accepted:
             assert client.get(f"/v1/tasks/{task_id}").status_code == 200
+
+
+def test_every_task_answered_202_by_digest_runs_after_sigkill(
+    tmp_path: Path, services: list[ServiceProcess], wasm_b64: dict[str, str]
+) -> None:
+    """Tasks naming a module stored moments before (which do not store it again) are
+    journaled with it: after a SIGKILL right behind their 202s, each one runs."""
+    config = write_config(tmp_path, workers=0)
+    services.append(ServiceProcess(config, tmp_path / "service.log"))
+    with httpx.Client(base_url=services[0].url, headers=auth(ALICE), timeout=30,
+                      limits=httpx.Limits(max_connections=BURST)) as client, \
+            ThreadPoolExecutor(BURST) as pool:
+        first = client.post("/v1/tasks", json={"kind": "wasm", "module_b64": wasm_b64["hello"]})
+        by_digest = {"kind": "wasm", "module_sha256": hashlib.sha256(
+            base64.b64decode(wasm_b64["hello"])).hexdigest()}
+        responses = [first, *pool.map(lambda _i: client.post("/v1/tasks", json=by_digest),
+                                      range(BURST))]
+    services[0].kill()
+    assert [r.status_code for r in responses] == [202] * (BURST + 1)
+
+    services.append(ServiceProcess(write_config(tmp_path, workers=1),
+                                   tmp_path / "service.log"))
+    with httpx.Client(base_url=services[1].url, headers=auth(ALICE), timeout=30) as client:
+        views = [wait_final(client, r.json()["id"]) for r in responses]
+    assert [v["result"]["status"] for v in views] == ["completed"] * (BURST + 1)

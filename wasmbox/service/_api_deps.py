@@ -2,6 +2,7 @@
 state, long-poll wake-ups, and the check that refuses unknown query parameters."""
 
 import asyncio
+import threading
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -17,18 +18,39 @@ MAX_WAIT_PARAM = 3600
 
 
 class _Waiters:
-    """Long-poll wake-ups: worker threads signal, the event loop wakes the waiting requests."""
+    """Long-poll wake-ups: worker threads signal, the event loop wakes the waiting requests.
+
+    Signals are gathered until the loop takes them: the results of one journal batch, all
+    signalled before the loop gets the GIL back, cost the loop one wake-up, not one each.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._events: dict[str, set[asyncio.Event]] = {}
+        self._lock = threading.Lock()  # guards `_ended` and `_scheduled`
+        self._ended: list[str] = []
+        self._scheduled = False
 
     def notify(self, task_id: str) -> None:
-        self._loop.call_soon_threadsafe(self._wake, task_id)
+        with self._lock:
+            self._ended.append(task_id)
+            if self._scheduled:
+                return  # the loop's pending wake-up takes this one too
+            self._scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._wake)
+        except BaseException:  # (a closed loop) the next signal tries again
+            with self._lock:
+                self._scheduled = False
+            raise
 
-    def _wake(self, task_id: str) -> None:
-        for event in self._events.pop(task_id, set()):
-            event.set()
+    def _wake(self) -> None:
+        with self._lock:
+            ended, self._ended = self._ended, []
+            self._scheduled = False
+        for task_id in ended:
+            for event in self._events.pop(task_id, set()):
+                event.set()
 
     def register(self, task_id: str) -> asyncio.Event:
         event = asyncio.Event()

@@ -37,6 +37,9 @@ class _GroupCommit(Closeable):
 
     def __init__(self, path: Path) -> None:
         self._path = path
+        # One connection, its synchronous mode switched for writes that need no fsync: a
+        # second connection that never syncs saved the PRAGMAs but cost more than they do
+        # (each connection's page cache is dropped whenever the other one has written).
         self._db = open_journal(path)
         self._synced = True
         self._local = threading.local()
@@ -48,24 +51,30 @@ class _GroupCommit(Closeable):
                                         daemon=True)
         self._writer.start()
 
-    def _write(self, op: Callable[[sqlite3.Connection], T], durable: bool = True) -> T:
+    def _write(
+        self, op: Callable[[sqlite3.Connection], T], durable: bool = True, solo: bool = False,
+    ) -> T:
         """Run `op` in the next committed batch; return its value once the batch is durable.
 
         `durable=False`: committed without the fsync when no other write of its batch needs
         one (it survives the process being killed, not the machine losing power).
+        `solo`: see `_queue_write`.
         """
-        return self._queue_write(op, durable=durable).result()
+        return self._queue_write(op, durable=durable, solo=solo).result()
 
     def _queue_write(
         self, op: Callable[[sqlite3.Connection], T],
-        after: Callable[[bool], None] | None = None, durable: bool = True,
+        after: Callable[[bool], None] | None = None, durable: bool = True, solo: bool = False,
     ) -> Future[T]:
         """Queue `op` for the next batch; the future resolves once the batch is durable.
 
         `after(committed)` runs on the writer thread once the batch's fate is known, before
         the future resolves (True: `op` succeeded and its batch committed). `op` may run
         twice (undone in between, when another write of its batch failed): it must change
-        nothing but the journal.
+        nothing but the journal. `solo`: `op` changes the journal with one statement at
+        most (it may read after it), so when it is alone in its transaction, or among other
+        solo writes that need no fsync, it runs without BEGIN and COMMIT (two statements,
+        two GIL round trips): its statement commits itself.
         """
         future: Future[T] = Future()
         # Running from the start: cancelling it (a client that went away while its
@@ -74,7 +83,7 @@ class _GroupCommit(Closeable):
         with self._gate:
             if self._closed:
                 raise sqlite3.ProgrammingError("the task journal is closed")
-            self._writes.put(_Write(op, future, after, durable))
+            self._writes.put(_Write(op, future, after, durable, solo))
         return future
 
     def _write_loop(self) -> None:
@@ -117,8 +126,13 @@ class _GroupCommit(Closeable):
             # GIL) and are almost never needed: the batch runs without them, and only if one
             # of its writes fails is it undone whole and run again with a savepoint each, so
             # that the failing write alone is undone. A write alone in its batch needs none.
-            outcomes = (self._apply(batch, savepoints=False)
-                        or self._apply(batch, savepoints=True))
+            if all(write.solo for write in batch) and (len(batch) == 1 or not synced):
+                # Each commits itself; with no fsync to share, separate commits cost less
+                # than BEGIN and COMMIT around them (claims need not be atomic together).
+                outcomes = [_alone(db, write) for write in batch]
+            else:
+                outcomes = (self._apply(db, batch, savepoints=False)
+                            or self._apply(db, batch, savepoints=True))
             if db.in_transaction:
                 db.execute("COMMIT")
         except BaseException as exc:  # nothing of the batch is stored
@@ -137,11 +151,12 @@ class _GroupCommit(Closeable):
             else:
                 write.future.set_exception(value)
 
-    def _apply(self, batch: list[_Write[Any]], savepoints: bool) -> list[tuple[bool, Any]]:
+    def _apply(
+        self, db: sqlite3.Connection, batch: list[_Write[Any]], savepoints: bool,
+    ) -> list[tuple[bool, Any]]:
         """Run the batch's writes in one open transaction: (succeeded, value or exception)
         each. Without `savepoints`, a failing write undoes the transaction and, unless it was
         alone, the answer is empty (run the batch again with them)."""
-        db = self._db
         db.execute("BEGIN IMMEDIATE")
         outcomes: list[tuple[bool, Any]] = []
         for write in batch:
@@ -200,6 +215,15 @@ class _Write(Generic[T]):
     future: Future[T]
     after: Callable[[bool], None] | None = None
     durable: bool = True
+    solo: bool = False
+
+
+def _alone(db: sqlite3.Connection, write: _Write[Any]) -> tuple[bool, Any]:
+    """Run a `solo` write outside a transaction: (succeeded, value or exception)."""
+    try:
+        return True, write.op(db)
+    except Exception as exc:  # its one statement changed nothing, or it stands committed
+        return False, exc
 
 
 def _after(write: _Write[Any], committed: bool) -> None:

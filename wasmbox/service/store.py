@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from pathlib import Path
 from typing import TypeAlias, TypeVar
 
 from wasmbox.errors import InputRejected
@@ -42,6 +44,10 @@ from wasmbox.service._journal_schema import State as State
 from wasmbox.service._journal_schema import cancelled as cancelled
 
 T = TypeVar("T")
+# A module upserted this recently (seconds) is not upserted again by the next task naming it
+# (see `TaskStore.__init__`); at most MAX_TOUCHED modules are remembered so.
+MODULE_TOUCH_S = 5.0
+MAX_TOUCHED = 1024
 # What `TaskStore.finish` stored: the final result and when the task was submitted; None
 # for a duplicate completion.
 Ended: TypeAlias = tuple[Result, float] | None
@@ -59,6 +65,17 @@ class TaskStore(_JournalReads):
     batch, none of it stored. Reads use a connection per thread (WAL: readers never wait for
     the writer).
     """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        # Writer thread only. Modules upserted by a committed `add`, by SHA-256: when it set
+        # their ``last_used``. A task naming one of them within MODULE_TOUCH_S of that is
+        # inserted without upserting it again (a statement, and its blob bound, each time):
+        # the row exists until a purge, which forgets them all, and no purge deletes it while
+        # the task is queued or running. `_unsaved`: the latest submission time not written
+        # to ``last_used`` since; a purge writes them first, so it deletes no module early.
+        self._touched: dict[str, float] = {}
+        self._unsaved: dict[str, float] = {}
 
     # -- writes -------------------------------------------------------------------------
 
@@ -99,13 +116,22 @@ class TaskStore(_JournalReads):
             finished_at=None, file_sizes={}, charged_s=None, reserved_s=reserved_s,
         )
 
+        upserted = [False]
+
         def insert(db: sqlite3.Connection) -> Record:
+            upserted[0] = False  # (this write may run twice: see `_queue_write`)
             if digest is not None:  # stored once however many tasks run it
-                db.execute(
-                    "INSERT INTO modules (sha256, data, last_used) VALUES (?, ?, ?)"
-                    " ON CONFLICT (sha256) DO UPDATE SET last_used = excluded.last_used",
-                    (digest, module, now),
-                )
+                fresh = now - self._touched.get(digest, -math.inf) <= MODULE_TOUCH_S
+                if not fresh or (digest not in self._unsaved
+                                 and len(self._unsaved) >= MAX_TOUCHED):
+                    db.execute(
+                        "INSERT INTO modules (sha256, data, last_used) VALUES (?, ?, ?)"
+                        " ON CONFLICT (sha256) DO UPDATE SET last_used = excluded.last_used",
+                        (digest, module, now),
+                    )
+                    upserted[0] = True
+                elif now > self._unsaved.get(digest, -math.inf):
+                    self._unsaved[digest] = now
             db.execute(
                 "INSERT INTO tasks (id, token, policy, state, task_json, module_sha256,"
                 " reserved_s, submitted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -113,7 +139,17 @@ class TaskStore(_JournalReads):
             )
             return record
 
-        return self._queue_write(insert, after)
+        def journaled(committed: bool) -> None:  # on the writer thread, before any caller
+            if committed and upserted[0] and digest is not None:
+                self._touched[digest] = max(now, self._touched.pop(digest, now))
+                if self._unsaved.get(digest, -math.inf) <= now:
+                    self._unsaved.pop(digest, None)
+                if len(self._touched) > MAX_TOUCHED:
+                    self._touched.pop(next(iter(self._touched)))
+            if after is not None:
+                after(committed)
+
+        return self._queue_write(insert, journaled)
 
     def claim(self, task_id: str) -> tuple[str, Task] | None:
         """Mark a queued task running and return (policy name, task); None if not queued."""
@@ -138,7 +174,9 @@ class TaskStore(_JournalReads):
 
         # Not fsynced on its own: a claim lost with the machine's power only undercounts the
         # task's attempts by one; the next durable commit (its finish, say) covers it too.
-        found = self._write(claim, durable=False)
+        # It is committed (in the WAL: it survives the process) before its run starts, so a
+        # task that kills the service is counted. One statement: `solo`.
+        found = self._write(claim, durable=False, solo=True)
         if found is None:
             return None
         policy, task_json, module, digest = found
@@ -274,6 +312,14 @@ class TaskStore(_JournalReads):
 
         def purge(db: sqlite3.Connection) -> int:
             self._purged()  # before anything is deleted, and again below once committed
+            if self._unsaved:  # submissions that did not upsert their module: now they do
+                db.executemany(
+                    "UPDATE modules SET last_used = max(last_used, ?) WHERE sha256 = ?",
+                    [(at, digest) for digest, at in self._unsaved.items()],
+                )
+            # Modules may be deleted below: the next submission of each one upserts it.
+            self._touched.clear()
+            self._unsaved.clear()
             old = "state IN (?, ?) AND finished_at < ?"
             params = (State.FINISHED, State.REJECTED, finished_before)
             db.execute(
