@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import pickle
 import signal
 import threading
@@ -181,6 +182,7 @@ class RunnerConfig:
 
     policies: dict[str, Policy]
     workspace_root: Path | None = None
+    cpus: frozenset[int] | None = None  # where the process runs (None: where it was started)
 
 
 def runner_main(conn: Connection, config_bytes: bytes, control: Connection) -> None:
@@ -203,6 +205,8 @@ def runner_main(conn: Connection, config_bytes: bytes, control: Connection) -> N
     sandboxes: dict[str, Sandbox] = {}
     try:
         config: RunnerConfig = pickle.loads(config_bytes)
+        if config.cpus is not None:  # before any thread starts: each one inherits it
+            os.sched_setaffinity(0, config.cpus)
         for name, policy in config.policies.items():
             sandboxes[name] = Sandbox(policy, workspace_root=config.workspace_root)
     except Exception as exc:

@@ -98,15 +98,17 @@ class ProcessRunner(Closeable):
     A process that dies (or sends a frame that breaks the rules) fails the task it was running
     with `HostFailure` -- that task is not run again here -- and is replaced by a fresh one;
     the tasks queued behind it had not started and go to another process. `abort` stops the
-    runs in flight and every process at once.
+    runs in flight and every process at once. With `cpus`, the processes run on those CPUs
+    (the service's placement: see `wasmbox.service._placement`).
     """
 
     def __init__(self, policies: dict[str, Policy], processes: int | None = None,
-                 workspace_root: Path | None = None) -> None:
+                 workspace_root: Path | None = None, cpus: frozenset[int] | None = None
+                 ) -> None:
         count = processes or os.cpu_count() or 1
         if count < 1:
             raise ConfigError(f"runner processes must be at least 1, got {count}")
-        self._config = pickle.dumps(RunnerConfig(dict(policies), workspace_root))
+        self._config = pickle.dumps(RunnerConfig(dict(policies), workspace_root, cpus))
         self._reply_bytes = max(reply_bound(p) for p in policies.values())
         self._workspace_root = workspace_root
         self._lock = threading.Lock()
@@ -451,12 +453,14 @@ class DaskRunner(Closeable):
 
 
 def make_runner(
-    config: ServiceConfig, sandbox_factory: Callable[[Policy], Sandbox] = Sandbox
+    config: ServiceConfig, sandbox_factory: Callable[[Policy], Sandbox] = Sandbox,
+    cpus: frozenset[int] | None = None,
 ) -> Runner:
-    """The runner the configuration asks for."""
+    """The runner the configuration asks for (runner processes on `cpus`, if given)."""
     if config.service.backend is Backend.DASK:
         assert config.service.scheduler is not None  # checked by ServiceSettings
         return DaskRunner(config.service.scheduler, config.policies)
     if config.service.runner is RunnerKind.PROCESSES:
-        return ProcessRunner(config.policies, config.service.runner_processes or None)
+        return ProcessRunner(config.policies, config.service.runner_processes or None,
+                             cpus=cpus)
     return ThreadRunner(config.policies, sandbox_factory)

@@ -22,6 +22,7 @@ from wasmbox.service._api_deps import MAX_WAIT_PARAM, St, _bearer, _State, _Wait
 from wasmbox.service._api_errors import _ERRORS, install_error_handlers
 from wasmbox.service._api_fast import LeanApp, add_lean_routes
 from wasmbox.service._api_meta import add_meta_routes, mount_docs_assets
+from wasmbox.service._placement import placed
 from wasmbox.service.config import ServiceConfig
 from wasmbox.service.dispatcher import Dispatcher, QuotaExceeded, Runner, make_runner
 from wasmbox.service.limits import BodyLimit
@@ -52,19 +53,27 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = TaskStore(config.service.db)
-        waiters = _Waiters(asyncio.get_running_loop())
-        dispatcher = Dispatcher(
-            config, store, runner or make_runner(config, sandbox_factory), metrics,
-            on_final=waiters.notify,
-        )
-        dispatcher.start()
-        app.state.wasmbox = _State(dispatcher, waiters)
-        try:
-            yield
-        finally:
-            await run_in_threadpool(dispatcher.close)
-            store.close()
+        # First: the journal's writer, the workers and the runner processes start from here.
+        with placed(config.service) as placement:
+            store = TaskStore(config.service.db)
+            try:
+                waiters = _Waiters(asyncio.get_running_loop())
+                dispatcher = Dispatcher(
+                    config, store, runner or make_runner(
+                        config, sandbox_factory,
+                        None if placement is None else placement.runners),
+                    metrics, on_final=waiters.notify,
+                )
+            except BaseException:
+                store.close()
+                raise
+            dispatcher.start()
+            app.state.wasmbox = _State(dispatcher, waiters)
+            try:
+                yield
+            finally:
+                await run_in_threadpool(dispatcher.close)
+                store.close()
 
     app = LeanApp(
         title="wasmbox task service",

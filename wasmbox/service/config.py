@@ -7,6 +7,8 @@ workers = 4                      # tasks run at once (threads, or in flight on t
 runner = "threads"               # thread back end: run sandboxes on the worker threads, or
                                  # "processes" (spawned runner processes: frees the GIL)
 runner_processes = 0             # runner processes (0: one per core)
+cpus = "auto"                    # the service's own threads: "auto" (one core when runner
+                                 # processes run the tasks), "all", or a list like [0]
 max_body_bytes = "8MiB"          # larger requests get 413
 max_wait = 30                    # longest long-poll, seconds
 shutdown_grace = 30              # how long a shutdown waits for running tasks
@@ -40,7 +42,7 @@ import hmac
 import tomllib
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -121,6 +123,10 @@ class ServiceSettings(_Model):
     workers: Annotated[int, Field(ge=0)] = 4
     runner: RunnerKind = RunnerKind.THREADS
     runner_processes: Annotated[int, Field(ge=0)] = 0
+    # The CPUs of the service's own threads (see `wasmbox.service._placement`).
+    cpus: Literal["auto", "all"] | Annotated[
+        list[Annotated[int, Field(ge=0, le=4095)]],
+        Field(min_length=1, max_length=4096)] = "auto"
     max_body_bytes: Bytes = 8 * MiB
     max_wait: Seconds = 30.0
     shutdown_grace: Seconds = 30.0
