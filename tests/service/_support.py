@@ -41,8 +41,10 @@ def config_data(db: Path, **service: Any) -> dict[str, Any]:
     """A service config: alice may use two policies, bob has a concurrency quota of 2,
     carol a tiny CPU budget, dave a budget of 2.5 s (room for two 1 s reservations)."""
     return {
+        # The thread runner: these many small services would each spawn runner processes
+        # (the default); tests/service/test_process_runner.py and test_placement.py run those.
         "service": {"db": str(db), "workers": 2, "max_body_bytes": "2MiB", "max_wait": 20,
-                    "shutdown_grace": 10, **service},
+                    "shutdown_grace": 10, "runner": "threads", **service},
         "policies": {
             "default": {"timeouts": {"run": "5s"}},
             "strict": {"limits": {"memory": "16MiB"}, "allowed_tiers": ["wasm"]},

@@ -22,9 +22,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.service._support import ALICE, auth, config_data, wait_final
-from wasmbox import Policy, Task
+from wasmbox import Policy, Sandbox, Task
 from wasmbox._procpool_worker import ModuleMemo, RunOrder
-from wasmbox.errors import HostFailure, PolicyViolation, SandboxClosed
+from wasmbox.errors import ConfigError, HostFailure, PolicyViolation, SandboxClosed
 from wasmbox.models import Resources, Result, Status
 from wasmbox.service import ServiceConfig, create_app
 from wasmbox.service._runners import ProcessRunner, ThreadRunner, make_runner
@@ -290,8 +290,15 @@ def test_the_service_setting_selects_the_runner(tmp_path: Path) -> None:
     assert config.service.runner is RunnerKind.PROCESSES
     with make_runner(config) as chosen:  # type: ignore[attr-defined]
         assert isinstance(chosen, ProcessRunner) and len(chosen.pids) == 1
-    with make_runner(ServiceConfig()) as default:  # type: ignore[attr-defined]
-        assert isinstance(default, ThreadRunner)
+    threads = ServiceConfig.from_dict({"service": {"runner": "threads"}})
+    with make_runner(threads) as chosen:  # type: ignore[attr-defined]
+        assert isinstance(chosen, ThreadRunner)
+    assert ServiceConfig().service.runner is RunnerKind.PROCESSES  # the default
+
+
+def test_a_sandbox_factory_needs_the_thread_runner() -> None:
+    with pytest.raises(ConfigError, match="sandbox_factory"):
+        make_runner(ServiceConfig(), sandbox_factory=lambda policy: Sandbox(policy))
 
 
 def test_a_shutdown_past_its_grace_stops_the_runners_and_the_task_runs_again(

@@ -1,21 +1,21 @@
-"""Internal: which CPUs the service's own threads run on, and which its runner processes use.
+"""Internal: which CPUs the service's own threads run on (runner processes use them all).
 
 The service process's threads (the event loop, the journal's writer, the dispatcher's
 workers, and on the thread runner the runs themselves) take turns holding one GIL. Spread
 over several cores, every hand-off of the GIL wakes a thread on another core (on a VM an
 inter-processor interrupt and a wake from idle) and moves the interpreter's hot data between
-caches: on the 2-core benchmark machine that was more than half of the service's CPU per
-hello task. Kept on one core, the same hand-offs are cheap. Runner processes (``runner =
-"processes"``) run the guests on the other cores.
+caches: on the 2-core benchmark machine that was more than a third of the service's CPU per
+hello task. Kept on one core, the same hand-offs are cheap, and GIL-bound threads could not
+use a second core anyway. Runner processes (``runner = "processes"``), which run the guests,
+keep every CPU the service was allowed, so a CPU-bound task still gets all of them.
 
 ``[service] cpus``:
 
 - ``"auto"`` (default): with runner processes, the service's threads share one core (the
-  lowest this process may use) and the runner processes get the others. On the thread runner
-  the runs happen on the service's threads and need every core: nothing is pinned.
+  lowest this process may use). On the thread runner the runs happen on the service's
+  threads and need every core: nothing is pinned.
 - ``"all"``: nothing is pinned.
-- a list of CPU numbers: the service's threads run there (the thread runner's runs too);
-  runner processes get the other CPUs the process may use (all of them if none is left).
+- a list of CPU numbers: the service's threads run there (the thread runner's runs too).
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ log = logging.getLogger("wasmbox.service")
 
 @dataclass(frozen=True)
 class Placement:
-    """CPUs for the service's own threads and for its runner processes."""
+    """CPUs for the service's own threads, and for its runner processes (which inherit the
+    affinity of the thread that starts them, so they set theirs back)."""
 
     service: frozenset[int]
     runners: frozenset[int]
@@ -63,7 +64,7 @@ def plan(settings: ServiceSettings, allowed: frozenset[int] | None = None) -> Pl
         if outside:
             raise ConfigError(f"[service] cpus {outside} are not among the CPUs this process "
                               f"may use: {sorted(allowed)}")
-    return Placement(service, allowed - service or allowed)
+    return Placement(service, allowed)
 
 
 @contextmanager
@@ -76,7 +77,7 @@ def placed(settings: ServiceSettings) -> Iterator[Placement | None]:
         return
     before = os.sched_getaffinity(0)
     os.sched_setaffinity(0, placement.service)
-    log.info("service threads on CPU %s, runner processes on CPU %s",
+    log.info("service threads on CPU %s (runner processes on %s)",
              _cpus(placement.service), _cpus(placement.runners))
     try:
         yield placement

@@ -461,6 +461,9 @@ def make_runner(
         assert config.service.scheduler is not None  # checked by ServiceSettings
         return DaskRunner(config.service.scheduler, config.policies)
     if config.service.runner is RunnerKind.PROCESSES:
+        if sandbox_factory is not Sandbox:
+            raise ConfigError("a sandbox_factory builds sandboxes in this process: it needs "
+                              "[service] runner = \"threads\"")
         return ProcessRunner(config.policies, config.service.runner_processes or None,
                              cpus=cpus)
     return ThreadRunner(config.policies, sandbox_factory)

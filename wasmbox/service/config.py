@@ -4,8 +4,8 @@
 [service]
 backend = "threads"              # or "dask" (then: scheduler = "tcp://127.0.0.1:8786")
 workers = 4                      # tasks run at once (threads, or in flight on the cluster)
-runner = "threads"               # thread back end: run sandboxes on the worker threads, or
-                                 # "processes" (spawned runner processes: frees the GIL)
+runner = "processes"             # thread back end: run sandboxes in spawned runner
+                                 # processes, or "threads" (on the worker threads)
 runner_processes = 0             # runner processes (0: one per core)
 cpus = "auto"                    # the service's own threads: "auto" (one core when runner
                                  # processes run the tasks), "all", or a list like [0]
@@ -121,7 +121,7 @@ class ServiceSettings(_Model):
     backend: Backend = Backend.THREADS
     scheduler: str | None = None
     workers: Annotated[int, Field(ge=0)] = 4
-    runner: RunnerKind = RunnerKind.THREADS
+    runner: RunnerKind = RunnerKind.PROCESSES
     runner_processes: Annotated[int, Field(ge=0)] = 0
     # The CPUs of the service's own threads (see `wasmbox.service._placement`).
     cpus: Literal["auto", "all"] | Annotated[
