@@ -118,6 +118,15 @@ def measure(quick: bool, progress: Progress, workers: int | None = None,
             f"{'default' if runner is None else repr(runner)} runner, load generator and "
             f"service on the same {CORES} cores; load average {load_before:.2f} before, "
             f"{os.getloadavg()[0]:.2f} after (the machine is shared)"))
+    if runner is None and by == "sha256":  # the other runner, beside the default's rows
+        with tempfile.TemporaryDirectory(prefix="wasmbox-bench-service-") as tmp, \
+                _service(Path(tmp), workers_used, max(LEVELS) * 2, "threads") as (url, server):
+            asyncio.run(_load(url, by_b64, "poll", 4, 8, client))  # warm: journal, compile
+            for form in FORMS:
+                threads = _row(form, LEVELS[0], by_ref, url, n, workers_used, server, client)
+                threads.id = f"service:{form}-{LEVELS[0]}-threads"
+                threads.label = f"{threads.label}, thread runner"
+                rows.append(threads)
     progress.step("service: done")
     return rows
 
