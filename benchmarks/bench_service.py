@@ -6,7 +6,8 @@ A bounded asyncio load generator against a service it starts itself on 127.0.0.1
 /v1/tasks?wait=`` -- it reports tasks/s and the submit-to-result latency of every task
 (p50/p95/p99), and the CPU each task cost the service and the load generator. The module
 goes by ``module_sha256`` (sent once as base64 first); one more row sends the 169 KB module
-as base64 in every request, and one more drives the lowest level with httpx.
+as base64 in every request, one more drives the lowest level with httpx, and (when the
+service runs its default runner) two more run the thread runner at the lowest level.
 
 The load generator shares the machine's cores with the service, so its own CPU caps what can
 be measured: the rows use a minimal keep-alive HTTP/1.1 client by default (``--client raw``,
@@ -115,7 +116,8 @@ def measure(quick: bool, progress: Progress, workers: int | None = None,
         rows[0].notes.insert(0, (
             f"{n} hello tasks a cell (module by {'module_sha256' if by == 'sha256' else 'base64'}"
             f"), service with {workers_used} worker threads ({worker_origin}) and the "
-            f"{'default' if runner is None else repr(runner)} runner, load generator and "
+            f"{_default_runner() if runner is None else repr(runner)} runner, load "
+            "generator and "
             f"service on the same {CORES} cores; load average {load_before:.2f} before, "
             f"{os.getloadavg()[0]:.2f} after (the machine is shared)"))
     if runner is None and by == "sha256":  # the other runner, beside the default's rows
@@ -129,6 +131,12 @@ def measure(quick: bool, progress: Progress, workers: int | None = None,
                 rows.append(threads)
     progress.step("service: done")
     return rows
+
+
+def _default_runner() -> str:
+    from wasmbox.service.config import ServiceSettings
+
+    return f"default ({ServiceSettings().runner.value!r})"
 
 
 def service_workers(workers: int | None) -> tuple[int, str]:

@@ -259,7 +259,7 @@ def scale_chart(rows: Sequence[Row], path: Path) -> str | None:
         if kind in local:
             ax.axhline(local[kind], color="tab:orange", linestyle="--",
                        label="Sandbox.map here, 1 thread")
-            ax.legend(fontsize="small")
+            ax.legend(fontsize="small", loc="upper left")  # above the 1-worker bar
         ax.set(title=f"Dask {kind}: tasks/s", xlabel="workers", ylim=(0, None))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
