@@ -30,11 +30,24 @@ Compile = Callable[..., tuple[bytes, float]]
 RUNS = 6
 
 
-def fresh_module() -> bytes:
-    """A WASI-command-shaped module no cache has seen (its custom section is unique)."""
-    wat = '(module (memory (export "memory") 1) (func (export "_start")))'
+def _unseen(wat: str) -> bytes:
+    """`wat` compiled, with a unique custom section: no cache has seen these bytes."""
     tag = uuid.uuid4().hex.encode()
     return bytes(wasmtime.wat2wasm(wat)) + b"\x00" + bytes([len(tag) + 2, 1]) + b"t" + tag
+
+
+def fresh_module() -> bytes:
+    """A WASI-command-shaped module no cache has seen."""
+    return _unseen('(module (memory (export "memory") 1) (func (export "_start")))')
+
+
+def invalid_module() -> bytes:
+    return b"\0asm\x01\0\0\0\x01\x05" + uuid.uuid4().bytes  # a truncated type section
+
+
+def no_start_module() -> bytes:
+    """Valid WebAssembly, but not a WASI command (no ``_start``)."""
+    return _unseen('(module (memory (export "memory") 1))')
 
 
 class CountedCompile:
@@ -136,7 +149,7 @@ def test_an_invalid_module_fails_every_waiter_with_the_leaders_refusal(
     module_cache_only: ModuleCache, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     compile_ = counted(monkeypatch, hold_first=True)
-    data = b"\0asm\x01\0\0\0\x01\x05" + uuid.uuid4().bytes  # a truncated type section
+    data = invalid_module()
     releaser = threading.Thread(target=lambda: (wait_for_waiters(module_cache_only, data,
                                                                  RUNS - 1),
                                                 compile_.release.set()))
@@ -232,17 +245,6 @@ def test_a_leader_over_its_budget_lets_a_waiter_with_more_time_compile(
     assert isinstance(prepared, Prepared)
     assert len(calls) == 2
     assert not module_cache_only._inflight
-
-
-def invalid_module() -> bytes:
-    return b"\0asm\x01\0\0\0\x01\x05" + uuid.uuid4().bytes  # a truncated type section
-
-
-def no_start_module() -> bytes:
-    """Valid WebAssembly, but not a WASI command (no ``_start``)."""
-    tag = uuid.uuid4().hex.encode()
-    wat = '(module (memory (export "memory") 1))'
-    return bytes(wasmtime.wat2wasm(wat)) + b"\x00" + bytes([len(tag) + 2, 1]) + b"t" + tag
 
 
 @pytest.mark.parametrize(("make", "why"), [

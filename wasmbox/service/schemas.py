@@ -230,15 +230,21 @@ class TaskView(BaseModel):
 
     @classmethod
     def of(cls, record: Record) -> TaskView:
-        return cls(
-            id=record.id, state=record.state, policy=record.policy,
-            final=record.state in (State.FINISHED, State.REJECTED),
-            cancel_requested=record.cancel_requested, attempts=record.attempts,
-            submitted_at=record.submitted_at, started_at=record.started_at,
-            finished_at=record.finished_at, error=record.error, charged_s=record.charged_s,
-            result=None if record.result is None
-            else ResultView.of(record.result, record.file_sizes),
-        )
+        result = None if record.result is None else ResultView.of(record.result,
+                                                                   record.file_sizes)
+        return cls(**_view_fields(record), result=result)
+
+
+def _view_fields(record: Record) -> dict[str, Any]:
+    """A `TaskView`'s fields from a record, all but ``result``."""
+    return {
+        "id": record.id, "state": record.state, "policy": record.policy,
+        "final": record.state in (State.FINISHED, State.REJECTED),
+        "cancel_requested": record.cancel_requested, "attempts": record.attempts,
+        "submitted_at": record.submitted_at, "started_at": record.started_at,
+        "finished_at": record.finished_at, "error": record.error,
+        "charged_s": record.charged_s,
+    }
 
 
 def view_json(record: Record) -> bytes:
@@ -246,11 +252,7 @@ def view_json(record: Record) -> bytes:
     without validating again what the journal's models already hold."""
     result = record.result
     view = TaskView.model_construct(
-        id=record.id, state=record.state, policy=record.policy,
-        final=record.state in (State.FINISHED, State.REJECTED),
-        cancel_requested=record.cancel_requested, attempts=record.attempts,
-        submitted_at=record.submitted_at, started_at=record.started_at,
-        finished_at=record.finished_at, error=record.error, charged_s=record.charged_s,
+        **_view_fields(record),
         result=None if result is None else ResultView.model_construct(
             **{name: getattr(result, name) for name in _RESULT_FIELDS},
             files=record.file_sizes),
